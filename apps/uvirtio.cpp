@@ -1,0 +1,352 @@
+// uvirtio: the command-line tool.
+//
+//   uvirtio list [--json]                 virtio functions with ids, type, driver, IOMMU group
+//   uvirtio bind (BDF... | --all)         hand functions to vfio-pci
+//   uvirtio unbind (BDF... | --all)       give them back to their previous driver
+//   uvirtio caps BDF [--json]             PCI and virtio capabilities
+//   uvirtio rng read BDF -n N [--poll]    N bytes of entropy from a virtio-rng device, in hex
+//
+// Exit status: 0 success, 1 the operation failed, 2 bad usage.
+#include <boost/program_options.hpp>
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "sysfs_config.hpp"
+#include "uvirtio/driver/rng.hpp"
+#include "uvirtio/pci/binding.hpp"
+#include "uvirtio/pci/caps.hpp"
+#include "uvirtio/pci/discovery.hpp"
+
+namespace po = boost::program_options;
+using json = nlohmann::json;
+using namespace uvirtio;
+
+namespace {
+
+constexpr int kFail = 1;
+constexpr int kUsage = 2;
+
+struct UsageError {
+  std::string what;
+};
+
+int fail(const Error& e) {
+  std::cerr << "uvirtio: " << e.message() << "\n";
+  return kFail;
+}
+
+std::string hex(unsigned v, int width) {
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "%0*x", width, v);
+  return buf;
+}
+
+pci::Bdf parse_bdf_or_throw(const std::string& text) {
+  auto b = pci::Bdf::parse(text);
+  if (!b) throw UsageError{b.error().message()};
+  return *b;
+}
+
+po::variables_map parse(const std::vector<std::string>& args, const po::options_description& desc,
+                        const po::positional_options_description& pos) {
+  po::variables_map vm;
+  po::store(po::command_line_parser(args).options(desc).positional(pos).run(), vm);
+  po::notify(vm);
+  return vm;
+}
+
+const char* kUsageText =
+    "usage: uvirtio COMMAND [options]\n"
+    "commands:\n"
+    "  list [--json]                  virtio PCI functions: BDF, ids, type, driver, IOMMU group\n"
+    "  bind (BDF... | --all)          bind functions to vfio-pci (--all: every virtio function)\n"
+    "  unbind (BDF... | --all)        give functions back to the driver they had before bind\n"
+    "  caps BDF [--json]              PCI and virtio capabilities of a function\n"
+    "  rng read BDF -n N [--poll]     read N bytes of entropy from a virtio-rng device (hex)\n"
+    "run 'uvirtio COMMAND --help' for a command's options\n";
+
+// ---- list -------------------------------------------------------------------
+
+int cmd_list(const std::vector<std::string>& args) {
+  po::options_description desc("uvirtio list");
+  desc.add_options()("help,h", "show help")("json", "print JSON")("all", "list every PCI function, not only virtio");
+  auto vm = parse(args, desc, {});
+  if (vm.count("help")) {
+    std::cout << desc;
+    return 0;
+  }
+  auto fns = pci::enumerate_functions();
+  if (!fns) return fail(fns.error());
+  json out = json::array();
+  for (const auto& f : *fns) {
+    auto type = pci::virtio_device_id(f);
+    if (!type && !vm.count("all")) continue;
+    json j = {{"bdf", f.bdf.str()},
+              {"vendor", hex(f.vendor, 4)},
+              {"device", hex(f.device, 4)},
+              {"subsystem_vendor", hex(f.subsys_vendor, 4)},
+              {"subsystem_device", hex(f.subsys_device, 4)},
+              {"class", hex(f.class_code, 6)},
+              {"revision", f.revision},
+              {"driver", f.driver},
+              {"iommu_group", f.iommu_group ? json(*f.iommu_group) : json(nullptr)}};
+    if (type) {
+      j["virtio_type"] = *type;
+      j["virtio_name"] = pci::virtio_device_name(*type);
+      j["modern"] = pci::is_modern_virtio(f);
+    }
+    out.push_back(j);
+  }
+  if (vm.count("json")) {
+    std::cout << out.dump(2) << "\n";
+    return 0;
+  }
+  std::printf("%-13s %-9s %-9s %-10s %-10s %s\n", "BDF", "ID", "SUBSYS", "TYPE", "DRIVER", "IOMMU_GROUP");
+  for (const auto& j : out) {
+    std::string type = j.contains("virtio_name") ? j["virtio_name"].get<std::string>() : "-";
+    if (j.contains("modern") && !j["modern"].get<bool>()) type += "(t)";
+    std::string drv = j["driver"].get<std::string>();
+    std::string group = j["iommu_group"].is_null() ? "-" : std::to_string(j["iommu_group"].get<unsigned>());
+    std::printf("%-13s %s:%s %s:%s %-10s %-10s %s\n", j["bdf"].get<std::string>().c_str(),
+                j["vendor"].get<std::string>().c_str(), j["device"].get<std::string>().c_str(),
+                j["subsystem_vendor"].get<std::string>().c_str(), j["subsystem_device"].get<std::string>().c_str(),
+                type.c_str(), drv.empty() ? "-" : drv.c_str(), group.c_str());
+  }
+  return 0;
+}
+
+// ---- bind / unbind -------------------------------------------------------------
+
+std::vector<pci::Bdf> targets(const po::variables_map& vm, const char* cmd) {
+  std::vector<pci::Bdf> out;
+  const bool all = vm.count("all") != 0;
+  const bool some = vm.count("bdf") != 0;
+  if (all == some) throw UsageError{std::string(cmd) + ": give one or more BDFs or --all (not both)"};
+  if (some) {
+    for (const auto& s : vm["bdf"].as<std::vector<std::string>>()) out.push_back(parse_bdf_or_throw(s));
+    return out;
+  }
+  auto fns = pci::enumerate_functions();
+  if (!fns) throw fns.error();
+  for (const auto& f : *fns)
+    if (pci::virtio_device_id(f)) out.push_back(f.bdf);
+  return out;
+}
+
+int cmd_bind(const std::vector<std::string>& args, bool bind) {
+  const char* name = bind ? "bind" : "unbind";
+  po::options_description desc(std::string("uvirtio ") + name + " (BDF... | --all)");
+  desc.add_options()("help,h", "show help")("all", "every virtio function")(
+      "bdf", po::value<std::vector<std::string>>(), "PCI address");
+  po::positional_options_description pos;
+  pos.add("bdf", -1);
+  auto vm = parse(args, desc, pos);
+  if (vm.count("help")) {
+    std::cout << desc;
+    return 0;
+  }
+  std::vector<pci::Bdf> list;
+  try {
+    list = targets(vm, name);
+  } catch (const Error& e) {
+    return fail(e);
+  }
+  int rc = 0;
+  for (const auto& bdf : list) {
+    if (bind) {
+      auto r = pci::bind_vfio(bdf);
+      if (!r) {
+        rc = fail(r.error());
+        continue;
+      }
+      if (!r->changed) std::printf("%s: already bound to vfio-pci\n", bdf.str().c_str());
+      else
+        std::printf("%s: bound to vfio-pci (was %s)\n", bdf.str().c_str(),
+                    r->previous_driver.empty() ? "unbound" : r->previous_driver.c_str());
+    } else {
+      if (vm.count("all") && pci::sysfs_driver(bdf, pci::Os::system()) != "vfio-pci") continue;
+      auto r = pci::unbind_vfio(bdf);
+      if (!r) {
+        rc = fail(r.error());
+        continue;
+      }
+      std::printf("%s: unbound from vfio-pci (now %s)\n", bdf.str().c_str(), r->empty() ? "unbound" : r->c_str());
+    }
+  }
+  if (list.empty() && vm.count("all")) std::printf("no virtio functions found\n");
+  return rc;
+}
+
+// ---- caps -------------------------------------------------------------------------
+
+const char* std_cap_name(unsigned id) {
+  switch (id) {
+    case 0x01: return "power-management";
+    case 0x05: return "msi";
+    case 0x09: return "vendor";
+    case 0x10: return "pci-express";
+    case 0x11: return "msi-x";
+    default: return "other";
+  }
+}
+
+int cmd_caps(const std::vector<std::string>& args) {
+  po::options_description desc("uvirtio caps BDF");
+  desc.add_options()("help,h", "show help")("json", "print JSON")("bdf", po::value<std::string>(), "PCI address");
+  po::positional_options_description pos;
+  pos.add("bdf", 1);
+  auto vm = parse(args, desc, pos);
+  if (vm.count("help")) {
+    std::cout << desc;
+    return 0;
+  }
+  if (!vm.count("bdf")) throw UsageError{"caps: which function? (uvirtio caps BDF)"};
+  const pci::Bdf bdf = parse_bdf_or_throw(vm["bdf"].as<std::string>());
+  auto snap = apps::read_sysfs_snapshot(bdf);
+  if (!snap) return fail(snap.error());
+  auto caps = pci::parse_capabilities(snap->config, snap->bar_sizes, bdf.str());
+  if (!caps) return fail(caps.error());
+  json j;
+  j["bdf"] = bdf.str();
+  j["list"] = json::array();
+  for (const auto& c : caps->list) {
+    json e = {{"offset", c.offset}, {"id", c.id}, {"extended", c.extended}};
+    if (!c.extended) e["name"] = std_cap_name(c.id);
+    if (c.id == 0x09 && !c.extended) {
+      e["virtio_cfg_type"] = c.virtio_cfg_type;
+      e["virtio_name"] = pci::virtio_cfg_type_name(c.virtio_cfg_type);
+    }
+    j["list"].push_back(e);
+  }
+  j["virtio"] = json::object();
+  auto put = [&](const char* name, const std::optional<pci::VirtioRegion>& r) {
+    if (!r) return;
+    j["virtio"][name] = {{"cap_offset", r->cap_offset}, {"bar", r->bar}, {"offset", r->offset}, {"length", r->length}};
+  };
+  put("common", caps->common);
+  put("notify", caps->notify);
+  put("isr", caps->isr);
+  put("device", caps->device);
+  put("pci_cfg", caps->pci_cfg);
+  if (caps->notify) j["virtio"]["notify"]["multiplier"] = caps->notify_off_multiplier;
+  j["virtio"]["shared_memory"] = json::array();
+  for (const auto& s : caps->shm)
+    j["virtio"]["shared_memory"].push_back({{"id", s.id},
+                                             {"cap_offset", s.region.cap_offset},
+                                             {"bar", s.region.bar},
+                                             {"offset", s.region.offset},
+                                             {"length", s.region.length}});
+  if (caps->msix)
+    j["msix"] = {{"cap_offset", caps->msix->cap_offset}, {"vectors", caps->msix->table_size},
+                 {"table_bar", caps->msix->table_bar},   {"table_offset", caps->msix->table_offset},
+                 {"pba_bar", caps->msix->pba_bar},       {"pba_offset", caps->msix->pba_offset}};
+  j["warnings"] = caps->warnings;
+  if (vm.count("json")) {
+    std::cout << j.dump(2) << "\n";
+    return 0;
+  }
+  std::printf("%s capabilities (walk order):\n", bdf.str().c_str());
+  for (const auto& c : caps->list) {
+    if (c.extended) {
+      std::printf("  [ext 0x%03x] id 0x%04x\n", c.offset, c.id);
+    } else if (c.id == 0x09) {
+      std::printf("  [0x%02x] vendor: virtio %s\n", c.offset, pci::virtio_cfg_type_name(c.virtio_cfg_type));
+    } else {
+      std::printf("  [0x%02x] %s (0x%02x)\n", c.offset, std_cap_name(c.id), c.id);
+    }
+  }
+  std::printf("virtio structures in use:\n");
+  for (const char* name : {"common", "notify", "isr", "device", "pci_cfg"}) {
+    if (!j["virtio"].contains(name)) continue;
+    const auto& r = j["virtio"][name];
+    std::printf("  %-8s cap@0x%02x BAR%u +0x%llx len 0x%llx", name, r["cap_offset"].get<unsigned>(),
+                r["bar"].get<unsigned>(), r["offset"].get<unsigned long long>(), r["length"].get<unsigned long long>());
+    if (r.contains("multiplier")) std::printf(" multiplier %u", r["multiplier"].get<unsigned>());
+    std::printf("\n");
+  }
+  for (const auto& s : caps->shm)
+    std::printf("  shm id %u BAR%u +0x%llx len 0x%llx\n", s.id, s.region.bar,
+                static_cast<unsigned long long>(s.region.offset), static_cast<unsigned long long>(s.region.length));
+  if (caps->msix)
+    std::printf("  msi-x    %u vectors, table BAR%u +0x%x, PBA BAR%u +0x%x\n", caps->msix->table_size,
+                caps->msix->table_bar, caps->msix->table_offset, caps->msix->pba_bar, caps->msix->pba_offset);
+  for (const auto& w : caps->warnings) std::printf("warning: %s\n", w.c_str());
+  return 0;
+}
+
+// ---- rng --------------------------------------------------------------------------
+
+int cmd_rng(const std::vector<std::string>& args) {
+  if (args.empty() || args[0] != "read") {
+    if (!args.empty() && (args[0] == "--help" || args[0] == "-h")) {
+      std::cout << "usage: uvirtio rng read BDF -n N [--poll] [--timeout MS]\n";
+      return 0;
+    }
+    throw UsageError{"rng: the only subcommand is 'read' (uvirtio rng read BDF -n N)"};
+  }
+  po::options_description desc("uvirtio rng read BDF -n N");
+  desc.add_options()("help,h", "show help")("bdf", po::value<std::string>(), "PCI address")(
+      "bytes,n", po::value<long long>(), "how many bytes (1..1048576)")("poll", "complete by polling, not interrupts")(
+      "timeout", po::value<long long>()->default_value(5000), "per-request deadline in ms")(
+      "no-iommu", "the group is a no-IOMMU group (unsafe)");
+  po::positional_options_description pos;
+  pos.add("bdf", 1);
+  auto vm = parse({args.begin() + 1, args.end()}, desc, pos);
+  if (vm.count("help")) {
+    std::cout << desc;
+    return 0;
+  }
+  if (!vm.count("bdf")) throw UsageError{"rng read: which device? (uvirtio rng read BDF -n N)"};
+  if (!vm.count("bytes")) throw UsageError{"rng read: how many bytes? (-n N)"};
+  const long long n = vm["bytes"].as<long long>();
+  if (n < 1 || n > (1 << 20)) throw UsageError{"rng read: -n must be between 1 and 1048576, got " + std::to_string(n)};
+  const long long timeout = vm["timeout"].as<long long>();
+  if (timeout < 1 || timeout > 3600000) throw UsageError{"rng read: --timeout must be 1..3600000 ms"};
+  const pci::Bdf bdf = parse_bdf_or_throw(vm["bdf"].as<std::string>());
+  driver::RngOptions opt;
+  opt.completion = vm.count("poll") ? driver::CompletionMode::polling : driver::CompletionMode::interrupt;
+  opt.timeout = std::chrono::milliseconds(timeout);
+  if (vm.count("no-iommu")) opt.open.iommu = pci::IommuMode::noiommu;
+  auto rng = driver::Rng::open(bdf, opt);
+  if (!rng) return fail(rng.error());
+  std::vector<std::uint8_t> buf(static_cast<std::size_t>(n));
+  if (auto r = (*rng)->read(buf); !r) return fail(r.error());
+  std::string out;
+  out.reserve(buf.size() * 2 + 1);
+  for (auto b : buf) out += hex(b, 2);
+  std::printf("%s\n", out.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::cerr << kUsageText;
+    return kUsage;
+  }
+  const std::string cmd = argv[1];
+  const std::vector<std::string> args(argv + 2, argv + argc);
+  try {
+    if (cmd == "list") return cmd_list(args);
+    if (cmd == "bind") return cmd_bind(args, true);
+    if (cmd == "unbind") return cmd_bind(args, false);
+    if (cmd == "caps") return cmd_caps(args);
+    if (cmd == "rng") return cmd_rng(args);
+    if (cmd == "-h" || cmd == "--help" || cmd == "help") {
+      std::cout << kUsageText;
+      return 0;
+    }
+    std::cerr << "uvirtio: unknown command '" << cmd << "'\n" << kUsageText;
+    return kUsage;
+  } catch (const UsageError& e) {
+    std::cerr << "uvirtio: " << e.what << "\n";
+    return kUsage;
+  } catch (const po::error& e) {
+    std::cerr << "uvirtio " << cmd << ": " << e.what() << " (see 'uvirtio " << cmd << " --help')\n";
+    return kUsage;
+  }
+}

@@ -1,0 +1,51 @@
+// Opening a virtio PCI function for a device driver: check what the function
+// is, open it through VFIO, bring up the transport and negotiate features.
+//
+//   auto dev = uvirtio::driver::open_device(bdf, kRngType, policy);
+//   if (!dev) { std::cerr << dev.error().message() << "\n"; return 1; }
+//   // dev->transport() is at FEATURES_OK; set up queues, then driver_ok().
+#pragma once
+
+#include <memory>
+
+#include "uvirtio/driver/virtio_pci.hpp"
+#include "uvirtio/pci/bdf.hpp"
+#include "uvirtio/pci/vfio.hpp"
+
+namespace uvirtio::driver {
+
+struct OpenOptions {
+  pci::IommuMode iommu = pci::IommuMode::type1v2;
+  IrqPreference irq = IrqPreference::msix_then_intx;
+  std::chrono::milliseconds reset_deadline{1000};
+};
+
+// A function, its transport and its negotiated features. Owns the VFIO device.
+class Device {
+ public:
+  pci::Function& function() { return *fn_; }
+  VirtioPci& transport() { return *transport_; }
+  // Sets DRIVER_OK after queues are set up (spec 3.1.1 step 8).
+  Result<void> driver_ok() { return transport_->add_status(status::kDriverOk); }
+  // Best-effort reset so the device stops DMA before our memory goes away.
+  ~Device();
+  Device(std::unique_ptr<pci::Function> fn, std::unique_ptr<VirtioPci> t)
+      : fn_(std::move(fn)), transport_(std::move(t)) {}
+
+ private:
+  std::unique_ptr<pci::Function> fn_;
+  std::unique_ptr<VirtioPci> transport_;
+};
+
+// Runs the initialization of spec 3.1.1 up to FEATURES_OK on `fn`: reset,
+// ACKNOWLEDGE, DRIVER, negotiate, FEATURES_OK read back. `expected_type` is
+// the virtio device id (4 for entropy, 27 for pmem), checked first.
+Result<std::unique_ptr<Device>> bring_up(std::unique_ptr<pci::Function> fn, std::uint16_t expected_type,
+                                         const FeaturePolicy& policy, const OpenOptions& options = {});
+
+// bring_up() on the VFIO device at bdf, with a clear error when the function
+// is absent, not virtio, of another type, or not bound to vfio-pci.
+Result<std::unique_ptr<Device>> open_device(const pci::Bdf& bdf, std::uint16_t expected_type,
+                                            const FeaturePolicy& policy, const OpenOptions& options = {});
+
+}  // namespace uvirtio::driver

@@ -1,0 +1,57 @@
+// Virtqueue: a split ring in DMA memory attached to a transport queue, with
+// completion by polling or by interrupt (eventfd).
+//
+// The ring algorithm lives in rings/ (no syscalls); this class adds what needs
+// the OS: ring memory from the transport's DMA allocator, the notify write,
+// and waiting on the queue's eventfd with a deadline. Every wait re-checks
+// DEVICE_NEEDS_RESET when it times out, so a dead device gives an error that
+// says so instead of a bare timeout.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <span>
+
+#include "uvirtio/driver/transport.hpp"
+#include "uvirtio/rings/split.hpp"
+
+namespace uvirtio::driver {
+
+enum class CompletionMode { polling, interrupt };
+const char* completion_mode_name(CompletionMode m);
+
+class Virtqueue {
+ public:
+  // Sets up queue `index` with min(wanted_size, device max) entries.
+  static Result<std::unique_ptr<Virtqueue>> create(Transport& t, std::uint16_t index, std::uint16_t wanted_size,
+                                                   CompletionMode mode);
+
+  std::uint16_t index() const { return index_; }
+  std::uint16_t size() const { return ring_.size(); }
+  CompletionMode mode() const { return mode_; }
+  rings::SplitQueue& ring() { return ring_; }
+
+  // add() then publish and notify when the device wants it.
+  Result<std::uint16_t> submit(std::span<const rings::Buffer> out, std::span<const rings::Buffer> in,
+                               std::uint64_t token);
+  Result<std::optional<rings::Completion>> poll();
+  // Waits for the next completion until `timeout` passes.
+  Result<rings::Completion> wait(std::chrono::milliseconds timeout);
+
+  std::uint64_t notifications() const { return notifications_; }
+  std::uint64_t interrupts() const { return interrupts_; }
+
+ private:
+  Virtqueue(Transport& t, std::uint16_t index, rings::SplitQueue ring, CompletionMode mode)
+      : t_(t), index_(index), ring_(std::move(ring)), mode_(mode) {}
+
+  Transport& t_;
+  std::uint16_t index_;
+  rings::SplitQueue ring_;
+  CompletionMode mode_;
+  std::uint64_t notifications_ = 0;
+  std::uint64_t interrupts_ = 0;
+};
+
+}  // namespace uvirtio::driver

@@ -1,0 +1,47 @@
+// Opening and bringing up a virtio device (spec 3.1.1).
+#include "uvirtio/driver/device.hpp"
+
+#include "uvirtio/pci/discovery.hpp"
+
+namespace uvirtio::driver {
+
+Device::~Device() {
+  if (transport_) (void)transport_->reset(std::chrono::milliseconds(100));
+}
+
+Result<std::unique_ptr<Device>> bring_up(std::unique_ptr<pci::Function> fn, std::uint16_t expected_type,
+                                         const FeaturePolicy& policy, const OpenOptions& options) {
+  UV_TRY(std::unique_ptr<VirtioPci> t, VirtioPci::create(*fn, options.irq));
+  if (t->device_type() != expected_type)
+    return Error(Errc::invalid_argument, fn->bdf(), "open device",
+                 std::string("it is a virtio ") + pci::virtio_device_name(t->device_type()) + " device, not " +
+                     pci::virtio_device_name(expected_type));
+  UV_TRY_VOID(t->reset(options.reset_deadline));
+  UV_TRY_VOID(t->add_status(status::kAcknowledge));
+  UV_TRY_VOID(t->add_status(status::kDriver));
+  UV_TRY(FeatureSet offered, t->device_features());
+  UV_TRY(FeatureSet accepted, negotiate(offered, policy, fn->bdf()));
+  UV_TRY_VOID(t->accept_features(accepted));
+  return std::make_unique<Device>(std::move(fn), std::move(t));
+}
+
+Result<std::unique_ptr<Device>> open_device(const pci::Bdf& bdf, std::uint16_t expected_type,
+                                            const FeaturePolicy& policy, const OpenOptions& options) {
+  UV_TRY(pci::FunctionInfo info, pci::describe_function(bdf));
+  auto type = pci::virtio_device_id(info);
+  if (!type) return Error(Errc::invalid_argument, bdf.str(), "open device", "not a virtio function");
+  if (*type != expected_type)
+    return Error(Errc::invalid_argument, bdf.str(), "open device",
+                 std::string("it is a virtio ") + pci::virtio_device_name(*type) + " device, not " +
+                     pci::virtio_device_name(expected_type));
+  if (info.driver != "vfio-pci")
+    return Error(Errc::invalid_argument, bdf.str(), "open device",
+                 "bound to driver '" + (info.driver.empty() ? std::string("none") : info.driver) +
+                     "', not vfio-pci (run 'uvirtio bind " + bdf.str() + "')");
+  pci::VfioOptions vopts;
+  vopts.mode = options.iommu;
+  UV_TRY(std::unique_ptr<pci::VfioDevice> vfio, pci::VfioDevice::open(bdf, vopts));
+  return bring_up(std::move(vfio), expected_type, policy, options);
+}
+
+}  // namespace uvirtio::driver

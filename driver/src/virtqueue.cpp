@@ -1,0 +1,87 @@
+// Virtqueue: split ring + transport queue + completion waiting.
+#include "uvirtio/driver/virtqueue.hpp"
+
+#include <poll.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "uvirtio/base/barrier.hpp"
+
+namespace uvirtio::driver {
+
+const char* completion_mode_name(CompletionMode m) {
+  return m == CompletionMode::polling ? "polling" : "interrupt";
+}
+
+Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t index, std::uint16_t wanted_size,
+                                                     CompletionMode mode) {
+  const std::string op = "create queue " + std::to_string(index);
+  UV_TRY(std::uint16_t max, t.queue_max_size(index));
+  if (max == 0) return Error(Errc::unsupported, t.name(), op, "the device reports queue size 0");
+  std::uint16_t size = std::min(wanted_size, max);
+  // Round down to a power of two (split rings need one, spec 2.7).
+  while (size & (size - 1)) size = static_cast<std::uint16_t>(size & (size - 1));
+  if (size == 0) return Error(Errc::invalid_argument, t.name(), op, "queue size 0 requested");
+  using L = rings::SplitLayout;
+  UV_TRY(pci::DmaRegion desc, t.dma().alloc(L::desc_bytes(size), L::desc_align));
+  UV_TRY(pci::DmaRegion avail, t.dma().alloc(L::avail_bytes(size), L::avail_align));
+  UV_TRY(pci::DmaRegion used, t.dma().alloc(L::used_bytes(size), L::used_align));
+  UV_TRY(rings::SplitQueue ring,
+         rings::SplitQueue::create(size, desc.va, avail.va, used.va, t.name() + " queue " + std::to_string(index)));
+  if (mode == CompletionMode::polling) ring.set_interrupts(false);
+  UV_TRY_VOID(t.setup_queue(index, size, QueueAddresses{desc.iova, avail.iova, used.iova},
+                            mode == CompletionMode::interrupt));
+  if (mode == CompletionMode::interrupt && !t.queue_eventfd(index))
+    return Error(Errc::unsupported, t.name(), op, "no interrupt eventfd for the queue");
+  return std::unique_ptr<Virtqueue>(new Virtqueue(t, index, std::move(ring), mode));
+}
+
+Result<std::uint16_t> Virtqueue::submit(std::span<const rings::Buffer> out, std::span<const rings::Buffer> in,
+                                        std::uint64_t token) {
+  UV_TRY(std::uint16_t head, ring_.add(out, in, token));
+  if (ring_.publish()) {
+    UV_TRY_VOID(t_.notify(index_));
+    ++notifications_;
+  }
+  return head;
+}
+
+Result<std::optional<rings::Completion>> Virtqueue::poll() { return ring_.poll(); }
+
+Result<rings::Completion> Virtqueue::wait(std::chrono::milliseconds timeout) {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  const std::string op = "wait for queue " + std::to_string(index_);
+  for (;;) {
+    UV_TRY(std::optional<rings::Completion> c, ring_.poll());
+    if (c) return *c;
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= until) {
+      UV_TRY_VOID(t_.check_healthy(op));
+      return Error(Errc::timeout, t_.name(), op,
+                   "no completion within " + std::to_string(timeout.count()) + " ms (" +
+                       std::to_string(ring_.in_flight()) + " requests in flight)");
+    }
+    if (mode_ == CompletionMode::polling) {
+      // Busy-poll, but look at the device status now and then so a device
+      // that went NEEDS_RESET is reported promptly.
+      for (int spin = 0; spin < 4096 && !ring_.has_used(); ++spin) cpu_relax();
+      if (!ring_.has_used()) UV_TRY_VOID(t_.check_healthy(op));
+      continue;
+    }
+    const int fd = *t_.queue_eventfd(index_);
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - now).count();
+    pollfd p{fd, POLLIN, 0};
+    int rc = ::poll(&p, 1, static_cast<int>(std::min<long long>(left + 1, 1000)));
+    if (rc < 0 && errno != EINTR) return Error::from_errno(errno, t_.name(), op, "poll eventfd");
+    if (rc > 0) {
+      std::uint64_t count;
+      if (::read(fd, &count, sizeof count) == sizeof count) interrupts_ += count;
+      UV_TRY_VOID(t_.ack_interrupt(index_));
+    } else if (rc == 0) {
+      UV_TRY_VOID(t_.check_healthy(op));
+    }
+  }
+}
+
+}  // namespace uvirtio::driver

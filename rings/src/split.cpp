@@ -1,0 +1,195 @@
+// Split virtqueue, driver role: writes descriptor chains and the available
+// ring, and takes validated completions off the used ring (virtio spec 1.2,
+// 2.7). The device is not trusted: the free list, chain lengths, writable
+// byte counts and tokens live only in driver-private memory (`extra_`), every
+// device-written word is read exactly once, and a used ring entry is checked
+// completely before any state changes. A violation latches the queue broken;
+// from then on no ring memory is read or written.
+//
+// Shared indices and flags are accessed through std::atomic_ref on the
+// little-endian storage of the Le<> fields. Spec sections: 2.7.13 (supplying
+// buffers), 2.7.14 and 2.7.8.3 (receiving used buffers), 2.7.7 and 2.7.10
+// (notification suppression).
+#include "uvirtio/rings/split.hpp"
+
+#include <atomic>
+#include <bit>
+#include <cstring>
+#include <limits>
+#include <utility>
+
+#include "uvirtio/base/barrier.hpp"
+
+namespace uvirtio::rings {
+namespace {
+
+// Available ring words (spec 2.7.6): flags, idx, ring[size], used_event.
+constexpr std::size_t kFlags = 0;
+constexpr std::size_t kIdx = 1;
+constexpr std::size_t kRing = 2;
+
+le16* words(std::uint8_t* area) noexcept { return reinterpret_cast<le16*>(area); }
+
+std::uint16_t load_acquire(le16& f) noexcept {
+  return le16::from_raw(std::atomic_ref<std::uint16_t>(f.raw()).load(std::memory_order_acquire));
+}
+void store_release(le16& f, std::uint16_t v) noexcept {
+  std::atomic_ref<std::uint16_t>(f.raw()).store(le16::to_raw(v), std::memory_order_release);
+}
+// A single read of a device-written word (the device may change it under us).
+std::uint32_t read_once(le32& f) noexcept {
+  return le32::from_raw(std::atomic_ref<std::uint32_t>(f.raw()).load(std::memory_order_relaxed));
+}
+
+bool aligned(const void* p, std::size_t a) noexcept { return reinterpret_cast<std::uintptr_t>(p) % a == 0; }
+
+}  // namespace
+
+Result<SplitQueue> SplitQueue::create(std::uint16_t size, void* desc, void* avail, void* used,
+                                      std::string name) {
+  const char* op = "create split queue";
+  if (!std::has_single_bit(size)) {  // uint16_t: a single bit means [1, 32768]
+    return Error(Errc::invalid_argument, std::move(name), op,
+                 "size " + std::to_string(size) + " is not a power of two in [1, 32768]");
+  }
+  if (desc == nullptr || avail == nullptr || used == nullptr) {
+    return Error(Errc::invalid_argument, std::move(name), op, "ring pointer is null");
+  }
+  if (!aligned(desc, SplitLayout::desc_align) || !aligned(avail, SplitLayout::avail_align) ||
+      !aligned(used, SplitLayout::used_align)) {
+    return Error(Errc::invalid_argument, std::move(name), op,
+                 "ring areas must be aligned to 16 (descriptors), 2 (available) and 4 (used) bytes");
+  }
+  std::memset(desc, 0, SplitLayout::desc_bytes(size));
+  std::memset(avail, 0, SplitLayout::avail_bytes(size));
+  std::memset(used, 0, SplitLayout::used_bytes(size));
+
+  SplitQueue q;
+  q.size_ = size;
+  q.desc_ = static_cast<VirtqDesc*>(desc);
+  q.avail_ = static_cast<std::uint8_t*>(avail);
+  q.used_ = static_cast<std::uint8_t*>(used);
+  q.name_ = std::move(name);
+  q.extra_.resize(size);
+  for (std::uint16_t i = 0; i < size; ++i) q.extra_[i].next = static_cast<std::uint16_t>(i + 1);
+  q.free_head_ = 0;
+  q.num_free_ = size;
+  return q;
+}
+
+Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<const Buffer> in,
+                                      std::uint64_t token) {
+  const char* op = "add buffers";
+  if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
+  const std::size_t n = out.size() + in.size();
+  if (n == 0) return Error(Errc::invalid_argument, name_, op, "empty descriptor chain");
+  std::uint64_t writable = 0;
+  for (const auto* part : {&out, &in}) {
+    for (const Buffer& b : *part) {
+      if (b.len == 0) return Error(Errc::invalid_argument, name_, op, "zero-length buffer");
+    }
+  }
+  for (const Buffer& b : in) writable += b.len;
+  if (writable > std::numeric_limits<std::uint32_t>::max()) {
+    return Error(Errc::invalid_argument, name_, op, "device-writable bytes of the chain overflow 32 bits");
+  }
+  if (n > num_free_) {
+    return Error(Errc::busy, name_, op,
+                 std::to_string(n) + " descriptors needed, " + std::to_string(num_free_) + " free");
+  }
+
+  // Spec 2.7.13.1: fill the descriptors, walking our own free-list links.
+  const std::uint16_t head = free_head_;
+  std::uint16_t i = head;
+  std::size_t k = 0;
+  for (const auto* part : {&out, &in}) {
+    const std::uint16_t write = part == &in ? VIRTQ_DESC_F_WRITE : 0;
+    for (const Buffer& b : *part) {
+      const bool last = ++k == n;
+      VirtqDesc& d = desc_[i];
+      d.addr.set(b.addr);
+      d.len.set(b.len);
+      d.flags.set(static_cast<std::uint16_t>(write | (last ? 0 : VIRTQ_DESC_F_NEXT)));
+      d.next.set(last ? 0 : extra_[i].next);
+      if (!last) i = extra_[i].next;
+    }
+  }
+  free_head_ = extra_[i].next;
+  num_free_ = static_cast<std::uint16_t>(num_free_ - n);
+  extra_[head].chain_len = static_cast<std::uint16_t>(n);
+  extra_[head].writable = static_cast<std::uint32_t>(writable);
+  extra_[head].token = token;
+
+  // Spec 2.7.13.2: the head goes into the next available ring slot; the
+  // index itself is stored by publish().
+  words(avail_)[kRing + (avail_idx_shadow_ & (size_ - 1u))].set(head);
+  ++avail_idx_shadow_;
+  return head;
+}
+
+bool SplitQueue::publish() {
+  if (broken_) return false;
+  // Descriptors and ring entries must be visible before the index covering them (2.7.13.3).
+  barrier_publish();
+  store_release(words(avail_)[kIdx], avail_idx_shadow_);
+  // The index store must be ordered before reading the device's NO_NOTIFY flag (2.7.10, 2.7.13.4).
+  barrier_store_load();
+  return (load_acquire(words(used_)[kFlags]) & VIRTQ_USED_F_NO_NOTIFY) == 0;
+}
+
+Result<std::optional<Completion>> SplitQueue::poll() {
+  const char* op = "poll used ring";
+  if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
+  const std::uint16_t used_idx = load_acquire(words(used_)[kIdx]);
+  if (used_idx == last_used_) return std::optional<Completion>{};
+  const auto ahead = static_cast<std::uint16_t>(used_idx - last_used_);
+  if (ahead > size_) {
+    return fail("used index " + std::to_string(used_idx) + " is " + std::to_string(ahead) +
+                " entries ahead of the last seen " + std::to_string(last_used_) + " (queue size " +
+                std::to_string(size_) + ")")
+        .error();
+  }
+  // The used entry must be read after the index that covers it (2.7.14).
+  barrier_consume();
+  auto* ring = reinterpret_cast<VirtqUsedElem*>(used_ + 4);
+  VirtqUsedElem& e = ring[last_used_ & (size_ - 1u)];
+  const std::uint32_t id = read_once(e.id);
+  const std::uint32_t len = read_once(e.len);
+  if (id >= size_) return fail("used id " + std::to_string(id) + " out of range").error();
+  Extra& x = extra_[id];
+  if (x.chain_len == 0) return fail("used id " + std::to_string(id) + " not in flight").error();
+  if (len > x.writable) {
+    return fail("used len " + std::to_string(len) + " exceeds the " + std::to_string(x.writable) +
+                " device-writable bytes of chain " + std::to_string(id))
+        .error();
+  }
+
+  // Valid: return the chain to the free list through our own links.
+  std::uint16_t tail = static_cast<std::uint16_t>(id);
+  for (std::uint16_t s = 1; s < x.chain_len; ++s) tail = extra_[tail].next;
+  extra_[tail].next = free_head_;
+  free_head_ = static_cast<std::uint16_t>(id);
+  num_free_ = static_cast<std::uint16_t>(num_free_ + x.chain_len);
+  x.chain_len = 0;
+  ++last_used_;
+  return std::optional<Completion>{Completion{x.token, len}};
+}
+
+bool SplitQueue::has_used() const noexcept {
+  if (broken_) return false;
+  return load_acquire(words(used_)[kIdx]) != last_used_;
+}
+
+void SplitQueue::set_interrupts(bool enabled) noexcept {
+  if (broken_) return;
+  avail_flags_shadow_ = enabled ? static_cast<std::uint16_t>(avail_flags_shadow_ & ~VIRTQ_AVAIL_F_NO_INTERRUPT)
+                                : static_cast<std::uint16_t>(avail_flags_shadow_ | VIRTQ_AVAIL_F_NO_INTERRUPT);
+  store_release(words(avail_)[kFlags], avail_flags_shadow_);
+}
+
+Result<void> SplitQueue::fail(std::string cause) {
+  broken_ = true;
+  return Error(Errc::bad_device_data, name_, "poll used ring", std::move(cause));
+}
+
+}  // namespace uvirtio::rings
