@@ -24,7 +24,8 @@ Result<SysfsSnapshot> read_sysfs_snapshot(const pci::Bdf& bdf, pci::Os& os) {
   std::string line;
   for (unsigned i = 0; i < 6 && std::getline(lines, line); ++i) {
     std::uint64_t start = 0, end = 0, flags = 0;
-    if (std::sscanf(line.c_str(), "%" SCNx64 " %" SCNx64 " %" SCNx64, &start, &end, &flags) == 3 && end > start)
+    if (std::sscanf(line.c_str(), "%" SCNx64 " %" SCNx64 " %" SCNx64, &start, &end, &flags) == 3 &&
+        end > start)
       s.bar_sizes[i] = end - start + 1;
   }
   return s;

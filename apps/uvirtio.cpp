@@ -1,6 +1,6 @@
 // uvirtio: the command-line tool.
 //
-//   uvirtio list [--json]                 virtio functions with ids, type, driver, IOMMU group
+//   uvirtio list [--json] [--type T] [-q] virtio functions with ids, type, driver, IOMMU group
 //   uvirtio bind (BDF... | --all)         hand functions to vfio-pci
 //   uvirtio unbind (BDF... | --all)       give them back to their previous driver
 //   uvirtio caps BDF [--json]             PCI and virtio capabilities
@@ -61,7 +61,7 @@ po::variables_map parse(const std::vector<std::string>& args, const po::options_
 const char* kUsageText =
     "usage: uvirtio COMMAND [options]\n"
     "commands:\n"
-    "  list [--json]                  virtio PCI functions: BDF, ids, type, driver, IOMMU group\n"
+    "  list [--json] [--type T] [-q]  virtio PCI functions: BDF, ids, type, driver, IOMMU group\n"
     "  bind (BDF... | --all)          bind functions to vfio-pci (--all: every virtio function)\n"
     "  unbind (BDF... | --all)        give functions back to the driver they had before bind\n"
     "  caps BDF [--json]              PCI and virtio capabilities of a function\n"
@@ -72,7 +72,10 @@ const char* kUsageText =
 
 int cmd_list(const std::vector<std::string>& args) {
   po::options_description desc("uvirtio list");
-  desc.add_options()("help,h", "show help")("json", "print JSON")("all", "list every PCI function, not only virtio");
+  desc.add_options()("help,h", "show help")("json", "print JSON")("all",
+                                                                  "list every PCI function, not only virtio")(
+      "type", po::value<std::string>(), "only virtio functions of this type (entropy, pmem, block, ...)")(
+      "quiet,q", "print only the BDFs, one a line (for scripts)");
   auto vm = parse(args, desc, {});
   if (vm.count("help")) {
     std::cout << desc;
@@ -84,6 +87,8 @@ int cmd_list(const std::vector<std::string>& args) {
   for (const auto& f : *fns) {
     auto type = pci::virtio_device_id(f);
     if (!type && !vm.count("all")) continue;
+    if (vm.count("type") && (!type || vm["type"].as<std::string>() != pci::virtio_device_name(*type)))
+      continue;
     json j = {{"bdf", f.bdf.str()},
               {"vendor", hex(f.vendor, 4)},
               {"device", hex(f.device, 4)},
@@ -104,6 +109,10 @@ int cmd_list(const std::vector<std::string>& args) {
     std::cout << out.dump(2) << "\n";
     return 0;
   }
+  if (vm.count("quiet")) {
+    for (const auto& j : out) std::printf("%s\n", j["bdf"].get<std::string>().c_str());
+    return 0;
+  }
   std::printf("%-13s %-9s %-9s %-10s %-10s %s\n", "BDF", "ID", "SUBSYS", "TYPE", "DRIVER", "IOMMU_GROUP");
   for (const auto& j : out) {
     std::string type = j.contains("virtio_name") ? j["virtio_name"].get<std::string>() : "-";
@@ -112,8 +121,9 @@ int cmd_list(const std::vector<std::string>& args) {
     std::string group = j["iommu_group"].is_null() ? "-" : std::to_string(j["iommu_group"].get<unsigned>());
     std::printf("%-13s %s:%s %s:%s %-10s %-10s %s\n", j["bdf"].get<std::string>().c_str(),
                 j["vendor"].get<std::string>().c_str(), j["device"].get<std::string>().c_str(),
-                j["subsystem_vendor"].get<std::string>().c_str(), j["subsystem_device"].get<std::string>().c_str(),
-                type.c_str(), drv.empty() ? "-" : drv.c_str(), group.c_str());
+                j["subsystem_vendor"].get<std::string>().c_str(),
+                j["subsystem_device"].get<std::string>().c_str(), type.c_str(),
+                drv.empty() ? "-" : drv.c_str(), group.c_str());
   }
   return 0;
 }
@@ -162,7 +172,8 @@ int cmd_bind(const std::vector<std::string>& args, bool bind) {
         rc = fail(r.error());
         continue;
       }
-      if (!r->changed) std::printf("%s: already bound to vfio-pci\n", bdf.str().c_str());
+      if (!r->changed)
+        std::printf("%s: already bound to vfio-pci\n", bdf.str().c_str());
       else
         std::printf("%s: bound to vfio-pci (was %s)\n", bdf.str().c_str(),
                     r->previous_driver.empty() ? "unbound" : r->previous_driver.c_str());
@@ -173,7 +184,8 @@ int cmd_bind(const std::vector<std::string>& args, bool bind) {
         rc = fail(r.error());
         continue;
       }
-      std::printf("%s: unbound from vfio-pci (now %s)\n", bdf.str().c_str(), r->empty() ? "unbound" : r->c_str());
+      std::printf("%s: unbound from vfio-pci (now %s)\n", bdf.str().c_str(),
+                  r->empty() ? "unbound" : r->c_str());
     }
   }
   if (list.empty() && vm.count("all")) std::printf("no virtio functions found\n");
@@ -184,18 +196,25 @@ int cmd_bind(const std::vector<std::string>& args, bool bind) {
 
 const char* std_cap_name(unsigned id) {
   switch (id) {
-    case 0x01: return "power-management";
-    case 0x05: return "msi";
-    case 0x09: return "vendor";
-    case 0x10: return "pci-express";
-    case 0x11: return "msi-x";
-    default: return "other";
+    case 0x01:
+      return "power-management";
+    case 0x05:
+      return "msi";
+    case 0x09:
+      return "vendor";
+    case 0x10:
+      return "pci-express";
+    case 0x11:
+      return "msi-x";
+    default:
+      return "other";
   }
 }
 
 int cmd_caps(const std::vector<std::string>& args) {
   po::options_description desc("uvirtio caps BDF");
-  desc.add_options()("help,h", "show help")("json", "print JSON")("bdf", po::value<std::string>(), "PCI address");
+  desc.add_options()("help,h", "show help")("json", "print JSON")("bdf", po::value<std::string>(),
+                                                                  "PCI address");
   po::positional_options_description pos;
   pos.add("bdf", 1);
   auto vm = parse(args, desc, pos);
@@ -224,7 +243,8 @@ int cmd_caps(const std::vector<std::string>& args) {
   j["virtio"] = json::object();
   auto put = [&](const char* name, const std::optional<pci::VirtioRegion>& r) {
     if (!r) return;
-    j["virtio"][name] = {{"cap_offset", r->cap_offset}, {"bar", r->bar}, {"offset", r->offset}, {"length", r->length}};
+    j["virtio"][name] = {
+        {"cap_offset", r->cap_offset}, {"bar", r->bar}, {"offset", r->offset}, {"length", r->length}};
   };
   put("common", caps->common);
   put("notify", caps->notify);
@@ -235,10 +255,10 @@ int cmd_caps(const std::vector<std::string>& args) {
   j["virtio"]["shared_memory"] = json::array();
   for (const auto& s : caps->shm)
     j["virtio"]["shared_memory"].push_back({{"id", s.id},
-                                             {"cap_offset", s.region.cap_offset},
-                                             {"bar", s.region.bar},
-                                             {"offset", s.region.offset},
-                                             {"length", s.region.length}});
+                                            {"cap_offset", s.region.cap_offset},
+                                            {"bar", s.region.bar},
+                                            {"offset", s.region.offset},
+                                            {"length", s.region.length}});
   if (caps->msix)
     j["msix"] = {{"cap_offset", caps->msix->cap_offset}, {"vectors", caps->msix->table_size},
                  {"table_bar", caps->msix->table_bar},   {"table_offset", caps->msix->table_offset},
@@ -263,13 +283,15 @@ int cmd_caps(const std::vector<std::string>& args) {
     if (!j["virtio"].contains(name)) continue;
     const auto& r = j["virtio"][name];
     std::printf("  %-8s cap@0x%02x BAR%u +0x%llx len 0x%llx", name, r["cap_offset"].get<unsigned>(),
-                r["bar"].get<unsigned>(), r["offset"].get<unsigned long long>(), r["length"].get<unsigned long long>());
+                r["bar"].get<unsigned>(), r["offset"].get<unsigned long long>(),
+                r["length"].get<unsigned long long>());
     if (r.contains("multiplier")) std::printf(" multiplier %u", r["multiplier"].get<unsigned>());
     std::printf("\n");
   }
   for (const auto& s : caps->shm)
     std::printf("  shm id %u BAR%u +0x%llx len 0x%llx\n", s.id, s.region.bar,
-                static_cast<unsigned long long>(s.region.offset), static_cast<unsigned long long>(s.region.length));
+                static_cast<unsigned long long>(s.region.offset),
+                static_cast<unsigned long long>(s.region.length));
   if (caps->msix)
     std::printf("  msi-x    %u vectors, table BAR%u +0x%x, PBA BAR%u +0x%x\n", caps->msix->table_size,
                 caps->msix->table_bar, caps->msix->table_offset, caps->msix->pba_bar, caps->msix->pba_offset);
@@ -289,8 +311,9 @@ int cmd_rng(const std::vector<std::string>& args) {
   }
   po::options_description desc("uvirtio rng read BDF -n N");
   desc.add_options()("help,h", "show help")("bdf", po::value<std::string>(), "PCI address")(
-      "bytes,n", po::value<long long>(), "how many bytes (1..1048576)")("poll", "complete by polling, not interrupts")(
-      "timeout", po::value<long long>()->default_value(5000), "per-request deadline in ms")(
+      "bytes,n", po::value<long long>(), "how many bytes (1..1048576)")(
+      "poll", "complete by polling, not interrupts")("timeout", po::value<long long>()->default_value(5000),
+                                                     "per-request deadline in ms")(
       "no-iommu", "the group is a no-IOMMU group (unsafe)");
   po::positional_options_description pos;
   pos.add("bdf", 1);
@@ -302,7 +325,8 @@ int cmd_rng(const std::vector<std::string>& args) {
   if (!vm.count("bdf")) throw UsageError{"rng read: which device? (uvirtio rng read BDF -n N)"};
   if (!vm.count("bytes")) throw UsageError{"rng read: how many bytes? (-n N)"};
   const long long n = vm["bytes"].as<long long>();
-  if (n < 1 || n > (1 << 20)) throw UsageError{"rng read: -n must be between 1 and 1048576, got " + std::to_string(n)};
+  if (n < 1 || n > (1 << 20))
+    throw UsageError{"rng read: -n must be between 1 and 1048576, got " + std::to_string(n)};
   const long long timeout = vm["timeout"].as<long long>();
   if (timeout < 1 || timeout > 3600000) throw UsageError{"rng read: --timeout must be 1..3600000 ms"};
   const pci::Bdf bdf = parse_bdf_or_throw(vm["bdf"].as<std::string>());

@@ -6,18 +6,30 @@ namespace {
 
 const char* transport_bit_name(unsigned bit) {
   switch (bit) {
-    case feature::kIndirectDesc: return "INDIRECT_DESC";
-    case feature::kEventIdx: return "EVENT_IDX";
-    case feature::kVersion1: return "VERSION_1";
-    case feature::kAccessPlatform: return "ACCESS_PLATFORM";
-    case feature::kRingPacked: return "RING_PACKED";
-    case feature::kInOrder: return "IN_ORDER";
-    case feature::kOrderPlatform: return "ORDER_PLATFORM";
-    case feature::kSrIov: return "SR_IOV";
-    case feature::kNotificationData: return "NOTIFICATION_DATA";
-    case feature::kNotifConfigData: return "NOTIF_CONFIG_DATA";
-    case feature::kRingReset: return "RING_RESET";
-    default: return nullptr;
+    case feature::kIndirectDesc:
+      return "INDIRECT_DESC";
+    case feature::kEventIdx:
+      return "EVENT_IDX";
+    case feature::kVersion1:
+      return "VERSION_1";
+    case feature::kAccessPlatform:
+      return "ACCESS_PLATFORM";
+    case feature::kRingPacked:
+      return "RING_PACKED";
+    case feature::kInOrder:
+      return "IN_ORDER";
+    case feature::kOrderPlatform:
+      return "ORDER_PLATFORM";
+    case feature::kSrIov:
+      return "SR_IOV";
+    case feature::kNotificationData:
+      return "NOTIFICATION_DATA";
+    case feature::kNotifConfigData:
+      return "NOTIF_CONFIG_DATA";
+    case feature::kRingReset:
+      return "RING_RESET";
+    default:
+      return nullptr;
   }
 }
 
@@ -43,7 +55,8 @@ Result<FeatureSet> negotiate(FeatureSet offered, const FeaturePolicy& policy, co
   const FeatureSet required = policy.required.with(feature::kVersion1);
   if (!offered.contains(required)) {
     FeatureSet missing(required.bits() & ~offered.bits());
-    return Error(Errc::unsupported, device, op, "the device does not offer required features: " + missing.describe());
+    return Error(Errc::unsupported, device, op,
+                 "the device does not offer required features: " + missing.describe());
   }
   FeatureSet accepted = offered & policy.supported.with(feature::kVersion1);
   if (offered.has(feature::kAccessPlatform)) accepted = accepted.with(feature::kAccessPlatform);

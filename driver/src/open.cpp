@@ -1,6 +1,5 @@
 // Opening and bringing up a virtio device (spec 3.1.1).
 #include "uvirtio/driver/device.hpp"
-
 #include "uvirtio/pci/discovery.hpp"
 
 namespace uvirtio::driver {
@@ -14,8 +13,8 @@ Result<std::unique_ptr<Device>> bring_up(std::unique_ptr<pci::Function> fn, std:
   UV_TRY(std::unique_ptr<VirtioPci> t, VirtioPci::create(*fn, options.irq));
   if (t->device_type() != expected_type)
     return Error(Errc::invalid_argument, fn->bdf(), "open device",
-                 std::string("it is a virtio ") + pci::virtio_device_name(t->device_type()) + " device, not " +
-                     pci::virtio_device_name(expected_type));
+                 std::string("it is a virtio ") + pci::virtio_device_name(t->device_type()) +
+                     " device, not " + pci::virtio_device_name(expected_type));
   UV_TRY_VOID(t->reset(options.reset_deadline));
   UV_TRY_VOID(t->add_status(status::kAcknowledge));
   UV_TRY_VOID(t->add_status(status::kDriver));

@@ -6,7 +6,8 @@
 namespace uvirtio::driver {
 namespace {
 constexpr std::size_t kBufBytes = 4096;
-}
+constexpr std::size_t kMaxSlots = 8;
+}  // namespace
 
 Result<std::unique_ptr<Rng>> Rng::open(const pci::Bdf& bdf, const RngOptions& options) {
   FeaturePolicy policy;  // entropy devices define no feature bits
@@ -16,31 +17,54 @@ Result<std::unique_ptr<Rng>> Rng::open(const pci::Bdf& bdf, const RngOptions& op
 
 Result<std::unique_ptr<Rng>> Rng::attach(std::unique_ptr<Device> dev, const RngOptions& options) {
   UV_TRY(std::unique_ptr<Virtqueue> vq, Virtqueue::create(dev->transport(), 0, 64, options.completion));
-  UV_TRY(pci::DmaRegion buf, dev->transport().dma().alloc(kBufBytes, 64));
+  // One buffer per request slot (at most kMaxSlots): a request abandoned by a
+  // timeout keeps its buffer until the device completes it, so a late
+  // completion can never write into the buffer of a newer request.
+  std::vector<pci::DmaRegion> bufs;
+  for (std::size_t i = 0; i < std::min<std::size_t>(vq->size(), kMaxSlots); ++i) {
+    UV_TRY(pci::DmaRegion b, dev->transport().dma().alloc(kBufBytes, 64));
+    bufs.push_back(b);
+  }
   UV_TRY_VOID(dev->driver_ok());
   UV_TRY_VOID(dev->transport().check_healthy("start entropy device"));
-  return std::unique_ptr<Rng>(new Rng(std::move(dev), std::move(vq), buf, options));
+  return std::unique_ptr<Rng>(new Rng(std::move(dev), std::move(vq), std::move(bufs), options));
 }
 
 Result<void> Rng::read(std::span<std::uint8_t> out) {
+  const std::string op = "read entropy";
   std::size_t done = 0;
   int empty_answers = 0;
   while (done < out.size()) {
+    std::size_t slot = 0;
+    while (slot < busy_.size() && busy_[slot]) ++slot;
+    if (slot == busy_.size())
+      return Error(
+          Errc::busy, dev_->transport().name(), op,
+          std::to_string(busy_.size()) + " abandoned requests are still in flight; reset the device");
     const auto want = static_cast<std::uint32_t>(std::min(out.size() - done, kBufBytes));
-    const rings::Buffer in{buf_.iova, want};
-    const std::uint64_t token = next_token_++;
+    const rings::Buffer in{bufs_[slot].iova, want};
+    const std::uint64_t token = (next_seq_++ << 8) | slot;
     auto submitted = vq_->submit({}, std::span(&in, 1), token);
     if (!submitted) return std::move(submitted).error();
-    UV_TRY(rings::Completion c, vq_->wait(opt_.timeout));
-    if (c.token != token)
-      return Error(Errc::bad_device_data, dev_->transport().name(), "read entropy",
-                   "completion for request " + std::to_string(c.token) + " while waiting for " + std::to_string(token));
-    // c.len was validated against the buffer by the ring. Zero bytes is legal
-    // but a device that keeps answering with nothing is stuck.
-    if (c.len == 0 && ++empty_answers > 16)
-      return Error(Errc::device_error, dev_->transport().name(), "read entropy", "the device keeps returning 0 bytes");
-    std::memcpy(out.data() + done, buf_.va, c.len);
-    done += c.len;
+    busy_[slot] = true;
+    const auto until = std::chrono::steady_clock::now() + opt_.timeout;
+    for (;;) {
+      UV_TRY(rings::Completion c, vq_->wait_until(until, opt_.timeout));
+      // Tokens come from the ring's shadow state (it validated the id), so
+      // the slot is one we handed out.
+      busy_[c.token & 0xff] = false;
+      if (c.token != token) {
+        ++stale_completions_;  // a request an earlier read gave up on
+        continue;
+      }
+      // c.len was validated against the buffer by the ring. Zero bytes is
+      // legal but a device that keeps answering with nothing is stuck.
+      if (c.len == 0 && ++empty_answers > 16)
+        return Error(Errc::device_error, dev_->transport().name(), op, "the device keeps returning 0 bytes");
+      std::memcpy(out.data() + done, bufs_[slot].va, c.len);
+      done += c.len;
+      break;
+    }
   }
   return ok();
 }

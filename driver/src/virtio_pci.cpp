@@ -37,9 +37,11 @@ constexpr int kConfigRetries = 64;
 Result<void> Transport::check_healthy(const std::string& op) {
   UV_TRY(std::uint8_t s, status());
   if (s == 0xff)
-    return Error(Errc::not_found, name(), op, "device status reads 0xff: the device is gone (surprise removal?)");
+    return Error(Errc::not_found, name(), op,
+                 "device status reads 0xff: the device is gone (surprise removal?)");
   if (s & status::kNeedsReset)
-    return Error(Errc::needs_reset, name(), op, "the device set DEVICE_NEEDS_RESET: it must be reset before further use");
+    return Error(Errc::needs_reset, name(), op,
+                 "the device set DEVICE_NEEDS_RESET: it must be reset before further use");
   if (s & status::kFailed) return Error(Errc::broken, name(), op, "device status has FAILED set");
   return ok();
 }
@@ -57,7 +59,8 @@ Result<void> VirtioPci::init(IrqPreference irq) {
   UV_TRY_VOID(fn_.read_config(0, cfg));
   const std::uint16_t vendor = load_le16(&cfg[0]);
   const std::uint16_t device = load_le16(&cfg[2]);
-  if (vendor == 0xffff) return Error(Errc::not_found, fn_.bdf(), op, "config space reads all-ones: device gone");
+  if (vendor == 0xffff)
+    return Error(Errc::not_found, fn_.bdf(), op, "config space reads all-ones: device gone");
   if (vendor != 0x1af4 || device < 0x1000 || device > 0x107f)
     return Error(Errc::invalid_argument, fn_.bdf(), op, "not a virtio function");
   if (device < 0x1040) {
@@ -74,8 +77,9 @@ Result<void> VirtioPci::init(IrqPreference irq) {
   }
   UV_TRY(caps_, pci::parse_capabilities(cfg, sizes, fn_.bdf()));
   if (!caps_.common || !caps_.notify || !caps_.isr)
-    return Error(Errc::unsupported, fn_.bdf(), op,
-                 "no usable virtio modern capabilities (common/notify/ISR): a legacy-only device is not supported");
+    return Error(
+        Errc::unsupported, fn_.bdf(), op,
+        "no usable virtio modern capabilities (common/notify/ISR): a legacy-only device is not supported");
   UV_TRY(common_, fn_.bar(caps_.common->bar));
   UV_TRY(notify_, fn_.bar(caps_.notify->bar));
   UV_TRY(isr_, fn_.bar(caps_.isr->bar));
@@ -105,8 +109,9 @@ Result<void> VirtioPci::reset(std::chrono::milliseconds deadline) {
     UV_TRY(std::uint64_t s, common_read(cc::device_status, 1));
     if (s == 0) break;
     if (std::chrono::steady_clock::now() >= until)
-      return Error(Errc::timeout, fn_.bdf(), "reset device",
-                   "device_status still " + std::to_string(s) + " after " + std::to_string(deadline.count()) + " ms");
+      return Error(
+          Errc::timeout, fn_.bdf(), "reset device",
+          "device_status still " + std::to_string(s) + " after " + std::to_string(deadline.count()) + " ms");
     std::this_thread::sleep_for(std::chrono::microseconds(100));
   }
   accepted_ = FeatureSet();
@@ -141,6 +146,12 @@ Result<FeatureSet> VirtioPci::device_features() {
 }
 
 Result<void> VirtioPci::accept_features(FeatureSet features) {
+  // Transport features this transport does not implement (spec 6): with
+  // NOTIFICATION_DATA the notify write carries the next available index,
+  // which notify() does not know.
+  if (features.has(feature::kNotificationData))
+    return Error(Errc::unsupported, fn_.bdf(), "accept features",
+                 "NOTIFICATION_DATA is not implemented by the virtio-pci transport");
   for (std::uint32_t word = 0; word < 2; ++word) {
     UV_TRY_VOID(common_write(cc::driver_feature_select, 4, word));
     UV_TRY_VOID(common_write(cc::driver_feature, 4, (features.bits() >> (32 * word)) & 0xffffffffu));
@@ -156,7 +167,8 @@ Result<void> VirtioPci::accept_features(FeatureSet features) {
 
 Result<void> VirtioPci::read_device_config(std::uint32_t off, std::span<std::uint8_t> out) {
   const std::string op = "read device config";
-  if (!caps_.device) return Error(Errc::unsupported, fn_.bdf(), op, "the device has no device-specific config");
+  if (!caps_.device)
+    return Error(Errc::unsupported, fn_.bdf(), op, "the device has no device-specific config");
   if (off > caps_.device->length || out.size() > caps_.device->length - off)
     return Error(Errc::invalid_argument, fn_.bdf(), op,
                  "bytes [" + std::to_string(off) + ", +" + std::to_string(out.size()) + ") outside the " +
@@ -168,8 +180,10 @@ Result<void> VirtioPci::read_device_config(std::uint32_t off, std::span<std::uin
     while (i < out.size()) {
       const std::uint64_t at = caps_.device->offset + off + i;
       unsigned w = 1;
-      if (at % 4 == 0 && out.size() - i >= 4) w = 4;
-      else if (at % 2 == 0 && out.size() - i >= 2) w = 2;
+      if (at % 4 == 0 && out.size() - i >= 4)
+        w = 4;
+      else if (at % 2 == 0 && out.size() - i >= 2)
+        w = 2;
       UV_TRY(std::uint64_t v, device_->read(at, w));
       for (unsigned b = 0; b < w; ++b) out[i + b] = static_cast<std::uint8_t>(v >> (8 * b));
       i += w;
@@ -183,7 +197,8 @@ Result<void> VirtioPci::read_device_config(std::uint32_t off, std::span<std::uin
 
 Result<void> VirtioPci::write_device_config(std::uint32_t off, std::span<const std::uint8_t> in) {
   const std::string op = "write device config";
-  if (!caps_.device) return Error(Errc::unsupported, fn_.bdf(), op, "the device has no device-specific config");
+  if (!caps_.device)
+    return Error(Errc::unsupported, fn_.bdf(), op, "the device has no device-specific config");
   if (off > caps_.device->length || in.size() > caps_.device->length - off)
     return Error(Errc::invalid_argument, fn_.bdf(), op, "bytes outside the device config");
   for (std::size_t i = 0; i < in.size(); ++i)
@@ -219,7 +234,8 @@ Result<void> VirtioPci::setup_interrupts() {
       return Error(Errc::unsupported, fn_.bdf(), "set config MSI-X vector", "the device refused vector 0");
   } else {
     if (fn_.irq_count(pci::IrqKind::intx) == 0)
-      return Error(Errc::unsupported, fn_.bdf(), "enable interrupts", "the function has neither MSI-X nor INTx");
+      return Error(Errc::unsupported, fn_.bdf(), "enable interrupts",
+                   "the function has neither MSI-X nor INTx");
     UV_TRY(eventfds_, fn_.enable_irqs(pci::IrqKind::intx, 1));
     msix_ = false;
   }
@@ -243,12 +259,14 @@ Result<void> VirtioPci::setup_queue(std::uint16_t q, std::uint16_t size, const Q
   if (msix_ || irqs_ready_) {
     // Polling queues get NO_VECTOR so the device does not interrupt for them.
     std::uint16_t vector = kNoVector;
-    if (interrupts && msix_) vector = static_cast<std::uint16_t>(std::min<std::size_t>(1u + q, eventfds_.size() - 1));
+    if (interrupts && msix_)
+      vector = static_cast<std::uint16_t>(std::min<std::size_t>(1u + q, eventfds_.size() - 1));
     if (msix_) {
       UV_TRY_VOID(common_write(cc::queue_msix_vector, 2, vector));
       UV_TRY(std::uint64_t back, common_read(cc::queue_msix_vector, 2));
       if (back != vector)
-        return Error(Errc::unsupported, fn_.bdf(), op, "the device refused MSI-X vector " + std::to_string(vector));
+        return Error(Errc::unsupported, fn_.bdf(), op,
+                     "the device refused MSI-X vector " + std::to_string(vector));
     }
   }
   for (auto [reg, value] : {std::pair{cc::queue_desc, addr.desc}, std::pair{cc::queue_driver, addr.driver},
@@ -261,7 +279,7 @@ Result<void> VirtioPci::setup_queue(std::uint16_t q, std::uint16_t size, const Q
   // notify structure (4 bytes with NOTIFICATION_DATA).
   UV_TRY(std::uint64_t notify_off, common_read(cc::queue_notify_off, 2));
   const std::uint64_t off = notify_off * caps_.notify_off_multiplier;
-  const unsigned width = accepted_.has(feature::kNotificationData) ? 4 : 2;
+  const unsigned width = 2;  // NOTIFICATION_DATA (4-byte writes) is refused in accept_features
   if (off > caps_.notify->length || caps_.notify->length - off < width)
     return Error(Errc::bad_device_data, fn_.bdf(), op,
                  "queue_notify_off " + std::to_string(notify_off) + " x multiplier " +

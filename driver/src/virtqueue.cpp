@@ -14,8 +14,8 @@ const char* completion_mode_name(CompletionMode m) {
   return m == CompletionMode::polling ? "polling" : "interrupt";
 }
 
-Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t index, std::uint16_t wanted_size,
-                                                     CompletionMode mode) {
+Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t index,
+                                                     std::uint16_t wanted_size, CompletionMode mode) {
   const std::string op = "create queue " + std::to_string(index);
   UV_TRY(std::uint16_t max, t.queue_max_size(index));
   if (max == 0) return Error(Errc::unsupported, t.name(), op, "the device reports queue size 0");
@@ -27,8 +27,8 @@ Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t
   UV_TRY(pci::DmaRegion desc, t.dma().alloc(L::desc_bytes(size), L::desc_align));
   UV_TRY(pci::DmaRegion avail, t.dma().alloc(L::avail_bytes(size), L::avail_align));
   UV_TRY(pci::DmaRegion used, t.dma().alloc(L::used_bytes(size), L::used_align));
-  UV_TRY(rings::SplitQueue ring,
-         rings::SplitQueue::create(size, desc.va, avail.va, used.va, t.name() + " queue " + std::to_string(index)));
+  UV_TRY(rings::SplitQueue ring, rings::SplitQueue::create(size, desc.va, avail.va, used.va,
+                                                           t.name() + " queue " + std::to_string(index)));
   if (mode == CompletionMode::polling) ring.set_interrupts(false);
   UV_TRY_VOID(t.setup_queue(index, size, QueueAddresses{desc.iova, avail.iova, used.iova},
                             mode == CompletionMode::interrupt));
@@ -50,11 +50,21 @@ Result<std::uint16_t> Virtqueue::submit(std::span<const rings::Buffer> out, std:
 Result<std::optional<rings::Completion>> Virtqueue::poll() { return ring_.poll(); }
 
 Result<rings::Completion> Virtqueue::wait(std::chrono::milliseconds timeout) {
-  const auto until = std::chrono::steady_clock::now() + timeout;
+  return wait_until(std::chrono::steady_clock::now() + timeout, timeout);
+}
+
+Result<rings::Completion> Virtqueue::wait_until(std::chrono::steady_clock::time_point until,
+                                                std::chrono::milliseconds timeout) {
   const std::string op = "wait for queue " + std::to_string(index_);
   for (;;) {
     UV_TRY(std::optional<rings::Completion> c, ring_.poll());
-    if (c) return *c;
+    if (c) {
+      // The device may have completed before we slept: take its interrupt
+      // now, so INTx is acknowledged and unmasked and no stale wake-up is
+      // left for the next wait.
+      if (mode_ == CompletionMode::interrupt) UV_TRY_VOID(take_interrupt(0));
+      return *c;
+    }
     const auto now = std::chrono::steady_clock::now();
     if (now >= until) {
       UV_TRY_VOID(t_.check_healthy(op));
@@ -69,19 +79,23 @@ Result<rings::Completion> Virtqueue::wait(std::chrono::milliseconds timeout) {
       if (!ring_.has_used()) UV_TRY_VOID(t_.check_healthy(op));
       continue;
     }
-    const int fd = *t_.queue_eventfd(index_);
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - now).count();
-    pollfd p{fd, POLLIN, 0};
-    int rc = ::poll(&p, 1, static_cast<int>(std::min<long long>(left + 1, 1000)));
-    if (rc < 0 && errno != EINTR) return Error::from_errno(errno, t_.name(), op, "poll eventfd");
-    if (rc > 0) {
-      std::uint64_t count;
-      if (::read(fd, &count, sizeof count) == sizeof count) interrupts_ += count;
-      UV_TRY_VOID(t_.ack_interrupt(index_));
-    } else if (rc == 0) {
-      UV_TRY_VOID(t_.check_healthy(op));
-    }
+    UV_TRY(bool fired, take_interrupt(static_cast<int>(std::min<long long>(left + 1, 1000))));
+    if (!fired) UV_TRY_VOID(t_.check_healthy(op));
   }
+}
+
+Result<bool> Virtqueue::take_interrupt(int timeout_ms) {
+  const int fd = *t_.queue_eventfd(index_);
+  pollfd p{fd, POLLIN, 0};
+  int rc = ::poll(&p, 1, timeout_ms);
+  if (rc < 0 && errno != EINTR)
+    return Error::from_errno(errno, t_.name(), "wait for queue interrupt", "poll eventfd");
+  if (rc <= 0) return false;
+  std::uint64_t count = 0;
+  if (::read(fd, &count, sizeof count) == sizeof count) interrupts_ += count;
+  UV_TRY_VOID(t_.ack_interrupt(index_));
+  return true;
 }
 
 }  // namespace uvirtio::driver

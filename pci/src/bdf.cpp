@@ -6,15 +6,20 @@
 namespace uvirtio::pci {
 namespace {
 
-bool parse_hex(std::string_view s, unsigned max, unsigned& out) {
-  if (s.empty() || s.size() > 4) return false;
+// A hex field of 1..max_digits digits whose value is at most max.
+bool parse_hex(std::string_view s, std::size_t max_digits, unsigned max, unsigned& out) {
+  if (s.empty() || s.size() > max_digits) return false;
   unsigned v = 0;
   for (char c : s) {
     unsigned d;
-    if (c >= '0' && c <= '9') d = static_cast<unsigned>(c - '0');
-    else if (c >= 'a' && c <= 'f') d = static_cast<unsigned>(c - 'a' + 10);
-    else if (c >= 'A' && c <= 'F') d = static_cast<unsigned>(c - 'A' + 10);
-    else return false;
+    if (c >= '0' && c <= '9')
+      d = static_cast<unsigned>(c - '0');
+    else if (c >= 'a' && c <= 'f')
+      d = static_cast<unsigned>(c - 'a' + 10);
+    else if (c >= 'A' && c <= 'F')
+      d = static_cast<unsigned>(c - 'A' + 10);
+    else
+      return false;
     v = v * 16 + d;
   }
   if (v > max) return false;
@@ -35,17 +40,18 @@ Result<Bdf> Bdf::parse(std::string_view text) {
   if (c1 == std::string_view::npos) return bad();
   auto c2 = rest.find(':', c1 + 1);
   if (c2 != std::string_view::npos) {
-    if (!parse_hex(rest.substr(0, c1), 0xffff, domain)) return bad();
+    if (!parse_hex(rest.substr(0, c1), 4, 0xffff, domain)) return bad();
     rest = rest.substr(c1 + 1);
     c1 = rest.find(':');
   }
   auto dot = rest.find('.');
   if (dot == std::string_view::npos || dot < c1) return bad();
-  if (!parse_hex(rest.substr(0, c1), 0xff, bus) || !parse_hex(rest.substr(c1 + 1, dot - c1 - 1), 31, dev) ||
-      !parse_hex(rest.substr(dot + 1), 7, fn) || rest.size() - dot - 1 != 1)
+  if (!parse_hex(rest.substr(0, c1), 2, 0xff, bus) ||
+      !parse_hex(rest.substr(c1 + 1, dot - c1 - 1), 2, 31, dev) ||
+      !parse_hex(rest.substr(dot + 1), 1, 7, fn) || rest.size() - dot - 1 != 1)
     return bad();
-  return Bdf{static_cast<std::uint16_t>(domain), static_cast<std::uint8_t>(bus), static_cast<std::uint8_t>(dev),
-             static_cast<std::uint8_t>(fn)};
+  return Bdf{static_cast<std::uint16_t>(domain), static_cast<std::uint8_t>(bus),
+             static_cast<std::uint8_t>(dev), static_cast<std::uint8_t>(fn)};
 }
 
 std::string Bdf::str() const {

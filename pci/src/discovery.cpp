@@ -1,11 +1,11 @@
 // PCI function discovery with libpci, plus sysfs look-ups through Os.
 #include "uvirtio/pci/discovery.hpp"
 
+#include <algorithm>
 #include <csetjmp>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
-#include <algorithm>
 #include <tuple>
 
 extern "C" {
@@ -91,13 +91,16 @@ std::optional<unsigned> sysfs_iommu_group(const Bdf& bdf, Os& os) {
   auto link = os.readlink(sysfs_dir(bdf) + "/iommu_group");
   if (!link) return std::nullopt;
   std::string name = basename_of(*link);
-  if (name.empty() || name.size() > 9 || !std::all_of(name.begin(), name.end(), ::isdigit)) return std::nullopt;
+  if (name.empty() || name.size() > 9 ||
+      !std::all_of(name.begin(), name.end(), [](unsigned char c) { return c >= '0' && c <= '9'; }))
+    return std::nullopt;
   return static_cast<unsigned>(std::stoul(name));
 }
 
 Result<std::vector<FunctionInfo>> enumerate_functions(Os& os) {
   if (!os.exists("/sys/bus/pci/devices"))
-    return Error(Errc::not_found, "pci", "enumerate functions", "/sys/bus/pci/devices is missing (sysfs not mounted?)");
+    return Error(Errc::not_found, "pci", "enumerate functions",
+                 "/sys/bus/pci/devices is missing (sysfs not mounted?)");
   std::vector<RawDev> raw(4096);
   int n = scan_raw(raw.data(), static_cast<int>(raw.size()));
   if (n < 0) return Error(Errc::io, "pci", "enumerate functions (libpci)", g_pci_msg);
@@ -126,24 +129,28 @@ Result<std::vector<FunctionInfo>> enumerate_functions(Os& os) {
 Result<FunctionInfo> describe_function(const Bdf& bdf, Os& os) {
   const std::string dir = sysfs_dir(bdf);
   if (!os.exists(dir))
-    return Error(Errc::not_found, bdf.str(), "describe function", "no such PCI function (" + dir + " is missing)");
-  auto hex = [&](const char* attr) -> Result<std::uint32_t> {
+    return Error(Errc::not_found, bdf.str(), "describe function",
+                 "no such PCI function (" + dir + " is missing)");
+  auto hex = [&](const char* attr, std::uint32_t max) -> Result<std::uint32_t> {
     auto text = os.read_file(dir + "/" + attr);
     if (!text) return Error::from_errno(errno, bdf.str(), std::string("read ") + attr);
+    while (!text->empty() && (text->back() == '\n' || text->back() == ' ')) text->pop_back();
     char* end = nullptr;
+    errno = 0;
     unsigned long v = std::strtoul(text->c_str(), &end, 16);
-    if (end == text->c_str() || v > 0xffffffUL)
-      return Error(Errc::bad_device_data, bdf.str(), std::string("read ") + attr, "unparsable value '" + *text + "'");
+    if (end == text->c_str() || *end != '\0' || errno != 0 || v > max)
+      return Error(Errc::bad_device_data, bdf.str(), std::string("read ") + attr,
+                   "unparsable value '" + *text + "'");
     return static_cast<std::uint32_t>(v);
   };
   FunctionInfo f;
   f.bdf = bdf;
-  UV_TRY(auto vendor, hex("vendor"));
-  UV_TRY(auto device, hex("device"));
-  UV_TRY(auto sv, hex("subsystem_vendor"));
-  UV_TRY(auto sd, hex("subsystem_device"));
-  UV_TRY(auto cls, hex("class"));
-  UV_TRY(auto rev, hex("revision"));
+  UV_TRY(auto vendor, hex("vendor", 0xffff));
+  UV_TRY(auto device, hex("device", 0xffff));
+  UV_TRY(auto sv, hex("subsystem_vendor", 0xffff));
+  UV_TRY(auto sd, hex("subsystem_device", 0xffff));
+  UV_TRY(auto cls, hex("class", 0xffffff));
+  UV_TRY(auto rev, hex("revision", 0xff));
   f.vendor = static_cast<std::uint16_t>(vendor);
   f.device = static_cast<std::uint16_t>(device);
   f.subsys_vendor = static_cast<std::uint16_t>(sv);
@@ -168,24 +175,42 @@ bool is_modern_virtio(const FunctionInfo& f) {
 
 const char* virtio_device_name(std::uint16_t id) {
   switch (id) {
-    case 1: return "net";
-    case 2: return "block";
-    case 3: return "console";
-    case 4: return "entropy";
-    case 5: return "balloon";
-    case 8: return "scsi";
-    case 9: return "9p";
-    case 16: return "gpu";
-    case 18: return "input";
-    case 19: return "vsock";
-    case 20: return "crypto";
-    case 26: return "fs";
-    case 27: return "pmem";
-    case 28: return "rpmb";
-    case 29: return "iommu";
-    case 34: return "sound";
-    case 36: return "memory";
-    default: return "unknown";
+    case 1:
+      return "net";
+    case 2:
+      return "block";
+    case 3:
+      return "console";
+    case 4:
+      return "entropy";
+    case 5:
+      return "balloon";
+    case 8:
+      return "scsi";
+    case 9:
+      return "9p";
+    case 16:
+      return "gpu";
+    case 18:
+      return "input";
+    case 19:
+      return "vsock";
+    case 20:
+      return "crypto";
+    case 26:
+      return "fs";
+    case 27:
+      return "pmem";
+    case 28:
+      return "rpmb";
+    case 29:
+      return "iommu";
+    case 34:
+      return "sound";
+    case 36:
+      return "memory";
+    default:
+      return "unknown";
   }
 }
 

@@ -14,6 +14,7 @@ namespace {
 
 constexpr std::size_t kPage = 4096;
 constexpr std::size_t kHuge = 2u << 20;
+constexpr std::size_t kMaxAlloc = std::size_t{1} << 30;
 
 std::uint64_t align_up(std::uint64_t v, std::uint64_t a) { return (v + a - 1) & ~(a - 1); }
 bool is_pow2(std::uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
@@ -21,7 +22,9 @@ bool is_pow2(std::uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 }  // namespace
 
 IovaAllocator::IovaAllocator(std::vector<IovaRange> usable) : ranges_(std::move(usable)) {
-  if (ranges_.empty()) ranges_.push_back({1u << 20, (1ull << 39) - 1});
+  // No ranges reported (old kernels): [1 MiB, 2^39) without the x86 MSI
+  // window, which the IOMMU reserves for interrupt messages.
+  if (ranges_.empty()) ranges_ = {{1u << 20, 0xfedfffff}, {0xfef00000, (1ull << 39) - 1}};
   // Never hand out IOVA 0: a zero address in a ring is more often a bug than a buffer.
   for (auto& r : ranges_)
     if (r.start < kPage) r.start = kPage;
@@ -30,15 +33,26 @@ IovaAllocator::IovaAllocator(std::vector<IovaRange> usable) : ranges_(std::move(
 
 std::optional<std::uint64_t> IovaAllocator::allocate(std::uint64_t size, std::uint64_t align) {
   if (size == 0 || !is_pow2(align)) return std::nullopt;
-  while (cur_ < ranges_.size()) {
-    const IovaRange& r = ranges_[cur_];
-    std::uint64_t base = align_up(std::max(next_, r.start), align);
-    if (base >= r.start && base <= r.end && size - 1 <= r.end - base) {
-      next_ = base + size;
+  // Search with local cursors; commit them only on success, so a request that
+  // fits nowhere consumes nothing.
+  std::size_t cur = cur_;
+  std::uint64_t next = next_;
+  while (cur < ranges_.size()) {
+    const IovaRange& r = ranges_[cur];
+    const std::uint64_t from = std::max(next, r.start);
+    const std::uint64_t base = align_up(from, align);
+    if (base >= from && base <= r.end && size - 1 <= r.end - base) {
+      if (size - 1 == r.end - base) {  // the range is used up; base + size may wrap to 0
+        cur_ = cur + 1;
+        next_ = cur_ < ranges_.size() ? ranges_[cur_].start : 0;
+      } else {
+        cur_ = cur;
+        next_ = base + size;
+      }
       return base;
     }
-    ++cur_;
-    if (cur_ < ranges_.size()) next_ = ranges_[cur_].start;
+    ++cur;
+    if (cur < ranges_.size()) next = ranges_[cur].start;
   }
   return std::nullopt;
 }
@@ -119,27 +133,33 @@ Result<std::uint64_t> DmaPool::phys_addr(const void* va) {
   ssize_t n = os_.pread(fd, &entry, sizeof entry, static_cast<off_t>((v / kPage) * sizeof entry));
   int e = errno;
   os_.close(fd);
-  if (n != static_cast<ssize_t>(sizeof entry)) return Error::from_errno(n < 0 ? e : EIO, device_, op, "read pagemap");
+  if (n != static_cast<ssize_t>(sizeof entry))
+    return Error::from_errno(n < 0 ? e : EIO, device_, op, "read pagemap");
   const bool present = (entry >> 63) & 1;
   const std::uint64_t pfn = entry & ((1ull << 55) - 1);
   if (!present || pfn == 0)
-    return Error(Errc::permission, device_, op, "page frame number hidden (needs CAP_SYS_ADMIN) or page absent");
+    return Error(Errc::permission, device_, op,
+                 "page frame number hidden (needs CAP_SYS_ADMIN) or page absent");
   return pfn * kPage + (v % kPage);
 }
 
 Result<DmaRegion> DmaPool::alloc(std::size_t size, std::size_t align) {
   const std::string op = "allocate DMA memory";
-  if (size == 0 || !is_pow2(align) || align > kPage)
-    return Error(Errc::invalid_argument, device_, op, "size must be > 0 and align a power of two <= 4096");
+  if (size == 0 || size > kMaxAlloc)
+    return Error(Errc::invalid_argument, device_, op, "size " + std::to_string(size) + " is not in 1..1 GiB");
+  if (!is_pow2(align) || align > kPage)
+    return Error(Errc::invalid_argument, device_, op,
+                 "alignment " + std::to_string(align) + " is not a power of two <= 4096");
   // In no-IOMMU mode the device sees physical addresses, so an allocation must
   // not cross a page boundary unless the chunk is one hugepage.
   auto fits = [&](const Chunk& c, std::size_t off) {
-    if (off + size > c.size) return false;
+    if (size > c.size || off > c.size - size) return false;
     if (mode_ == Mode::noiommu && !huge_) return size <= kPage && (off / kPage) == ((off + size - 1) / kPage);
     return true;
   };
   if (mode_ == Mode::noiommu && !huge_ && huge_tried_ && size > kPage)
-    return Error(Errc::unsupported, device_, op, "no-IOMMU mode without hugepages cannot give more than 4 KiB contiguous");
+    return Error(Errc::unsupported, device_, op,
+                 "no-IOMMU mode without hugepages cannot give more than 4 KiB contiguous");
   Chunk* chunk = nullptr;
   std::size_t off = 0;
   for (auto& c : chunks_) {
@@ -155,7 +175,8 @@ Result<DmaRegion> DmaPool::alloc(std::size_t size, std::size_t align) {
     UV_TRY(chunk, new_chunk(size));
     off = 0;
     if (!fits(*chunk, off))
-      return Error(Errc::unsupported, device_, op, "no-IOMMU mode without hugepages cannot give more than 4 KiB contiguous");
+      return Error(Errc::unsupported, device_, op,
+                   "no-IOMMU mode without hugepages cannot give more than 4 KiB contiguous");
   }
   chunk->used = off + size;
   DmaRegion r;

@@ -3,10 +3,10 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <sys/stat.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -29,7 +29,9 @@ class SystemOs final : public Os {
     return ::pwrite(fd, buf, len, off);
   }
   int eventfd(unsigned initval, int flags) override { return ::eventfd(initval, flags | EFD_CLOEXEC); }
-  int memfd_create(const char* name, unsigned flags) override { return ::memfd_create(name, flags | MFD_CLOEXEC); }
+  int memfd_create(const char* name, unsigned flags) override {
+    return ::memfd_create(name, flags | MFD_CLOEXEC);
+  }
   int ftruncate(int fd, off_t len) override { return ::ftruncate(fd, len); }
   int mlock(const void* addr, std::size_t len) override { return ::mlock(addr, len); }
 

@@ -19,26 +19,39 @@ namespace {
 // A BAR mapped into our address space: single-width volatile accesses.
 class MappedBar final : public BarIo {
  public:
-  MappedBar(Os& os, void* base, std::uint64_t size) : os_(os), base_(static_cast<std::uint8_t*>(base)), size_(size) {}
+  MappedBar(Os& os, std::string dev, unsigned index, void* base, std::uint64_t size)
+      : os_(os), dev_(std::move(dev)), index_(index), base_(static_cast<std::uint8_t*>(base)), size_(size) {}
   ~MappedBar() override { os_.munmap(base_, size_); }
   std::uint64_t size() const override { return size_; }
   volatile std::uint8_t* mapping() const override { return base_; }
   Result<std::uint64_t> read(std::uint64_t off, unsigned width) override {
     if (!in_range(off, width)) return range_error("read", off, width);
     switch (width) {
-      case 1: return mmio::read<std::uint8_t>(base_, off);
-      case 2: return mmio::read<std::uint16_t>(base_, off);
-      case 4: return mmio::read<std::uint32_t>(base_, off);
-      default: return mmio::read<std::uint64_t>(base_, off);
+      case 1:
+        return mmio::read<std::uint8_t>(base_, off);
+      case 2:
+        return mmio::read<std::uint16_t>(base_, off);
+      case 4:
+        return mmio::read<std::uint32_t>(base_, off);
+      default:
+        return mmio::read<std::uint64_t>(base_, off);
     }
   }
   Result<void> write(std::uint64_t off, unsigned width, std::uint64_t v) override {
     if (!in_range(off, width)) return range_error("write", off, width);
     switch (width) {
-      case 1: mmio::write<std::uint8_t>(base_, off, static_cast<std::uint8_t>(v)); break;
-      case 2: mmio::write<std::uint16_t>(base_, off, static_cast<std::uint16_t>(v)); break;
-      case 4: mmio::write<std::uint32_t>(base_, off, static_cast<std::uint32_t>(v)); break;
-      default: mmio::write<std::uint64_t>(base_, off, v); break;
+      case 1:
+        mmio::write<std::uint8_t>(base_, off, static_cast<std::uint8_t>(v));
+        break;
+      case 2:
+        mmio::write<std::uint16_t>(base_, off, static_cast<std::uint16_t>(v));
+        break;
+      case 4:
+        mmio::write<std::uint32_t>(base_, off, static_cast<std::uint32_t>(v));
+        break;
+      default:
+        mmio::write<std::uint64_t>(base_, off, v);
+        break;
     }
     return ok();
   }
@@ -48,11 +61,13 @@ class MappedBar final : public BarIo {
     return (width == 1 || width == 2 || width == 4 || width == 8) && off < size_ && width <= size_ - off;
   }
   Error range_error(const char* what, std::uint64_t off, unsigned width) const {
-    return Error(Errc::invalid_argument, "", std::string("BAR ") + what,
-                 "access of " + std::to_string(width) + " bytes at " + std::to_string(off) + " outside a BAR of " +
-                     std::to_string(size_) + " bytes");
+    return Error(Errc::invalid_argument, dev_, "BAR" + std::to_string(index_) + " " + what,
+                 "access of " + std::to_string(width) + " bytes at " + std::to_string(off) +
+                     " outside a BAR of " + std::to_string(size_) + " bytes");
   }
   Os& os_;
+  std::string dev_;
+  unsigned index_;
   std::uint8_t* base_;
   std::uint64_t size_;
 };
@@ -61,7 +76,8 @@ class MappedBar final : public BarIo {
 // without VFIO_REGION_INFO_FLAG_MMAP).
 class RegionBar final : public BarIo {
  public:
-  RegionBar(Os& os, int fd, std::string dev, RegionInfo info) : os_(os), fd_(fd), dev_(std::move(dev)), info_(info) {}
+  RegionBar(Os& os, int fd, std::string dev, RegionInfo info)
+      : os_(os), fd_(fd), dev_(std::move(dev)), info_(info) {}
   std::uint64_t size() const override { return info_.size; }
   volatile std::uint8_t* mapping() const override { return nullptr; }
   Result<std::uint64_t> read(std::uint64_t off, unsigned width) override {
@@ -82,7 +98,8 @@ class RegionBar final : public BarIo {
 
  private:
   bool valid(std::uint64_t off, unsigned width) const {
-    return (width == 1 || width == 2 || width == 4 || width == 8) && off < info_.size && width <= info_.size - off;
+    return (width == 1 || width == 2 || width == 4 || width == 8) && off < info_.size &&
+           width <= info_.size - off;
   }
   Os& os_;
   int fd_;
@@ -153,25 +170,38 @@ Result<void> VfioDevice::init(const Bdf& bdf, const VfioOptions& options) {
   const unsigned long type = mode_ == IommuMode::type1v2 ? VFIO_TYPE1v2_IOMMU : VFIO_NOIOMMU_IOMMU;
   if (os_.ioctl(cfd, VFIO_CHECK_EXTENSION, ioctl_value(type)) <= 0)
     return Error(Errc::unsupported, dev, "VFIO_CHECK_EXTENSION",
-                 mode_ == IommuMode::type1v2 ? "no Type1v2 IOMMU support (load vfio_iommu_type1)"
-                                             : "no no-IOMMU support (vfio needs enable_unsafe_noiommu_mode=1 and "
-                                               "CONFIG_VFIO_NOIOMMU)");
+                 mode_ == IommuMode::type1v2
+                     ? "no Type1v2 IOMMU support (load vfio_iommu_type1)"
+                     : "no no-IOMMU support (vfio needs enable_unsafe_noiommu_mode=1 and "
+                       "CONFIG_VFIO_NOIOMMU)");
 
   // Group.
-  const std::string gpath = (mode_ == IommuMode::noiommu ? "/dev/vfio/noiommu-" : "/dev/vfio/") + std::to_string(*group);
+  const std::string gpath =
+      (mode_ == IommuMode::noiommu ? "/dev/vfio/noiommu-" : "/dev/vfio/") + std::to_string(*group);
   int gfd = os_.open(gpath, O_RDWR);
   if (gfd < 0) {
     int e = errno;
-    if (e == EBUSY) return Error(Errc::busy, dev, "open " + gpath, "the group is in use by another process", e);
+    if (e == EBUSY)
+      return Error(Errc::busy, dev, "open " + gpath, "the group is in use by another process", e);
+    const std::string other =
+        (mode_ == IommuMode::noiommu ? "/dev/vfio/" : "/dev/vfio/noiommu-") + std::to_string(*group);
+    if (e == ENOENT && os_.exists(other))
+      return Error(Errc::invalid_argument, dev, "open " + gpath,
+                   mode_ == IommuMode::noiommu
+                       ? "the group is an IOMMU group (" + other + "): drop --no-iommu"
+                       : "the group is a no-IOMMU group (" + other + "): pass --no-iommu",
+                   e);
     return Error::from_errno(e, dev, "open " + gpath);
   }
   group_ = Fd(os_, gfd);
   vfio_group_status status{};
   status.argsz = sizeof status;
-  if (os_.ioctl(gfd, VFIO_GROUP_GET_STATUS, &status) != 0) return Error::from_errno(errno, dev, "VFIO_GROUP_GET_STATUS");
+  if (os_.ioctl(gfd, VFIO_GROUP_GET_STATUS, &status) != 0)
+    return Error::from_errno(errno, dev, "VFIO_GROUP_GET_STATUS");
   if (!(status.flags & VFIO_GROUP_FLAGS_VIABLE))
-    return Error(Errc::busy, dev, "VFIO_GROUP_GET_STATUS",
-                 "IOMMU group " + std::to_string(*group) + " is not viable: bind every function in it to vfio-pci");
+    return Error(
+        Errc::busy, dev, "VFIO_GROUP_GET_STATUS",
+        "IOMMU group " + std::to_string(*group) + " is not viable: bind every function in it to vfio-pci");
   if (os_.ioctl(gfd, VFIO_GROUP_SET_CONTAINER, &cfd) != 0)
     return Error::from_errno(errno, dev, "VFIO_GROUP_SET_CONTAINER");
   if (os_.ioctl(cfd, VFIO_SET_IOMMU, ioctl_value(type)) != 0) {
@@ -189,7 +219,8 @@ Result<void> VfioDevice::init(const Bdf& bdf, const VfioOptions& options) {
     for (int attempt = 0; attempt < 3; ++attempt) {
       auto* info = reinterpret_cast<vfio_iommu_type1_info*>(buf.data());
       info->argsz = static_cast<std::uint32_t>(buf.size());
-      if (os_.ioctl(cfd, VFIO_IOMMU_GET_INFO, buf.data()) != 0) return Error::from_errno(errno, dev, "VFIO_IOMMU_GET_INFO");
+      if (os_.ioctl(cfd, VFIO_IOMMU_GET_INFO, buf.data()) != 0)
+        return Error::from_errno(errno, dev, "VFIO_IOMMU_GET_INFO");
       if (info->argsz <= buf.size() || info->argsz > (1u << 20)) break;
       buf.assign(info->argsz, 0);
     }
@@ -201,7 +232,8 @@ Result<void> VfioDevice::init(const Bdf& bdf, const VfioOptions& options) {
       m.vaddr = reinterpret_cast<std::uint64_t>(va);
       m.iova = iova;
       m.size = size;
-      if (os_.ioctl(cfd, VFIO_IOMMU_MAP_DMA, &m) != 0) return Error::from_errno(errno, name_, "VFIO_IOMMU_MAP_DMA");
+      if (os_.ioctl(cfd, VFIO_IOMMU_MAP_DMA, &m) != 0)
+        return Error::from_errno(errno, name_, "VFIO_IOMMU_MAP_DMA");
       return ok();
     };
     mapper.unmap = [this, cfd](std::uint64_t iova, std::uint64_t size) {
@@ -215,11 +247,14 @@ Result<void> VfioDevice::init(const Bdf& bdf, const VfioOptions& options) {
     std::string msg = "WARNING: " + dev +
                       ": VFIO no-IOMMU mode: the device can read and write all of this machine's memory; "
                       "use it only on a throwaway guest";
-    if (options.warn) options.warn(msg);
-    else std::cerr << msg << "\n";
+    if (options.warn)
+      options.warn(msg);
+    else
+      std::cerr << msg << "\n";
   }
-  dma_ = std::make_unique<DmaPool>(os_, dev, mode_ == IommuMode::type1v2 ? DmaPool::Mode::iommu : DmaPool::Mode::noiommu,
-                                    IovaAllocator(iova_ranges_), std::move(mapper));
+  dma_ = std::make_unique<DmaPool>(
+      os_, dev, mode_ == IommuMode::type1v2 ? DmaPool::Mode::iommu : DmaPool::Mode::noiommu,
+      IovaAllocator(iova_ranges_), std::move(mapper));
 
   // Device.
   std::string name = dev;
@@ -228,7 +263,8 @@ Result<void> VfioDevice::init(const Bdf& bdf, const VfioOptions& options) {
   device_ = Fd(os_, dfd);
   vfio_device_info dinfo{};
   dinfo.argsz = sizeof dinfo;
-  if (os_.ioctl(dfd, VFIO_DEVICE_GET_INFO, &dinfo) != 0) return Error::from_errno(errno, dev, "VFIO_DEVICE_GET_INFO");
+  if (os_.ioctl(dfd, VFIO_DEVICE_GET_INFO, &dinfo) != 0)
+    return Error::from_errno(errno, dev, "VFIO_DEVICE_GET_INFO");
   if (!(dinfo.flags & VFIO_DEVICE_FLAGS_PCI))
     return Error(Errc::unsupported, dev, "VFIO_DEVICE_GET_INFO", "not a PCI device");
   const std::uint32_t nregions = std::min<std::uint32_t>(dinfo.num_regions, 64);
@@ -308,15 +344,17 @@ std::array<std::uint64_t, 6> VfioDevice::bar_sizes() const {
 }
 
 Result<BarIo*> VfioDevice::bar(unsigned index) {
-  if (index > 5) return Error(Errc::invalid_argument, name_, "open BAR", "BAR index " + std::to_string(index) + " > 5");
+  if (index > 5)
+    return Error(Errc::invalid_argument, name_, "open BAR", "BAR index " + std::to_string(index) + " > 5");
   if (bars_[index]) return bars_[index].get();
   if (index >= regions_.size() || !regions_[index].available || regions_[index].size == 0)
     return Error(Errc::not_found, name_, "open BAR" + std::to_string(index), "the BAR is not implemented");
   const RegionInfo& ri = regions_[index];
   if ((ri.flags & VFIO_REGION_INFO_FLAG_MMAP) && ri.size <= (1ull << 40)) {
-    void* p = os_.mmap(nullptr, ri.size, PROT_READ | PROT_WRITE, MAP_SHARED, device_.get(), static_cast<off_t>(ri.offset));
+    void* p = os_.mmap(nullptr, ri.size, PROT_READ | PROT_WRITE, MAP_SHARED, device_.get(),
+                       static_cast<off_t>(ri.offset));
     if (p != MAP_FAILED) {
-      bars_[index] = std::make_unique<MappedBar>(os_, p, ri.size);
+      bars_[index] = std::make_unique<MappedBar>(os_, name_, index, p, ri.size);
       return bars_[index].get();
     }
   }
@@ -333,7 +371,8 @@ Result<std::vector<int>> VfioDevice::enable_irqs(IrqKind kind, unsigned count) {
   const std::string op = kind == IrqKind::intx ? "enable INTx" : "enable MSI-X";
   if (count == 0 || count > irq_counts_[index])
     return Error(Errc::unsupported, name_, op,
-                 "asked for " + std::to_string(count) + " vectors, the function has " + std::to_string(irq_counts_[index]));
+                 "asked for " + std::to_string(count) + " vectors, the function has " +
+                     std::to_string(irq_counts_[index]));
   if (irq_kind_) UV_TRY_VOID(disable_irqs());
   std::vector<Fd> fds;
   std::vector<std::uint8_t> buf(sizeof(vfio_irq_set) + sizeof(std::int32_t) * count);

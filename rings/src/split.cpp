@@ -23,7 +23,8 @@
 namespace uvirtio::rings {
 namespace {
 
-// Available ring words (spec 2.7.6): flags, idx, ring[size], used_event.
+// le16 words of the rings: both start with flags and idx (spec 2.7.6, 2.7.8);
+// the available ring goes on with ring[size] and used_event.
 constexpr std::size_t kFlags = 0;
 constexpr std::size_t kIdx = 1;
 constexpr std::size_t kRing = 2;
@@ -83,13 +84,14 @@ Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<con
   if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
   const std::size_t n = out.size() + in.size();
   if (n == 0) return Error(Errc::invalid_argument, name_, op, "empty descriptor chain");
+  bool zero_len = false;
   std::uint64_t writable = 0;
-  for (const auto* part : {&out, &in}) {
-    for (const Buffer& b : *part) {
-      if (b.len == 0) return Error(Errc::invalid_argument, name_, op, "zero-length buffer");
-    }
+  for (const Buffer& b : out) zero_len |= b.len == 0;
+  for (const Buffer& b : in) {
+    zero_len |= b.len == 0;
+    writable += b.len;
   }
-  for (const Buffer& b : in) writable += b.len;
+  if (zero_len) return Error(Errc::invalid_argument, name_, op, "zero-length buffer");
   if (writable > std::numeric_limits<std::uint32_t>::max()) {
     return Error(Errc::invalid_argument, name_, op, "device-writable bytes of the chain overflow 32 bits");
   }
@@ -182,8 +184,9 @@ bool SplitQueue::has_used() const noexcept {
 
 void SplitQueue::set_interrupts(bool enabled) noexcept {
   if (broken_) return;
-  avail_flags_shadow_ = enabled ? static_cast<std::uint16_t>(avail_flags_shadow_ & ~VIRTQ_AVAIL_F_NO_INTERRUPT)
-                                : static_cast<std::uint16_t>(avail_flags_shadow_ | VIRTQ_AVAIL_F_NO_INTERRUPT);
+  avail_flags_shadow_ = enabled
+                            ? static_cast<std::uint16_t>(avail_flags_shadow_ & ~VIRTQ_AVAIL_F_NO_INTERRUPT)
+                            : static_cast<std::uint16_t>(avail_flags_shadow_ | VIRTQ_AVAIL_F_NO_INTERRUPT);
   store_release(words(avail_)[kFlags], avail_flags_shadow_);
 }
 

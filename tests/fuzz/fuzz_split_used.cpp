@@ -9,7 +9,7 @@
 // Any mismatch traps.
 //
 // Input: byte 0 picks the queue size (1 << (b % 5), so 1..16); then ops,
-// each starting with a byte b, op = b % 5:
+// each starting with a byte b, op = b % 6:
 //   0 add:        n_out%4, n_in%4, one length byte per buffer
 //                 (0: zero length, 255: next 4 bytes raw, else 16*b)
 //   1 publish
@@ -18,6 +18,8 @@
 //                 byte %5, then per entry: slot, id selector, len selector
 //   3 poll until nullopt or error
 //   4 misc:       byte: bit0 set_interrupts(bit1), then has_used() check
+//   5 scribble:   the device overwrites next and flags of descriptor
+//                 (byte % size) with 4 bytes; the driver must not care
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -34,9 +36,9 @@ namespace {
 using uvirtio::Errc;
 using namespace uvirtio::rings;
 
-#define CHECK(c)                     \
-  do {                               \
-    if (!(c)) __builtin_trap();      \
+#define CHECK(c)                \
+  do {                          \
+    if (!(c)) __builtin_trap(); \
   } while (0)
 
 struct Reader {
@@ -49,12 +51,15 @@ struct Reader {
     return *p++;
   }
   std::uint16_t u16() { return static_cast<std::uint16_t>(u8() | (u8() << 8)); }
-  std::uint32_t u32() { return static_cast<std::uint32_t>(u16()) | (static_cast<std::uint32_t>(u16()) << 16); }
+  std::uint32_t u32() {
+    return static_cast<std::uint32_t>(u16()) | (static_cast<std::uint32_t>(u16()) << 16);
+  }
 };
 
 struct Area {
-  explicit Area(std::size_t bytes) : n(bytes), p(static_cast<std::uint8_t*>(::operator new(bytes, std::align_val_t{16}))) {}
-  ~Area() { ::operator delete(p, std::align_val_t{16}); }
+  explicit Area(std::size_t bytes)
+      : n(bytes), p(static_cast<std::uint8_t*>(::operator new (bytes, std::align_val_t{16}))) {}
+  ~Area() { ::operator delete (p, std::align_val_t{16}); }
   Area(const Area&) = delete;
   Area& operator=(const Area&) = delete;
   std::size_t n;
@@ -86,7 +91,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   auto* uw = reinterpret_cast<uvirtio::le16*>(used.p);
   auto* ue = reinterpret_cast<VirtqUsedElem*>(used.p + 4);
 
-  std::map<std::uint16_t, Live> live;  // head -> chain
+  std::map<std::uint16_t, Live> live;                               // head -> chain
+  std::map<std::uint16_t, std::vector<std::uint16_t>> chain_descs;  // head -> descriptors, our copy
   std::vector<bool> owned(qsize, false);
   std::uint16_t model_free = qsize, last_used = 0, avail_count = 0, avail_flags = 0;
   std::uint64_t next_token = 1;
@@ -103,7 +109,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   };
 
   while (!in.empty()) {
-    switch (in.u8() % 5) {
+    switch (in.u8() % 6) {
       case 0: {  // add
         const unsigned n_out = in.u8() % 4, n_in = in.u8() % 4;
         std::vector<Buffer> bufs;
@@ -136,10 +142,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           for (std::size_t k = 0; k < bufs.size(); ++k) {
             CHECK(i < qsize && !owned[i]);
             owned[i] = true;
+            chain_descs[head].push_back(i);
             const bool last = k + 1 == bufs.size();
             const std::uint16_t want = static_cast<std::uint16_t>((k >= n_out ? VIRTQ_DESC_F_WRITE : 0) |
                                                                   (last ? 0 : VIRTQ_DESC_F_NEXT));
-            CHECK(d[i].addr.get() == bufs[k].addr && d[i].len.get() == bufs[k].len && d[i].flags.get() == want);
+            CHECK(d[i].addr.get() == bufs[k].addr && d[i].len.get() == bufs[k].len &&
+                  d[i].flags.get() == want);
             i = d[i].next.get();
           }
           live[head] = {token, static_cast<std::uint16_t>(bufs.size()), static_cast<std::uint32_t>(writable)};
@@ -223,13 +231,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           CHECK(c.token == want->token && c.len == want->len);
           // Returned once: the head leaves the live set and its descriptors are free again.
           const std::uint16_t head = static_cast<std::uint16_t>(id);
-          std::uint16_t i = head;
-          for (std::uint16_t k = 0; k < live[head].descs; ++k) {
-            owned[i] = false;
-            i = d[i].next.get();
-          }
+          for (std::uint16_t i : chain_descs[head]) owned[i] = false;
           model_free = static_cast<std::uint16_t>(model_free + live[head].descs);
           live.erase(head);
+          chain_descs.erase(head);
           ++last_used;
         }
         break;
@@ -242,6 +247,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         }
         if (!broken) CHECK(av[0].get() == avail_flags);
         CHECK(q.has_used() == (!broken && uw[1].get() != last_used));
+        break;
+      }
+      case 5: {  // the device scribbles on the descriptor table
+        VirtqDesc& victim = d[in.u8() & mask];
+        const std::uint16_t next = in.u16(), flags = in.u16();
+        if (!broken) {  // after that the table is checked to stay frozen
+          victim.next.set(next);
+          victim.flags.set(flags);
+        }
         break;
       }
     }

@@ -7,6 +7,8 @@
 // loops), so a driver bug shows up as a device error. Buffer addresses are the
 // driver's virtual addresses unless a test installs a translation (the memfd
 // test maps the same memory twice, as Linux's vringh_test does).
+#include "uvirtio/rings/split.hpp"
+
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -16,16 +18,12 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
-#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
 #include <random>
-#include <set>
 #include <thread>
 #include <vector>
-
-#include "uvirtio/rings/split.hpp"
 
 namespace uvirtio::rings {
 namespace {
@@ -109,7 +107,8 @@ class SoftDevice {
         avail_(static_cast<le16*>(avail)),
         used_(static_cast<std::uint8_t*>(used)),
         xlate_(xlate ? std::move(xlate)
-                     : [](std::uint64_t a) { return reinterpret_cast<std::uint8_t*>(static_cast<std::uintptr_t>(a)); }),
+                     : [](std::uint64_t
+                              a) { return reinterpret_cast<std::uint8_t*>(static_cast<std::uintptr_t>(a)); }),
         owned_(size, false) {}
   explicit SoftDevice(const RingMem& m) : SoftDevice(m.size, m.desc(), m.avail(), m.used()) {}
 
@@ -248,8 +247,8 @@ TEST(SplitQueueCreate, RejectsNullAndMisalignedPointersWithoutTouchingMemory) {
     void* a;
     void* u;
   };
-  const Case cases[] = {{nullptr, m.avail(), m.used()}, {m.desc(), nullptr, m.used()},
-                        {m.desc(), m.avail(), nullptr}, {m.desc() + 8, m.avail(), m.used()},
+  const Case cases[] = {{nullptr, m.avail(), m.used()},      {m.desc(), nullptr, m.used()},
+                        {m.desc(), m.avail(), nullptr},      {m.desc() + 8, m.avail(), m.used()},
                         {m.desc(), m.avail() + 1, m.used()}, {m.desc(), m.avail(), m.used() + 2}};
   for (const Case& c : cases) {
     auto q = SplitQueue::create(8, c.d, c.a, c.u, kName);
@@ -596,7 +595,7 @@ TEST(SplitQueue, RandomOutOfOrderCompletion) {
   std::uint64_t token = 0;
   unsigned used_descs = 0;
   for (int step = 0; step < 30000; ++step) {
-    const unsigned n_out = rng() % 3, n_in = rng() % 3;
+    const auto n_out = static_cast<unsigned>(rng() % 3), n_in = static_cast<unsigned>(rng() % 3);
     std::vector<Buffer> out(n_out, Buffer{0x1000, 3}), in(n_in, Buffer{0x2000, 5});
     auto r = q->add(out, in, token);
     const unsigned n = n_out + n_in;
@@ -776,7 +775,8 @@ class SplitQueueHostile : public ::testing::Test {
 
   // `r` is the poll that met the bad data; checks the error and that the
   // queue stays broken and leaves ring memory alone from then on.
-  void ExpectBroken(const Result<std::optional<Completion>>& r, const std::string& cause, std::uint16_t free) {
+  void ExpectBroken(const Result<std::optional<Completion>>& r, const std::string& cause,
+                    std::uint16_t free) {
     ASSERT_FALSE(r.ok());
     EXPECT_EQ(r.error().code(), Errc::bad_device_data);
     EXPECT_EQ(r.error().device(), kName);

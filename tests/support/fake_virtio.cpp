@@ -1,0 +1,481 @@
+// FakeVirtioDevice: see fake_virtio.hpp.
+#include "support/fake_virtio.hpp"
+
+#include <algorithm>
+#include <stdexcept>
+#include <utility>
+
+#include "uvirtio/base/le.hpp"
+#include "uvirtio/rings/split.hpp"
+
+namespace uvirtio::test {
+namespace {
+
+// Register offsets of struct virtio_pci_common_cfg (spec 4.1.4.3).
+enum : std::uint64_t {
+  kDeviceFeatureSelect = 0x00,
+  kDeviceFeature = 0x04,
+  kDriverFeatureSelect = 0x08,
+  kDriverFeature = 0x0c,
+  kConfigMsixVector = 0x10,
+  kNumQueues = 0x12,
+  kDeviceStatus = 0x14,
+  kConfigGeneration = 0x15,
+  kQueueSelect = 0x16,
+  kQueueSize = 0x18,
+  kQueueMsixVector = 0x1a,
+  kQueueEnable = 0x1c,
+  kQueueNotifyOff = 0x1e,
+  kQueueDesc = 0x20,
+  kQueueDriver = 0x28,
+  kQueueDevice = 0x30,
+  kCommonEnd = 0x38,
+};
+
+constexpr std::uint8_t kAcknowledge = 1, kDriverOk = 4, kFeaturesOk = 8, kNeedsReset = 64;
+constexpr unsigned kVersion1 = 32, kAccessPlatform = 33, kNotificationData = 38;
+
+std::uint16_t load_acquire(le16& f) {
+  return le16::from_raw(std::atomic_ref<std::uint16_t>(f.raw()).load(std::memory_order_acquire));
+}
+void store_release(le16& f, std::uint16_t v) {
+  std::atomic_ref<std::uint16_t>(f.raw()).store(le16::to_raw(v), std::memory_order_release);
+}
+
+// Replaces the bytes [at, at + width) of a 64-bit register value.
+std::uint64_t merge(std::uint64_t reg, unsigned at, unsigned width, std::uint64_t v) {
+  const std::uint64_t mask = width == 8 ? ~0ull : ((1ull << (8 * width)) - 1) << (8 * at);
+  return (reg & ~mask) | ((v << (8 * at)) & mask);
+}
+
+}  // namespace
+
+FakeVirtioDevice::FakeVirtioDevice(FakeVirtioOptions options)
+    : opt_(std::move(options)), fn_(opt_.bdf), queues_(opt_.num_queues), config_(opt_.device_config) {
+  const auto pci_id =
+      opt_.pci_device_id ? opt_.pci_device_id : static_cast<std::uint16_t>(0x1040 + opt_.device_type);
+  fn_.set_ids(0x1af4, pci_id, opt_.device_type);
+  FakeBar& bar = fn_.add_bar(kBar, kBarSize);
+  using pci::VirtioCfgType;
+  if (opt_.modern_caps) {
+    fn_.add_virtio_cap(VirtioCfgType::common, kBar, kCommon, kRegionSize);
+    fn_.add_virtio_cap(VirtioCfgType::isr, kBar, kIsr, kRegionSize);
+    if (!config_.empty())
+      fn_.add_virtio_cap(VirtioCfgType::device, kBar, kDevice, static_cast<std::uint32_t>(config_.size()));
+    fn_.add_virtio_cap(VirtioCfgType::notify, kBar, kNotify, kRegionSize, opt_.notify_multiplier);
+  }
+  if (opt_.msix_vectors > 0) {
+    fn_.add_bar(1, 0x1000);
+    fn_.add_msix_cap(static_cast<std::uint16_t>(opt_.msix_vectors), 1, 0x000, 1, 0x800);
+  }
+  bar.hook(
+      kCommon, kRegionSize,
+      [this](std::uint64_t off, unsigned w) {
+        std::lock_guard lock(mu_);
+        return common_read(off, w);
+      },
+      [this](std::uint64_t off, unsigned w, std::uint64_t v) {
+        std::lock_guard lock(mu_);
+        common_write(off, w, v);
+      });
+  bar.hook(
+      kIsr, kRegionSize,
+      [this](std::uint64_t off, unsigned) -> std::uint64_t {
+        std::lock_guard lock(mu_);
+        if (off != 0) return 0;
+        ++isr_reads_;
+        return std::exchange(isr_, 0);  // spec 4.1.4.5: reading clears
+      },
+      [this](std::uint64_t, unsigned, std::uint64_t) {
+        std::lock_guard lock(mu_);
+        violation("write to the ISR");
+      });
+  bar.hook(
+      kDevice, kRegionSize,
+      [this](std::uint64_t off, unsigned w) {
+        std::lock_guard lock(mu_);
+        std::uint64_t v = 0;
+        for (unsigned i = 0; i < w; ++i)
+          if (off + i < config_.size()) v |= std::uint64_t{config_[off + i]} << (8 * i);
+        return v;
+      },
+      [this](std::uint64_t off, unsigned w, std::uint64_t v) {
+        std::lock_guard lock(mu_);
+        for (unsigned i = 0; i < w; ++i)
+          if (off + i < config_.size()) config_[off + i] = static_cast<std::uint8_t>(v >> (8 * i));
+      });
+  bar.hook(kNotify, kRegionSize, nullptr,
+           [this](std::uint64_t off, unsigned w, std::uint64_t v) { notify(off, w, v); });
+  std::lock_guard lock(mu_);
+  reset_locked();
+  for (std::uint16_t q = 0; q < queues_.size(); ++q) queues_[q].notify_off = q;
+}
+
+FakeVirtioDevice::~FakeVirtioDevice() {
+  {
+    std::lock_guard lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
+}
+
+void FakeVirtioDevice::set_handler(RequestHandler handler) {
+  std::lock_guard lock(mu_);
+  handler_ = std::move(handler);
+}
+
+void FakeVirtioDevice::start_worker(std::chrono::microseconds delay) {
+  std::lock_guard lock(mu_);
+  threaded_ = true;
+  delay_ = delay;
+  worker_ = std::thread([this] { worker_loop(); });
+}
+
+void FakeVirtioDevice::set_worker_delay(std::chrono::microseconds delay) {
+  std::lock_guard lock(mu_);
+  delay_ = delay;
+}
+
+void FakeVirtioDevice::worker_loop() {
+  std::unique_lock lock(mu_);
+  for (;;) {
+    cv_.wait(lock, [this] { return stop_ || pending_; });
+    if (stop_) return;
+    pending_ = false;
+    if (const auto delay = delay_; delay.count() > 0) {
+      lock.unlock();
+      std::this_thread::sleep_for(delay);
+      lock.lock();
+    }
+    for (std::uint16_t q = 0; q < queues_.size(); ++q)
+      if (queues_[q].enabled) process(q);
+  }
+}
+
+// ---------------------------------------------------------------- common config
+
+bool FakeVirtioDevice::width_is(unsigned width, unsigned want, std::uint64_t off) {
+  if (width == want) return true;
+  violation("common config offset " + std::to_string(off) + " accessed with width " + std::to_string(width) +
+            " (field is " + std::to_string(want) + " bytes)");
+  return false;
+}
+
+FakeVirtioDevice::Queue* FakeVirtioDevice::selected() {
+  return queue_select_ < queues_.size() ? &queues_[queue_select_] : nullptr;
+}
+
+std::uint64_t FakeVirtioDevice::common_read(std::uint64_t off, unsigned width) {
+  Queue* q = selected();
+  // 64-bit queue addresses: one 8-byte access or two 4-byte halves.
+  if (off >= kQueueDesc && off < kCommonEnd) {
+    const std::uint64_t base = off & ~7ull;
+    if (!(width == 8 && off == base) && !(width == 4 && off % 4 == 0)) {
+      width_is(width, 4, off);
+      return 0;
+    }
+    if (q == nullptr) return 0;
+    const std::uint64_t reg = base == kQueueDesc ? q->desc : base == kQueueDriver ? q->driver : q->device;
+    return width == 8 ? reg : (reg >> (8 * (off - base))) & 0xffffffffu;
+  }
+  switch (off) {
+    case kDeviceFeatureSelect:
+      return width_is(width, 4, off) ? feature_select_ : 0;
+    case kDeviceFeature:
+      if (!width_is(width, 4, off) || feature_select_ > 1) return 0;
+      return (opt_.features >> (32 * feature_select_)) & 0xffffffffu;
+    case kDriverFeatureSelect:
+      return width_is(width, 4, off) ? driver_feature_select_ : 0;
+    case kDriverFeature:
+      if (!width_is(width, 4, off) || driver_feature_select_ > 1) return 0;
+      return (driver_features_ >> (32 * driver_feature_select_)) & 0xffffffffu;
+    case kConfigMsixVector:
+      return width_is(width, 2, off) ? config_vector_ : 0;
+    case kNumQueues:
+      return width_is(width, 2, off) ? queues_.size() : 0;
+    case kDeviceStatus:
+      return width_is(width, 1, off) ? status_ : 0;
+    case kConfigGeneration:
+      if (!width_is(width, 1, off)) return 0;
+      if (faults.unstable_generation) ++generation_;
+      return generation_;
+    case kQueueSelect:
+      return width_is(width, 2, off) ? queue_select_ : 0;
+    case kQueueSize:
+      return width_is(width, 2, off) && q ? q->size : 0;
+    case kQueueMsixVector:
+      return width_is(width, 2, off) && q ? q->vector : kNoVector;
+    case kQueueEnable:
+      return width_is(width, 2, off) && q ? q->enabled : 0;
+    case kQueueNotifyOff:
+      return width_is(width, 2, off) && q ? q->notify_off : 0;
+    default:
+      return 0;
+  }
+}
+
+void FakeVirtioDevice::common_write(std::uint64_t off, unsigned width, std::uint64_t v) {
+  Queue* q = selected();
+  if (off >= kQueueDesc && off < kCommonEnd) {
+    const std::uint64_t base = off & ~7ull;
+    if (!(width == 8 && off == base) && !(width == 4 && off % 4 == 0)) {
+      width_is(width, 4, off);
+      return;
+    }
+    if (q == nullptr) return violation("queue address written for a queue that does not exist");
+    if (q->enabled) violation("queue address written while the queue is enabled");
+    std::uint64_t& reg = base == kQueueDesc ? q->desc : base == kQueueDriver ? q->driver : q->device;
+    reg = merge(reg, static_cast<unsigned>(off - base), width, v);
+    return;
+  }
+  switch (off) {
+    case kDeviceFeatureSelect:
+      if (width_is(width, 4, off)) feature_select_ = static_cast<std::uint32_t>(v);
+      return;
+    case kDriverFeatureSelect:
+      if (width_is(width, 4, off)) driver_feature_select_ = static_cast<std::uint32_t>(v);
+      return;
+    case kDriverFeature:
+      if (!width_is(width, 4, off)) return;
+      if (driver_feature_select_ > 1) return violation("driver_feature written with select > 1");
+      driver_features_ = merge(driver_features_, 4 * driver_feature_select_, 4, v);
+      return;
+    case kConfigMsixVector:
+      if (width_is(width, 2, off)) config_vector_ = accept_vector(v);
+      return;
+    case kDeviceStatus:
+      if (width_is(width, 1, off)) write_status(static_cast<std::uint8_t>(v));
+      return;
+    case kQueueSelect:
+      if (width_is(width, 2, off)) queue_select_ = static_cast<std::uint16_t>(v);
+      return;
+    case kQueueSize:
+      if (!width_is(width, 2, off) || q == nullptr) return;
+      if (v == 0 || v > opt_.queue_max_size || (v & (v - 1)) != 0)
+        violation("queue_size " + std::to_string(v) + " is not a power of two <= the maximum");
+      q->size = static_cast<std::uint16_t>(v);
+      return;
+    case kQueueMsixVector:
+      if (width_is(width, 2, off) && q != nullptr) q->vector = accept_vector(v);
+      return;
+    case kQueueEnable:
+      if (!width_is(width, 2, off) || q == nullptr) return;
+      if (v != 1) return violation("queue_enable written with " + std::to_string(v));
+      q->enabled = 1;
+      return;
+    default:
+      violation("write to read-only or reserved common config offset " + std::to_string(off));
+  }
+}
+
+std::uint16_t FakeVirtioDevice::accept_vector(std::uint64_t v) const {
+  if (v >= opt_.msix_vectors || refused_vectors_.count(static_cast<std::uint16_t>(v))) return kNoVector;
+  return static_cast<std::uint16_t>(v);
+}
+
+void FakeVirtioDevice::write_status(std::uint8_t v) {
+  status_writes_.push_back(v);
+  if (v == 0) {
+    if (!faults.reset_stuck) reset_locked();
+    return;
+  }
+  if (status_ & ~v & ~kNeedsReset) violation("the driver cleared device_status bits");
+  if ((v & kFeaturesOk) && !(status_ & kFeaturesOk)) {
+    // QEMU refuses features it did not offer; a device behind an IOMMU
+    // refuses a driver that does not accept ACCESS_PLATFORM (spec 6.1).
+    const std::uint64_t offered = opt_.features;
+    const bool ok = !faults.refuse_features_ok && (driver_features_ & ~offered) == 0 &&
+                    (!((offered >> kAccessPlatform) & 1) || ((driver_features_ >> kAccessPlatform) & 1)) &&
+                    (!((offered >> kVersion1) & 1) || ((driver_features_ >> kVersion1) & 1));
+    if (!ok) v = static_cast<std::uint8_t>(v & ~kFeaturesOk);
+  }
+  status_ = static_cast<std::uint8_t>(v | (status_ & kNeedsReset));
+}
+
+void FakeVirtioDevice::reset_locked() {
+  feature_select_ = driver_feature_select_ = 0;
+  driver_features_ = 0;
+  config_vector_ = kNoVector;
+  queue_select_ = 0;
+  status_ = 0;
+  isr_ = 0;
+  for (Queue& q : queues_) q = Queue{opt_.queue_max_size, kNoVector, q.notify_off, 0, 0, 0, 0, 0, 0};
+}
+
+// ---------------------------------------------------------------- queues
+
+void FakeVirtioDevice::notify(std::uint64_t off, unsigned width, std::uint64_t v) {
+  std::unique_lock lock(mu_);
+  ++notifies_;
+  const auto q = static_cast<std::uint16_t>(v);
+  if (width != 2 && width != 4) return violation("notify written with width " + std::to_string(width));
+  // Spec 4.1.5.2: with NOTIFICATION_DATA the driver writes 32-bit notification data.
+  if (((driver_features_ >> kNotificationData) & 1) && width != 4)
+    violation("notify written with width " + std::to_string(width) +
+              " although NOTIFICATION_DATA was negotiated");
+  if (q >= queues_.size()) return violation("notify of queue " + std::to_string(q) + " that does not exist");
+  if (off != std::uint64_t{queues_[q].notify_off} * opt_.notify_multiplier)
+    violation("notify of queue " + std::to_string(q) + " at the wrong address");
+  if (threaded_) {
+    pending_ = true;
+    lock.unlock();
+    cv_.notify_all();
+    return;
+  }
+  process(q);
+}
+
+void FakeVirtioDevice::process(std::uint16_t qi) {
+  Queue& q = queues_[qi];
+  if (!q.enabled) return violation("notify of a disabled queue");
+  if (!(status_ & kDriverOk)) return violation("notify before DRIVER_OK");
+  if (status_ & kNeedsReset) return;
+  if (faults.needs_reset_on_notify) return needs_reset_locked();
+  FakeDma& dma = fn_.fake_dma();
+  auto* desc =
+      reinterpret_cast<rings::VirtqDesc*>(dma.translate(q.desc, rings::SplitLayout::desc_bytes(q.size)));
+  auto* avail = reinterpret_cast<le16*>(dma.translate(q.driver, rings::SplitLayout::avail_bytes(q.size)));
+  auto* used = reinterpret_cast<le16*>(dma.translate(q.device, rings::SplitLayout::used_bytes(q.size)));
+  if (!desc || !avail || !used) return fatal("ring address outside DMA memory");
+  auto* used_ring = reinterpret_cast<rings::VirtqUsedElem*>(used + 2);
+  const std::uint16_t avail_idx = load_acquire(avail[1]);
+  if (static_cast<std::uint16_t>(avail_idx - q.last_avail) > q.size) return fatal("available index jumped");
+  bool completed = false;
+  while (q.last_avail != avail_idx) {
+    const std::uint16_t head = avail[2 + (q.last_avail & (q.size - 1u))].get();
+    ++q.last_avail;
+    ++requests_;
+    if (faults.swallow) continue;
+    if (head >= q.size) return fatal("available ring entry out of range");
+    std::vector<Segment> chain;
+    std::uint64_t writable = 0;
+    for (std::uint16_t i = head;;) {
+      if (chain.size() >= q.size) return fatal("descriptor chain loops");
+      const rings::VirtqDesc& d = desc[i];
+      const std::uint16_t flags = d.flags.get();
+      if (flags & rings::VIRTQ_DESC_F_INDIRECT) return fatal("indirect descriptor not negotiated");
+      std::uint8_t* p = dma.translate(d.addr.get(), d.len.get());
+      if (p == nullptr) return fatal("descriptor address outside DMA memory");
+      const bool w = (flags & rings::VIRTQ_DESC_F_WRITE) != 0;
+      if (!w && writable > 0) violation("readable descriptor after a writable one");
+      chain.push_back(Segment{p, d.len.get(), w});
+      if (w) writable += d.len.get();
+      if (!(flags & rings::VIRTQ_DESC_F_NEXT)) break;
+      i = d.next.get();
+      if (i >= q.size) return fatal("descriptor next out of range");
+    }
+    std::uint32_t len = handler_ ? handler_(qi, chain) : 0;
+    if (faults.used_len_excess > 0) len = static_cast<std::uint32_t>(writable + faults.used_len_excess);
+    rings::VirtqUsedElem& e = used_ring[q.used_idx & (q.size - 1u)];
+    e.id.set(faults.bad_used_id ? q.size + 3u : head);
+    e.len.set(len);
+    store_release(used[1], ++q.used_idx);
+    ++completions_;
+    completed = true;
+  }
+  // Spec 2.7.7: without EVENT_IDX, VIRTQ_AVAIL_F_NO_INTERRUPT suppresses the interrupt.
+  if (!completed || (load_acquire(avail[0]) & rings::VIRTQ_AVAIL_F_NO_INTERRUPT)) return;
+  if (fn_.irq_kind() == pci::IrqKind::msix) {
+    if (q.vector != kNoVector) fn_.raise(q.vector);
+  } else {
+    isr_ |= 1;
+    fn_.raise(0);
+  }
+}
+
+void FakeVirtioDevice::fatal(const std::string& why) {
+  violation(why);
+  needs_reset_locked();
+}
+
+void FakeVirtioDevice::needs_reset_locked() {
+  status_ |= kNeedsReset;
+  // Configuration change interrupt (spec 4.1.5.3).
+  if (fn_.irq_kind() == pci::IrqKind::msix) {
+    if (config_vector_ != kNoVector) fn_.raise(config_vector_);
+  } else {
+    isr_ |= 2;
+    fn_.raise(0);
+  }
+}
+
+// ---------------------------------------------------------------- test controls
+
+void FakeVirtioDevice::set_needs_reset() {
+  std::lock_guard lock(mu_);
+  needs_reset_locked();
+}
+
+void FakeVirtioDevice::set_queue_notify_off(std::uint16_t q, std::uint16_t notify_off) {
+  std::lock_guard lock(mu_);
+  queues_.at(q).notify_off = notify_off;
+}
+
+void FakeVirtioDevice::refuse_vector(std::uint16_t vector) {
+  std::lock_guard lock(mu_);
+  refused_vectors_.insert(vector);
+}
+
+void FakeVirtioDevice::set_device_config(std::uint32_t off, std::span<const std::uint8_t> bytes) {
+  std::lock_guard lock(mu_);
+  if (off > config_.size() || bytes.size() > config_.size() - off)
+    throw std::out_of_range("set_device_config past the device config");
+  std::copy(bytes.begin(), bytes.end(), config_.begin() + off);
+  ++generation_;
+}
+
+std::uint8_t FakeVirtioDevice::status() const {
+  std::lock_guard lock(mu_);
+  return status_;
+}
+std::vector<std::uint8_t> FakeVirtioDevice::status_writes() const {
+  std::lock_guard lock(mu_);
+  return status_writes_;
+}
+std::uint64_t FakeVirtioDevice::driver_features() const {
+  std::lock_guard lock(mu_);
+  return driver_features_;
+}
+std::uint16_t FakeVirtioDevice::config_vector() const {
+  std::lock_guard lock(mu_);
+  return config_vector_;
+}
+std::uint16_t FakeVirtioDevice::queue_vector(std::uint16_t q) const {
+  std::lock_guard lock(mu_);
+  return queues_.at(q).vector;
+}
+std::uint16_t FakeVirtioDevice::queue_size(std::uint16_t q) const {
+  std::lock_guard lock(mu_);
+  return queues_.at(q).size;
+}
+bool FakeVirtioDevice::queue_enabled(std::uint16_t q) const {
+  std::lock_guard lock(mu_);
+  return queues_.at(q).enabled != 0;
+}
+std::uint8_t FakeVirtioDevice::isr() const {
+  std::lock_guard lock(mu_);
+  return isr_;
+}
+std::uint64_t FakeVirtioDevice::notifies() const {
+  std::lock_guard lock(mu_);
+  return notifies_;
+}
+std::uint64_t FakeVirtioDevice::requests() const {
+  std::lock_guard lock(mu_);
+  return requests_;
+}
+std::uint64_t FakeVirtioDevice::completions() const {
+  std::lock_guard lock(mu_);
+  return completions_;
+}
+std::uint64_t FakeVirtioDevice::isr_reads() const {
+  std::lock_guard lock(mu_);
+  return isr_reads_;
+}
+std::vector<std::string> FakeVirtioDevice::violations() const {
+  std::lock_guard lock(mu_);
+  return violations_;
+}
+
+}  // namespace uvirtio::test

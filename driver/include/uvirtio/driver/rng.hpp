@@ -11,6 +11,7 @@
 #include <chrono>
 #include <memory>
 #include <span>
+#include <vector>
 
 #include "uvirtio/driver/device.hpp"
 #include "uvirtio/driver/virtqueue.hpp"
@@ -36,14 +37,24 @@ class Rng {
   Virtqueue& queue() { return *vq_; }
   Device& device() { return *dev_; }
 
+  // Completions of requests an earlier read() abandoned at its deadline.
+  std::uint64_t stale_completions() const { return stale_completions_; }
+
  private:
-  Rng(std::unique_ptr<Device> dev, std::unique_ptr<Virtqueue> vq, pci::DmaRegion buf, RngOptions opt)
-      : dev_(std::move(dev)), vq_(std::move(vq)), buf_(buf), opt_(opt) {}
+  Rng(std::unique_ptr<Device> dev, std::unique_ptr<Virtqueue> vq, std::vector<pci::DmaRegion> bufs,
+      RngOptions opt)
+      : dev_(std::move(dev)),
+        vq_(std::move(vq)),
+        bufs_(std::move(bufs)),
+        busy_(bufs_.size(), false),
+        opt_(opt) {}
   std::unique_ptr<Device> dev_;
   std::unique_ptr<Virtqueue> vq_;
-  pci::DmaRegion buf_;
+  std::vector<pci::DmaRegion> bufs_;
+  std::vector<bool> busy_;  // bufs_[i] belongs to a request the device has not completed
   RngOptions opt_;
-  std::uint64_t next_token_ = 1;
+  std::uint64_t next_seq_ = 1;
+  std::uint64_t stale_completions_ = 0;
 };
 
 }  // namespace uvirtio::driver

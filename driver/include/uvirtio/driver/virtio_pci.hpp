@@ -23,7 +23,8 @@ class VirtioPci final : public Transport {
   // `fn` must outlive the transport. Refuses legacy-only and non-virtio
   // functions and functions whose capabilities lack a usable common, notify,
   // ISR structure.
-  static Result<std::unique_ptr<VirtioPci>> create(pci::Function& fn, IrqPreference irq = IrqPreference::msix_then_intx);
+  static Result<std::unique_ptr<VirtioPci>> create(pci::Function& fn,
+                                                   IrqPreference irq = IrqPreference::msix_then_intx);
 
   const std::string& name() const override { return fn_.bdf(); }
   std::uint16_t device_type() const override { return device_type_; }
@@ -37,7 +38,8 @@ class VirtioPci final : public Transport {
   Result<void> write_device_config(std::uint32_t off, std::span<const std::uint8_t> in) override;
   Result<std::uint16_t> num_queues() override;
   Result<std::uint16_t> queue_max_size(std::uint16_t q) override;
-  Result<void> setup_queue(std::uint16_t q, std::uint16_t size, const QueueAddresses& addr, bool interrupts) override;
+  Result<void> setup_queue(std::uint16_t q, std::uint16_t size, const QueueAddresses& addr,
+                           bool interrupts) override;
   Result<void> notify(std::uint16_t q) override;
   std::optional<int> queue_eventfd(std::uint16_t q) const override;
   Result<void> ack_interrupt(std::uint16_t q) override;

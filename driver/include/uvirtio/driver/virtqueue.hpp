@@ -24,8 +24,8 @@ const char* completion_mode_name(CompletionMode m);
 class Virtqueue {
  public:
   // Sets up queue `index` with min(wanted_size, device max) entries.
-  static Result<std::unique_ptr<Virtqueue>> create(Transport& t, std::uint16_t index, std::uint16_t wanted_size,
-                                                   CompletionMode mode);
+  static Result<std::unique_ptr<Virtqueue>> create(Transport& t, std::uint16_t index,
+                                                   std::uint16_t wanted_size, CompletionMode mode);
 
   std::uint16_t index() const { return index_; }
   std::uint16_t size() const { return ring_.size(); }
@@ -38,6 +38,9 @@ class Virtqueue {
   Result<std::optional<rings::Completion>> poll();
   // Waits for the next completion until `timeout` passes.
   Result<rings::Completion> wait(std::chrono::milliseconds timeout);
+  // The same with an absolute deadline; `timeout` is what the error reports.
+  Result<rings::Completion> wait_until(std::chrono::steady_clock::time_point until,
+                                       std::chrono::milliseconds timeout);
 
   std::uint64_t notifications() const { return notifications_; }
   std::uint64_t interrupts() const { return interrupts_; }
@@ -45,6 +48,9 @@ class Virtqueue {
  private:
   Virtqueue(Transport& t, std::uint16_t index, rings::SplitQueue ring, CompletionMode mode)
       : t_(t), index_(index), ring_(std::move(ring)), mode_(mode) {}
+  // Waits up to timeout_ms for the queue's eventfd; on a signal, counts it and
+  // acknowledges the interrupt. Returns whether one was taken.
+  Result<bool> take_interrupt(int timeout_ms);
 
   Transport& t_;
   std::uint16_t index_;

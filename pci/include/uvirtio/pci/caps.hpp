@@ -61,8 +61,8 @@ struct MsixCap {
 // One entry of the standard or extended list, as found (valid or not).
 struct RawCap {
   std::uint16_t offset = 0;
-  std::uint16_t id = 0;       // 8-bit id for standard caps, 16-bit for extended
-  std::uint8_t length = 0;    // cap_len for vendor caps, 0 when not meaningful
+  std::uint16_t id = 0;     // 8-bit id for standard caps, 16-bit for extended
+  std::uint8_t length = 0;  // cap_len for vendor caps, 0 when not meaningful
   bool extended = false;
   std::uint8_t virtio_cfg_type = 0;  // for vendor (0x09) caps, else 0
 };

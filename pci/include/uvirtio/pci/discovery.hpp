@@ -21,7 +21,7 @@ struct FunctionInfo {
   std::uint16_t subsys_vendor = 0, subsys_device = 0;
   std::uint32_t class_code = 0;  // base class, subclass, prog-if (24 bits)
   std::uint8_t revision = 0;
-  std::string driver;                 // empty when unbound
+  std::string driver;                   // empty when unbound
   std::optional<unsigned> iommu_group;  // none when the function has no group
 };
 

@@ -18,17 +18,17 @@
 namespace uvirtio {
 
 enum class Errc {
-  io,               // an OS call failed; sys_errno() tells which
-  invalid_argument, // the caller passed a bad value
-  not_found,        // no such device, file or capability
-  permission,       // missing privilege
-  unsupported,      // the device or kernel lacks something we need
-  bad_device_data,  // the device wrote or presented a value that fails validation
-  broken,           // an earlier violation latched the queue or device broken
-  needs_reset,      // the device set DEVICE_NEEDS_RESET
-  timeout,          // a deadline passed
-  busy,             // the resource is in use by someone else
-  device_error,     // the device completed a request with an error status
+  io,                // an OS call failed; sys_errno() tells which
+  invalid_argument,  // the caller passed a bad value
+  not_found,         // no such device, file or capability
+  permission,        // missing privilege
+  unsupported,       // the device or kernel lacks something we need
+  bad_device_data,   // the device wrote or presented a value that fails validation
+  broken,            // an earlier violation latched the queue or device broken
+  needs_reset,       // the device set DEVICE_NEEDS_RESET
+  timeout,           // a deadline passed
+  busy,              // the resource is in use by someone else
+  device_error,      // the device completed a request with an error status
 };
 
 const char* errc_name(Errc c) noexcept;
@@ -36,7 +36,10 @@ const char* errc_name(Errc c) noexcept;
 class Error {
  public:
   Error(Errc code, std::string device, std::string op, std::string cause, int sys_errno = 0)
-      : code_(code), sys_errno_(sys_errno), device_(std::move(device)), op_(std::move(op)),
+      : code_(code),
+        sys_errno_(sys_errno),
+        device_(std::move(device)),
+        op_(std::move(op)),
         cause_(std::move(cause)) {}
 
   // Builds an Errc::io (or permission/not_found) error from an errno value.
@@ -66,7 +69,7 @@ class Error {
 template <class T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::in_place_index<0>, std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : v_(std::in_place_index<0>, std::move(value)) {}      // NOLINT: implicit by design
   Result(Error error) : v_(std::in_place_index<1>, std::move(error)) {}  // NOLINT
 
   bool ok() const noexcept { return v_.index() == 0; }
@@ -109,13 +112,13 @@ inline Result<void> ok() { return {}; }
 // Propagates an error: UV_TRY(auto x, f()); or UV_TRY_VOID(g());
 #define UV_CONCAT_INNER(a, b) a##b
 #define UV_CONCAT(a, b) UV_CONCAT_INNER(a, b)
-#define UV_TRY_IMPL(tmp, decl, expr)   \
-  auto tmp = (expr);                   \
+#define UV_TRY_IMPL(tmp, decl, expr)            \
+  auto tmp = (expr);                            \
   if (!tmp.ok()) return std::move(tmp).error(); \
   decl = std::move(tmp).value()
 #define UV_TRY(decl, expr) UV_TRY_IMPL(UV_CONCAT(uv_try_, __COUNTER__), decl, expr)
-#define UV_TRY_VOID(expr)                                   \
-  do {                                                      \
-    auto uv_try_void_ = (expr);                             \
+#define UV_TRY_VOID(expr)                                           \
+  do {                                                              \
+    auto uv_try_void_ = (expr);                                     \
     if (!uv_try_void_.ok()) return std::move(uv_try_void_).error(); \
   } while (0)

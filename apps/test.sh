@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The test job: the same set-up as the main job, then the whole suite:
+#   1. release build (-Werror): unit tests, corpus replay, CLI checks and the
+#      QEMU conformance tests (ctest);
+#   2. ASan+UBSan build: unit tests;
+#   3. clang libFuzzer build: each fuzz target for a bounded time;
+#   4. clang-format check.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+bash apps/setup-debian.sh
+jobs=$(nproc)
+fuzz_seconds=${UVIRTIO_FUZZ_SECONDS:-30}
+
+echo "== format check =="
+git ls-files '*.cpp' '*.hpp' | xargs clang-format --dry-run --Werror
+
+echo "== release build: unit + conformance =="
+ctest --test-dir build --output-on-failure -j1
+
+echo "== ASan+UBSan build: unit tests =="
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DUVIRTIO_SANITIZE=ON -DUVIRTIO_WERROR=ON -DUVIRTIO_APPS=OFF >/dev/null
+cmake --build build-asan -j"$jobs" --target uvirtio_unit_tests
+ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --test-dir build-asan -L unit --output-on-failure -j"$jobs"
+
+echo "== libFuzzer: ${fuzz_seconds}s per target =="
+cmake -S . -B build-fuzz -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo -DUVIRTIO_FUZZ=ON \
+  -DUVIRTIO_TESTS=OFF -DUVIRTIO_APPS=OFF >/dev/null
+cmake --build build-fuzz -j"$jobs"
+for t in fuzz_caps fuzz_split_used; do
+  corpus=tests/fuzz/corpus/${t#fuzz_}
+  scratch=$(mktemp -d)
+  build-fuzz/tests/fuzz/$t -max_total_time="$fuzz_seconds" -print_final_stats=1 "$scratch" "$corpus" 2>&1 | tail -n 3
+  rm -rf "$scratch"
+done
+echo "== all tests passed =="

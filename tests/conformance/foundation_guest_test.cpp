@@ -1,0 +1,266 @@
+// Foundation conformance checks, run inside a QEMU guest by uvirtio-vm
+// against QEMU's own virtio-rng and virtio-pmem functions (bound to vfio-pci
+// under the Intel vIOMMU). See run_guest_test.sh for the configurations.
+//
+// Environment: UVIRTIO_EXPECT_MSIX=0 says the rng function was started
+// without MSI-X (vectors=0), so completion must use INTx.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+
+#include "uvirtio/driver/rng.hpp"
+#include "uvirtio/pci/binding.hpp"
+#include "uvirtio/pci/discovery.hpp"
+
+using namespace uvirtio;
+using json = nlohmann::json;
+
+namespace {
+
+std::optional<pci::FunctionInfo> find_function(std::uint16_t device_id) {
+  auto fns = pci::enumerate_functions();
+  if (!fns) return std::nullopt;
+  for (const auto& f : *fns)
+    if (f.vendor == 0x1af4 && f.device == device_id) return f;
+  return std::nullopt;
+}
+
+struct Cmd {
+  int status = -1;
+  std::string out;
+};
+
+// Runs a shell command in the guest, capturing stdout and stderr together.
+Cmd run(const std::string& cmd) {
+  Cmd r;
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  if (p == nullptr) return r;
+  std::array<char, 4096> buf{};
+  std::size_t n;
+  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+  int st = ::pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+bool expect_msix() {
+  const char* v = std::getenv("UVIRTIO_EXPECT_MSIX");
+  return v == nullptr || std::string(v) != "0";
+}
+
+}  // namespace
+
+TEST(List, FindsRngAndPmemBoundToVfio) {
+  auto rng = find_function(0x1044);
+  auto pmem = find_function(0x105b);
+  ASSERT_TRUE(rng) << "no modern virtio-rng (1af4:1044) in the guest";
+  ASSERT_TRUE(pmem) << "no virtio-pmem (1af4:105b) in the guest";
+  EXPECT_EQ(rng->driver, "vfio-pci");
+  EXPECT_EQ(pmem->driver, "vfio-pci");
+  EXPECT_TRUE(rng->iommu_group.has_value());
+  EXPECT_TRUE(pmem->iommu_group.has_value());
+  EXPECT_NE(*rng->iommu_group, *pmem->iommu_group) << "each device sits behind its own root port";
+  EXPECT_EQ(pci::virtio_device_id(*rng), 4);
+  EXPECT_EQ(pci::virtio_device_id(*pmem), 27);
+}
+
+TEST(List, CliJsonListsBothFunctions) {
+  auto r = run("uvirtio list --json");
+  ASSERT_EQ(r.status, 0) << r.out;
+  auto j = json::parse(r.out);
+  int found = 0;
+  for (const auto& f : j) {
+    if (f["device"] == "1044") {
+      EXPECT_EQ(f["virtio_name"], "entropy");
+      ++found;
+    }
+    if (f["device"] == "105b") {
+      EXPECT_EQ(f["virtio_name"], "pmem");
+      ++found;
+    }
+    EXPECT_EQ(f["driver"], "vfio-pci");
+  }
+  EXPECT_EQ(found, 2) << r.out;
+}
+
+TEST(Caps, PmemHasTheFiveVirtioStructuresWhereQemuPutsThem) {
+  auto pmem = find_function(0x105b);
+  ASSERT_TRUE(pmem);
+  auto r = run("uvirtio caps " + pmem->bdf.str() + " --json");
+  ASSERT_EQ(r.status, 0) << r.out;
+  auto j = json::parse(r.out);
+  const auto& v = j["virtio"];
+  struct Want {
+    const char* name;
+    unsigned offset;
+  };
+  for (Want w : {Want{"common", 0x0}, Want{"isr", 0x1000}, Want{"device", 0x2000}, Want{"notify", 0x3000}}) {
+    ASSERT_TRUE(v.contains(w.name)) << w.name << " missing: " << r.out;
+    EXPECT_EQ(v[w.name]["bar"], 4) << w.name;
+    EXPECT_EQ(v[w.name]["offset"], w.offset) << w.name;
+    EXPECT_EQ(v[w.name]["length"], 0x1000) << w.name;
+  }
+  EXPECT_EQ(v["notify"]["multiplier"], 4);
+  EXPECT_TRUE(v.contains("pci_cfg"));
+  int virtio_caps = 0;
+  for (const auto& c : j["list"])
+    if (c.contains("virtio_cfg_type")) ++virtio_caps;
+  EXPECT_EQ(virtio_caps, 5);
+  EXPECT_FALSE(j.contains("msix")) << "QEMU's virtio-pmem has no MSI-X";
+}
+
+TEST(Caps, RngMsixMatchesTheConfiguration) {
+  auto rng = find_function(0x1044);
+  ASSERT_TRUE(rng);
+  auto r = run("uvirtio caps " + rng->bdf.str() + " --json");
+  ASSERT_EQ(r.status, 0) << r.out;
+  auto j = json::parse(r.out);
+  if (!expect_msix()) {
+    EXPECT_FALSE(j.contains("msix")) << "vectors=0 must remove the MSI-X capability: " << r.out;
+    return;
+  }
+  ASSERT_TRUE(j.contains("msix")) << r.out;
+  EXPECT_EQ(j["msix"]["vectors"], 2);
+  EXPECT_EQ(j["msix"]["table_bar"], 1);
+  EXPECT_EQ(j["msix"]["table_offset"], 0);
+  EXPECT_EQ(j["msix"]["pba_bar"], 1);
+  EXPECT_EQ(j["msix"]["pba_offset"], 0x800);
+}
+
+class Rng : public ::testing::TestWithParam<driver::CompletionMode> {};
+
+TEST_P(Rng, TwoReadsReturnDifferentEntropy) {
+  auto f = find_function(0x1044);
+  ASSERT_TRUE(f);
+  driver::RngOptions opt;
+  opt.completion = GetParam();
+  auto rng = driver::Rng::open(f->bdf, opt);
+  ASSERT_TRUE(rng) << rng.error().message();
+  std::array<std::uint8_t, 64> a{}, b{};
+  auto r1 = (*rng)->read(a);
+  ASSERT_TRUE(r1) << r1.error().message();
+  auto r2 = (*rng)->read(b);
+  ASSERT_TRUE(r2) << r2.error().message();
+  EXPECT_NE(a, b);
+  EXPECT_NE(a, (std::array<std::uint8_t, 64>{}));
+  auto& vq = (*rng)->queue();
+  if (GetParam() == driver::CompletionMode::interrupt) {
+    EXPECT_GT(vq.interrupts(), 0u) << "interrupt mode completed without an interrupt";
+    EXPECT_EQ((*rng)->device().transport().using_msix(), expect_msix());
+  } else {
+    EXPECT_EQ(vq.interrupts(), 0u);
+  }
+}
+
+TEST_P(Rng, LargeReadSpansSeveralRequests) {
+  auto f = find_function(0x1044);
+  ASSERT_TRUE(f);
+  driver::RngOptions opt;
+  opt.completion = GetParam();
+  auto rng = driver::Rng::open(f->bdf, opt);
+  ASSERT_TRUE(rng) << rng.error().message();
+  std::vector<std::uint8_t> buf(10000);
+  auto r = (*rng)->read(buf);
+  ASSERT_TRUE(r) << r.error().message();
+  // 10000 random bytes have every byte value with overwhelming probability
+  // (P(miss one) < 256 * e^-39); zero-filled or repeated buffers fail.
+  std::array<int, 256> seen{};
+  for (auto x : buf) seen[x]++;
+  int distinct = 0;
+  for (int s : seen) distinct += s > 0;
+  EXPECT_EQ(distinct, 256);
+}
+
+INSTANTIATE_TEST_SUITE_P(Completion, Rng,
+                         ::testing::Values(driver::CompletionMode::interrupt,
+                                           driver::CompletionMode::polling),
+                         [](const auto& p) { return driver::completion_mode_name(p.param); });
+
+TEST(RngCli, ReadPrintsHexOfTheRequestedLength) {
+  auto f = find_function(0x1044);
+  ASSERT_TRUE(f);
+  auto a = run("uvirtio rng read " + f->bdf.str() + " -n 32");
+  auto b = run("uvirtio rng read " + f->bdf.str() + " -n 32 --poll");
+  ASSERT_EQ(a.status, 0) << a.out;
+  ASSERT_EQ(b.status, 0) << b.out;
+  EXPECT_EQ(a.out.size(), 65u) << a.out;  // 64 hex digits and a newline
+  EXPECT_EQ(a.out.find_first_not_of("0123456789abcdef\n"), std::string::npos) << a.out;
+  EXPECT_NE(a.out, b.out);
+}
+
+TEST(RngCli, BadInputGivesClearErrors) {
+  auto f = find_function(0x1044);
+  ASSERT_TRUE(f);
+  auto bad_bdf = run("uvirtio rng read 00:zz.0 -n 4");
+  EXPECT_EQ(bad_bdf.status, 2);
+  EXPECT_NE(bad_bdf.out.find("00:zz.0"), std::string::npos) << bad_bdf.out;
+  auto zero = run("uvirtio rng read " + f->bdf.str() + " -n 0");
+  EXPECT_EQ(zero.status, 2);
+  auto absent = run("uvirtio rng read 0000:7f:1f.7 -n 4");
+  EXPECT_EQ(absent.status, 1);
+  EXPECT_NE(absent.out.find("0000:7f:1f.7"), std::string::npos) << absent.out;
+  EXPECT_NE(absent.out.find("no such PCI function"), std::string::npos) << absent.out;
+}
+
+TEST(RngCli, WrongDeviceTypeIsRefusedByName) {
+  auto pmem = find_function(0x105b);
+  if (!pmem) GTEST_SKIP() << "no virtio-pmem in this configuration";
+  auto r = run("uvirtio rng read " + pmem->bdf.str() + " -n 4");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.out.find(pmem->bdf.str()), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("pmem device, not entropy"), std::string::npos) << r.out;
+}
+
+TEST(Bind, UnbindThenBindRoundTrip) {
+  auto f = find_function(0x1044);
+  ASSERT_TRUE(f);
+  const std::string bdf = f->bdf.str();
+  auto un = run("uvirtio unbind " + bdf);
+  ASSERT_EQ(un.status, 0) << un.out;
+  // The guest has no virtio_pci driver, so the function stays unbound.
+  EXPECT_EQ(pci::sysfs_driver(f->bdf, pci::Os::system()), "");
+  auto refused = run("uvirtio rng read " + bdf + " -n 4");
+  EXPECT_EQ(refused.status, 1);
+  EXPECT_NE(refused.out.find("not vfio-pci"), std::string::npos) << refused.out;
+  auto again = run("uvirtio bind " + bdf);
+  ASSERT_EQ(again.status, 0) << again.out;
+  EXPECT_EQ(pci::sysfs_driver(f->bdf, pci::Os::system()), "vfio-pci");
+  auto twice = run("uvirtio bind " + bdf);
+  EXPECT_EQ(twice.status, 0);
+  EXPECT_NE(twice.out.find("already bound"), std::string::npos) << twice.out;
+}
+
+TEST(Transport, PmemNegotiatesVersion1AndAccessPlatform) {
+  auto f = find_function(0x105b);
+  if (!f) GTEST_SKIP() << "no virtio-pmem in this configuration";
+  driver::FeaturePolicy policy;
+  policy.supported = driver::FeatureSet::of({0});  // VIRTIO_PMEM_F_SHMEM_REGION
+  auto dev = driver::open_device(f->bdf, 27, policy);
+  ASSERT_TRUE(dev) << dev.error().message();
+  auto& t = (*dev)->transport();
+  EXPECT_TRUE(t.features().has(driver::feature::kVersion1));
+  EXPECT_TRUE(t.features().has(driver::feature::kAccessPlatform)) << t.features().describe();
+  EXPECT_FALSE(t.features().has(driver::feature::kRingReset)) << "not supported by us, must not be accepted";
+  EXPECT_FALSE(t.using_msix());
+  auto st = t.status();
+  ASSERT_TRUE(st);
+  EXPECT_EQ(*st, driver::status::kAcknowledge | driver::status::kDriver | driver::status::kFeaturesOk);
+  // Device config: le64 start, le64 size; QEMU puts the range above RAM.
+  std::array<std::uint8_t, 16> cfg{};
+  ASSERT_TRUE(t.read_device_config(0, cfg));
+  std::uint64_t start = 0, size = 0;
+  std::memcpy(&start, cfg.data(), 8);
+  std::memcpy(&size, cfg.data() + 8, 8);
+  EXPECT_EQ(size, 16u << 20);
+  EXPECT_GE(start, 0x100000000ull);
+  auto beyond = t.read_device_config(0x1000, std::span(cfg.data(), 1));
+  EXPECT_FALSE(beyond);
+}
