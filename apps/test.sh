@@ -4,16 +4,13 @@
 #      QEMU conformance tests (ctest);
 #   2. ASan+UBSan build: unit tests;
 #   3. clang libFuzzer build: each fuzz target for a bounded time;
-#   4. clang-format check.
+#   4. clang-format check of every tracked C++ file.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 bash apps/setup-debian.sh
 jobs=$(nproc)
 fuzz_seconds=${UVIRTIO_FUZZ_SECONDS:-30}
-
-echo "== format check =="
-git ls-files '*.cpp' '*.hpp' | xargs clang-format --dry-run --Werror
 
 echo "== release build: unit + conformance =="
 ctest --test-dir build --output-on-failure -j1
@@ -33,4 +30,6 @@ for t in fuzz_caps fuzz_split_used; do
   build-fuzz/tests/fuzz/$t -max_total_time="$fuzz_seconds" -print_final_stats=1 "$scratch" "$corpus" 2>&1 | tail -n 3
   rm -rf "$scratch"
 done
+echo "== format check (clang-format) =="
+git ls-files '*.cpp' '*.hpp' | xargs clang-format --dry-run --Werror
 echo "== all tests passed =="

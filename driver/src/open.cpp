@@ -17,10 +17,17 @@ Result<std::unique_ptr<Device>> bring_up(std::unique_ptr<pci::Function> fn, std:
                      " device, not " + pci::virtio_device_name(expected_type));
   UV_TRY_VOID(t->reset(options.reset_deadline));
   UV_TRY_VOID(t->add_status(status::kAcknowledge));
-  UV_TRY_VOID(t->add_status(status::kDriver));
-  UV_TRY(FeatureSet offered, t->device_features());
-  UV_TRY(FeatureSet accepted, negotiate(offered, policy, fn->bdf()));
-  UV_TRY_VOID(t->accept_features(accepted));
+  auto negotiated = [&]() -> Result<void> {
+    UV_TRY_VOID(t->add_status(status::kDriver));
+    UV_TRY(FeatureSet offered, t->device_features());
+    UV_TRY(FeatureSet accepted, negotiate(offered, policy, fn->bdf()));
+    return t->accept_features(accepted);
+  }();
+  if (!negotiated) {
+    // Spec 3.1.1: a driver that gives up sets FAILED.
+    (void)t->add_status(status::kFailed);
+    return std::move(negotiated).error();
+  }
   return std::make_unique<Device>(std::move(fn), std::move(t));
 }
 

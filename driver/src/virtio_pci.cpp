@@ -165,7 +165,8 @@ Result<void> VirtioPci::accept_features(FeatureSet features) {
   return ok();
 }
 
-Result<void> VirtioPci::read_device_config(std::uint32_t off, std::span<std::uint8_t> out) {
+Result<void> VirtioPci::read_device_config(std::uint32_t off, std::span<std::uint8_t> out,
+                                           unsigned field_width) {
   const std::string op = "read device config";
   if (!caps_.device)
     return Error(Errc::unsupported, fn_.bdf(), op, "the device has no device-specific config");
@@ -179,10 +180,12 @@ Result<void> VirtioPci::read_device_config(std::uint32_t off, std::span<std::uin
     std::size_t i = 0;
     while (i < out.size()) {
       const std::uint64_t at = caps_.device->offset + off + i;
+      // Spec 4.1.3.1: each field with its own width; 64-bit fields as two
+      // 32-bit halves.
       unsigned w = 1;
-      if (at % 4 == 0 && out.size() - i >= 4)
+      if (field_width >= 4 && at % 4 == 0 && out.size() - i >= 4)
         w = 4;
-      else if (at % 2 == 0 && out.size() - i >= 2)
+      else if (field_width >= 2 && at % 2 == 0 && out.size() - i >= 2)
         w = 2;
       UV_TRY(std::uint64_t v, device_->read(at, w));
       for (unsigned b = 0; b < w; ++b) out[i + b] = static_cast<std::uint8_t>(v >> (8 * b));
@@ -228,10 +231,20 @@ Result<void> VirtioPci::setup_interrupts() {
     const unsigned want = std::min<unsigned>(msix_vectors, nq + 1u);
     UV_TRY(eventfds_, fn_.enable_irqs(pci::IrqKind::msix, want));
     msix_ = true;
-    UV_TRY_VOID(common_write(cc::config_msix_vector, 2, 0));
-    UV_TRY(std::uint64_t back, common_read(cc::config_msix_vector, 2));
-    if (back == kNoVector)
-      return Error(Errc::unsupported, fn_.bdf(), "set config MSI-X vector", "the device refused vector 0");
+    // Config changes (and DEVICE_NEEDS_RESET, 2.1.2) arrive on vector 0.
+    auto routed = [&]() -> Result<void> {
+      UV_TRY_VOID(common_write(cc::config_msix_vector, 2, 0));
+      UV_TRY(std::uint64_t back, common_read(cc::config_msix_vector, 2));
+      if (back == kNoVector)
+        return Error(Errc::unsupported, fn_.bdf(), "set config MSI-X vector", "the device refused vector 0");
+      return ok();
+    }();
+    if (!routed) {
+      (void)fn_.disable_irqs();
+      eventfds_.clear();
+      msix_ = false;
+      return routed;
+    }
   } else {
     if (fn_.irq_count(pci::IrqKind::intx) == 0)
       return Error(Errc::unsupported, fn_.bdf(), "enable interrupts",
@@ -297,6 +310,11 @@ Result<void> VirtioPci::notify(std::uint16_t q) {
   auto r = notify_->write(caps_.notify->offset + queues_[q].notify_off, 2, q);
   if (!r) return r.error().within("notify queue " + std::to_string(q));
   return ok();
+}
+
+std::optional<int> VirtioPci::config_eventfd() const {
+  if (eventfds_.empty()) return std::nullopt;
+  return eventfds_[0];  // MSI-X vector 0, or the shared INTx line
 }
 
 std::optional<int> VirtioPci::queue_eventfd(std::uint16_t q) const {

@@ -87,11 +87,21 @@ Result<rings::Completion> Virtqueue::wait_until(std::chrono::steady_clock::time_
 
 Result<bool> Virtqueue::take_interrupt(int timeout_ms) {
   const int fd = *t_.queue_eventfd(index_);
-  pollfd p{fd, POLLIN, 0};
-  int rc = ::poll(&p, 1, timeout_ms);
+  // With MSI-X, DEVICE_NEEDS_RESET arrives as a config interrupt on its own
+  // vector (spec 2.1.2, 4.1.5.3): watch it too so a waiter learns at once.
+  const std::optional<int> cfg = t_.config_eventfd();
+  pollfd p[2] = {{fd, POLLIN, 0}, {cfg.value_or(-1), POLLIN, 0}};
+  const nfds_t n = cfg && *cfg != fd ? 2 : 1;
+  int rc = ::poll(p, n, timeout_ms);
   if (rc < 0 && errno != EINTR)
     return Error::from_errno(errno, t_.name(), "wait for queue interrupt", "poll eventfd");
   if (rc <= 0) return false;
+  if (n == 2 && (p[1].revents & POLLIN)) {
+    std::uint64_t count = 0;
+    if (::read(*cfg, &count, sizeof count) == sizeof count) ++config_interrupts_;
+    UV_TRY_VOID(t_.check_healthy("wait for queue " + std::to_string(index_)));
+  }
+  if (!(p[0].revents & POLLIN)) return false;
   std::uint64_t count = 0;
   if (::read(fd, &count, sizeof count) == sizeof count) interrupts_ += count;
   UV_TRY_VOID(t_.ack_interrupt(index_));

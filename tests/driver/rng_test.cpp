@@ -225,10 +225,7 @@ TEST(Rng, DeviceNeverCompletesTimesOut) {
     auto r = rng->read(out);
     const auto took = std::chrono::steady_clock::now() - start;
     expect_error(r, Errc::timeout, "no completion within");
-    // The per-request timeout must not expire early. BUG (driver/src/rng.cpp,
-    // Rng::read): the remaining time is truncated to whole milliseconds
-    // (duration_cast), so the wait ends up to 1 ms before the configured
-    // 50 ms ("no completion within 49 ms"); std::chrono::ceil fixes it.
+    // The per-request timeout must not expire early.
     EXPECT_GE(took, 50ms);
     EXPECT_LT(took, 1s);
     EXPECT_EQ(dev.requests(), 1u);
@@ -260,6 +257,28 @@ TEST(Rng, DeviceGoesNeedsResetBetweenReads) {
   expect_error(rng->read(out), Errc::needs_reset, "DEVICE_NEEDS_RESET");
   EXPECT_LT(std::chrono::steady_clock::now() - start, 1s)
       << "polling must notice NEEDS_RESET long before the timeout";
+}
+
+TEST(Rng, NeedsResetWakesAnInterruptWaiterThroughTheConfigVector) {
+  // The device swallows the request, then sets NEEDS_RESET and raises the
+  // config MSI-X vector: the waiter must learn it from that interrupt, long
+  // before its own deadline.
+  FakeVirtioDevice dev(entropy());
+  dev.faults.swallow = true;
+  auto rng = attach(dev, CompletionMode::interrupt, 5s);
+  ASSERT_TRUE(rng);
+  std::thread later([&] {
+    std::this_thread::sleep_for(50ms);
+    dev.set_needs_reset();
+  });
+  std::vector<std::uint8_t> out(16);
+  const auto start = std::chrono::steady_clock::now();
+  auto r = rng->read(out);
+  const auto took = std::chrono::steady_clock::now() - start;
+  later.join();
+  expect_error(r, Errc::needs_reset, "DEVICE_NEEDS_RESET");
+  EXPECT_LT(took, 900ms) << "woken by the config interrupt, not by a timeout";
+  EXPECT_EQ(rng->queue().config_interrupts(), 1u);
 }
 
 TEST(Rng, UsedLenBeyondBufferBreaksTheQueue) {

@@ -510,12 +510,14 @@ TEST(BringUp, LegacyDeviceRefused) {
   FakeVirtioDevice dev(o);
   expect_error(bring_up(dev.take_function(), 4, {}), Errc::unsupported, "legacy");
   EXPECT_EQ(dev.status() & status::kFeaturesOk, 0);
+  EXPECT_NE(dev.status() & status::kFailed, 0) << "spec 3.1.1: a driver that gives up sets FAILED";
 }
 
 TEST(BringUp, FeaturesOkRefused) {
   FakeVirtioDevice dev;
   dev.faults.refuse_features_ok = true;
   expect_error(bring_up(dev.take_function(), 4, {}), Errc::unsupported, "FEATURES_OK");
+  EXPECT_NE(dev.status() & status::kFailed, 0);
 }
 
 TEST(BringUp, ResetTimeout) {

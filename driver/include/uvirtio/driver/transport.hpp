@@ -47,7 +47,10 @@ class Transport {
   virtual FeatureSet features() const = 0;  // as accepted
 
   // Device-specific config, read until config_generation is stable.
-  virtual Result<void> read_device_config(std::uint32_t off, std::span<std::uint8_t> out) = 0;
+  // field_width is the width of the fields being read (1, 2, 4; 8-byte fields
+  // are read as two 4-byte halves): accesses never span two fields.
+  virtual Result<void> read_device_config(std::uint32_t off, std::span<std::uint8_t> out,
+                                          unsigned field_width = 4) = 0;
   virtual Result<void> write_device_config(std::uint32_t off, std::span<const std::uint8_t> in) = 0;
 
   virtual Result<std::uint16_t> num_queues() = 0;
@@ -58,6 +61,9 @@ class Transport {
   virtual Result<void> notify(std::uint16_t q) = 0;
   // The eventfd signalled for queue q's interrupts (after setup_queue with interrupts).
   virtual std::optional<int> queue_eventfd(std::uint16_t q) const = 0;
+  // The eventfd signalled for configuration changes (device status
+  // included); with INTx it is the queues' eventfd too.
+  virtual std::optional<int> config_eventfd() const = 0;
   // Called after the eventfd fired: acknowledges INTx (ISR read, unmask).
   virtual Result<void> ack_interrupt(std::uint16_t q) = 0;
   virtual pci::DmaAllocator& dma() = 0;

@@ -34,7 +34,9 @@ class VirtioPci final : public Transport {
   Result<FeatureSet> device_features() override;
   Result<void> accept_features(FeatureSet features) override;
   FeatureSet features() const override { return accepted_; }
-  Result<void> read_device_config(std::uint32_t off, std::span<std::uint8_t> out) override;
+  Result<void> read_device_config(std::uint32_t off, std::span<std::uint8_t> out,
+                                  unsigned field_width = 4) override;
+  std::optional<int> config_eventfd() const override;
   Result<void> write_device_config(std::uint32_t off, std::span<const std::uint8_t> in) override;
   Result<std::uint16_t> num_queues() override;
   Result<std::uint16_t> queue_max_size(std::uint16_t q) override;

@@ -44,6 +44,7 @@ class Virtqueue {
 
   std::uint64_t notifications() const { return notifications_; }
   std::uint64_t interrupts() const { return interrupts_; }
+  std::uint64_t config_interrupts() const { return config_interrupts_; }
 
  private:
   Virtqueue(Transport& t, std::uint16_t index, rings::SplitQueue ring, CompletionMode mode)
@@ -58,6 +59,7 @@ class Virtqueue {
   CompletionMode mode_;
   std::uint64_t notifications_ = 0;
   std::uint64_t interrupts_ = 0;
+  std::uint64_t config_interrupts_ = 0;
 };
 
 }  // namespace uvirtio::driver

@@ -74,8 +74,7 @@ class SplitQueue {
   // `desc`, `avail`, `used` point at driver-mapped ring memory laid out as
   // SplitLayout says; `size` is a power of two in [1, 32768]. `name` appears
   // in errors ("0000:00:03.0 queue 0"). The queue zeroes the ring memory.
-  static Result<SplitQueue> create(std::uint16_t size, void* desc, void* avail, void* used,
-                                   std::string name);
+  static Result<SplitQueue> create(std::uint16_t size, void* desc, void* avail, void* used, std::string name);
 
   SplitQueue(SplitQueue&&) noexcept = default;
   SplitQueue& operator=(SplitQueue&&) noexcept = default;
@@ -91,8 +90,7 @@ class SplitQueue {
   // visible to the device yet (see publish()). Fails with invalid_argument
   // for an empty chain or a zero-length buffer, busy when fewer than
   // out.size()+in.size() descriptors are free, broken when latched.
-  Result<std::uint16_t> add(std::span<const Buffer> out, std::span<const Buffer> in,
-                            std::uint64_t token);
+  Result<std::uint16_t> add(std::span<const Buffer> out, std::span<const Buffer> in, std::uint64_t token);
 
   // Makes everything added so far visible: barrier, then avail->idx store.
   // Returns true when the device asked to be notified (VIRTQ_USED_F_NO_NOTIFY
@@ -130,9 +128,9 @@ class SplitQueue {
   std::uint16_t last_used_ = 0;         // used idx consumed so far
   std::uint16_t avail_flags_shadow_ = 0;
   struct Extra {
-    std::uint16_t next = 0;          // free-list / chain link, our copy
-    std::uint16_t chain_len = 0;     // descriptors in the chain headed here (0: not a live head)
-    std::uint32_t writable = 0;      // device-writable bytes of the chain
+    std::uint16_t next = 0;       // free-list / chain link, our copy
+    std::uint16_t chain_len = 0;  // descriptors in the chain headed here (0: not a live head)
+    std::uint32_t writable = 0;   // device-writable bytes of the chain
     std::uint64_t token = 0;
   };
   std::vector<Extra> extra_;
