@@ -17,17 +17,19 @@ ctest --test-dir build --output-on-failure -j1
 
 echo "== ASan+UBSan build: unit tests =="
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DUVIRTIO_SANITIZE=ON -DUVIRTIO_WERROR=ON -DUVIRTIO_APPS=OFF >/dev/null
-cmake --build build-asan -j"$jobs" --target uvirtio_unit_tests
+cmake --build build-asan -j"$jobs" --target uvirtio_unit_tests fuzz_caps fuzz_split_used
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --test-dir build-asan -L unit --output-on-failure -j"$jobs"
 
 echo "== libFuzzer: ${fuzz_seconds}s per target =="
-cmake -S . -B build-fuzz -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo -DUVIRTIO_FUZZ=ON \
+cmake -S . -B build-fuzz -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo -DUVIRTIO_FUZZ=ON -DUVIRTIO_WERROR=ON \
   -DUVIRTIO_TESTS=OFF -DUVIRTIO_APPS=OFF >/dev/null
 cmake --build build-fuzz -j"$jobs"
 for t in fuzz_caps fuzz_split_used; do
   corpus=tests/fuzz/corpus/${t#fuzz_}
   scratch=$(mktemp -d)
-  build-fuzz/tests/fuzz/$t -max_total_time="$fuzz_seconds" -print_final_stats=1 "$scratch" "$corpus" 2>&1 | tail -n 3
+  echo "$t:"
+  build-fuzz/tests/fuzz/$t -max_total_time="$fuzz_seconds" -print_final_stats=1 "$scratch" "$corpus" 2>&1 |
+    grep -E "^(Done|stat::number_of_executed_units|stat::new_units_added)|ERROR|SUMMARY"
   rm -rf "$scratch"
 done
 echo "== format check (clang-format) =="

@@ -26,7 +26,6 @@ constexpr std::uint32_t queue_notify_off = 0x1e;
 constexpr std::uint32_t queue_desc = 0x20;
 constexpr std::uint32_t queue_driver = 0x28;
 constexpr std::uint32_t queue_device = 0x30;
-constexpr std::uint32_t end = 0x38;  // virtio 1.0 size, the minimum the parser accepts
 }  // namespace cc
 
 constexpr std::uint16_t kNoVector = 0xffff;

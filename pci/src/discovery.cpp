@@ -28,7 +28,7 @@ std::string basename_of(const std::string& path) {
 thread_local std::jmp_buf* g_pci_jmp = nullptr;
 thread_local char g_pci_msg[256];
 
-void pci_error(char* fmt, ...) {
+__attribute__((noreturn)) void pci_error(char* fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
   std::vsnprintf(g_pci_msg, sizeof g_pci_msg, fmt, ap);

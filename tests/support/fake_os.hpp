@@ -902,8 +902,9 @@ class FakeOs final : public pci::Os {
         auto u = load<vfio_iommu_type1_dma_unmap>(arg);
         if (u.argsz < offsetof(vfio_iommu_type1_dma_unmap, size) + sizeof u.size) return errno_ret(EINVAL);
         dma_unmaps_.push_back({u.iova, u.size});
+        const std::uint64_t iova = u.iova, size = u.size;
         auto it = std::find_if(c.maps.begin(), c.maps.end(),
-                               [&](const DmaMap& e) { return e.iova == u.iova && e.size == u.size; });
+                               [&](const DmaMap& e) { return e.iova == iova && e.size == size; });
         if (it != c.maps.end()) c.maps.erase(it);
         return 0;
       }

@@ -32,7 +32,7 @@ enum : std::uint64_t {
   kCommonEnd = 0x38,
 };
 
-constexpr std::uint8_t kAcknowledge = 1, kDriverOk = 4, kFeaturesOk = 8, kNeedsReset = 64;
+constexpr std::uint8_t kDriverOk = 4, kFeaturesOk = 8, kNeedsReset = 64;
 constexpr unsigned kVersion1 = 32, kAccessPlatform = 33, kNotificationData = 38;
 
 std::uint16_t load_acquire(le16& f) {
