@@ -14,49 +14,17 @@
 #include <string>
 #include <vector>
 
+#include "cli_common.hpp"
 #include "sysfs_config.hpp"
 #include "uvirtio/driver/rng.hpp"
 #include "uvirtio/pci/binding.hpp"
 #include "uvirtio/pci/caps.hpp"
 #include "uvirtio/pci/discovery.hpp"
 
-namespace po = boost::program_options;
-using json = nlohmann::json;
 using namespace uvirtio;
+using namespace uvirtio::apps;
 
 namespace {
-
-constexpr int kFail = 1;
-constexpr int kUsage = 2;
-
-struct UsageError {
-  std::string what;
-};
-
-int fail(const Error& e) {
-  std::cerr << "uvirtio: " << e.message() << "\n";
-  return kFail;
-}
-
-std::string hex(unsigned v, int width) {
-  char buf[16];
-  std::snprintf(buf, sizeof buf, "%0*x", width, v);
-  return buf;
-}
-
-pci::Bdf parse_bdf_or_throw(const std::string& text) {
-  auto b = pci::Bdf::parse(text);
-  if (!b) throw UsageError{b.error().message()};
-  return *b;
-}
-
-po::variables_map parse(const std::vector<std::string>& args, const po::options_description& desc,
-                        const po::positional_options_description& pos) {
-  po::variables_map vm;
-  po::store(po::command_line_parser(args).options(desc).positional(pos).run(), vm);
-  po::notify(vm);
-  return vm;
-}
 
 const char* kUsageText =
     "usage: uvirtio COMMAND [options]\n"
@@ -66,6 +34,11 @@ const char* kUsageText =
     "  unbind (BDF... | --all)        give functions back to the driver they had before bind\n"
     "  caps BDF [--json]              PCI and virtio capabilities of a function\n"
     "  rng read BDF -n N [--poll]     read N bytes of entropy from a virtio-rng device (hex)\n"
+    "  pmem info BDF [--json]         virtio-pmem features, range and mapping mode\n"
+    "  pmem write BDF --offset O (--data S | --file F) [--persist]\n"
+    "  pmem read BDF --offset O --length L [--hex]\n"
+    "  pmem flush BDF                 one (coalesced) device flush\n"
+    "  pmem bench BDF [--threads T]... [--json]   persist latency and throughput\n"
     "run 'uvirtio COMMAND --help' for a command's options\n";
 
 // ---- list -------------------------------------------------------------------
@@ -360,6 +333,7 @@ int main(int argc, char** argv) {
     if (cmd == "unbind") return cmd_bind(args, false);
     if (cmd == "caps") return cmd_caps(args);
     if (cmd == "rng") return cmd_rng(args);
+    if (cmd == "pmem") return cmd_pmem(args);
     if (cmd == "-h" || cmd == "--help" || cmd == "help") {
       std::cout << kUsageText;
       return 0;

@@ -1,0 +1,58 @@
+// Shared pieces of the uvirtio command-line tool: usage errors, option
+// parsing, printing errors.
+#pragma once
+
+#include <boost/program_options.hpp>
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "uvirtio/base/result.hpp"
+#include "uvirtio/pci/bdf.hpp"
+
+namespace uvirtio::apps {
+
+namespace po = boost::program_options;
+using json = nlohmann::json;
+
+inline constexpr int kFail = 1;
+inline constexpr int kUsage = 2;
+
+// Thrown by command parsers for bad usage; main prints it and exits 2.
+struct UsageError {
+  std::string what;
+};
+
+inline int fail(const Error& e) {
+  std::cerr << "uvirtio: " << e.message() << "\n";
+  return kFail;
+}
+
+inline std::string hex(unsigned v, int width) {
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "%0*x", width, v);
+  return buf;
+}
+
+inline pci::Bdf parse_bdf_or_throw(const std::string& text) {
+  auto b = pci::Bdf::parse(text);
+  if (!b) throw UsageError{b.error().message()};
+  return *b;
+}
+
+inline po::variables_map parse(const std::vector<std::string>& args, const po::options_description& desc,
+                               const po::positional_options_description& pos) {
+  po::variables_map vm;
+  po::store(po::command_line_parser(args).options(desc).positional(pos).run(), vm);
+  po::notify(vm);
+  return vm;
+}
+
+// Parses a non-negative integer option value (decimal or 0x hex) or throws UsageError.
+std::uint64_t parse_u64(const std::string& text, const std::string& what);
+
+int cmd_pmem(const std::vector<std::string>& args);
+
+}  // namespace uvirtio::apps

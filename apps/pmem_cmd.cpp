@@ -1,0 +1,428 @@
+// uvirtio pmem: info, write, read, flush and bench on a virtio-pmem device.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <thread>
+
+#include "cli_common.hpp"
+#include "uvirtio/driver/cache.hpp"
+#include "uvirtio/driver/pmem.hpp"
+#include "uvirtio/driver/rng.hpp"
+
+namespace uvirtio::apps {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+const char* kPmemUsage =
+    "usage: uvirtio pmem info BDF [--json]\n"
+    "       uvirtio pmem write BDF --offset O (--data S | --file F) [--persist]\n"
+    "       uvirtio pmem read BDF --offset O --length L [--hex]\n"
+    "       uvirtio pmem flush BDF\n"
+    "       uvirtio pmem bench BDF [--threads T]... [--seconds S] [--json] [--rng BDF]\n"
+    "                          [--kernel-file PATH] [--host-fsync-us US]\n";
+
+void add_common(po::options_description& d) {
+  d.add_options()("help,h", "show help")("bdf", po::value<std::string>(), "PCI address of the pmem function")(
+      "timeout", po::value<long long>()->default_value(10000), "per-flush deadline in ms")(
+      "poll", "complete by polling, not interrupts");
+}
+
+driver::PmemOptions options_from(const po::variables_map& vm) {
+  driver::PmemOptions opt;
+  const long long timeout = vm["timeout"].as<long long>();
+  if (timeout < 1 || timeout > 3600000) throw UsageError{"pmem: --timeout must be 1..3600000 ms"};
+  opt.timeout = std::chrono::milliseconds(timeout);
+  if (vm.count("poll")) opt.completion = driver::CompletionMode::polling;
+  return opt;
+}
+
+pci::Bdf bdf_of(const po::variables_map& vm, const char* sub) {
+  if (!vm.count("bdf"))
+    throw UsageError{std::string("pmem ") + sub + ": which device? (uvirtio pmem " + sub + " BDF)"};
+  return parse_bdf_or_throw(vm["bdf"].as<std::string>());
+}
+
+int pmem_info(const std::vector<std::string>& args) {
+  po::options_description desc("uvirtio pmem info BDF");
+  add_common(desc);
+  desc.add_options()("json", "print JSON");
+  po::positional_options_description pos;
+  pos.add("bdf", 1);
+  auto vm = parse(args, desc, pos);
+  if (vm.count("help")) {
+    std::cout << desc;
+    return 0;
+  }
+  auto opt = options_from(vm);
+  opt.map = false;  // info needs no mapping
+  auto pm = driver::Pmem::open(bdf_of(vm, "info"), opt);
+  if (!pm) return fail(pm.error());
+  auto& p = **pm;
+  const bool shm = p.features().has(driver::kPmemFeatureShmemRegion);
+  json j = {{"bdf", p.name()},
+            {"features", p.features().describe()},
+            {"feature_bits", p.features().bits()},
+            {"start", p.start()},
+            {"size", p.size()},
+            {"mapping", shm ? "shared-memory-region" : "devmem"},
+            {"interrupts", p.queue().mode() == driver::CompletionMode::interrupt},
+            {"cache_writeback", driver::cache::name(driver::cache::instruction())}};
+  if (vm.count("json")) {
+    std::cout << j.dump(2) << "\n";
+    return 0;
+  }
+  std::printf(
+      "%s: virtio-pmem\n  features  %s\n  start     0x%llx\n  size      %llu bytes (%llu MiB)\n"
+      "  mapping   %s\n  cache     %s\n",
+      p.name().c_str(), p.features().describe().c_str(), static_cast<unsigned long long>(p.start()),
+      static_cast<unsigned long long>(p.size()), static_cast<unsigned long long>(p.size() >> 20),
+      shm ? "shared memory region 0 (BAR)" : "/dev/mem (device does not offer SHMEM_REGION)",
+      driver::cache::name(driver::cache::instruction()));
+  return 0;
+}
+
+int pmem_write(const std::vector<std::string>& args) {
+  po::options_description desc("uvirtio pmem write BDF --offset O (--data S | --file F) [--persist]");
+  add_common(desc);
+  desc.add_options()("offset", po::value<std::string>(), "byte offset in the pmem range")(
+      "data", po::value<std::string>(), "bytes to write (the string as given)")(
+      "file", po::value<std::string>(), "write this file's contents")("persist", "persist after writing");
+  po::positional_options_description pos;
+  pos.add("bdf", 1);
+  auto vm = parse(args, desc, pos);
+  if (vm.count("help")) {
+    std::cout << desc;
+    return 0;
+  }
+  if (!vm.count("offset")) throw UsageError{"pmem write: --offset is required"};
+  if (vm.count("data") == vm.count("file"))
+    throw UsageError{"pmem write: give exactly one of --data or --file"};
+  const std::uint64_t offset = parse_u64(vm["offset"].as<std::string>(), "--offset");
+  std::vector<std::uint8_t> bytes;
+  if (vm.count("data")) {
+    const auto& d = vm["data"].as<std::string>();
+    bytes.assign(d.begin(), d.end());
+  } else {
+    const auto& path = vm["file"].as<std::string>();
+    std::ifstream in(path, std::ios::binary);
+    if (!in) {
+      std::cerr << "uvirtio: pmem write: cannot read " << path << ": " << std::strerror(errno) << "\n";
+      return kFail;
+    }
+    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  if (bytes.empty()) throw UsageError{"pmem write: nothing to write (empty data)"};
+  auto pm = driver::Pmem::open(bdf_of(vm, "write"), options_from(vm));
+  if (!pm) return fail(pm.error());
+  if (auto r = (*pm)->write(offset, bytes, vm.count("persist") != 0); !r) return fail(r.error());
+  std::printf("%s: wrote %zu bytes at offset %llu%s\n", (*pm)->name().c_str(), bytes.size(),
+              static_cast<unsigned long long>(offset),
+              vm.count("persist") ? " (persisted)" : " (not persisted)");
+  return 0;
+}
+
+int pmem_read(const std::vector<std::string>& args) {
+  po::options_description desc("uvirtio pmem read BDF --offset O --length L [--hex]");
+  add_common(desc);
+  desc.add_options()("offset", po::value<std::string>(), "byte offset")(
+      "length", po::value<std::string>(), "bytes to read (at most 64 MiB)")("hex",
+                                                                            "print hex instead of raw bytes");
+  po::positional_options_description pos;
+  pos.add("bdf", 1);
+  auto vm = parse(args, desc, pos);
+  if (vm.count("help")) {
+    std::cout << desc;
+    return 0;
+  }
+  if (!vm.count("offset") || !vm.count("length"))
+    throw UsageError{"pmem read: --offset and --length are required"};
+  const std::uint64_t offset = parse_u64(vm["offset"].as<std::string>(), "--offset");
+  const std::uint64_t length = parse_u64(vm["length"].as<std::string>(), "--length");
+  if (length == 0 || length > (64u << 20)) throw UsageError{"pmem read: --length must be 1..67108864"};
+  auto pm = driver::Pmem::open(bdf_of(vm, "read"), options_from(vm));
+  if (!pm) return fail(pm.error());
+  std::vector<std::uint8_t> buf(length);
+  if (auto r = (*pm)->read(offset, buf); !r) return fail(r.error());
+  if (vm.count("hex")) {
+    std::string out;
+    for (auto b : buf) out += hex(b, 2);
+    std::printf("%s\n", out.c_str());
+  } else {
+    std::fwrite(buf.data(), 1, buf.size(), stdout);
+  }
+  return 0;
+}
+
+int pmem_flush(const std::vector<std::string>& args) {
+  po::options_description desc("uvirtio pmem flush BDF");
+  add_common(desc);
+  po::positional_options_description pos;
+  pos.add("bdf", 1);
+  auto vm = parse(args, desc, pos);
+  if (vm.count("help")) {
+    std::cout << desc;
+    return 0;
+  }
+  auto opt = options_from(vm);
+  opt.map = false;
+  auto pm = driver::Pmem::open(bdf_of(vm, "flush"), opt);
+  if (!pm) return fail(pm.error());
+  const auto t0 = Clock::now();
+  if (auto r = (*pm)->flush(); !r) return fail(r.error());
+  const double us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+  std::printf("%s: flushed (%.0f us)\n", (*pm)->name().c_str(), us);
+  return 0;
+}
+
+// ---- bench -----------------------------------------------------------------
+
+struct Stats {
+  double p50_us = 0, p99_us = 0, mean_us = 0;
+  std::uint64_t ops = 0;
+  double seconds = 0;
+  double ops_per_s() const { return seconds > 0 ? static_cast<double>(ops) / seconds : 0; }
+};
+
+Stats summarize(std::vector<double>& lat_us, double seconds) {
+  Stats s;
+  s.ops = lat_us.size();
+  s.seconds = seconds;
+  if (lat_us.empty()) return s;
+  std::sort(lat_us.begin(), lat_us.end());
+  s.p50_us = lat_us[lat_us.size() / 2];
+  s.p99_us = lat_us[std::min(lat_us.size() - 1, lat_us.size() * 99 / 100)];
+  double sum = 0;
+  for (double v : lat_us) sum += v;
+  s.mean_us = sum / static_cast<double>(lat_us.size());
+  return s;
+}
+
+json stats_json(const Stats& s) {
+  return {{"ops", s.ops},       {"seconds", s.seconds}, {"ops_per_s", s.ops_per_s()},
+          {"p50_us", s.p50_us}, {"p99_us", s.p99_us},   {"mean_us", s.mean_us}};
+}
+
+// Runs `threads` workers for `seconds`, each calling op(thread, i) and timing it.
+template <class Op>
+Result<Stats> run_threads(unsigned threads, double seconds, Op op) {
+  std::vector<std::vector<double>> lat(threads);
+  std::vector<std::optional<Error>> err(threads);
+  std::atomic<bool> go{false};
+  std::vector<std::thread> ts;
+  const auto t0 = Clock::now();
+  const auto until = t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  for (unsigned t = 0; t < threads; ++t) {
+    ts.emplace_back([&, t] {
+      while (!go.load()) std::this_thread::yield();
+      for (std::uint64_t i = 0; Clock::now() < until; ++i) {
+        const auto a = Clock::now();
+        auto r = op(t, i);
+        const auto b = Clock::now();
+        if (!r) {
+          err[t] = r.error();
+          return;
+        }
+        lat[t].push_back(std::chrono::duration<double, std::micro>(b - a).count());
+      }
+    });
+  }
+  go = true;
+  for (auto& t : ts) t.join();
+  const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+  for (auto& e : err)
+    if (e) return *e;
+  std::vector<double> all;
+  for (auto& l : lat) all.insert(all.end(), l.begin(), l.end());
+  return summarize(all, elapsed);
+}
+
+int pmem_bench(const std::vector<std::string>& args) {
+  po::options_description desc("uvirtio pmem bench BDF");
+  add_common(desc);
+  desc.add_options()("threads", po::value<std::vector<unsigned>>()->multitoken(),
+                     "thread counts (default 1 2 4 8)")("seconds", po::value<double>()->default_value(2.0),
+                                                        "duration of each measurement")("json", "print JSON")(
+      "rng", po::value<std::string>(), "virtio-rng function for the null round trip of the floor")(
+      "kernel-file", po::value<std::string>(),
+      "a file on an ext4 -o dax mount over the kernel's virtio_pmem: measure 4 KiB pwrite + fsync there")(
+      "host-fsync-us", po::value<double>(), "host fsync latency of the backing file (measured on the host)");
+  po::positional_options_description pos;
+  pos.add("bdf", 1);
+  auto vm = parse(args, desc, pos);
+  if (vm.count("help")) {
+    std::cout << desc;
+    return 0;
+  }
+  std::vector<unsigned> threads = {1, 2, 4, 8};
+  if (vm.count("threads")) threads = vm["threads"].as<std::vector<unsigned>>();
+  for (unsigned t : threads)
+    if (t < 1 || t > 64) throw UsageError{"pmem bench: --threads values must be 1..64"};
+  const double seconds = vm["seconds"].as<double>();
+  if (!(seconds > 0 && seconds <= 600)) throw UsageError{"pmem bench: --seconds must be in (0, 600]"};
+  auto pm = driver::Pmem::open(bdf_of(vm, "bench"), options_from(vm));
+  if (!pm) return fail(pm.error());
+  auto& p = **pm;
+  if (p.size() < 64u * 4096) {
+    std::cerr << "uvirtio: " << p.name() << ": pmem bench: the range is smaller than 256 KiB\n";
+    return kFail;
+  }
+  json out;
+  out["bdf"] = p.name();
+  out["cache_writeback"] = driver::cache::name(driver::cache::instruction());
+  out["seconds_per_point"] = seconds;
+
+  // Userspace: 64-byte write + persist per call; each thread in its own 4 KiB page.
+  out["userspace"] = json::array();
+  std::vector<std::uint8_t> pattern(64, 0xa5);
+  for (unsigned t : threads) {
+    const auto calls0 = p.persist_calls();
+    const auto flushes0 = p.device_flushes();
+    auto st = run_threads(t, seconds, [&](unsigned th, std::uint64_t i) {
+      std::uint8_t* at = p.data() + th * 4096u + (i % 64) * 64;
+      std::memcpy(at, pattern.data(), 64);
+      return p.persist(at, 64);
+    });
+    if (!st) return fail(st.error());
+    json j = stats_json(*st);
+    j["threads"] = t;
+    j["persist_calls"] = p.persist_calls() - calls0;
+    j["device_flushes"] = p.device_flushes() - flushes0;
+    out["userspace"].push_back(j);
+  }
+
+  // Floor: the same 64-byte write, then one uncoalesced device flush: the
+  // host's fsync of one dirty page plus one virtqueue round trip.
+  auto raw = run_threads(1, seconds, [&](unsigned, std::uint64_t i) {
+    std::uint8_t* at = p.data() + (i % 64) * 64;
+    std::memcpy(at, pattern.data(), 64);
+    driver::cache::flush(at, 64);
+    driver::cache::drain();
+    return p.device_flush();
+  });
+  if (!raw) return fail(raw.error());
+  out["write_and_device_flush"] = stats_json(*raw);
+  double floor_us = raw->p50_us;
+  if (vm.count("rng")) {
+    driver::RngOptions ro;
+    ro.completion = p.queue().mode();
+    auto rng = driver::Rng::open(parse_bdf_or_throw(vm["rng"].as<std::string>()), ro);
+    if (!rng) return fail(rng.error());
+    std::uint8_t b;
+    auto rt =
+        run_threads(1, seconds, [&](unsigned, std::uint64_t) { return (*rng)->read(std::span(&b, 1)); });
+    if (!rt) return fail(rt.error());
+    out["null_round_trip"] = stats_json(*rt);
+    if (vm.count("host-fsync-us")) {
+      floor_us = vm["host-fsync-us"].as<double>() + rt->p50_us;
+      out["host_fsync_us"] = vm["host-fsync-us"].as<double>();
+    }
+  }
+  out["floor_p50_us"] = floor_us;
+
+  // Kernel path: 4 KiB pwrite + fsync on ext4 -o dax over virtio_pmem.
+  if (vm.count("kernel-file")) {
+    const std::string path = vm["kernel-file"].as<std::string>();
+    out["kernel"] = json::array();
+    for (unsigned t : {1u, 4u}) {
+      std::vector<int> fds;
+      for (unsigned i = 0; i < t; ++i) {
+        std::string f = path + "." + std::to_string(i);
+        int fd = ::open(f.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (fd < 0) {
+          std::cerr << "uvirtio: pmem bench: open " << f << ": " << std::strerror(errno) << "\n";
+          return kFail;
+        }
+        fds.push_back(fd);
+      }
+      std::vector<std::uint8_t> page(4096, 0x5a);
+      auto st = run_threads(t, seconds, [&](unsigned th, std::uint64_t i) -> Result<void> {
+        if (::pwrite(fds[th], page.data(), page.size(), static_cast<off_t>((i % 64) * 4096)) != 4096 ||
+            ::fsync(fds[th]) != 0)
+          return Error::from_errno(errno, path, "pwrite + fsync");
+        return ok();
+      });
+      for (int fd : fds) ::close(fd);
+      if (!st) return fail(st.error());
+      json j = stats_json(*st);
+      j["threads"] = t;
+      out["kernel"].push_back(j);
+    }
+  }
+
+  // Ratios within this run.
+  json ratios;
+  const auto& u1 = out["userspace"][0];
+  ratios["persist_p50_vs_floor"] = u1["p50_us"].get<double>() / floor_us;
+  if (out.contains("kernel")) {
+    ratios["persist_p50_vs_kernel_p50"] =
+        u1["p50_us"].get<double>() / out["kernel"][0]["p50_us"].get<double>();
+    for (const auto& u : out["userspace"])
+      if (u["threads"] == 4)
+        ratios["throughput_4_threads_vs_kernel_4_threads"] =
+            u["ops_per_s"].get<double>() / out["kernel"][1]["ops_per_s"].get<double>();
+  }
+  out["ratios"] = ratios;
+
+  if (vm.count("json")) {
+    std::cout << out.dump(2) << "\n";
+    return 0;
+  }
+  std::printf("%s: persist (64 B write + persist), cache write-back %s\n", p.name().c_str(),
+              out["cache_writeback"].get<std::string>().c_str());
+  std::printf("  %-8s %10s %10s %12s %12s %14s\n", "threads", "p50 us", "p99 us", "persists/s", "calls",
+              "device flushes");
+  for (const auto& u : out["userspace"])
+    std::printf("  %-8u %10.1f %10.1f %12.0f %12llu %14llu\n", u["threads"].get<unsigned>(),
+                u["p50_us"].get<double>(), u["p99_us"].get<double>(), u["ops_per_s"].get<double>(),
+                static_cast<unsigned long long>(u["persist_calls"].get<std::uint64_t>()),
+                static_cast<unsigned long long>(u["device_flushes"].get<std::uint64_t>()));
+  std::printf("  write + one uncoalesced device flush: p50 %.1f us, p99 %.1f us\n", raw->p50_us, raw->p99_us);
+  if (out.contains("null_round_trip"))
+    std::printf("  null virtqueue round trip (rng, 1 byte): p50 %.1f us\n",
+                out["null_round_trip"]["p50_us"].get<double>());
+  std::printf("  floor p50: %.1f us\n", floor_us);
+  if (out.contains("kernel"))
+    for (const auto& k : out["kernel"])
+      std::printf("  kernel ext4-dax 4 KiB pwrite+fsync, %u threads: p50 %.1f us, %.0f ops/s\n",
+                  k["threads"].get<unsigned>(), k["p50_us"].get<double>(), k["ops_per_s"].get<double>());
+  for (auto it = ratios.begin(); it != ratios.end(); ++it)
+    std::printf("  ratio %s = %.3f\n", it.key().c_str(), it.value().get<double>());
+  return 0;
+}
+
+}  // namespace
+
+std::uint64_t parse_u64(const std::string& text, const std::string& what) {
+  if (text.empty() || text[0] == '-')
+    throw UsageError{what + ": '" + text + "' is not a non-negative integer"};
+  errno = 0;
+  char* end = nullptr;
+  const unsigned long long v = std::strtoull(text.c_str(), &end, 0);
+  if (errno != 0 || end == text.c_str() || *end != '\0')
+    throw UsageError{what + ": '" + text + "' is not a non-negative integer (decimal or 0x hex)"};
+  return v;
+}
+
+int cmd_pmem(const std::vector<std::string>& args) {
+  if (args.empty() || args[0] == "--help" || args[0] == "-h") {
+    std::cout << kPmemUsage;
+    return args.empty() ? kUsage : 0;
+  }
+  const std::vector<std::string> rest(args.begin() + 1, args.end());
+  if (args[0] == "info") return pmem_info(rest);
+  if (args[0] == "write") return pmem_write(rest);
+  if (args[0] == "read") return pmem_read(rest);
+  if (args[0] == "flush") return pmem_flush(rest);
+  if (args[0] == "bench") return pmem_bench(rest);
+  throw UsageError{"pmem: unknown subcommand '" + args[0] + "' (info, write, read, flush, bench)"};
+}
+
+}  // namespace uvirtio::apps

@@ -1,0 +1,85 @@
+// FlushCoalescer: many threads ask for a durable point, one device flush at a
+// time serves them all.
+//
+// Each caller takes a ticket after its writes are written back from the CPU
+// caches. A device flush that *starts* after a ticket was taken covers that
+// ticket: the host's fsync then sees every write made before it. So when a
+// flush is already running, a new caller waits for it to end and then joins
+// the next one, which covers everybody who arrived in the meantime. At most
+// one device flush is ever in flight, which also suits QEMU's virtio-pmem (it
+// takes one request per notification).
+//
+// The caller whose ticket is not yet covered and who finds no flush running
+// becomes the leader and issues it on its own thread (no hand-off latency).
+// Asynchronous requests are served by the current leader or, when nobody is
+// flushing, by a helper thread started on first use.
+//
+//   FlushCoalescer c([&] { return device_flush(); });
+//   auto r = c.flush();                 // blocks until a covering flush ended
+//   c.flush_async([](Result<void> r) { ... });
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <future>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "uvirtio/base/result.hpp"
+
+namespace uvirtio::driver {
+
+class FlushCoalescer {
+ public:
+  using FlushFn = std::function<Result<void>()>;
+  using Callback = std::function<void(Result<void>)>;
+
+  explicit FlushCoalescer(FlushFn fn) : fn_(std::move(fn)) {}
+  ~FlushCoalescer();
+  FlushCoalescer(const FlushCoalescer&) = delete;
+  FlushCoalescer& operator=(const FlushCoalescer&) = delete;
+
+  // Returns once a device flush that started after this call has ended, with
+  // that flush's result.
+  Result<void> flush();
+  // The same without blocking: `done` runs on the thread that completed the
+  // covering flush (keep it short; it must not call flush()).
+  void flush_async(Callback done);
+  std::future<Result<void>> flush_future();
+
+  std::uint64_t requests() const;        // flush() + flush_async() calls
+  std::uint64_t device_flushes() const;  // calls of the flush function
+
+ private:
+  struct Failure {
+    std::uint64_t from, to;  // tickets (from, to] got this error
+    Error error;
+  };
+  struct Pending {
+    std::uint64_t ticket;
+    Callback done;
+  };
+  // Runs flushes until every ticket <= want is covered. Called with lk held
+  // and leader_ false; returns with lk held.
+  void lead(std::unique_lock<std::mutex>& lk, std::uint64_t want);
+  Result<void> result_for(std::uint64_t ticket) const;
+  void worker_loop();
+
+  FlushFn fn_;
+  mutable std::mutex m_;
+  std::condition_variable cv_;
+  std::uint64_t next_ticket_ = 0;  // last ticket handed out
+  std::uint64_t done_ = 0;         // every ticket <= done_ is covered
+  bool leader_ = false;
+  std::uint64_t flushes_ = 0;
+  std::deque<Failure> failures_;  // recent failed rounds (bounded)
+  std::uint64_t forgotten_upto_ = 0;
+  std::vector<Pending> pending_;  // asynchronous waiters
+  std::thread worker_;
+  bool stop_ = false;
+};
+
+}  // namespace uvirtio::driver

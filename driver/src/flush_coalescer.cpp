@@ -1,0 +1,118 @@
+// Flush coalescing (see flush_coalescer.hpp).
+#include "uvirtio/driver/flush_coalescer.hpp"
+
+#include <algorithm>
+
+namespace uvirtio::driver {
+namespace {
+constexpr std::size_t kFailureMemory = 1024;  // failed rounds remembered for late waiters
+}
+
+FlushCoalescer::~FlushCoalescer() {
+  {
+    std::unique_lock lk(m_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
+  // Async waiters that nobody served: tell them.
+  for (auto& p : pending_)
+    p.done(Error(Errc::broken, "", "flush", "the device was closed before the flush was issued"));
+}
+
+Result<void> FlushCoalescer::result_for(std::uint64_t ticket) const {
+  for (const auto& f : failures_)
+    if (ticket > f.from && ticket <= f.to) return f.error;
+  // Conservative: a ticket older than the failures we still remember may
+  // have been in a forgotten failed round, so never report it durable.
+  if (ticket <= forgotten_upto_)
+    return Error(Errc::broken, "", "flush", "the result is no longer known (over 1024 failed flushes since)");
+  return ok();
+}
+
+void FlushCoalescer::lead(std::unique_lock<std::mutex>& lk, std::uint64_t want) {
+  leader_ = true;
+  while (done_ < want) {
+    // Everything ticketed so far is covered by a flush that starts now.
+    const std::uint64_t covered = next_ticket_;
+    lk.unlock();
+    Result<void> r = fn_();
+    lk.lock();
+    ++flushes_;
+    if (!r) {
+      failures_.push_back(Failure{done_, covered, r.error()});
+      if (failures_.size() > kFailureMemory) {
+        forgotten_upto_ = failures_.front().to;
+        failures_.pop_front();
+      }
+    }
+    done_ = covered;
+    // Hand completed async waiters their result outside the lock.
+    std::vector<Pending> ready;
+    auto split = std::partition(pending_.begin(), pending_.end(),
+                                [&](const Pending& p) { return p.ticket > covered; });
+    ready.assign(std::make_move_iterator(split), std::make_move_iterator(pending_.end()));
+    pending_.erase(split, pending_.end());
+    cv_.notify_all();
+    if (!ready.empty()) {
+      lk.unlock();
+      for (auto& p : ready) p.done(r.ok() ? Result<void>() : Result<void>(r.error()));
+      lk.lock();
+    }
+    // Async waiters that arrived during this round need another one.
+    for (const auto& p : pending_) want = std::max(want, p.ticket);
+  }
+  leader_ = false;
+  cv_.notify_all();
+}
+
+Result<void> FlushCoalescer::flush() {
+  std::unique_lock lk(m_);
+  const std::uint64_t ticket = ++next_ticket_;
+  for (;;) {
+    if (done_ >= ticket) return result_for(ticket);
+    if (!leader_) {
+      lead(lk, ticket);
+      continue;
+    }
+    cv_.wait(lk);
+  }
+}
+
+void FlushCoalescer::flush_async(Callback done) {
+  std::unique_lock lk(m_);
+  const std::uint64_t ticket = ++next_ticket_;
+  pending_.push_back(Pending{ticket, std::move(done)});
+  if (!worker_.joinable()) worker_ = std::thread([this] { worker_loop(); });
+  cv_.notify_all();
+}
+
+std::future<Result<void>> FlushCoalescer::flush_future() {
+  auto promise = std::make_shared<std::promise<Result<void>>>();
+  auto fut = promise->get_future();
+  flush_async([promise](Result<void> r) { promise->set_value(std::move(r)); });
+  return fut;
+}
+
+void FlushCoalescer::worker_loop() {
+  std::unique_lock lk(m_);
+  for (;;) {
+    cv_.wait(lk, [&] { return stop_ || (!leader_ && !pending_.empty()); });
+    if (stop_) return;
+    std::uint64_t want = 0;
+    for (const auto& p : pending_) want = std::max(want, p.ticket);
+    lead(lk, want);
+  }
+}
+
+std::uint64_t FlushCoalescer::requests() const {
+  std::unique_lock lk(m_);
+  return next_ticket_;
+}
+
+std::uint64_t FlushCoalescer::device_flushes() const {
+  std::unique_lock lk(m_);
+  return flushes_;
+}
+
+}  // namespace uvirtio::driver

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# virtio-pmem end to end against QEMU, checked from the host:
+#  1. the guest writes a random pattern with `uvirtio pmem write --persist` and
+#     exits; the host finds the pattern in the backing file;
+#  2. QEMU runs under strace: every device flush the guest reports is exactly
+#     one fsync of the backing file, and 8 threads' concurrent persist() calls
+#     need far fewer flushes than calls.
+#   pmem_host_test.sh BIN_DIR          (exit 77: QEMU, strace or kernel missing)
+set -euo pipefail
+bin=$1
+kernel_dir=${UVIRTIO_KERNEL_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/uvirtio/kernel}
+qemu=${UVIRTIO_QEMU:-qemu-system-x86_64}
+command -v "$qemu" >/dev/null || { echo "SKIP: QEMU not installed"; exit 77; }
+command -v strace >/dev/null || { echo "SKIP: strace not installed"; exit 77; }
+[ -f "$kernel_dir/current/vmlinuz" ] || { echo "SKIP: no guest kernel in $kernel_dir"; exit 77; }
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+img=$work/pmem.img
+pattern=$work/pattern
+head -c 65536 /dev/urandom >"$pattern"
+offset=1048576
+fail=0
+passed=0
+check() {  # DESCRIPTION CONDITION...
+  local what=$1
+  shift
+  if "$@"; then echo "ok - $what"; passed=$((passed + 1)); else echo "not ok - $what"; fail=$((fail + 1)); fi
+}
+
+UVIRTIO_QEMU="strace -f -y -qq --seccomp-bpf -e trace=fsync,fdatasync -o $work/strace.log $qemu" \
+  "$bin/uvirtio-vm" --pmem "$img:16M" --add "$pattern:/root/pattern" --qemu-arg -smp --qemu-arg 2 -- sh -c "
+    set -e
+    P=\$(uvirtio list --type pmem -q)
+    uvirtio pmem write \$P --offset $offset --file /root/pattern --persist
+    uvirtio pmem flush \$P
+    uvirtio pmem flush \$P
+    uvirtio pmem bench \$P --threads 8 --seconds 2 --json
+  " >"$work/guest.out"
+
+# 1. The pattern is in the backing file.
+check "persisted pattern is in the backing file on the host" \
+  cmp -s <(dd if="$img" bs=4096 skip=$((offset / 4096)) count=16 2>/dev/null) "$pattern"
+
+# 2. fsyncs of the image vs device flushes the guest made.
+fsyncs=$(grep -c "fsync(.*<$img>) = 0" "$work/strace.log" || true)
+failed=$(grep "$img" "$work/strace.log" | grep -vc ') = 0' || true)
+num() { sed -n "s/.*\"$1\": \([0-9.]*\).*/\1/p" "$work/guest.out" | head -n "$2" | tail -n 1; }
+calls=$(num persist_calls 1)
+bench_flushes=$(num device_flushes 1)
+floor_ops=$(sed -n '/"write_and_device_flush"/,/}/p' "$work/guest.out" | sed -n 's/.*"ops": \([0-9]*\).*/\1/p')
+expected=$((1 + 2 + bench_flushes + floor_ops))
+echo "host fsyncs of the image: $fsyncs; guest device flushes: $expected (1 write, 2 flush, $bench_flushes bench, $floor_ops floor); persist calls from 8 threads: $calls"
+check "no fsync of the image failed" [ "$failed" = 0 ]
+check "one host fsync per device flush ($fsyncs = $expected)" [ "$fsyncs" = "$expected" ]
+check "8 threads coalesce: $bench_flushes device flushes for $calls persist calls (at most half)" \
+  [ $((bench_flushes * 2)) -le "$calls" ]
+check "some persists were made ($calls)" [ "$calls" -gt 100 ]
+echo "$passed passed, $fail failed"
+[ $fail = 0 ] || { echo "guest output:"; cat "$work/guest.out"; exit 1; }
