@@ -25,8 +25,11 @@ struct UsageError {
   std::string what;
 };
 
+// The tool's name in messages ("uvirtio", "uvirtio-pmlog").
+inline const char* g_program = "uvirtio";
+
 inline int fail(const Error& e) {
-  std::cerr << "uvirtio: " << e.message() << "\n";
+  std::cerr << g_program << ": " << e.message() << "\n";
   return kFail;
 }
 

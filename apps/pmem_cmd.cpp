@@ -400,17 +400,6 @@ int pmem_bench(const std::vector<std::string>& args) {
 
 }  // namespace
 
-std::uint64_t parse_u64(const std::string& text, const std::string& what) {
-  if (text.empty() || text[0] == '-')
-    throw UsageError{what + ": '" + text + "' is not a non-negative integer"};
-  errno = 0;
-  char* end = nullptr;
-  const unsigned long long v = std::strtoull(text.c_str(), &end, 0);
-  if (errno != 0 || end == text.c_str() || *end != '\0')
-    throw UsageError{what + ": '" + text + "' is not a non-negative integer (decimal or 0x hex)"};
-  return v;
-}
-
 int cmd_pmem(const std::vector<std::string>& args) {
   if (args.empty() || args[0] == "--help" || args[0] == "-h") {
     std::cout << kPmemUsage;

@@ -10,7 +10,7 @@ cd "$top"
 packages=(
   build-essential cmake pkg-config            # toolchain
   clang libclang-rt-14-dev clang-format       # fuzz targets (libFuzzer), formatting check
-  libpci-dev libboost-program-options-dev nlohmann-json3-dev googletest libgtest-dev
+  libpci-dev libboost-program-options-dev nlohmann-json3-dev googletest libgtest-dev zlib1g-dev
   qemu-system-x86 busybox-static cpio kmod    # the guest harness
   strace xz-utils
 )

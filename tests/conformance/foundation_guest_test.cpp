@@ -16,6 +16,7 @@
 #include <optional>
 #include <string>
 
+#include "uvirtio/driver/pmem.hpp"
 #include "uvirtio/driver/rng.hpp"
 #include "uvirtio/pci/binding.hpp"
 #include "uvirtio/pci/discovery.hpp"
@@ -263,4 +264,94 @@ TEST(Transport, PmemNegotiatesVersion1AndAccessPlatform) {
   EXPECT_GE(start, 0x100000000ull);
   auto beyond = t.read_device_config(0x1000, std::span(cfg.data(), 1));
   EXPECT_FALSE(beyond);
+}
+
+// ---- virtio-pmem ------------------------------------------------------------
+
+TEST(Pmem, PersistedDataReadsBackThroughANewOpen) {
+  auto f = find_function(0x105b);
+  ASSERT_TRUE(f);
+  std::vector<std::uint8_t> pattern(8192);
+  for (std::size_t i = 0; i < pattern.size(); ++i) pattern[i] = static_cast<std::uint8_t>(i * 7 + 3);
+  {
+    auto pm = driver::Pmem::open(f->bdf, {});
+    ASSERT_TRUE(pm) << pm.error().message();
+    EXPECT_EQ((*pm)->size(), 16u << 20);
+    EXPECT_EQ((*pm)->mapping(), driver::PmemMapping::devmem) << "QEMU 7.2 offers no SHMEM_REGION";
+    ASSERT_TRUE((*pm)->write(40960, pattern, true));
+    auto fut = (*pm)->persist_future((*pm)->data() + 40960, 64);
+    auto r = fut.get();
+    EXPECT_TRUE(r) << r.error().message();
+    EXPECT_GE((*pm)->device_flushes(), 2u);
+  }
+  auto pm = driver::Pmem::open(f->bdf, {});
+  ASSERT_TRUE(pm) << pm.error().message();
+  std::vector<std::uint8_t> back(pattern.size());
+  ASSERT_TRUE((*pm)->read(40960, back));
+  EXPECT_EQ(back, pattern);
+}
+
+TEST(Pmem, PollingAndInterruptFlushBothWork) {
+  auto f = find_function(0x105b);
+  ASSERT_TRUE(f);
+  for (auto mode : {driver::CompletionMode::polling, driver::CompletionMode::interrupt}) {
+    driver::PmemOptions opt;
+    opt.completion = mode;
+    opt.map = false;
+    auto pm = driver::Pmem::open(f->bdf, opt);
+    ASSERT_TRUE(pm) << pm.error().message();
+    for (int i = 0; i < 5; ++i) ASSERT_TRUE((*pm)->flush()) << driver::completion_mode_name(mode);
+    if (mode == driver::CompletionMode::interrupt) {
+      EXPECT_GT((*pm)->queue().interrupts(), 0u);
+    }
+  }
+}
+
+TEST(PmemCli, BadInputIsRefusedAndWritesNothing) {
+  auto f = find_function(0x105b);
+  auto rng = find_function(0x1044);
+  ASSERT_TRUE(f && rng);
+  const std::string bdf = f->bdf.str();
+  // A known state first.
+  ASSERT_EQ(run("uvirtio pmem write " + bdf + " --offset 16777208 --data ABCDEFGH --persist").status, 0);
+  struct Case {
+    std::string args;
+    int status;
+    std::string text;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"write " + bdf + " --offset 16777215 --data xy", 1, "beyond the 16777216-byte pmem range"},
+           {"write " + bdf + " --offset 16777216 --data x", 1, "beyond"},
+           {"write " + bdf + " --offset 18446744073709551615 --data x", 1, "beyond"},
+           {"write " + bdf + " --offset 99999999999999999999 --data x", 2, "not a non-negative integer"},
+           {"write " + bdf + " --offset -1 --data x", 2, "not a non-negative integer"},
+           {"write " + bdf + " --offset 0 --data ''", 2, "nothing to write"},
+           {"write " + bdf + " --offset 0", 2, "exactly one of --data or --file"},
+           {"write " + bdf + " --offset 0 --file /nonexistent", 1, "cannot read /nonexistent"},
+           {"read " + bdf + " --offset 16777210 --length 10", 1, "beyond"},
+           {"read " + bdf + " --offset 0 --length 0", 2, "--length must be"},
+           {"write " + rng->bdf.str() + " --offset 0 --data x", 1, "entropy device, not pmem"},
+           {"info 00:zz.0", 2, "expected DDDD:BB:DD.F"},
+           {"frob " + bdf, 2, "unknown subcommand 'frob'"},
+       }) {
+    auto r = run("uvirtio pmem " + c.args);
+    EXPECT_EQ(r.status, c.status) << c.args << ": " << r.out;
+    EXPECT_NE(r.out.find(c.text), std::string::npos) << c.args << ": " << r.out;
+  }
+  auto tail = run("uvirtio pmem read " + bdf + " --offset 16777208 --length 8");
+  EXPECT_EQ(tail.out, "ABCDEFGH") << "a refused write must leave the range untouched";
+}
+
+TEST(PmemCli, DeviceBoundToAnotherDriverIsRefused) {
+  auto f = find_function(0x105b);
+  ASSERT_TRUE(f);
+  const std::string bdf = f->bdf.str();
+  ASSERT_EQ(run("uvirtio unbind " + bdf).status, 0);
+  auto r = run("uvirtio pmem info " + bdf);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.out.find(bdf), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("not vfio-pci"), std::string::npos) << r.out;
+  ASSERT_EQ(run("uvirtio bind " + bdf).status, 0);
+  auto again = run("uvirtio pmem info " + bdf + " --json");
+  EXPECT_EQ(again.status, 0) << again.out;
 }
