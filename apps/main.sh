@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: set up a fresh Debian machine, build, boot a QEMU guest and
 # run the demo in it: list the virtio functions, show the pmem function's
-# capabilities, and read entropy from virtio-rng through a userspace driver
-# (interrupt and polling completion).
+# capabilities, read entropy from virtio-rng through a userspace driver
+# (interrupt and polling completion), persist data on virtio-pmem and run the
+# crash-consistent log; then read the persisted bytes from the host's file.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -18,5 +19,15 @@ build/bin/uvirtio-vm --rng --pmem "$work/pmem.img:16M" -- sh -c '
   echo; echo "\$ uvirtio caps $pmem"; uvirtio caps "$pmem"
   echo; echo "\$ uvirtio rng read $rng -n 32"; uvirtio rng read "$rng" -n 32
   echo; echo "\$ uvirtio rng read $rng -n 32 --poll"; uvirtio rng read "$rng" -n 32 --poll
+  echo; echo "\$ uvirtio pmem info $pmem"; uvirtio pmem info "$pmem"
+  echo; echo "\$ uvirtio pmem write $pmem --offset 65536 --data \"hello from the guest\" --persist"
+  uvirtio pmem write "$pmem" --offset 65536 --data "hello from the guest" --persist
+  echo; echo "\$ uvirtio-pmlog $pmem init / append / verify / list"
+  uvirtio-pmlog "$pmem" init
+  uvirtio-pmlog "$pmem" append "first record" "second record" "third record"
+  uvirtio-pmlog "$pmem" verify
+  uvirtio-pmlog "$pmem" list
 '
+echo "== back on the host: the persisted bytes are in the backing file =="
+dd if="$work/pmem.img" bs=1 skip=65536 count=20 status=none; echo
 echo "== demo finished =="

@@ -32,7 +32,8 @@ const char* kPmemUsage =
 void add_common(po::options_description& d) {
   d.add_options()("help,h", "show help")("bdf", po::value<std::string>(), "PCI address of the pmem function")(
       "timeout", po::value<long long>()->default_value(10000), "per-flush deadline in ms")(
-      "poll", "complete by polling, not interrupts");
+      "completion", po::value<std::string>()->default_value("hybrid"),
+      "hybrid (spin, then sleep on the interrupt), interrupt, or poll")("poll", "same as --completion poll");
 }
 
 driver::PmemOptions options_from(const po::variables_map& vm) {
@@ -40,7 +41,15 @@ driver::PmemOptions options_from(const po::variables_map& vm) {
   const long long timeout = vm["timeout"].as<long long>();
   if (timeout < 1 || timeout > 3600000) throw UsageError{"pmem: --timeout must be 1..3600000 ms"};
   opt.timeout = std::chrono::milliseconds(timeout);
-  if (vm.count("poll")) opt.completion = driver::CompletionMode::polling;
+  const std::string mode = vm.count("poll") ? "poll" : vm["completion"].as<std::string>();
+  if (mode == "poll")
+    opt.completion = driver::CompletionMode::polling;
+  else if (mode == "interrupt")
+    opt.completion = driver::CompletionMode::interrupt;
+  else if (mode == "hybrid")
+    opt.completion = driver::CompletionMode::hybrid;
+  else
+    throw UsageError{"pmem: --completion must be hybrid, interrupt or poll, not '" + mode + "'"};
   return opt;
 }
 
@@ -73,7 +82,7 @@ int pmem_info(const std::vector<std::string>& args) {
             {"start", p.start()},
             {"size", p.size()},
             {"mapping", shm ? "shared-memory-region" : "devmem"},
-            {"interrupts", p.queue().mode() == driver::CompletionMode::interrupt},
+            {"completion", driver::completion_mode_name(p.queue().mode())},
             {"cache_writeback", driver::cache::name(driver::cache::instruction())}};
   if (vm.count("json")) {
     std::cout << j.dump(2) << "\n";
@@ -210,9 +219,22 @@ json stats_json(const Stats& s) {
           {"p50_us", s.p50_us}, {"p99_us", s.p99_us},   {"mean_us", s.mean_us}};
 }
 
+struct Sample {
+  std::vector<double> lat_us;
+  double seconds = 0;
+  void add(const Sample& o) {
+    lat_us.insert(lat_us.end(), o.lat_us.begin(), o.lat_us.end());
+    seconds += o.seconds;
+  }
+  Stats stats() const {
+    auto copy = lat_us;
+    return summarize(copy, seconds);
+  }
+};
+
 // Runs `threads` workers for `seconds`, each calling op(thread, i) and timing it.
 template <class Op>
-Result<Stats> run_threads(unsigned threads, double seconds, Op op) {
+Result<Sample> run_threads(unsigned threads, double seconds, Op op) {
   std::vector<std::vector<double>> lat(threads);
   std::vector<std::optional<Error>> err(threads);
   std::atomic<bool> go{false};
@@ -236,12 +258,12 @@ Result<Stats> run_threads(unsigned threads, double seconds, Op op) {
   }
   go = true;
   for (auto& t : ts) t.join();
-  const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+  Sample out;
+  out.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   for (auto& e : err)
     if (e) return *e;
-  std::vector<double> all;
-  for (auto& l : lat) all.insert(all.end(), l.begin(), l.end());
-  return summarize(all, elapsed);
+  for (auto& l : lat) out.lat_us.insert(out.lat_us.end(), l.begin(), l.end());
+  return out;
 }
 
 int pmem_bench(const std::vector<std::string>& args) {
@@ -253,7 +275,8 @@ int pmem_bench(const std::vector<std::string>& args) {
       "rng", po::value<std::string>(), "virtio-rng function for the null round trip of the floor")(
       "kernel-file", po::value<std::string>(),
       "a file on an ext4 -o dax mount over the kernel's virtio_pmem: measure 4 KiB pwrite + fsync there")(
-      "host-fsync-us", po::value<double>(), "host fsync latency of the backing file (measured on the host)");
+      "host-fsync-us", po::value<double>(), "host fsync latency of the backing file (measured on the host)")(
+      "rounds", po::value<unsigned>()->default_value(5), "interleaved slices per point");
   po::positional_options_description pos;
   pos.add("bdf", 1);
   auto vm = parse(args, desc, pos);
@@ -265,6 +288,7 @@ int pmem_bench(const std::vector<std::string>& args) {
   if (vm.count("threads")) threads = vm["threads"].as<std::vector<unsigned>>();
   for (unsigned t : threads)
     if (t < 1 || t > 64) throw UsageError{"pmem bench: --threads values must be 1..64"};
+  if (threads.empty()) throw UsageError{"pmem bench: --threads needs at least one value"};
   const double seconds = vm["seconds"].as<double>();
   if (!(seconds > 0 && seconds <= 600)) throw UsageError{"pmem bench: --seconds must be in (0, 600]"};
   auto pm = driver::Pmem::open(bdf_of(vm, "bench"), options_from(vm));
@@ -279,80 +303,133 @@ int pmem_bench(const std::vector<std::string>& args) {
   out["cache_writeback"] = driver::cache::name(driver::cache::instruction());
   out["seconds_per_point"] = seconds;
 
-  // Userspace: 64-byte write + persist per call; each thread in its own 4 KiB page.
-  out["userspace"] = json::array();
+  // Warm-up (not measured): touch every page the workers use and persist
+  // once, so first-touch faults and the host's block allocation are not in
+  // the figures.
   std::vector<std::uint8_t> pattern(64, 0xa5);
-  for (unsigned t : threads) {
-    const auto calls0 = p.persist_calls();
-    const auto flushes0 = p.device_flushes();
-    auto st = run_threads(t, seconds, [&](unsigned th, std::uint64_t i) {
-      std::uint8_t* at = p.data() + th * 4096u + (i % 64) * 64;
-      std::memcpy(at, pattern.data(), 64);
-      return p.persist(at, 64);
-    });
-    if (!st) return fail(st.error());
-    json j = stats_json(*st);
-    j["threads"] = t;
-    j["persist_calls"] = p.persist_calls() - calls0;
-    j["device_flushes"] = p.device_flushes() - flushes0;
-    out["userspace"].push_back(j);
-  }
+  const std::size_t pages = 64;
+  std::memset(p.data(), 0x5a, pages * 4096);
+  if (auto r = p.persist(p.data(), pages * 4096); !r) return fail(r.error());
+  if (auto w = run_threads(1, std::min(seconds, 0.5),
+                           [&](unsigned, std::uint64_t i) {
+                             std::memcpy(p.data() + (i % 64) * 64, pattern.data(), 64);
+                             return p.persist(p.data() + (i % 64) * 64, 64);
+                           });
+      !w)
+    return fail(w.error());
 
-  // Floor: the same 64-byte write, then one uncoalesced device flush: the
-  // host's fsync of one dirty page plus one virtqueue round trip.
-  auto raw = run_threads(1, seconds, [&](unsigned, std::uint64_t i) {
-    std::uint8_t* at = p.data() + (i % 64) * 64;
-    std::memcpy(at, pattern.data(), 64);
-    driver::cache::flush(at, 64);
-    driver::cache::drain();
-    return p.device_flush();
-  });
-  if (!raw) return fail(raw.error());
-  out["write_and_device_flush"] = stats_json(*raw);
-  double floor_us = raw->p50_us;
+  // The host's fsync latency drifts a lot over seconds on shared disks, so
+  // every point is measured in `rounds` short slices, interleaved with the
+  // other points, and the slices are pooled.
+  const unsigned rounds = vm["rounds"].as<unsigned>();
+  if (rounds < 1 || rounds > 100) throw UsageError{"pmem bench: --rounds must be 1..100"};
+  const double slice = seconds / rounds;
+  std::optional<std::unique_ptr<driver::Rng>> rng;
   if (vm.count("rng")) {
     driver::RngOptions ro;
-    ro.completion = p.queue().mode();
-    auto rng = driver::Rng::open(parse_bdf_or_throw(vm["rng"].as<std::string>()), ro);
-    if (!rng) return fail(rng.error());
-    std::uint8_t b;
-    auto rt =
-        run_threads(1, seconds, [&](unsigned, std::uint64_t) { return (*rng)->read(std::span(&b, 1)); });
-    if (!rt) return fail(rt.error());
-    out["null_round_trip"] = stats_json(*rt);
-    if (vm.count("host-fsync-us")) {
-      floor_us = vm["host-fsync-us"].as<double>() + rt->p50_us;
-      out["host_fsync_us"] = vm["host-fsync-us"].as<double>();
+    ro.completion = p.queue().mode() == driver::CompletionMode::polling ? driver::CompletionMode::polling
+                                                                        : driver::CompletionMode::interrupt;
+    auto r = driver::Rng::open(parse_bdf_or_throw(vm["rng"].as<std::string>()), ro);
+    if (!r) return fail(r.error());
+    rng = std::move(r).value();
+  }
+  std::vector<int> kfds;
+  const bool kernel = vm.count("kernel-file") != 0;
+  if (kernel) {
+    const std::string path = vm["kernel-file"].as<std::string>();
+    for (unsigned i = 0; i < 4; ++i) {
+      std::string f = path + "." + std::to_string(i);
+      int fd = ::open(f.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+      if (fd < 0) {
+        std::cerr << "uvirtio: pmem bench: open " << f << ": " << std::strerror(errno) << "\n";
+        for (int k : kfds) ::close(k);
+        return kFail;
+      }
+      kfds.push_back(fd);
     }
   }
-  out["floor_p50_us"] = floor_us;
-
-  // Kernel path: 4 KiB pwrite + fsync on ext4 -o dax over virtio_pmem.
-  if (vm.count("kernel-file")) {
-    const std::string path = vm["kernel-file"].as<std::string>();
-    out["kernel"] = json::array();
-    for (unsigned t : {1u, 4u}) {
-      std::vector<int> fds;
-      for (unsigned i = 0; i < t; ++i) {
-        std::string f = path + "." + std::to_string(i);
-        int fd = ::open(f.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-        if (fd < 0) {
-          std::cerr << "uvirtio: pmem bench: open " << f << ": " << std::strerror(errno) << "\n";
-          return kFail;
-        }
-        fds.push_back(fd);
-      }
-      std::vector<std::uint8_t> page(4096, 0x5a);
-      auto st = run_threads(t, seconds, [&](unsigned th, std::uint64_t i) -> Result<void> {
-        if (::pwrite(fds[th], page.data(), page.size(), static_cast<off_t>((i % 64) * 4096)) != 4096 ||
-            ::fsync(fds[th]) != 0)
-          return Error::from_errno(errno, path, "pwrite + fsync");
-        return ok();
-      });
+  struct CloseAll {
+    std::vector<int>& fds;
+    ~CloseAll() {
       for (int fd : fds) ::close(fd);
+    }
+  } close_all{kfds};
+
+  std::vector<Sample> user(threads.size());
+  std::vector<std::uint64_t> user_calls(threads.size()), user_flushes(threads.size());
+  Sample raw, null_rt;
+  std::vector<Sample> kern(2);
+  const std::vector<std::uint8_t> page(4096, 0x5a);
+  for (unsigned round = 0; round < rounds; ++round) {
+    // Userspace: 64-byte write + persist per call; each thread in its own 4 KiB page.
+    for (std::size_t k = 0; k < threads.size(); ++k) {
+      const auto calls0 = p.persist_calls();
+      const auto flushes0 = p.device_flushes();
+      auto st = run_threads(threads[k], slice, [&](unsigned th, std::uint64_t i) {
+        std::uint8_t* at = p.data() + th * 4096u + (i % 64) * 64;
+        std::memcpy(at, pattern.data(), 64);
+        return p.persist(at, 64);
+      });
       if (!st) return fail(st.error());
-      json j = stats_json(*st);
-      j["threads"] = t;
+      user[k].add(*st);
+      user_calls[k] += p.persist_calls() - calls0;
+      user_flushes[k] += p.device_flushes() - flushes0;
+    }
+    // Floor: the same 64-byte write, then one uncoalesced device flush: the
+    // host's fsync of one dirty page plus one virtqueue round trip.
+    auto r = run_threads(1, slice, [&](unsigned, std::uint64_t i) {
+      std::uint8_t* at = p.data() + (i % 64) * 64;
+      std::memcpy(at, pattern.data(), 64);
+      driver::cache::flush(at, 64);
+      driver::cache::drain();
+      return p.device_flush();
+    });
+    if (!r) return fail(r.error());
+    raw.add(*r);
+    if (rng) {
+      std::uint8_t b;
+      auto rt =
+          run_threads(1, slice, [&](unsigned, std::uint64_t) { return (*rng)->read(std::span(&b, 1)); });
+      if (!rt) return fail(rt.error());
+      null_rt.add(*rt);
+    }
+    // Kernel path: 4 KiB pwrite + fsync on ext4 -o dax over virtio_pmem.
+    if (kernel) {
+      for (std::size_t k = 0; k < 2; ++k) {
+        const unsigned t = k == 0 ? 1 : 4;
+        auto st = run_threads(t, slice, [&](unsigned th, std::uint64_t i) -> Result<void> {
+          if (::pwrite(kfds[th], page.data(), page.size(), static_cast<off_t>((i % 64) * 4096)) != 4096 ||
+              ::fsync(kfds[th]) != 0)
+            return Error::from_errno(errno, vm["kernel-file"].as<std::string>(), "pwrite + fsync");
+          return ok();
+        });
+        if (!st) return fail(st.error());
+        kern[k].add(*st);
+      }
+    }
+  }
+  out["rounds"] = rounds;
+  out["userspace"] = json::array();
+  for (std::size_t k = 0; k < threads.size(); ++k) {
+    json j = stats_json(user[k].stats());
+    j["threads"] = threads[k];
+    j["persist_calls"] = user_calls[k];
+    j["device_flushes"] = user_flushes[k];
+    out["userspace"].push_back(j);
+  }
+  const Stats raw_stats = raw.stats();
+  out["write_and_device_flush"] = stats_json(raw_stats);
+  // The floor is measured in the guest, the same way as persist: one host
+  // fsync of a dirty page plus one virtqueue round trip.
+  const double floor_us = raw_stats.p50_us;
+  out["floor_p50_us"] = floor_us;
+  if (rng) out["null_round_trip"] = stats_json(null_rt.stats());
+  if (vm.count("host-fsync-us")) out["host_fsync_us"] = vm["host-fsync-us"].as<double>();
+  if (kernel) {
+    out["kernel"] = json::array();
+    for (std::size_t k = 0; k < 2; ++k) {
+      json j = stats_json(kern[k].stats());
+      j["threads"] = k == 0 ? 1 : 4;
       out["kernel"].push_back(j);
     }
   }
@@ -384,11 +461,14 @@ int pmem_bench(const std::vector<std::string>& args) {
                 u["p50_us"].get<double>(), u["p99_us"].get<double>(), u["ops_per_s"].get<double>(),
                 static_cast<unsigned long long>(u["persist_calls"].get<std::uint64_t>()),
                 static_cast<unsigned long long>(u["device_flushes"].get<std::uint64_t>()));
-  std::printf("  write + one uncoalesced device flush: p50 %.1f us, p99 %.1f us\n", raw->p50_us, raw->p99_us);
+  std::printf("  floor: 64 B write + one uncoalesced device flush: p50 %.1f us, p99 %.1f us\n",
+              raw_stats.p50_us, raw_stats.p99_us);
   if (out.contains("null_round_trip"))
-    std::printf("  null virtqueue round trip (rng, 1 byte): p50 %.1f us\n",
+    std::printf("    of which a null virtqueue round trip (rng, 1 byte): p50 %.1f us\n",
                 out["null_round_trip"]["p50_us"].get<double>());
-  std::printf("  floor p50: %.1f us\n", floor_us);
+  if (out.contains("host_fsync_us"))
+    std::printf("    host 64 B pwrite + fsync measured on the host before boot: p50 %.1f us\n",
+                out["host_fsync_us"].get<double>());
   if (out.contains("kernel"))
     for (const auto& k : out["kernel"])
       std::printf("  kernel ext4-dax 4 KiB pwrite+fsync, %u threads: p50 %.1f us, %.0f ops/s\n",

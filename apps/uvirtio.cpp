@@ -29,7 +29,7 @@ namespace {
 const char* kUsageText =
     "usage: uvirtio COMMAND [options]\n"
     "commands:\n"
-    "  list [--json] [--type T] [-q]  virtio PCI functions: BDF, ids, type, driver, IOMMU group\n"
+    "  list [--json] [--type T] [--driver D] [-q]   virtio PCI functions: BDF, ids, type, driver, group\n"
     "  bind (BDF... | --all)          bind functions to vfio-pci (--all: every virtio function)\n"
     "  unbind (BDF... | --all)        give functions back to the driver they had before bind\n"
     "  caps BDF [--json]              PCI and virtio capabilities of a function\n"
@@ -48,7 +48,8 @@ int cmd_list(const std::vector<std::string>& args) {
   desc.add_options()("help,h", "show help")("json", "print JSON")("all",
                                                                   "list every PCI function, not only virtio")(
       "type", po::value<std::string>(), "only virtio functions of this type (entropy, pmem, block, ...)")(
-      "quiet,q", "print only the BDFs, one a line (for scripts)");
+      "quiet,q", "print only the BDFs, one a line (for scripts)")(
+      "driver", po::value<std::string>(), "only functions bound to this driver ('none': unbound)");
   auto vm = parse(args, desc, {});
   if (vm.count("help")) {
     std::cout << desc;
@@ -62,6 +63,10 @@ int cmd_list(const std::vector<std::string>& args) {
     if (!type && !vm.count("all")) continue;
     if (vm.count("type") && (!type || vm["type"].as<std::string>() != pci::virtio_device_name(*type)))
       continue;
+    if (vm.count("driver")) {
+      const std::string want = vm["driver"].as<std::string>();
+      if (f.driver != (want == "none" ? std::string() : want)) continue;
+    }
     json j = {{"bdf", f.bdf.str()},
               {"vendor", hex(f.vendor, 4)},
               {"device", hex(f.device, 4)},

@@ -30,11 +30,12 @@ Result<void> FlushCoalescer::result_for(std::uint64_t ticket) const {
   return ok();
 }
 
-void FlushCoalescer::lead(std::unique_lock<std::mutex>& lk, std::uint64_t want) {
+void FlushCoalescer::lead(std::unique_lock<std::mutex>& lk, std::uint64_t want, bool serve_async) {
   leader_ = true;
   while (done_ < want) {
     // Everything ticketed so far is covered by a flush that starts now.
     const std::uint64_t covered = next_ticket_;
+    covering_ = covered;
     lk.unlock();
     Result<void> r = fn_();
     lk.lock();
@@ -59,8 +60,11 @@ void FlushCoalescer::lead(std::unique_lock<std::mutex>& lk, std::uint64_t want) 
       for (auto& p : ready) p.done(r.ok() ? Result<void>() : Result<void>(r.error()));
       lk.lock();
     }
-    // Async waiters that arrived during this round need another one.
-    for (const auto& p : pending_) want = std::max(want, p.ticket);
+    // The helper thread also serves async waiters that arrived meanwhile; a
+    // synchronous caller returns as soon as its own ticket is covered (the
+    // helper takes over what is left), so its latency stays bounded.
+    if (serve_async)
+      for (const auto& p : pending_) want = std::max(want, p.ticket);
   }
   leader_ = false;
   cv_.notify_all();
@@ -72,7 +76,7 @@ Result<void> FlushCoalescer::flush() {
   for (;;) {
     if (done_ >= ticket) return result_for(ticket);
     if (!leader_) {
-      lead(lk, ticket);
+      lead(lk, ticket, false);
       continue;
     }
     cv_.wait(lk);
@@ -101,8 +105,13 @@ void FlushCoalescer::worker_loop() {
     if (stop_) return;
     std::uint64_t want = 0;
     for (const auto& p : pending_) want = std::max(want, p.ticket);
-    lead(lk, want);
+    lead(lk, want, true);
   }
+}
+
+bool FlushCoalescer::contended() const {
+  std::unique_lock lk(m_);
+  return next_ticket_ > covering_ || !pending_.empty();
 }
 
 std::uint64_t FlushCoalescer::requests() const {

@@ -129,11 +129,21 @@ Result<std::unique_ptr<Pmem>> Pmem::attach(std::unique_ptr<Device> dev, const Pm
     } else if (options.map_range) {
       mode = PmemMapping::custom;
       UV_TRY(range, options.map_range(t.name(), start, size));
+      if (range.data == nullptr || range.size < size) {
+        if (range.unmap) range.unmap();
+        return Error(Errc::invalid_argument, t.name(), op,
+                     "the mapping hook returned " + std::to_string(range.size) + " bytes for a " +
+                         std::to_string(size) + "-byte device");
+      }
     } else {
       UV_TRY(range, map_devmem(t.name(), start, size));
     }
   }
   std::unique_ptr<Pmem> pm(new Pmem(std::move(dev), std::move(vq), std::move(slots), options));
+  // Hybrid completion spins only while no other caller waits for the next
+  // flush: they need the CPU more than the leader needs a fast wake-up.
+  Pmem* self = pm.get();
+  pm->vq_->set_spin_while([self] { return !self->coalescer_.contended(); });
   pm->start_ = start;
   pm->size_ = size;
   pm->mapping_ = mode;

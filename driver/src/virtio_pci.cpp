@@ -328,7 +328,11 @@ Result<void> VirtioPci::ack_interrupt(std::uint16_t) {
   // when it fired, so unmask it again.
   auto isr = isr_->read(caps_.isr->offset, 1);
   if (!isr) return isr.error().within("read ISR");
-  return fn_.unmask_intx();
+  UV_TRY_VOID(fn_.unmask_intx());
+  // ISR bit 1: a configuration change, which is how a device reports
+  // DEVICE_NEEDS_RESET on INTx (spec 4.1.4.5.1, 2.1.2).
+  if (*isr & 0x2) return check_healthy("interrupt");
+  return ok();
 }
 
 }  // namespace uvirtio::driver

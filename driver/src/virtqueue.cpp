@@ -11,7 +11,15 @@
 namespace uvirtio::driver {
 
 const char* completion_mode_name(CompletionMode m) {
-  return m == CompletionMode::polling ? "polling" : "interrupt";
+  switch (m) {
+    case CompletionMode::polling:
+      return "polling";
+    case CompletionMode::interrupt:
+      return "interrupt";
+    case CompletionMode::hybrid:
+      return "hybrid";
+  }
+  return "unknown";
 }
 
 Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t index,
@@ -31,8 +39,8 @@ Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t
                                                            t.name() + " queue " + std::to_string(index)));
   if (mode == CompletionMode::polling) ring.set_interrupts(false);
   UV_TRY_VOID(t.setup_queue(index, size, QueueAddresses{desc.iova, avail.iova, used.iova},
-                            mode == CompletionMode::interrupt));
-  if (mode == CompletionMode::interrupt && !t.queue_eventfd(index))
+                            mode != CompletionMode::polling));
+  if (mode != CompletionMode::polling && !t.queue_eventfd(index))
     return Error(Errc::unsupported, t.name(), op, "no interrupt eventfd for the queue");
   return std::unique_ptr<Virtqueue>(new Virtqueue(t, index, std::move(ring), mode));
 }
@@ -56,13 +64,14 @@ Result<rings::Completion> Virtqueue::wait(std::chrono::milliseconds timeout) {
 Result<rings::Completion> Virtqueue::wait_until(std::chrono::steady_clock::time_point until,
                                                 std::chrono::milliseconds timeout) {
   const std::string op = "wait for queue " + std::to_string(index_);
+  const auto spin_until = std::chrono::steady_clock::now() + spin_budget_;
   for (;;) {
     UV_TRY(std::optional<rings::Completion> c, ring_.poll());
     if (c) {
       // The device may have completed before we slept: take its interrupt
       // now, so INTx is acknowledged and unmasked and no stale wake-up is
       // left for the next wait.
-      if (mode_ == CompletionMode::interrupt) UV_TRY_VOID(take_interrupt(0));
+      if (mode_ != CompletionMode::polling) UV_TRY_VOID(take_interrupt(0));
       return *c;
     }
     const auto now = std::chrono::steady_clock::now();
@@ -72,7 +81,8 @@ Result<rings::Completion> Virtqueue::wait_until(std::chrono::steady_clock::time_
                    "no completion within " + std::to_string(timeout.count()) + " ms (" +
                        std::to_string(ring_.in_flight()) + " requests in flight)");
     }
-    if (mode_ == CompletionMode::polling) {
+    if (mode_ == CompletionMode::polling ||
+        (mode_ == CompletionMode::hybrid && now < spin_until && (!spin_while_ || spin_while_()))) {
       // Busy-poll, but look at the device status now and then so a device
       // that went NEEDS_RESET is reported promptly.
       for (int spin = 0; spin < 4096 && !ring_.has_used(); ++spin) cpu_relax();

@@ -36,6 +36,25 @@ check 2 "unrecognised option '--bogus'" "$u" list --bogus
 check 2 "--timeout must be 1..3600000 ms" "$u" rng read 00:03.0 -n 4 --timeout 0
 check 1 "0000:7f:1f.7: describe function: no such PCI function" "$u" rng read 0000:7f:1f.7 -n 4
 check 1 "0000:7f:1f.7: read config space: no such PCI function" "$u" caps 0000:7f:1f.7
+check 2 "usage: uvirtio pmem info" "$u" pmem
+check 2 "unknown subcommand 'frob'" "$u" pmem frob
+check 2 "--offset is required" "$u" pmem write 00:03.0 --data x
+check 2 "exactly one of --data or --file" "$u" pmem write 00:03.0 --offset 0
+check 2 "'-5' is not a non-negative integer" "$u" pmem write 00:03.0 --offset -5 --data x
+check 2 "'12abc' is not a non-negative integer" "$u" pmem read 00:03.0 --offset 12abc --length 1
+check 2 "--length must be 1..67108864" "$u" pmem read 00:03.0 --offset 0 --length 0
+check 2 "--completion must be hybrid, interrupt or poll" "$u" pmem flush 00:03.0 --completion sometimes
+check 2 "--threads values must be 1..64" "$u" pmem bench 00:03.0 --threads 0
+check 1 "0000:7f:1f.7: describe function: no such PCI function" "$u" pmem info 0000:7f:1f.7
+check 2 "usage: uvirtio-pmlog" "$bin/uvirtio-pmlog"
+check 2 "unknown command 'frob'" "$bin/uvirtio-pmlog" 00:03.0 frob
+check 2 "give record texts or --count N" "$bin/uvirtio-pmlog" 00:03.0 append
+check 2 "expected DDDD:BB:DD.F" "$bin/uvirtio-pmlog" nobdf list
+check 2 "usage: uvirtio-bench" "$bin/uvirtio-bench"
+check 2 "unknown benchmark 'frob'" "$bin/uvirtio-bench" frob
+check 1 "/nonexistent/file: open: No such file or directory" "$bin/uvirtio-bench" fsync /nonexistent/file --seconds 0.1
+check 2 "--kernel-pmem wants FILE:SIZE" "$vm" --kernel-pmem nosize
+check 2 "--module: bad module name" "$vm" --module 'a b'
 check 2 "unknown option '--frob'" "$vm" --frob
 check 2 "--pmem wants FILE:SIZE" "$vm" --pmem nosize
 check 2 "--blk: image '/nonexistent.img' does not exist" "$vm" --blk /nonexistent.img

@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 
 #include <array>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -20,6 +21,7 @@
 #include "uvirtio/driver/rng.hpp"
 #include "uvirtio/pci/binding.hpp"
 #include "uvirtio/pci/discovery.hpp"
+#include "uvirtio/pmem.h"
 
 using namespace uvirtio;
 using json = nlohmann::json;
@@ -291,10 +293,11 @@ TEST(Pmem, PersistedDataReadsBackThroughANewOpen) {
   EXPECT_EQ(back, pattern);
 }
 
-TEST(Pmem, PollingAndInterruptFlushBothWork) {
+TEST(Pmem, PollingInterruptAndHybridFlushAllWork) {
   auto f = find_function(0x105b);
   ASSERT_TRUE(f);
-  for (auto mode : {driver::CompletionMode::polling, driver::CompletionMode::interrupt}) {
+  for (auto mode :
+       {driver::CompletionMode::polling, driver::CompletionMode::interrupt, driver::CompletionMode::hybrid}) {
     driver::PmemOptions opt;
     opt.completion = mode;
     opt.map = false;
@@ -354,4 +357,23 @@ TEST(PmemCli, DeviceBoundToAnotherDriverIsRefused) {
   ASSERT_EQ(run("uvirtio bind " + bdf).status, 0);
   auto again = run("uvirtio pmem info " + bdf + " --json");
   EXPECT_EQ(again.status, 0) << again.out;
+}
+
+TEST(PmemCApi, PersistFlushAndErrors) {
+  auto f = find_function(0x105b);
+  ASSERT_TRUE(f);
+  uvirtio_pmem* pm = nullptr;
+  char err[256] = "";
+  ASSERT_EQ(uvirtio_pmem_open("00:zz.0", &pm, err, sizeof err), -EINVAL);
+  EXPECT_NE(std::string(err).find("00:zz.0"), std::string::npos) << err;
+  ASSERT_EQ(uvirtio_pmem_open(f->bdf.str().c_str(), &pm, err, sizeof err), 0) << err;
+  EXPECT_EQ(uvirtio_pmem_size(pm), 16u << 20);
+  auto* data = static_cast<char*>(uvirtio_pmem_data(pm));
+  EXPECT_EQ(uvirtio_pmem_memcpy_persist(pm, data + 8192, "c-api", 5), 0) << uvirtio_pmem_last_error(pm);
+  EXPECT_EQ(uvirtio_pmem_flush(pm), 0);
+  EXPECT_EQ(uvirtio_pmem_persist(pm, data + (16u << 20) - 4, 8), -EINVAL);
+  EXPECT_NE(std::string(uvirtio_pmem_last_error(pm)).find("outside"), std::string::npos)
+      << uvirtio_pmem_last_error(pm);
+  EXPECT_EQ(std::memcmp(data + 8192, "c-api", 5), 0);
+  uvirtio_pmem_close(pm);
 }

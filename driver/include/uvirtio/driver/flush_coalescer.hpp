@@ -50,7 +50,10 @@ class FlushCoalescer {
   void flush_async(Callback done);
   std::future<Result<void>> flush_future();
 
-  std::uint64_t requests() const;        // flush() + flush_async() calls
+  std::uint64_t requests() const;  // flush() + flush_async() calls
+  // True when callers are waiting for a flush other than the running one
+  // (the leader may then prefer to sleep rather than spin).
+  bool contended() const;
   std::uint64_t device_flushes() const;  // calls of the flush function
 
  private:
@@ -62,9 +65,10 @@ class FlushCoalescer {
     std::uint64_t ticket;
     Callback done;
   };
-  // Runs flushes until every ticket <= want is covered. Called with lk held
-  // and leader_ false; returns with lk held.
-  void lead(std::unique_lock<std::mutex>& lk, std::uint64_t want);
+  // Runs flushes until every ticket <= want is covered (and, with
+  // serve_async, every async ticket that arrives meanwhile). Called with lk
+  // held and leader_ false; returns with lk held.
+  void lead(std::unique_lock<std::mutex>& lk, std::uint64_t want, bool serve_async);
   Result<void> result_for(std::uint64_t ticket) const;
   void worker_loop();
 
@@ -73,6 +77,7 @@ class FlushCoalescer {
   std::condition_variable cv_;
   std::uint64_t next_ticket_ = 0;  // last ticket handed out
   std::uint64_t done_ = 0;         // every ticket <= done_ is covered
+  std::uint64_t covering_ = 0;     // tickets the running flush covers
   bool leader_ = false;
   std::uint64_t flushes_ = 0;
   std::deque<Failure> failures_;  // recent failed rounds (bounded)

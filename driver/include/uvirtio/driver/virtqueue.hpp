@@ -9,6 +9,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -18,7 +19,11 @@
 
 namespace uvirtio::driver {
 
-enum class CompletionMode { polling, interrupt };
+// polling: spin on the used ring (no interrupts). interrupt: sleep on the
+// queue's eventfd. hybrid: interrupts armed, but spin for up to
+// Virtqueue::spin_budget() before sleeping, which saves the wake-up latency
+// when the device answers quickly.
+enum class CompletionMode { polling, interrupt, hybrid };
 const char* completion_mode_name(CompletionMode m);
 
 class Virtqueue {
@@ -44,6 +49,12 @@ class Virtqueue {
 
   std::uint64_t notifications() const { return notifications_; }
   std::uint64_t interrupts() const { return interrupts_; }
+  // Hybrid mode: how long a wait spins before it sleeps (default 2 ms).
+  void set_spin_budget(std::chrono::microseconds budget) { spin_budget_ = budget; }
+  std::chrono::microseconds spin_budget() const { return spin_budget_; }
+  // Hybrid mode: spinning continues only while this returns true (checked
+  // between spin bursts); e.g. stop spinning when other threads need the CPU.
+  void set_spin_while(std::function<bool()> keep_spinning) { spin_while_ = std::move(keep_spinning); }
   std::uint64_t config_interrupts() const { return config_interrupts_; }
 
  private:
@@ -59,6 +70,8 @@ class Virtqueue {
   CompletionMode mode_;
   std::uint64_t notifications_ = 0;
   std::uint64_t interrupts_ = 0;
+  std::chrono::microseconds spin_budget_{2000};
+  std::function<bool()> spin_while_;
   std::uint64_t config_interrupts_ = 0;
 };
 

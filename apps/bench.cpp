@@ -1,0 +1,94 @@
+// uvirtio-bench: host-side and in-guest measurements that are not a device
+// command. For now:
+//   uvirtio-bench fsync FILE [--seconds S] [--json]
+//       p50/p99 of a 64-byte pwrite + fsync on FILE (the host half of the
+//       virtio-pmem floor: what one device flush costs the host).
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <vector>
+
+#include "cli_common.hpp"
+
+namespace uvirtio::apps {
+namespace {
+
+int bench_fsync(const std::vector<std::string>& args) {
+  po::options_description desc("uvirtio-bench fsync FILE");
+  desc.add_options()("help,h", "show help")("file", po::value<std::string>(), "file to write and fsync")(
+      "seconds", po::value<double>()->default_value(2.0), "duration")("json", "print JSON");
+  po::positional_options_description pos;
+  pos.add("file", 1);
+  auto vm = parse(args, desc, pos);
+  if (vm.count("help")) {
+    std::cout << desc;
+    return 0;
+  }
+  if (!vm.count("file")) throw UsageError{"fsync: which file? (uvirtio-bench fsync FILE)"};
+  const double seconds = vm["seconds"].as<double>();
+  if (!(seconds > 0 && seconds <= 600)) throw UsageError{"fsync: --seconds must be in (0, 600]"};
+  const std::string path = vm["file"].as<std::string>();
+  const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) {
+    std::cerr << g_program << ": " << path << ": open: " << std::strerror(errno) << "\n";
+    return kFail;
+  }
+  std::vector<double> lat;
+  std::uint8_t buf[64];
+  std::memset(buf, 0x3c, sizeof buf);
+  using Clock = std::chrono::steady_clock;
+  const auto until =
+      Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  for (std::uint64_t i = 0; Clock::now() < until; ++i) {
+    const auto a = Clock::now();
+    if (::pwrite(fd, buf, sizeof buf, static_cast<off_t>((i % 64) * 64)) != sizeof buf || ::fsync(fd) != 0) {
+      std::cerr << g_program << ": " << path << ": pwrite + fsync: " << std::strerror(errno) << "\n";
+      ::close(fd);
+      return kFail;
+    }
+    lat.push_back(std::chrono::duration<double, std::micro>(Clock::now() - a).count());
+  }
+  ::close(fd);
+  std::sort(lat.begin(), lat.end());
+  const double p50 = lat[lat.size() / 2], p99 = lat[std::min(lat.size() - 1, lat.size() * 99 / 100)];
+  if (vm.count("json")) {
+    std::cout << json{{"file", path}, {"ops", lat.size()}, {"p50_us", p50}, {"p99_us", p99}}.dump(2) << "\n";
+  } else {
+    std::printf("%s: 64 B pwrite + fsync: %zu ops, p50 %.1f us, p99 %.1f us\n", path.c_str(), lat.size(), p50,
+                p99);
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace uvirtio::apps
+
+int main(int argc, char** argv) {
+  using namespace uvirtio::apps;
+  g_program = "uvirtio-bench";
+  const char* usage = "usage: uvirtio-bench fsync FILE [--seconds S] [--json]\n";
+  if (argc < 2) {
+    std::cerr << usage;
+    return kUsage;
+  }
+  const std::string cmd = argv[1];
+  const std::vector<std::string> args(argv + 2, argv + argc);
+  try {
+    if (cmd == "fsync") return bench_fsync(args);
+    if (cmd == "-h" || cmd == "--help") {
+      std::cout << usage;
+      return 0;
+    }
+    throw UsageError{"unknown benchmark '" + cmd + "'"};
+  } catch (const UsageError& e) {
+    std::cerr << "uvirtio-bench: " << e.what << "\n";
+    return kUsage;
+  } catch (const po::error& e) {
+    std::cerr << "uvirtio-bench: " << e.what() << "\n";
+    return kUsage;
+  }
+}
