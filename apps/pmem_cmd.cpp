@@ -409,6 +409,7 @@ int pmem_bench(const std::vector<std::string>& args) {
     }
   }
   out["rounds"] = rounds;
+  out["device_requests_total"] = p.device_requests();  // every flush the device completed, warm-up included
   out["userspace"] = json::array();
   for (std::size_t k = 0; k < threads.size(); ++k) {
     json j = stats_json(user[k].stats());

@@ -175,6 +175,7 @@ Result<void> Pmem::device_flush() {
   for (;;) {
     UV_TRY(rings::Completion c, vq_->wait_until(until, opt_.timeout));
     busy_[c.token & 0xff] = false;
+    ++requests_done_;
     if (c.token != token) continue;  // a request an earlier flush gave up on
     UV_TRY_VOID(t.check_healthy(op));
     if (c.len < sizeof(le32))

@@ -15,6 +15,7 @@
 // FlushCoalescer); every request has a deadline.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -94,6 +95,9 @@ class Pmem {
   Result<void> device_flush();
   std::uint64_t persist_calls() const { return coalescer_.requests(); }
   std::uint64_t device_flushes() const { return coalescer_.device_flushes(); }
+  // Flush requests completed by the device, coalesced or not (each is one
+  // host fsync).
+  std::uint64_t device_requests() const { return requests_done_.load(); }
   Virtqueue& queue() { return *vq_; }
 
  private:
@@ -111,6 +115,7 @@ class Pmem {
   PmemRange range_;
   std::mutex request_mutex_;  // one device request at a time
   std::uint64_t next_seq_ = 1;
+  std::atomic<std::uint64_t> requests_done_{0};
   FlushCoalescer coalescer_;
 };
 
