@@ -57,5 +57,6 @@ inline po::variables_map parse(const std::vector<std::string>& args, const po::o
 std::uint64_t parse_u64(const std::string& text, const std::string& what);
 
 int cmd_pmem(const std::vector<std::string>& args);
+int cmd_blk(const std::vector<std::string>& args);
 
 }  // namespace uvirtio::apps

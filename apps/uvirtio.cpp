@@ -39,6 +39,7 @@ const char* kUsageText =
     "  pmem read BDF --offset O --length L [--hex]\n"
     "  pmem flush BDF                 one (coalesced) device flush\n"
     "  pmem bench BDF [--threads T]... [--json]   persist latency and throughput\n"
+    "  blk info|read|write|flush BDF ...   virtio-blk (see 'uvirtio blk --help')\n"
     "run 'uvirtio COMMAND --help' for a command's options\n";
 
 // ---- list -------------------------------------------------------------------
@@ -339,6 +340,7 @@ int main(int argc, char** argv) {
     if (cmd == "caps") return cmd_caps(args);
     if (cmd == "rng") return cmd_rng(args);
     if (cmd == "pmem") return cmd_pmem(args);
+    if (cmd == "blk") return cmd_blk(args);
     if (cmd == "-h" || cmd == "--help" || cmd == "help") {
       std::cout << kUsageText;
       return 0;

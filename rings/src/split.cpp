@@ -9,9 +9,11 @@
 // Shared indices and flags are accessed through std::atomic_ref on the
 // little-endian storage of the Le<> fields. Spec sections: 2.7.13 (supplying
 // buffers), 2.7.14 and 2.7.8.3 (receiving used buffers), 2.7.7 and 2.7.10
-// (notification suppression).
+// (notification suppression, including VIRTIO_F_EVENT_IDX), 2.7.5.3
+// (indirect descriptors).
 #include "uvirtio/rings/split.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <bit>
 #include <cstring>
@@ -40,6 +42,15 @@ void store_release(le16& f, std::uint16_t v) noexcept {
 // A single read of a device-written word (the device may change it under us).
 std::uint32_t read_once(le32& f) noexcept {
   return le32::from_raw(std::atomic_ref<std::uint32_t>(f.raw()).load(std::memory_order_relaxed));
+}
+
+// used_event (last word of the available ring) and avail_event (last word of
+// the used ring), spec 2.7.6 and 2.7.8.
+le16& used_event(std::uint8_t* avail, std::uint16_t size) noexcept {
+  return *reinterpret_cast<le16*>(avail + SplitLayout::used_event_offset(size));
+}
+le16& avail_event(std::uint8_t* used, std::uint16_t size) noexcept {
+  return *reinterpret_cast<le16*>(used + SplitLayout::avail_event_offset(size));
 }
 
 bool aligned(const void* p, std::size_t a) noexcept { return reinterpret_cast<std::uintptr_t>(p) % a == 0; }
@@ -71,11 +82,26 @@ Result<SplitQueue> SplitQueue::create(std::uint16_t size, void* desc, void* avai
   q.avail_ = static_cast<std::uint8_t*>(avail);
   q.used_ = static_cast<std::uint8_t*>(used);
   q.name_ = std::move(name);
-  q.extra_.resize(size);
-  for (std::uint16_t i = 0; i < size; ++i) q.extra_[i].next = static_cast<std::uint16_t>(i + 1);
-  q.free_head_ = 0;
-  q.num_free_ = size;
+  q.init_shadow();
   return q;
+}
+
+void SplitQueue::init_shadow() {
+  extra_.assign(size_, Extra{});
+  for (std::uint16_t i = 0; i < size_; ++i) extra_[i].next = static_cast<std::uint16_t>(i + 1);
+  free_head_ = 0;
+  num_free_ = size_;
+  avail_idx_shadow_ = 0;
+  published_idx_ = 0;
+  last_used_ = 0;
+  avail_flags_shadow_ = 0;
+  next_seq_ = 0;
+  broken_ = false;
+}
+
+std::size_t SplitQueue::indirect_limit() const noexcept {
+  if (!indirect_ || pool_ == nullptr) return 0;
+  return std::min(max_indirect_, slot_entries_);
 }
 
 Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<const Buffer> in,
@@ -95,13 +121,51 @@ Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<con
   if (writable > std::numeric_limits<std::uint32_t>::max()) {
     return Error(Errc::invalid_argument, name_, op, "device-writable bytes of the chain overflow 32 bits");
   }
-  if (n > num_free_) {
+  // Spec 2.7.5.3: a chain of several buffers goes into the head's indirect
+  // table and takes one ring descriptor (also when the ring has too few free).
+  const bool indirect = n > 1 && n <= indirect_limit();
+  const std::size_t ring_descs = indirect ? 1 : n;
+  if (ring_descs > num_free_) {
     return Error(Errc::busy, name_, op,
-                 std::to_string(n) + " descriptors needed, " + std::to_string(num_free_) + " free");
+                 std::to_string(ring_descs) + " descriptors needed, " + std::to_string(num_free_) + " free");
+  }
+
+  const std::uint16_t head = free_head_;
+  if (indirect) {
+    // The table lives in driver-owned, device-visible memory and is written
+    // before publish()'s barrier like any descriptor; the device may scribble
+    // on it, but we never read it back. No INDIRECT flag inside (2.7.5.3.1).
+    const std::size_t stride = slot_entries_ * sizeof(VirtqDesc);
+    auto* table = reinterpret_cast<VirtqDesc*>(pool_ + std::size_t{head} * stride);
+    std::size_t j = 0;
+    for (const auto* part : {&out, &in}) {
+      const std::uint16_t write = part == &in ? VIRTQ_DESC_F_WRITE : 0;
+      for (const Buffer& b : *part) {
+        const bool last = j + 1 == n;
+        table[j].addr.set(b.addr);
+        table[j].len.set(b.len);
+        table[j].flags.set(static_cast<std::uint16_t>(write | (last ? 0 : VIRTQ_DESC_F_NEXT)));
+        table[j].next.set(last ? 0 : static_cast<std::uint16_t>(j + 1));
+        ++j;
+      }
+    }
+    VirtqDesc& d = desc_[head];
+    d.addr.set(pool_device_ + std::uint64_t{head} * stride);
+    d.len.set(static_cast<std::uint32_t>(n * sizeof(VirtqDesc)));
+    d.flags.set(VIRTQ_DESC_F_INDIRECT);  // never with NEXT (2.7.5.3.1)
+    d.next.set(0);
+    free_head_ = extra_[head].next;
+    num_free_ = static_cast<std::uint16_t>(num_free_ - 1);
+    extra_[head].chain_len = 1;
+    extra_[head].writable = static_cast<std::uint32_t>(writable);
+    extra_[head].token = token;
+    extra_[head].seq = next_seq_++;
+    words(avail_)[kRing + (avail_idx_shadow_ & (size_ - 1u))].set(head);
+    ++avail_idx_shadow_;
+    return head;
   }
 
   // Spec 2.7.13.1: fill the descriptors, walking our own free-list links.
-  const std::uint16_t head = free_head_;
   std::uint16_t i = head;
   std::size_t k = 0;
   for (const auto* part : {&out, &in}) {
@@ -121,6 +185,7 @@ Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<con
   extra_[head].chain_len = static_cast<std::uint16_t>(n);
   extra_[head].writable = static_cast<std::uint32_t>(writable);
   extra_[head].token = token;
+  extra_[head].seq = next_seq_++;
 
   // Spec 2.7.13.2: the head goes into the next available ring slot; the
   // index itself is stored by publish().
@@ -134,8 +199,15 @@ bool SplitQueue::publish() {
   // Descriptors and ring entries must be visible before the index covering them (2.7.13.3).
   barrier_publish();
   store_release(words(avail_)[kIdx], avail_idx_shadow_);
-  // The index store must be ordered before reading the device's NO_NOTIFY flag (2.7.10, 2.7.13.4).
+  // The index store must be ordered before reading the device's NO_NOTIFY
+  // flag or avail_event (2.7.10, 2.7.13.4): otherwise the device could go to
+  // sleep having seen the old index while we read its stale "don't notify".
   barrier_store_load();
+  const std::uint16_t old_idx = published_idx_;
+  published_idx_ = avail_idx_shadow_;
+  if (event_idx_) {
+    return vring_need_event(load_acquire(avail_event(used_, size_)), avail_idx_shadow_, old_idx);
+  }
   return (load_acquire(words(used_)[kFlags]) & VIRTQ_USED_F_NO_NOTIFY) == 0;
 }
 
@@ -174,6 +246,13 @@ Result<std::optional<Completion>> SplitQueue::poll() {
   num_free_ = static_cast<std::uint16_t>(num_free_ + x.chain_len);
   x.chain_len = 0;
   ++last_used_;
+  if (event_idx_ && (avail_flags_shadow_ & VIRTQ_AVAIL_F_NO_INTERRUPT) == 0) {
+    // Interrupts on: ask for one at the next entry (2.7.7.2), and order that
+    // store before our next read of the used index, so an entry the device
+    // adds meanwhile is either seen by us or interrupts us.
+    store_release(used_event(avail_, size_), last_used_);
+    barrier_store_load();
+  }
   return std::optional<Completion>{Completion{x.token, len}};
 }
 
@@ -187,7 +266,87 @@ void SplitQueue::set_interrupts(bool enabled) noexcept {
   avail_flags_shadow_ = enabled
                             ? static_cast<std::uint16_t>(avail_flags_shadow_ & ~VIRTQ_AVAIL_F_NO_INTERRUPT)
                             : static_cast<std::uint16_t>(avail_flags_shadow_ | VIRTQ_AVAIL_F_NO_INTERRUPT);
+  if (event_idx_) {
+    // Spec 2.7.7.2: with EVENT_IDX the flags stay 0; used_event says "interrupt
+    // me once the used index passes last_used". Disabling leaves it: the
+    // device then interrupts at most once more (when it passes the old value).
+    if (enabled) store_release(used_event(avail_, size_), last_used_);
+    return;
+  }
   store_release(words(avail_)[kFlags], avail_flags_shadow_);
+}
+
+bool SplitQueue::enable_interrupts_and_check() noexcept {
+  if (broken_) return false;
+  set_interrupts(true);
+  // Our used_event / flags store must be ordered before re-reading the used
+  // index (2.7.7.2): otherwise an entry written in between is neither seen
+  // here nor signalled.
+  barrier_store_load();
+  return load_acquire(words(used_)[kIdx]) != last_used_;
+}
+
+void SplitQueue::set_event_idx(bool enabled) noexcept {
+  event_idx_ = enabled;
+  if (broken_) return;
+  // Spec 2.7.7.2: with EVENT_IDX the driver MUST keep flags at 0.
+  store_release(words(avail_)[kFlags], enabled ? std::uint16_t{0} : avail_flags_shadow_);
+  if (enabled && (avail_flags_shadow_ & VIRTQ_AVAIL_F_NO_INTERRUPT) == 0) {
+    store_release(used_event(avail_, size_), last_used_);
+  }
+}
+
+void SplitQueue::set_indirect(bool enabled, std::size_t max_indirect) noexcept {
+  indirect_ = enabled;
+  max_indirect_ = max_indirect;
+}
+
+Result<void> SplitQueue::provide_indirect_pool(void* va, std::uint64_t device_addr, std::size_t bytes) {
+  const char* op = "provide indirect pool";
+  if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
+  if (!indirect_ || max_indirect_ < 2) {
+    return Error(Errc::invalid_argument, name_, op, "call set_indirect(true, n >= 2) first");
+  }
+  if (va == nullptr || !aligned(va, alignof(VirtqDesc) * 2)) {
+    return Error(Errc::invalid_argument, name_, op, "pool pointer is null or not 16-byte aligned");
+  }
+  if (in_flight() != 0) {
+    return Error(Errc::busy, name_, op, std::to_string(in_flight()) + " descriptors in flight");
+  }
+  // Spec 2.7.5.3.1: a chain is never longer than the queue size.
+  const std::size_t entries = std::min<std::size_t>(max_indirect_, size_);
+  const std::size_t need = std::size_t{size_} * entries * sizeof(VirtqDesc);  // <= 2^34: no overflow
+  if (bytes < need) {
+    return Error(Errc::invalid_argument, name_, op,
+                 "pool of " + std::to_string(bytes) + " bytes, need " + std::to_string(need));
+  }
+  if (device_addr > std::numeric_limits<std::uint64_t>::max() - need) {
+    return Error(Errc::invalid_argument, name_, op, "pool device address range wraps");
+  }
+  pool_ = static_cast<std::uint8_t*>(va);
+  pool_device_ = device_addr;
+  slot_entries_ = entries;
+  return ok();
+}
+
+std::vector<std::uint64_t> SplitQueue::outstanding_tokens() const {
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> live;  // (seq, token)
+  for (const Extra& x : extra_) {
+    if (x.chain_len != 0) live.emplace_back(x.seq, x.token);
+  }
+  std::sort(live.begin(), live.end());
+  std::vector<std::uint64_t> tokens;
+  tokens.reserve(live.size());
+  for (const auto& l : live) tokens.push_back(l.second);
+  return tokens;
+}
+
+Result<void> SplitQueue::reset_ring() {
+  std::memset(static_cast<void*>(desc_), 0, SplitLayout::desc_bytes(size_));
+  std::memset(avail_, 0, SplitLayout::avail_bytes(size_));
+  std::memset(used_, 0, SplitLayout::used_bytes(size_));
+  init_shadow();
+  return ok();
 }
 
 Result<void> SplitQueue::fail(std::string cause) {

@@ -17,6 +17,7 @@
 #include <optional>
 #include <string>
 
+#include "uvirtio/driver/blk.hpp"
 #include "uvirtio/driver/pmem.hpp"
 #include "uvirtio/driver/rng.hpp"
 #include "uvirtio/pci/binding.hpp"
@@ -377,3 +378,41 @@ TEST(PmemCApi, PersistFlushAndErrors) {
   EXPECT_EQ(std::memcmp(data + 8192, "c-api", 5), 0);
   uvirtio_pmem_close(pm);
 }
+
+// ---- virtio-blk ---------------------------------------------------------------
+
+class Blk : public ::testing::TestWithParam<driver::CompletionMode> {};
+
+TEST_P(Blk, WriteReadFlushAcrossSeveralRequests) {
+  auto f = find_function(0x1042);
+  if (!f) GTEST_SKIP() << "no virtio-blk in this configuration";
+  driver::BlkOptions opt;
+  opt.completion = GetParam();
+  auto blk = driver::Blk::open(f->bdf, opt);
+  ASSERT_TRUE(blk) << blk.error().message();
+  EXPECT_TRUE((*blk)->features().has(driver::blk_feature::kFlush));
+  // 200 KiB: four requests through the 64 KiB bounce buffer.
+  std::vector<std::uint8_t> data(200 * 1024);
+  const unsigned seed = GetParam() == driver::CompletionMode::polling ? 7 : 13;
+  for (std::size_t i = 0; i < data.size(); ++i) data[i] = static_cast<std::uint8_t>((i * seed) ^ (i >> 9));
+  const std::uint64_t sector = GetParam() == driver::CompletionMode::polling ? 2048 : 4096;
+  ASSERT_TRUE((*blk)->write(sector, data));
+  ASSERT_TRUE((*blk)->flush());
+  std::vector<std::uint8_t> back(data.size());
+  ASSERT_TRUE((*blk)->read(sector, back));
+  EXPECT_EQ(back, data);
+  if (GetParam() == driver::CompletionMode::interrupt) {
+    EXPECT_GT((*blk)->queue().interrupts(), 0u);
+  }
+  auto beyond = (*blk)->read((*blk)->capacity_sectors(), std::span(back.data(), 512));
+  ASSERT_FALSE(beyond);
+  EXPECT_EQ(beyond.error().code(), Errc::invalid_argument);
+  auto odd = (*blk)->write(0, std::span<const std::uint8_t>(data.data(), 100));
+  ASSERT_FALSE(odd);
+  EXPECT_NE(odd.error().message().find("multiple of 512"), std::string::npos);
+}
+
+INSTANTIATE_TEST_SUITE_P(Completion, Blk,
+                         ::testing::Values(driver::CompletionMode::interrupt,
+                                           driver::CompletionMode::polling),
+                         [](const auto& p) { return driver::completion_mode_name(p.param); });

@@ -8,6 +8,10 @@
 // checked against that state, and a violation latches the queue broken, after
 // which every call fails with Errc::broken and touches no memory.
 //
+// Optional features: VIRTIO_F_EVENT_IDX (set_event_idx, spec 2.7.7 and
+// 2.7.10) and VIRTIO_F_INDIRECT_DESC (set_indirect plus a caller-provided
+// pool of device-visible indirect tables, spec 2.7.5.3).
+//
 // Threading: one thread (or the caller's lock) owns a SplitQueue.
 #pragma once
 
@@ -55,7 +59,19 @@ struct SplitLayout {
   static constexpr std::size_t desc_bytes(std::uint16_t size) { return 16u * size; }
   static constexpr std::size_t avail_bytes(std::uint16_t size) { return 6u + 2u * size; }
   static constexpr std::size_t used_bytes(std::uint16_t size) { return 6u + 8u * size; }
+  // Byte offsets of the event-index words (spec 2.7.6 used_event, 2.7.8 avail_event).
+  static constexpr std::size_t used_event_offset(std::uint16_t size) { return 4u + 2u * size; }
+  static constexpr std::size_t avail_event_offset(std::uint16_t size) { return 4u + 8u * size; }
 };
+
+// Spec 2.7.10 (and 2.7.7): with VIRTIO_F_EVENT_IDX, the other side wants a
+// notification when moving an index from `old_idx` to `new_idx` stepped past
+// `event_idx`. Wrap-safe in 16-bit arithmetic, as in the spec's
+// vring_need_event().
+inline constexpr bool vring_need_event(std::uint16_t event_idx, std::uint16_t new_idx,
+                                       std::uint16_t old_idx) noexcept {
+  return static_cast<std::uint16_t>(new_idx - event_idx - 1) < static_cast<std::uint16_t>(new_idx - old_idx);
+}
 
 // One buffer of a chain, in device addresses.
 struct Buffer {
@@ -94,7 +110,8 @@ class SplitQueue {
 
   // Makes everything added so far visible: barrier, then avail->idx store.
   // Returns true when the device asked to be notified (VIRTQ_USED_F_NO_NOTIFY
-  // clear), so the caller kicks.
+  // clear), so the caller kicks. With event_idx on, the decision is instead
+  // vring_need_event(avail_event, new idx, idx of the previous publish()).
   bool publish();
 
   // Takes one completion off the used ring, validated: nullopt when none is
@@ -108,11 +125,54 @@ class SplitQueue {
   bool has_used() const noexcept;
 
   // Interrupt suppression hint to the device (VIRTQ_AVAIL_F_NO_INTERRUPT).
+  // With event_idx on (spec 2.7.7.2: flags stay 0), enabling writes
+  // used_event = last consumed used index, and poll() keeps it moving while
+  // interrupts are enabled; disabling leaves used_event alone.
   void set_interrupts(bool enabled) noexcept;
+
+  // The race-free way to go to sleep: re-enables interrupts, then (after a
+  // full barrier) re-reads the used index. Returns true when entries arrived
+  // meanwhile, in which case the caller must poll() again instead of
+  // waiting for an interrupt that may never come. False when broken.
+  //   while (true) { drain(q); if (!q.enable_interrupts_and_check()) wait(); }
+  bool enable_interrupts_and_check() noexcept;
+
+  // VIRTIO_F_EVENT_IDX was negotiated. Set before the queue is used (or
+  // right after reset_ring()).
+  void set_event_idx(bool enabled) noexcept;
+  bool event_idx() const noexcept { return event_idx_; }
+
+  // VIRTIO_F_INDIRECT_DESC was negotiated; chains of up to `max_indirect`
+  // buffers go into an indirect table. Indirect tables are only used once a
+  // pool is provided (provide_indirect_pool), so call this first.
+  void set_indirect(bool enabled, std::size_t max_indirect) noexcept;
+
+  // Gives the queue device-visible memory for indirect tables: `va` is our
+  // mapping, `device_addr` the same memory as the device addresses it. One
+  // slot of min(max_indirect, size)*16 bytes per queue entry, so `bytes` must
+  // be at least size*slot. `va` 16-aligned. Fails with invalid_argument
+  // (bad arguments, set_indirect not called), busy (chains in flight) or
+  // broken.
+  //   q.set_indirect(true, 16);
+  //   UV_TRY_VOID(q.provide_indirect_pool(pool.va, pool.iova, q.size() * 16 * 16));
+  Result<void> provide_indirect_pool(void* va, std::uint64_t device_addr, std::size_t bytes);
+
+  // Tokens of the chains added and not yet completed, in submission order
+  // (for recovery after a device error or reset).
+  std::vector<std::uint64_t> outstanding_tokens() const;
+
+  // Forgets everything in flight and returns the queue to its just-created
+  // state: ring memory zeroed, all descriptors free, indices 0, not broken.
+  // Keeps the event_idx / indirect settings and the indirect pool. Only
+  // call it when the device no longer uses the ring (after a device reset or
+  // a queue reset, spec 2.6.1).
+  Result<void> reset_ring();
 
  private:
   SplitQueue() = default;
   Result<void> fail(std::string cause);
+  void init_shadow();
+  std::size_t indirect_limit() const noexcept;
 
   std::uint16_t size_ = 0;
   VirtqDesc* desc_ = nullptr;
@@ -127,11 +187,20 @@ class SplitQueue {
   std::uint16_t avail_idx_shadow_ = 0;  // next avail idx we will publish
   std::uint16_t last_used_ = 0;         // used idx consumed so far
   std::uint16_t avail_flags_shadow_ = 0;
+  std::uint16_t published_idx_ = 0;  // avail idx at the last publish() (event idx "old")
+  std::uint64_t next_seq_ = 0;       // submission counter for outstanding_tokens()
+  bool event_idx_ = false;
+  bool indirect_ = false;
+  std::size_t max_indirect_ = 0;
+  std::uint8_t* pool_ = nullptr;  // indirect tables, slot_entries_*16 bytes per head
+  std::uint64_t pool_device_ = 0;
+  std::size_t slot_entries_ = 0;
   struct Extra {
     std::uint16_t next = 0;       // free-list / chain link, our copy
     std::uint16_t chain_len = 0;  // descriptors in the chain headed here (0: not a live head)
     std::uint32_t writable = 0;   // device-writable bytes of the chain
     std::uint64_t token = 0;
+    std::uint64_t seq = 0;  // submission order
   };
   std::vector<Extra> extra_;
 };

@@ -1,0 +1,147 @@
+// uvirtio blk: info, read, write and flush on a virtio-blk device.
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+
+#include "cli_common.hpp"
+#include "uvirtio/driver/blk.hpp"
+
+namespace uvirtio::apps {
+namespace {
+
+const char* kBlkUsage =
+    "usage: uvirtio blk info BDF [--json]\n"
+    "       uvirtio blk read BDF --sector S --count N [--hex]\n"
+    "       uvirtio blk write BDF --sector S (--data TEXT | --file F) [--flush]   (padded with zeros to "
+    "512)\n"
+    "       uvirtio blk flush BDF\n"
+    "options for all: --poll, --timeout MS\n";
+
+struct Parsed {
+  po::variables_map vm;
+  driver::BlkOptions opt;
+  pci::Bdf bdf;
+};
+
+Parsed parse_blk(const std::vector<std::string>& args, const char* sub, po::options_description extra) {
+  po::options_description desc(std::string("uvirtio blk ") + sub);
+  desc.add_options()("help,h", "show help")("bdf", po::value<std::string>(), "PCI address")(
+      "poll", "complete by polling")("timeout", po::value<long long>()->default_value(10000),
+                                     "deadline in ms");
+  desc.add(extra);
+  po::positional_options_description pos;
+  pos.add("bdf", 1);
+  Parsed p;
+  p.vm = parse(args, desc, pos);
+  if (p.vm.count("help")) {
+    std::cout << desc;
+    return p;
+  }
+  if (!p.vm.count("bdf"))
+    throw UsageError{std::string("blk ") + sub + ": which device? (uvirtio blk " + sub + " BDF)"};
+  p.bdf = parse_bdf_or_throw(p.vm["bdf"].as<std::string>());
+  const long long timeout = p.vm["timeout"].as<long long>();
+  if (timeout < 1 || timeout > 3600000) throw UsageError{"blk: --timeout must be 1..3600000 ms"};
+  p.opt.timeout = std::chrono::milliseconds(timeout);
+  if (p.vm.count("poll")) p.opt.completion = driver::CompletionMode::polling;
+  return p;
+}
+
+}  // namespace
+
+int cmd_blk(const std::vector<std::string>& args) {
+  if (args.empty() || args[0] == "--help" || args[0] == "-h") {
+    std::cout << kBlkUsage;
+    return args.empty() ? kUsage : 0;
+  }
+  const std::string sub = args[0];
+  const std::vector<std::string> rest(args.begin() + 1, args.end());
+  if (sub == "info" || sub == "flush") {
+    po::options_description extra("options");
+    extra.add_options()("json", "print JSON");
+    auto p = parse_blk(rest, sub.c_str(), extra);
+    if (p.vm.count("help")) return 0;
+    auto blk = driver::Blk::open(p.bdf, p.opt);
+    if (!blk) return fail(blk.error());
+    if (sub == "flush") {
+      if (auto r = (*blk)->flush(); !r) return fail(r.error());
+      std::printf("%s: flushed\n", (*blk)->name().c_str());
+      return 0;
+    }
+    json j = {{"bdf", (*blk)->name()},
+              {"capacity_sectors", (*blk)->capacity_sectors()},
+              {"read_only", (*blk)->read_only()},
+              {"features", (*blk)->features().describe()}};
+    if (p.vm.count("json"))
+      std::cout << j.dump(2) << "\n";
+    else
+      std::printf("%s: virtio-blk, %llu sectors (%llu MiB)%s\n  features %s\n", (*blk)->name().c_str(),
+                  static_cast<unsigned long long>((*blk)->capacity_sectors()),
+                  static_cast<unsigned long long>((*blk)->capacity_sectors() / 2048),
+                  (*blk)->read_only() ? ", read-only" : "", (*blk)->features().describe().c_str());
+    return 0;
+  }
+  if (sub == "read") {
+    po::options_description extra("options");
+    extra.add_options()("sector", po::value<std::string>(), "first sector")(
+        "count", po::value<std::string>()->default_value("1"), "sectors (1..8192)")("hex", "print hex");
+    auto p = parse_blk(rest, "read", extra);
+    if (p.vm.count("help")) return 0;
+    if (!p.vm.count("sector")) throw UsageError{"blk read: --sector is required"};
+    const std::uint64_t sector = parse_u64(p.vm["sector"].as<std::string>(), "--sector");
+    const std::uint64_t count = parse_u64(p.vm["count"].as<std::string>(), "--count");
+    if (count < 1 || count > 8192) throw UsageError{"blk read: --count must be 1..8192"};
+    auto blk = driver::Blk::open(p.bdf, p.opt);
+    if (!blk) return fail(blk.error());
+    std::vector<std::uint8_t> buf(count * driver::kSectorSize);
+    if (auto r = (*blk)->read(sector, buf); !r) return fail(r.error());
+    if (p.vm.count("hex")) {
+      std::string out;
+      for (auto b : buf) out += hex(b, 2);
+      std::printf("%s\n", out.c_str());
+    } else {
+      std::fwrite(buf.data(), 1, buf.size(), stdout);
+    }
+    return 0;
+  }
+  if (sub == "write") {
+    po::options_description extra("options");
+    extra.add_options()("sector", po::value<std::string>(), "first sector")(
+        "data", po::value<std::string>(), "text")("file", po::value<std::string>(), "file to write")(
+        "flush", "flush after writing");
+    auto p = parse_blk(rest, "write", extra);
+    if (p.vm.count("help")) return 0;
+    if (!p.vm.count("sector")) throw UsageError{"blk write: --sector is required"};
+    if (p.vm.count("data") == p.vm.count("file"))
+      throw UsageError{"blk write: give exactly one of --data or --file"};
+    const std::uint64_t sector = parse_u64(p.vm["sector"].as<std::string>(), "--sector");
+    std::vector<std::uint8_t> bytes;
+    if (p.vm.count("data")) {
+      const auto& d = p.vm["data"].as<std::string>();
+      bytes.assign(d.begin(), d.end());
+    } else {
+      const auto& path = p.vm["file"].as<std::string>();
+      std::ifstream in(path, std::ios::binary);
+      if (!in) {
+        std::cerr << g_program << ": blk write: cannot read " << path << ": " << std::strerror(errno) << "\n";
+        return kFail;
+      }
+      bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+    if (bytes.empty()) throw UsageError{"blk write: nothing to write"};
+    bytes.resize((bytes.size() + driver::kSectorSize - 1) / driver::kSectorSize * driver::kSectorSize, 0);
+    auto blk = driver::Blk::open(p.bdf, p.opt);
+    if (!blk) return fail(blk.error());
+    if (auto r = (*blk)->write(sector, bytes); !r) return fail(r.error());
+    if (p.vm.count("flush"))
+      if (auto r = (*blk)->flush(); !r) return fail(r.error());
+    std::printf("%s: wrote %zu sectors at %llu%s\n", (*blk)->name().c_str(),
+                bytes.size() / driver::kSectorSize, static_cast<unsigned long long>(sector),
+                p.vm.count("flush") ? " (flushed)" : "");
+    return 0;
+  }
+  throw UsageError{"blk: unknown subcommand '" + sub + "' (info, read, write, flush)"};
+}
+
+}  // namespace uvirtio::apps

@@ -1,0 +1,146 @@
+// virtio-blk driver (spec 5.2).
+#include "uvirtio/driver/blk.hpp"
+
+#include <cstring>
+
+#include "uvirtio/base/le.hpp"
+
+namespace uvirtio::driver {
+namespace {
+
+constexpr std::uint32_t kTypeIn = 0;     // VIRTIO_BLK_T_IN
+constexpr std::uint32_t kTypeOut = 1;    // VIRTIO_BLK_T_OUT
+constexpr std::uint32_t kTypeFlush = 4;  // VIRTIO_BLK_T_FLUSH
+constexpr std::uint8_t kStatusOk = 0, kStatusIoErr = 1, kStatusUnsupp = 2;
+constexpr std::size_t kBounce = 64 * 1024;
+
+// struct virtio_blk_req's device-readable part (5.2.6).
+struct BlkReqHeader {
+  le32 type;
+  le32 reserved;
+  le64 sector;
+};
+static_assert(sizeof(BlkReqHeader) == 16);
+constexpr std::size_t kStatusOffset = 16;
+
+}  // namespace
+
+FeaturePolicy Blk::policy(const BlkOptions& options) {
+  FeaturePolicy p;
+  p.supported = FeatureSet::of({blk_feature::kSizeMax, blk_feature::kSegMax, blk_feature::kRo,
+                                blk_feature::kBlkSize, blk_feature::kFlush}) |
+                options.extra_features;
+  return p;
+}
+
+Result<std::unique_ptr<Blk>> Blk::open(const pci::Bdf& bdf, const BlkOptions& options) {
+  UV_TRY(std::unique_ptr<Device> dev, open_device(bdf, kVirtioBlkType, policy(options), options.open));
+  return attach(std::move(dev), options);
+}
+
+Result<std::unique_ptr<Blk>> Blk::attach(std::unique_ptr<Device> dev, const BlkOptions& options) {
+  auto& t = dev->transport();
+  // struct virtio_blk_config starts with le64 capacity (in 512-byte sectors).
+  std::uint8_t cap[8];
+  UV_TRY_VOID(t.read_device_config(0, cap, 4));
+  const std::uint64_t capacity =
+      static_cast<std::uint64_t>(load_le32(cap)) | (static_cast<std::uint64_t>(load_le32(cap + 4)) << 32);
+  if (capacity > (std::uint64_t{1} << 54))
+    return Error(Errc::bad_device_data, t.name(), "open block device",
+                 "capacity of " + std::to_string(capacity) + " sectors overflows a byte offset");
+  UV_TRY(std::unique_ptr<Virtqueue> vq, Virtqueue::create(t, 0, 128, options.completion));
+  UV_TRY(pci::DmaRegion hdr, t.dma().alloc(64, 64));
+  UV_TRY(pci::DmaRegion data, t.dma().alloc(kBounce, 4096));
+  UV_TRY_VOID(dev->driver_ok());
+  UV_TRY_VOID(t.check_healthy("start block device"));
+  std::unique_ptr<Blk> b(new Blk(std::move(dev), std::move(vq), hdr, data, options));
+  b->capacity_ = capacity;
+  b->read_only_ = b->features().has(blk_feature::kRo);
+  return b;
+}
+
+Result<void> Blk::check_range(std::uint64_t sector, std::size_t bytes, const char* op) const {
+  if (bytes == 0 || bytes % kSectorSize != 0)
+    return Error(Errc::invalid_argument, name(), op,
+                 "length " + std::to_string(bytes) + " is not a non-zero multiple of 512");
+  const std::uint64_t n = bytes / kSectorSize;
+  if (sector > capacity_ || n > capacity_ - sector)
+    return Error(Errc::invalid_argument, name(), op,
+                 "sectors [" + std::to_string(sector) + ", +" + std::to_string(n) + ") are beyond the " +
+                     std::to_string(capacity_) + "-sector device");
+  return ok();
+}
+
+Result<void> Blk::request(std::uint32_t type, std::uint64_t sector, std::size_t bytes,
+                          bool device_writes_data, const char* op) {
+  auto& t = dev_->transport();
+  UV_TRY_VOID(t.check_healthy(op));
+  auto* h = static_cast<BlkReqHeader*>(hdr_.va);
+  h->type.set(type);
+  h->reserved.set(0);
+  h->sector.set(sector);
+  auto* status = static_cast<std::uint8_t*>(hdr_.va) + kStatusOffset;
+  *status = 0xff;  // the device must overwrite it
+  rings::Buffer out[2] = {{hdr_.iova, sizeof(BlkReqHeader)}, {data_.iova, static_cast<std::uint32_t>(bytes)}};
+  rings::Buffer in[2] = {{data_.iova, static_cast<std::uint32_t>(bytes)}, {hdr_.iova + kStatusOffset, 1}};
+  std::span<const rings::Buffer> outs(out, bytes > 0 && !device_writes_data ? 2 : 1);
+  std::span<const rings::Buffer> ins = bytes > 0 && device_writes_data
+                                           ? std::span<const rings::Buffer>(in, 2)
+                                           : std::span<const rings::Buffer>(in + 1, 1);
+  const std::uint64_t token = next_token_++;
+  if (auto s = vq_->submit(outs, ins, token); !s) return std::move(s).error();
+  UV_TRY(rings::Completion c, vq_->wait(opt_.timeout));
+  if (c.token != token) return Error(Errc::bad_device_data, name(), op, "completion for another request");
+  UV_TRY_VOID(t.check_healthy(op));
+  // The status byte is the last device-writable byte: a used length that
+  // does not reach it means the device never wrote it.
+  const std::uint32_t need = (device_writes_data ? static_cast<std::uint32_t>(bytes) : 0) + 1;
+  if (c.len < need)
+    return Error(Errc::bad_device_data, name(), op,
+                 "used length " + std::to_string(c.len) + " does not cover the " + std::to_string(need) +
+                     " bytes (data and status) the device must write");
+  switch (*status) {
+    case kStatusOk:
+      return ok();
+    case kStatusIoErr:
+      return Error(Errc::device_error, name(), op, "the device reported an I/O error (VIRTIO_BLK_S_IOERR)",
+                   EIO);
+    case kStatusUnsupp:
+      return Error(Errc::unsupported, name(), op,
+                   "the device does not support this request (VIRTIO_BLK_S_UNSUPP)");
+    default:
+      return Error(Errc::bad_device_data, name(), op,
+                   "status byte " + std::to_string(*status) + " is not defined");
+  }
+}
+
+Result<void> Blk::read(std::uint64_t sector, std::span<std::uint8_t> out) {
+  UV_TRY_VOID(check_range(sector, out.size(), "read"));
+  for (std::size_t done = 0; done < out.size();) {
+    const std::size_t n = std::min(out.size() - done, kBounce);
+    UV_TRY_VOID(request(kTypeIn, sector + done / kSectorSize, n, true, "read"));
+    std::memcpy(out.data() + done, data_.va, n);
+    done += n;
+  }
+  return ok();
+}
+
+Result<void> Blk::write(std::uint64_t sector, std::span<const std::uint8_t> in) {
+  UV_TRY_VOID(check_range(sector, in.size(), "write"));
+  if (read_only_)
+    return Error(Errc::permission, name(), "write", "the device is read-only (VIRTIO_BLK_F_RO)");
+  for (std::size_t done = 0; done < in.size();) {
+    const std::size_t n = std::min(in.size() - done, kBounce);
+    std::memcpy(data_.va, in.data() + done, n);
+    UV_TRY_VOID(request(kTypeOut, sector + done / kSectorSize, n, false, "write"));
+    done += n;
+  }
+  return ok();
+}
+
+Result<void> Blk::flush() {
+  if (!features().has(blk_feature::kFlush)) return ok();
+  return request(kTypeFlush, 0, 0, false, "flush");
+}
+
+}  // namespace uvirtio::driver

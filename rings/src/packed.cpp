@@ -1,0 +1,242 @@
+// Packed virtqueue, driver role: writes descriptor chains into the shared
+// ring and takes validated completions off the same ring (virtio spec 1.2,
+// 2.8). The device is not trusted: buffer ids, chain lengths, writable byte
+// counts and tokens live only in driver-private memory (`extra_`), the ring
+// position always advances by the chain length we recorded, every
+// device-written word is read exactly once, and a used descriptor is checked
+// completely before any state changes. A violation latches the queue broken;
+// from then on no ring memory is read or written.
+//
+// Descriptor flags and event suppression flags are accessed through
+// std::atomic_ref on the little-endian storage of the Le<> fields. Spec
+// sections: 2.8.1 (wrap counters), 2.8.2 (polling), 2.8.6 (chains and the
+// used-descriptor skip), 2.8.21 (supplying buffers), 2.8.22 (receiving used
+// buffers), 2.8.10 (event suppression).
+#include "uvirtio/rings/packed.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <limits>
+#include <utility>
+
+#include "uvirtio/base/barrier.hpp"
+
+namespace uvirtio::rings {
+namespace {
+
+std::uint16_t load_acquire(le16& f) noexcept {
+  return le16::from_raw(std::atomic_ref<std::uint16_t>(f.raw()).load(std::memory_order_acquire));
+}
+void store_release(le16& f, std::uint16_t v) noexcept {
+  std::atomic_ref<std::uint16_t>(f.raw()).store(le16::to_raw(v), std::memory_order_release);
+}
+// A single read of a device-written word (the device may change it under us).
+template <class T>
+T read_once(Le<T>& f) noexcept {
+  return Le<T>::from_raw(std::atomic_ref<T>(f.raw()).load(std::memory_order_relaxed));
+}
+
+bool aligned(const void* p, std::size_t a) noexcept { return reinterpret_cast<std::uintptr_t>(p) % a == 0; }
+
+// AVAIL and USED bits of a descriptor the driver makes available while its
+// wrap counter is `wrap`: AVAIL = wrap, USED = !wrap (2.8.1).
+std::uint16_t avail_bits(bool wrap) noexcept { return wrap ? VIRTQ_DESC_F_AVAIL : VIRTQ_DESC_F_USED; }
+
+}  // namespace
+
+Result<PackedQueue> PackedQueue::create(std::uint16_t size, void* desc_ring, void* driver_event,
+                                        void* device_event, std::string name) {
+  const char* op = "create packed queue";
+  if (size == 0 || size > 32768) {  // 2.8.10.1: Queue Size up to 2^15, any value
+    return Error(Errc::invalid_argument, std::move(name), op,
+                 "size " + std::to_string(size) + " is not in [1, 32768]");
+  }
+  if (desc_ring == nullptr || driver_event == nullptr || device_event == nullptr) {
+    return Error(Errc::invalid_argument, std::move(name), op, "ring pointer is null");
+  }
+  if (!aligned(desc_ring, PackedLayout::desc_align) || !aligned(driver_event, PackedLayout::event_align) ||
+      !aligned(device_event, PackedLayout::event_align)) {
+    return Error(Errc::invalid_argument, std::move(name), op,
+                 "ring areas must be aligned to 16 (descriptors) and 4 (event suppression) bytes");
+  }
+  // All zero: no descriptor looks available or used for wrap counter 1, and
+  // both event areas say RING_EVENT_FLAGS_ENABLE.
+  std::memset(desc_ring, 0, PackedLayout::desc_bytes(size));
+  std::memset(driver_event, 0, PackedLayout::event_bytes());
+  std::memset(device_event, 0, PackedLayout::event_bytes());
+
+  PackedQueue q;
+  q.size_ = size;
+  q.desc_ = static_cast<PvirtqDesc*>(desc_ring);
+  q.driver_event_ = static_cast<PvirtqEventSuppress*>(driver_event);
+  q.device_event_ = static_cast<PvirtqEventSuppress*>(device_event);
+  q.name_ = std::move(name);
+  q.extra_.resize(size);
+  for (std::uint16_t i = 0; i < size; ++i) q.extra_[i].next_free = static_cast<std::uint16_t>(i + 1);
+  q.num_free_ = size;
+  return q;
+}
+
+Result<std::uint16_t> PackedQueue::add(std::span<const Buffer> out, std::span<const Buffer> in,
+                                       std::uint64_t token) {
+  const char* op = "add buffers";
+  if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
+  const std::size_t n = out.size() + in.size();
+  if (n == 0) return Error(Errc::invalid_argument, name_, op, "empty descriptor chain");
+  bool zero_len = false;
+  std::uint64_t writable = 0;
+  for (const Buffer& b : out) zero_len |= b.len == 0;
+  for (const Buffer& b : in) {
+    zero_len |= b.len == 0;
+    writable += b.len;
+  }
+  if (zero_len) return Error(Errc::invalid_argument, name_, op, "zero-length buffer");
+  if (writable > std::numeric_limits<std::uint32_t>::max()) {
+    return Error(Errc::invalid_argument, name_, op, "device-writable bytes of the chain overflow 32 bits");
+  }
+  if (n > num_free_) {
+    return Error(Errc::busy, name_, op,
+                 std::to_string(n) + " descriptors needed, " + std::to_string(num_free_) + " free");
+  }
+
+  // A free descriptor count >= 1 implies a free id: each live id holds at
+  // least one descriptor.
+  const std::uint16_t id = free_id_;
+  Extra& x = extra_[id];
+  free_id_ = x.next_free;
+
+  // 2.8.6, 2.8.21.1: the chain takes consecutive positions, wrapping at the
+  // ring end (the wrap counter flips there, so later descriptors carry the
+  // flipped AVAIL/USED bits). We write the id into every descriptor; the
+  // spec needs it only in the last.
+  const std::uint16_t head = next_avail_;
+  std::uint16_t head_flags = 0;
+  std::size_t k = 0;
+  for (const auto* part : {&out, &in}) {
+    const std::uint16_t write = part == &in ? VIRTQ_DESC_F_WRITE : 0;
+    for (const Buffer& b : *part) {
+      const bool last = ++k == n;
+      PvirtqDesc& d = desc_[next_avail_];
+      d.addr.set(b.addr);
+      d.len.set(b.len);
+      d.id.set(id);
+      const auto flags =
+          static_cast<std::uint16_t>(write | (last ? 0 : VIRTQ_DESC_F_NEXT) | avail_bits(avail_wrap_));
+      if (k == 1) {
+        head_flags = flags;  // stored below, after the rest of the chain
+      } else {
+        d.flags.set(flags);  // the device reads these only after the head flags
+      }
+      if (++next_avail_ == size_) {
+        next_avail_ = 0;
+        avail_wrap_ = !avail_wrap_;
+      }
+    }
+  }
+  num_free_ = static_cast<std::uint16_t>(num_free_ - n);
+  x.chain_len = static_cast<std::uint16_t>(n);
+  x.writable = static_cast<std::uint32_t>(writable);
+  x.token = token;
+  x.seq = add_seq_++;
+
+  // 2.8.21.1: the rest of the chain (and the head's addr/len/id) must be
+  // visible before the head's flags hand the chain to the device.
+  barrier_publish();
+  store_release(desc_[head].flags, head_flags);
+  return id;
+}
+
+bool PackedQueue::publish() {
+  if (broken_) return false;
+  // Our head-flag stores must be ordered before reading the device's event
+  // suppression flags, or we could miss its switch back to ENABLE (2.8.10, 2.8.21).
+  barrier_store_load();
+  const std::uint16_t flags = load_acquire(device_event_->flags) & RING_EVENT_FLAGS_MASK;
+  return flags != RING_EVENT_FLAGS_DISABLE;
+}
+
+Result<std::optional<Completion>> PackedQueue::poll() {
+  const char* op = "poll used ring";
+  if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
+  PvirtqDesc& d = desc_[last_used_];
+  const std::uint16_t flags = load_acquire(d.flags);
+  const bool avail = (flags & VIRTQ_DESC_F_AVAIL) != 0;
+  const bool used = (flags & VIRTQ_DESC_F_USED) != 0;
+  if (avail != used_wrap_ || used != used_wrap_) {
+    // Not used (2.8.1, 2.8.2). While we have descriptors in flight, this position
+    // holds one we made available in the current lap (AVAIL = wrap counter,
+    // USED = !wrap counter) until the device overwrites it with a used
+    // descriptor (both = wrap counter); any other AVAIL value means the
+    // device wrote wrong or stale wrap bits. With nothing in flight the slot
+    // holds leftovers of an earlier lap, which are legitimately not used.
+    if (in_flight() > 0 && avail != used_wrap_) {
+      return fail("descriptor " + std::to_string(last_used_) + " of an in-flight chain has avail/used bits " +
+                  std::to_string(avail) + "/" + std::to_string(used) + " (used wrap counter " +
+                  std::to_string(used_wrap_) + ")")
+          .error();
+    }
+    return std::optional<Completion>{};
+  }
+  // The id and length must be read after the flags that mark them used (2.8.22).
+  barrier_consume();
+  const std::uint16_t id = read_once(d.id);
+  const std::uint32_t len = read_once(d.len);
+  if (id >= size_) return fail("used id " + std::to_string(id) + " out of range").error();
+  Extra& x = extra_[id];
+  if (x.chain_len == 0) return fail("used id " + std::to_string(id) + " not in flight").error();
+  // 2.8.4 lets a driver ignore len when the used descriptor lacks
+  // VIRTQ_DESC_F_WRITE; devices commonly leave that flag clear, so like
+  // Linux we take len as written and check it against our own count.
+  if (len > x.writable) {
+    return fail("used len " + std::to_string(len) + " exceeds the " + std::to_string(x.writable) +
+                " device-writable bytes of chain " + std::to_string(id))
+        .error();
+  }
+
+  // Valid: skip the chain's descriptors by our own count (2.8.6) and free the id.
+  const std::uint32_t next = std::uint32_t{last_used_} + x.chain_len;
+  if (next >= size_) {
+    last_used_ = static_cast<std::uint16_t>(next - size_);
+    used_wrap_ = !used_wrap_;
+  } else {
+    last_used_ = static_cast<std::uint16_t>(next);
+  }
+  num_free_ = static_cast<std::uint16_t>(num_free_ + x.chain_len);
+  x.chain_len = 0;
+  x.next_free = free_id_;
+  free_id_ = id;
+  return std::optional<Completion>{Completion{x.token, len}};
+}
+
+bool PackedQueue::has_used() const noexcept {
+  if (broken_) return false;
+  const std::uint16_t flags = load_acquire(desc_[last_used_].flags);
+  return ((flags & VIRTQ_DESC_F_AVAIL) != 0) == used_wrap_ &&
+         ((flags & VIRTQ_DESC_F_USED) != 0) == used_wrap_;
+}
+
+void PackedQueue::set_interrupts(bool enabled) noexcept {
+  if (broken_) return;
+  driver_event_flags_ = enabled ? RING_EVENT_FLAGS_ENABLE : RING_EVENT_FLAGS_DISABLE;
+  store_release(driver_event_->flags, driver_event_flags_);
+}
+
+std::vector<std::uint64_t> PackedQueue::outstanding_tokens() const {
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> live;  // (seq, token)
+  for (const Extra& x : extra_) {
+    if (x.chain_len != 0) live.emplace_back(x.seq, x.token);
+  }
+  std::sort(live.begin(), live.end());
+  std::vector<std::uint64_t> tokens;
+  tokens.reserve(live.size());
+  for (const auto& [seq, token] : live) tokens.push_back(token);
+  return tokens;
+}
+
+Result<void> PackedQueue::fail(std::string cause) {
+  broken_ = true;
+  return Error(Errc::bad_device_data, name_, "poll used ring", std::move(cause));
+}
+
+}  // namespace uvirtio::rings

@@ -1,0 +1,296 @@
+// Split virtqueue, device role: validated chains off the available ring,
+// completions onto the used ring (virtio spec 1.2, 2.7). The driver is not
+// trusted: each index and descriptor word it wrote is loaded exactly once
+// (std::atomic_ref, so it cannot change between check and use), the walk is
+// bounded by the queue size (or the indirect table's entry count), and every
+// buffer goes through the owner's translation callback. Any violation latches
+// the queue broken before anything is written.
+//
+// Spec sections: 2.7.5 (descriptor table), 2.7.5.3 (indirect descriptors),
+// 2.7.4.2 (readable before writable), 2.7.6 and 2.7.13 (available ring),
+// 2.7.8 (used ring), 2.7.7 and 2.7.10 (notification suppression).
+#include "uvirtio/rings/split_device.hpp"
+
+#include <atomic>
+#include <bit>
+#include <cstdio>
+#include <utility>
+
+#include "uvirtio/base/barrier.hpp"
+
+namespace uvirtio::rings {
+namespace {
+
+constexpr std::size_t kFlags = 0;
+constexpr std::size_t kIdx = 1;
+constexpr std::size_t kRing = 2;
+constexpr const char* kPop = "pop available ring";
+constexpr std::uint64_t kMaxChainBytes = std::uint64_t{1} << 32;  // 2.7.5.1
+
+le16* words(std::uint8_t* area) noexcept { return reinterpret_cast<le16*>(area); }
+
+template <class T>
+T load(Le<T>& f, std::memory_order mo) noexcept {
+  return Le<T>::from_raw(std::atomic_ref<T>(f.raw()).load(mo));
+}
+template <class T>
+void store(Le<T>& f, T v, std::memory_order mo) noexcept {
+  std::atomic_ref<T>(f.raw()).store(Le<T>::to_raw(v), mo);
+}
+
+// One descriptor, each field read once.
+struct Desc {
+  std::uint64_t addr;
+  std::uint32_t len;
+  std::uint16_t flags;
+  std::uint16_t next;
+};
+Desc read_desc(VirtqDesc& d) noexcept {
+  return {load(d.addr, std::memory_order_relaxed), load(d.len, std::memory_order_relaxed),
+          load(d.flags, std::memory_order_relaxed), load(d.next, std::memory_order_relaxed)};
+}
+
+std::string hex(std::uint64_t v) {
+  char b[24];
+  std::snprintf(b, sizeof b, "0x%llx", static_cast<unsigned long long>(v));
+  return b;
+}
+
+bool aligned(const void* p, std::size_t a) noexcept { return reinterpret_cast<std::uintptr_t>(p) % a == 0; }
+
+}  // namespace
+
+Result<SplitDeviceQueue> SplitDeviceQueue::create(std::uint16_t size, void* desc, void* avail, void* used,
+                                                  std::string name, Translate translate) {
+  const char* op = "create split device queue";
+  if (!std::has_single_bit(size)) {
+    return Error(Errc::invalid_argument, std::move(name), op,
+                 "size " + std::to_string(size) + " is not a power of two in [1, 32768]");
+  }
+  if (desc == nullptr || avail == nullptr || used == nullptr) {
+    return Error(Errc::invalid_argument, std::move(name), op, "ring pointer is null");
+  }
+  if (!aligned(desc, SplitLayout::desc_align) || !aligned(avail, SplitLayout::avail_align) ||
+      !aligned(used, SplitLayout::used_align)) {
+    return Error(Errc::invalid_argument, std::move(name), op,
+                 "ring areas must be aligned to 16 (descriptors), 2 (available) and 4 (used) bytes");
+  }
+  if (!translate) return Error(Errc::invalid_argument, std::move(name), op, "no translation callback");
+  SplitDeviceQueue q;
+  q.size_ = size;
+  q.desc_ = static_cast<VirtqDesc*>(desc);
+  q.avail_ = static_cast<std::uint8_t*>(avail);
+  q.used_ = static_cast<std::uint8_t*>(used);
+  q.name_ = std::move(name);
+  q.translate_ = std::move(translate);
+  q.held_.assign(size, Held{});
+  q.max_indirect_ = size;
+  return q;
+}
+
+void SplitDeviceQueue::set_indirect(bool enabled, std::uint32_t max_entries) noexcept {
+  indirect_ = enabled;
+  max_indirect_ = max_entries == 0 ? size_ : max_entries;
+}
+
+Result<std::optional<SplitDeviceQueue::Request>> SplitDeviceQueue::pop() {
+  if (broken_) return Error(Errc::broken, name_, kPop, "queue is broken by an earlier driver error");
+  // Acquire pairs with the driver's release of avail->idx (2.7.13.3).
+  const std::uint16_t aidx = load(words(avail_)[kIdx], std::memory_order_acquire);
+  if (aidx == last_avail_) return std::optional<Request>{};
+  const auto ahead = static_cast<std::uint16_t>(aidx - last_avail_);
+  if (ahead > size_) {
+    return fail("available index " + std::to_string(aidx) + " is " + std::to_string(ahead) +
+                " entries ahead of the last seen " + std::to_string(last_avail_) + " (queue size " +
+                std::to_string(size_) + ")")
+        .error();
+  }
+  // The ring entry and descriptors are read after the index that covers them.
+  barrier_consume();
+  const std::uint16_t head =
+      load(words(avail_)[kRing + (last_avail_ & (size_ - 1u))], std::memory_order_relaxed);
+  if (head >= size_) return fail("head " + std::to_string(head) + " out of range").error();
+  if (held_[head].live) return fail("head " + std::to_string(head) + " is already in flight").error();
+  Request req;
+  req.head = head;
+  if (auto r = walk(head, req); !r.ok()) return std::move(r).error();
+  ++last_avail_;
+  held_[head] = Held{true, req.writable_bytes};
+  ++in_flight_;
+  return std::optional<Request>{std::move(req)};
+}
+
+Result<void> SplitDeviceQueue::walk(std::uint16_t head, Request& req) {
+  bool seen_write = false;
+  std::uint16_t i = head;
+  for (std::uint32_t count = 0;; ++count) {
+    // 2.7.5.1: a chain is never longer than the queue; more means a loop.
+    if (count == size_) {
+      return fail("chain from head " + std::to_string(head) + " is longer than the queue size " +
+                  std::to_string(size_) + " (loop)");
+    }
+    const Desc d = read_desc(desc_[i]);
+    if ((d.flags & VIRTQ_DESC_F_INDIRECT) != 0) {
+      if (!indirect_) {
+        return fail("descriptor " + std::to_string(i) + " is indirect but VIRTIO_F_INDIRECT_DESC is off");
+      }
+      // 2.7.5.3.1: INDIRECT and NEXT are exclusive; the table ends the chain.
+      // 2.7.5.3.2: the WRITE flag of this descriptor is ignored.
+      if ((d.flags & VIRTQ_DESC_F_NEXT) != 0) {
+        return fail("indirect descriptor " + std::to_string(i) + " also has NEXT");
+      }
+      return walk_indirect(i, d.addr, d.len, seen_write, req);
+    }
+    UV_TRY_VOID(add_buffer(d.addr, d.len, (d.flags & VIRTQ_DESC_F_WRITE) != 0, seen_write, req));
+    if ((d.flags & VIRTQ_DESC_F_NEXT) == 0) return ok();
+    if (d.next >= size_) {
+      return fail("descriptor " + std::to_string(i) + ": next " + std::to_string(d.next) + " out of range");
+    }
+    i = d.next;
+  }
+}
+
+Result<void> SplitDeviceQueue::walk_indirect(std::uint16_t at, std::uint64_t addr, std::uint32_t len,
+                                             bool& seen_write, Request& req) {
+  const std::string where = "indirect table of descriptor " + std::to_string(at);
+  // 2.7.5.3: a table holds len/16 descriptors; empty or ragged is malformed.
+  if (len == 0 || len % sizeof(VirtqDesc) != 0 || len / sizeof(VirtqDesc) > max_indirect_) {
+    return fail(where + " has bad length " + std::to_string(len));
+  }
+  const auto table = translate_(addr, len, false);
+  if (!table || table->size() < len) {
+    return fail(where + " at " + hex(addr) + " (" + std::to_string(len) + " bytes) is not mapped");
+  }
+  if (!aligned(table->data(), alignof(VirtqDesc))) {
+    return fail(where + " at " + hex(addr) + " is not 8-byte aligned");
+  }
+  auto* entries = reinterpret_cast<VirtqDesc*>(table->data());
+  const std::uint32_t n = len / static_cast<std::uint32_t>(sizeof(VirtqDesc));
+  std::uint32_t j = 0;
+  for (std::uint32_t count = 0;; ++count) {
+    if (count == n) return fail(where + " loops");
+    const Desc d = read_desc(entries[j]);
+    if ((d.flags & VIRTQ_DESC_F_INDIRECT) != 0) {  // 2.7.5.3.1: one table per descriptor
+      return fail(where + ": entry " + std::to_string(j) + " is itself indirect");
+    }
+    UV_TRY_VOID(add_buffer(d.addr, d.len, (d.flags & VIRTQ_DESC_F_WRITE) != 0, seen_write, req));
+    if ((d.flags & VIRTQ_DESC_F_NEXT) == 0) return ok();
+    if (d.next >= n) {
+      return fail(where + ": entry " + std::to_string(j) + " next " + std::to_string(d.next) +
+                  " out of range");
+    }
+    j = d.next;
+  }
+}
+
+Result<void> SplitDeviceQueue::add_buffer(std::uint64_t addr, std::uint32_t len, bool write, bool& seen_write,
+                                          Request& req) {
+  // 2.7.4.2: device-writable descriptors come after all device-readable ones.
+  if (!write && seen_write) return fail("readable descriptor after a writable one");
+  seen_write |= write;
+  // 2.7.5.1: a chain is at most 2^32 bytes in total.
+  if (req.readable_bytes + req.writable_bytes + len > kMaxChainBytes) {
+    return fail("chain from head " + std::to_string(req.head) + " is longer than 2^32 bytes");
+  }
+  std::span<std::uint8_t> s;
+  if (len != 0) {
+    const auto t = translate_(addr, len, write);
+    if (!t || t->size() < len) {
+      return fail(std::string(write ? "writable" : "readable") + " buffer at " + hex(addr) + " (" +
+                  std::to_string(len) + " bytes) is not mapped");
+    }
+    s = t->subspan(0, len);
+  }
+  if (write) {
+    req.writable.push_back(s);
+    req.writable_bytes += len;
+  } else {
+    req.readable.push_back(s);
+    req.readable_bytes += len;
+  }
+  return ok();
+}
+
+Result<void> SplitDeviceQueue::push(std::uint16_t head, std::uint32_t written) {
+  const char* op = "push used ring";
+  if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier driver error");
+  if (head >= size_ || !held_[head].live) {
+    return Error(Errc::invalid_argument, name_, op, "head " + std::to_string(head) + " is not in flight");
+  }
+  if (written > held_[head].writable) {
+    return Error(Errc::invalid_argument, name_, op,
+                 "written " + std::to_string(written) + " exceeds the " +
+                     std::to_string(held_[head].writable) + " writable bytes of chain " +
+                     std::to_string(head));
+  }
+  auto* ring = reinterpret_cast<VirtqUsedElem*>(used_ + 4);
+  VirtqUsedElem& e = ring[used_idx_ & (size_ - 1u)];
+  store(e.id, std::uint32_t{head}, std::memory_order_relaxed);
+  store(e.len, written, std::memory_order_relaxed);
+  // 2.7.8.2: the entry (id and len) must be visible before the index covering it.
+  barrier_publish();
+  ++used_idx_;
+  store(words(used_)[kIdx], used_idx_, std::memory_order_release);
+  held_[head].live = false;
+  --in_flight_;
+  if (event_idx_ && notify_enabled_) {
+    // 2.7.10: "kick me when you make entry last_avail available".
+    store(*reinterpret_cast<le16*>(used_ + SplitLayout::avail_event_offset(size_)), last_avail_,
+          std::memory_order_release);
+  }
+  return ok();
+}
+
+bool SplitDeviceQueue::has_avail() const noexcept {
+  if (broken_) return false;
+  return load(words(avail_)[kIdx], std::memory_order_acquire) != last_avail_;
+}
+
+bool SplitDeviceQueue::should_interrupt() noexcept {
+  if (broken_) return false;
+  // Our used idx store must be ordered before reading used_event / flags
+  // (2.7.7): otherwise the driver may re-arm having seen the old index while
+  // we read its stale "no interrupt".
+  barrier_store_load();
+  const std::uint16_t old_idx = signalled_used_;
+  signalled_used_ = used_idx_;
+  if (used_idx_ == old_idx) return false;
+  if (event_idx_) {
+    const auto ue = load(*reinterpret_cast<le16*>(avail_ + SplitLayout::used_event_offset(size_)),
+                         std::memory_order_acquire);
+    return vring_need_event(ue, used_idx_, old_idx);
+  }
+  return (load(words(avail_)[kFlags], std::memory_order_acquire) & VIRTQ_AVAIL_F_NO_INTERRUPT) == 0;
+}
+
+void SplitDeviceQueue::set_notifications(bool enabled) noexcept {
+  if (broken_) return;
+  notify_enabled_ = enabled;
+  if (event_idx_) {
+    // 2.7.10.1: with EVENT_IDX the device keeps flags 0 and uses avail_event;
+    // disabling leaves avail_event where it is.
+    if (enabled) {
+      store(*reinterpret_cast<le16*>(used_ + SplitLayout::avail_event_offset(size_)), last_avail_,
+            std::memory_order_release);
+    }
+    return;
+  }
+  used_flags_shadow_ = enabled ? static_cast<std::uint16_t>(used_flags_shadow_ & ~VIRTQ_USED_F_NO_NOTIFY)
+                               : static_cast<std::uint16_t>(used_flags_shadow_ | VIRTQ_USED_F_NO_NOTIFY);
+  store(words(used_)[kFlags], used_flags_shadow_, std::memory_order_release);
+}
+
+bool SplitDeviceQueue::enable_notifications_and_check() noexcept {
+  if (broken_) return false;
+  set_notifications(true);
+  // The flag / avail_event store before re-reading avail idx (2.7.10).
+  barrier_store_load();
+  return has_avail();
+}
+
+Result<void> SplitDeviceQueue::fail(std::string cause) {
+  broken_ = true;
+  return Error(Errc::bad_device_data, name_, kPop, std::move(cause));
+}
+
+}  // namespace uvirtio::rings

@@ -1,0 +1,269 @@
+// Fuzz target: SplitDeviceQueue (split virtqueue, device role, virtio spec 1.2
+// 2.7) facing a hostile driver.
+//
+// The input is a script. The first byte picks the queue size (1..16) and the
+// features (EVENT_IDX, INDIRECT_DESC, indirect table limit); then each op
+// byte is followed by its arguments (missing bytes read as 0):
+//   0 descriptor:   index, addr mode (in-window offset or raw 64-bit), len
+//                   mode, flags, next
+//   1 table entry:  a descriptor written into the data window (indirect tables)
+//   2 avail slot:   slot, head (small or raw 16-bit)
+//   3 avail idx:    last popped + small, or raw 16-bit
+//   4 pop
+//   5 push:         which held head (or a raw one), written mode
+//   6 notify:       set_notifications / enable_notifications_and_check /
+//                   should_interrupt / has_avail
+//   7 driver flags: avail flags and used_event
+// Traps when a returned span lies outside the translated window, when the
+// device writes the descriptor table or available ring, when pop writes
+// anything at all, when used entries or indices differ from the model, or
+// when a broken queue does anything but fail.
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <iterator>
+#include <map>
+#include <new>
+#include <optional>
+#include <vector>
+
+#include "uvirtio/rings/split_device.hpp"
+
+namespace {
+
+using uvirtio::Errc;
+using namespace uvirtio::rings;
+
+#define CHECK(c)                \
+  do {                          \
+    if (!(c)) __builtin_trap(); \
+  } while (0)
+
+struct Reader {
+  const std::uint8_t* p;
+  std::size_t n;
+  bool empty() const { return n == 0; }
+  std::uint8_t u8() {
+    if (n == 0) return 0;
+    --n;
+    return *p++;
+  }
+  std::uint16_t u16() { return static_cast<std::uint16_t>(u8() | (u8() << 8)); }
+  std::uint32_t u32() {
+    return static_cast<std::uint32_t>(u16()) | (static_cast<std::uint32_t>(u16()) << 16);
+  }
+  std::uint64_t u64() {
+    return static_cast<std::uint64_t>(u32()) | (static_cast<std::uint64_t>(u32()) << 32);
+  }
+};
+
+struct Area {
+  explicit Area(std::size_t bytes)
+      : n(bytes), p(static_cast<std::uint8_t*>(::operator new (bytes, std::align_val_t{16}))) {
+    std::memset(p, 0, n);
+  }
+  ~Area() { ::operator delete (p, std::align_val_t{16}); }
+  Area(const Area&) = delete;
+  Area& operator=(const Area&) = delete;
+  std::vector<std::uint8_t> bytes() const { return std::vector<std::uint8_t>(p, p + n); }
+  std::size_t n;
+  std::uint8_t* p;
+};
+
+constexpr const char* kName = "fuzz device queue";
+constexpr std::uint64_t kBus = 0x40000000ull;
+constexpr std::size_t kWindow = 1024;
+
+std::uint16_t get16(const std::uint8_t* p) { return static_cast<std::uint16_t>(p[0] | (p[1] << 8)); }
+std::uint32_t get32(const std::uint8_t* p) {
+  return static_cast<std::uint32_t>(get16(p)) | (static_cast<std::uint32_t>(get16(p + 2)) << 16);
+}
+
+void write_desc(std::uint8_t* p, Reader& in) {
+  const std::uint8_t amode = in.u8();
+  const std::uint64_t addr = (amode & 1) ? in.u64() : kBus + static_cast<std::uint64_t>(amode >> 1) * 8;
+  const std::uint8_t lmode = in.u8();
+  const std::uint32_t len = (lmode & 0x80) ? in.u32() : lmode;
+  const std::uint16_t flags = in.u8() & 7u;
+  const std::uint16_t next = in.u8();
+  VirtqDesc d;
+  d.addr.set(addr);
+  d.len.set(len);
+  d.flags.set(flags);
+  d.next.set(next);
+  std::memcpy(p, &d, sizeof d);
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  Reader in{data, size};
+  const std::uint8_t cfg = in.u8();
+  const auto qsize = static_cast<std::uint16_t>(1u << (cfg % 5));
+  const std::uint16_t mask = static_cast<std::uint16_t>(qsize - 1);
+  Area desc(SplitLayout::desc_bytes(qsize)), avail(SplitLayout::avail_bytes(qsize)),
+      used(SplitLayout::used_bytes(qsize)), window(kWindow);
+
+  auto translate = [&](std::uint64_t a, std::uint32_t len, bool) -> std::optional<std::span<std::uint8_t>> {
+    if (a < kBus || a - kBus > kWindow || len > kWindow - (a - kBus)) return std::nullopt;
+    return std::span<std::uint8_t>(window.p + (a - kBus), len);
+  };
+  auto created = SplitDeviceQueue::create(qsize, desc.p, avail.p, used.p, kName, translate);
+  CHECK(created.ok());
+  SplitDeviceQueue q = std::move(created).value();
+  const bool event_idx = (cfg & 0x20) != 0;
+  q.set_event_idx(event_idx);
+  if (cfg & 0x40) q.set_indirect(true, (cfg >> 7) ? 4u : 0u);
+
+  std::map<std::uint16_t, std::uint64_t> held;  // head -> writable bytes
+  std::uint16_t last_avail = 0, used_idx = 0;
+  bool broken = false;
+  std::vector<std::uint8_t> frozen_used;
+  auto* uw = reinterpret_cast<uvirtio::le16*>(used.p);
+
+  auto in_window = [&](const std::uint8_t* p, std::size_t n) {
+    return p >= window.p && p <= window.p + kWindow && n <= static_cast<std::size_t>(window.p + kWindow - p);
+  };
+
+  while (!in.empty()) {
+    const auto driver_before = desc.bytes();
+    const auto avail_before = avail.bytes();
+    bool device_op = true;
+    switch (in.u8() % 8) {
+      case 0:
+        write_desc(desc.p + 16u * (in.u8() & mask), in);
+        device_op = false;
+        break;
+      case 1:
+        write_desc(window.p + (in.u8() % (kWindow / 16)) * 16, in);
+        device_op = false;
+        break;
+      case 2: {
+        const std::uint8_t slot = in.u8();
+        const std::uint8_t hm = in.u8();
+        const std::uint16_t head = (hm & 0x80) ? in.u16() : static_cast<std::uint16_t>(hm % (qsize + 1));
+        uvirtio::store_le16(avail.p + 4 + 2 * (slot & mask), head);
+        device_op = false;
+        break;
+      }
+      case 3: {
+        const std::uint8_t m = in.u8();
+        uvirtio::store_le16(
+            avail.p + 2,
+            (m & 1) ? in.u16() : static_cast<std::uint16_t>(last_avail + (m >> 1) % (qsize + 2)));
+        device_op = false;
+        break;
+      }
+      case 4: {
+        const auto used_before = used.bytes();
+        const std::uint16_t aidx = get16(avail.p + 2);
+        auto r = q.pop();
+        CHECK(used.bytes() == used_before);  // pop never writes
+        if (broken) {
+          CHECK(!r.ok() && r.error().code() == Errc::broken && r.error().device() == kName);
+          break;
+        }
+        if (!r.ok()) {
+          CHECK(r.error().code() == Errc::bad_device_data && r.error().device() == kName);
+          CHECK(q.broken());
+          broken = true;
+          frozen_used = used.bytes();
+          break;
+        }
+        if (!r.value().has_value()) {
+          CHECK(aidx == last_avail);
+          break;
+        }
+        const auto& req = *r.value();
+        CHECK(aidx != last_avail && static_cast<std::uint16_t>(aidx - last_avail) <= qsize);
+        CHECK(req.head < qsize && held.count(req.head) == 0);
+        CHECK(req.head == get16(avail.p + 4 + 2 * (last_avail & mask)));
+        std::uint64_t rb = 0, wb = 0;
+        for (auto s : req.readable) {
+          CHECK(s.empty() || in_window(s.data(), s.size()));
+          rb += s.size();
+        }
+        for (auto s : req.writable) {
+          CHECK(s.empty() || in_window(s.data(), s.size()));
+          wb += s.size();
+          if (!s.empty()) std::memset(s.data(), 0xAB, s.size());  // the device really writes
+        }
+        CHECK(rb == req.readable_bytes && wb == req.writable_bytes);
+        CHECK(rb + wb <= (std::uint64_t{1} << 32));
+        CHECK(req.readable.size() + req.writable.size() <= 2u * qsize);
+        held[req.head] = wb;
+        ++last_avail;
+        break;
+      }
+      case 5: {
+        const std::uint8_t sel = in.u8();
+        std::uint16_t head;
+        if ((sel & 0x80) || held.empty()) {
+          head = in.u16();
+        } else {
+          head = std::next(held.begin(), static_cast<long>(sel % held.size()))->first;
+        }
+        const std::uint8_t wm = in.u8();
+        std::uint32_t written = wm;
+        auto it = held.find(head);
+        if ((wm & 0x80) == 0 && it != held.end()) {
+          written = static_cast<std::uint32_t>(wm % 3 == 0 ? it->second + 1 : (wm % 3 == 1 ? it->second : 0));
+        }
+        const auto used_before = used.bytes();
+        auto r = q.push(head, written);
+        if (broken) {
+          CHECK(!r.ok() && r.error().code() == Errc::broken);
+        } else if (it == held.end() || written > it->second) {
+          CHECK(!r.ok() && r.error().code() == Errc::invalid_argument && !q.broken());
+          CHECK(used.bytes() == used_before);
+        } else {
+          CHECK(r.ok());
+          const std::uint8_t* e = used.p + 4 + 8 * (used_idx & mask);
+          CHECK(get32(e) == head && get32(e + 4) == written);
+          ++used_idx;
+          CHECK(uw[1].get() == used_idx);
+          held.erase(it);
+        }
+        break;
+      }
+      case 6: {
+        const std::uint8_t b = in.u8();
+        switch (b % 4) {
+          case 0:
+            q.set_notifications((b & 4) != 0);
+            if (!broken && !event_idx) CHECK(uw[0].get() == ((b & 4) ? 0 : VIRTQ_USED_F_NO_NOTIFY));
+            if (!broken && event_idx) CHECK(uw[0].get() == 0);
+            break;
+          case 1: {
+            const bool more = q.enable_notifications_and_check();
+            CHECK(more == (!broken && get16(avail.p + 2) != last_avail));
+            break;
+          }
+          case 2:
+            if (broken)
+              CHECK(!q.should_interrupt());
+            else
+              (void)q.should_interrupt();
+            break;
+          default:
+            CHECK(q.has_avail() == (!broken && get16(avail.p + 2) != last_avail));
+        }
+        break;
+      }
+      case 7:
+        uvirtio::store_le16(avail.p, in.u16());
+        uvirtio::store_le16(avail.p + SplitLayout::used_event_offset(qsize), in.u16());
+        device_op = false;
+        break;
+    }
+    if (device_op) {  // the device never writes driver areas
+      CHECK(desc.bytes() == driver_before);
+      CHECK(avail.bytes() == avail_before);
+    }
+    CHECK(q.broken() == broken);
+    if (!broken) CHECK(q.in_flight() == held.size());
+    if (broken) CHECK(used.bytes() == frozen_used);
+    if (!broken) CHECK(uw[1].get() == used_idx);
+  }
+  return 0;
+}
