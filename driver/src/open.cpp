@@ -20,7 +20,9 @@ Result<std::unique_ptr<Device>> bring_up(std::unique_ptr<pci::Function> fn, std:
   auto negotiated = [&]() -> Result<void> {
     UV_TRY_VOID(t->add_status(status::kDriver));
     UV_TRY(FeatureSet offered, t->device_features());
-    UV_TRY(FeatureSet accepted, negotiate(offered, policy, fn->bdf()));
+    FeaturePolicy with_rings = policy;
+    with_rings.supported = policy.supported | options.ring_features;
+    UV_TRY(FeatureSet accepted, negotiate(offered, with_rings, fn->bdf()));
     return t->accept_features(accepted);
   }();
   if (!negotiated) {

@@ -31,18 +31,42 @@ Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t
   // Round down to a power of two (split rings need one, spec 2.7).
   while (size & (size - 1)) size = static_cast<std::uint16_t>(size & (size - 1));
   if (size == 0) return Error(Errc::invalid_argument, t.name(), op, "queue size 0 requested");
-  using L = rings::SplitLayout;
-  UV_TRY(pci::DmaRegion desc, t.dma().alloc(L::desc_bytes(size), L::desc_align));
-  UV_TRY(pci::DmaRegion avail, t.dma().alloc(L::avail_bytes(size), L::avail_align));
-  UV_TRY(pci::DmaRegion used, t.dma().alloc(L::used_bytes(size), L::used_align));
-  UV_TRY(rings::SplitQueue ring, rings::SplitQueue::create(size, desc.va, avail.va, used.va,
-                                                           t.name() + " queue " + std::to_string(index)));
-  if (mode == CompletionMode::polling) ring.set_interrupts(false);
-  UV_TRY_VOID(t.setup_queue(index, size, QueueAddresses{desc.iova, avail.iova, used.iova},
-                            mode != CompletionMode::polling));
+  const std::string name = t.name() + " queue " + std::to_string(index);
+  const FeatureSet f = t.features();
+  std::optional<rings::Ring> ring;
+  QueueAddresses addr;
+  if (f.has(feature::kRingPacked)) {
+    // Packed layout (spec 2.8): descriptor ring plus the driver and device
+    // event suppression areas.
+    using L = rings::PackedLayout;
+    UV_TRY(pci::DmaRegion desc, t.dma().alloc(L::desc_bytes(size), L::desc_align));
+    UV_TRY(pci::DmaRegion drv, t.dma().alloc(L::event_bytes(), L::event_align));
+    UV_TRY(pci::DmaRegion dev, t.dma().alloc(L::event_bytes(), L::event_align));
+    UV_TRY(rings::PackedQueue q, rings::PackedQueue::create(size, desc.va, drv.va, dev.va, name));
+    ring.emplace(std::move(q));
+    addr = QueueAddresses{desc.iova, drv.iova, dev.iova};
+  } else {
+    using L = rings::SplitLayout;
+    UV_TRY(pci::DmaRegion desc, t.dma().alloc(L::desc_bytes(size), L::desc_align));
+    UV_TRY(pci::DmaRegion avail, t.dma().alloc(L::avail_bytes(size), L::avail_align));
+    UV_TRY(pci::DmaRegion used, t.dma().alloc(L::used_bytes(size), L::used_align));
+    UV_TRY(rings::SplitQueue q, rings::SplitQueue::create(size, desc.va, avail.va, used.va, name));
+    if (f.has(feature::kEventIdx)) q.set_event_idx(true);
+    if (f.has(feature::kIndirectDesc)) {
+      // One table of kIndirectMax descriptors per ring entry (2.7.5.3).
+      const std::size_t table = kIndirectMax * sizeof(rings::VirtqDesc);
+      q.set_indirect(true, kIndirectMax);
+      UV_TRY(pci::DmaRegion pool, t.dma().alloc(table * size, 16));
+      UV_TRY_VOID(q.provide_indirect_pool(pool.va, pool.iova, pool.size));
+    }
+    ring.emplace(std::move(q));
+    addr = QueueAddresses{desc.iova, avail.iova, used.iova};
+  }
+  if (mode == CompletionMode::polling) ring->set_interrupts(false);
+  UV_TRY_VOID(t.setup_queue(index, size, addr, mode != CompletionMode::polling));
   if (mode != CompletionMode::polling && !t.queue_eventfd(index))
     return Error(Errc::unsupported, t.name(), op, "no interrupt eventfd for the queue");
-  return std::unique_ptr<Virtqueue>(new Virtqueue(t, index, std::move(ring), mode));
+  return std::unique_ptr<Virtqueue>(new Virtqueue(t, index, std::move(*ring), mode));
 }
 
 Result<std::uint16_t> Virtqueue::submit(std::span<const rings::Buffer> out, std::span<const rings::Buffer> in,

@@ -4,6 +4,8 @@
 # reads it back, runs the Blk conformance tests, and exits; the host then
 # finds the pattern in the image file.
 #   blk_host_test.sh BIN_DIR CONFORMANCE_BINARY [UVIRTIO_VM_OPTION...]
+# UVIRTIO_MATRIX (e.g. "PACKED=1 EVENT_IDX=0 INDIRECT=1") is passed into the
+# guest as UVIRTIO_EXPECT_* so the tests check what was negotiated.
 set -euo pipefail
 bin=$1
 conf=$2
@@ -15,7 +17,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 truncate -s 16M "$work/disk.img"
 head -c 131072 /dev/urandom >"$work/pattern"
-"$bin/uvirtio-vm" --blk "$work/disk.img" --add "$conf" --add "$work/pattern:/root/pattern" "$@" -- sh -c '
+expect=
+for kv in ${UVIRTIO_MATRIX:-}; do expect+="export UVIRTIO_EXPECT_$kv; "; done
+"$bin/uvirtio-vm" --blk "$work/disk.img" --add "$conf" --add "$work/pattern:/root/pattern" "$@" -- sh -c "$expect"'
   set -e
   B=$(uvirtio list --type block -q)
   uvirtio blk write $B --sector 100 --file /root/pattern --flush

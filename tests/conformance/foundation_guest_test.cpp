@@ -55,6 +55,26 @@ Cmd run(const std::string& cmd) {
   return r;
 }
 
+// The conformance matrix says what the device offers in this boot:
+// UVIRTIO_EXPECT_PACKED / _EVENT_IDX / _INDIRECT = 0 or 1 (unset: no check).
+void check_ring_features(const driver::FeatureSet& f, bool packed_in_use) {
+  auto want = [](const char* var) -> std::optional<bool> {
+    const char* v = std::getenv(var);
+    if (v == nullptr) return std::nullopt;
+    return std::string(v) == "1";
+  };
+  if (auto p = want("UVIRTIO_EXPECT_PACKED")) {
+    EXPECT_EQ(f.has(driver::feature::kRingPacked), *p) << f.describe();
+    EXPECT_EQ(packed_in_use, *p);
+  }
+  if (auto e = want("UVIRTIO_EXPECT_EVENT_IDX")) {
+    EXPECT_EQ(f.has(driver::feature::kEventIdx), *e) << f.describe();
+  }
+  if (auto ind = want("UVIRTIO_EXPECT_INDIRECT")) {
+    EXPECT_EQ(f.has(driver::feature::kIndirectDesc), *ind) << f.describe();
+  }
+}
+
 bool expect_msix() {
   const char* v = std::getenv("UVIRTIO_EXPECT_MSIX");
   return v == nullptr || std::string(v) != "0";
@@ -156,6 +176,7 @@ TEST_P(Rng, TwoReadsReturnDifferentEntropy) {
   EXPECT_NE(a, b);
   EXPECT_NE(a, (std::array<std::uint8_t, 64>{}));
   auto& vq = (*rng)->queue();
+  check_ring_features((*rng)->device().transport().features(), vq.packed());
   if (GetParam() == driver::CompletionMode::interrupt) {
     EXPECT_GT(vq.interrupts(), 0u) << "interrupt mode completed without an interrupt";
     EXPECT_EQ((*rng)->device().transport().using_msix(), expect_msix());
@@ -391,6 +412,7 @@ TEST_P(Blk, WriteReadFlushAcrossSeveralRequests) {
   auto blk = driver::Blk::open(f->bdf, opt);
   ASSERT_TRUE(blk) << blk.error().message();
   EXPECT_TRUE((*blk)->features().has(driver::blk_feature::kFlush));
+  check_ring_features((*blk)->features(), (*blk)->queue().packed());
   // 200 KiB: four requests through the 64 KiB bounce buffer.
   std::vector<std::uint8_t> data(200 * 1024);
   const unsigned seed = GetParam() == driver::CompletionMode::polling ? 7 : 13;

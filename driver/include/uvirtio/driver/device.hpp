@@ -18,6 +18,11 @@ struct OpenOptions {
   pci::IommuMode iommu = pci::IommuMode::type1v2;
   IrqPreference irq = IrqPreference::msix_then_intx;
   std::chrono::milliseconds reset_deadline{1000};
+  // Ring features the driver accepts when the device offers them; Virtqueue
+  // then uses the packed layout, event-index suppression and indirect
+  // tables. Clear bits to force the simpler forms.
+  FeatureSet ring_features =
+      FeatureSet::of({feature::kRingPacked, feature::kEventIdx, feature::kIndirectDesc});
 };
 
 // A function, its transport and its negotiated features. Owns the VFIO device.

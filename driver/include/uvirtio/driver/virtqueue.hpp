@@ -15,7 +15,7 @@
 #include <span>
 
 #include "uvirtio/driver/transport.hpp"
-#include "uvirtio/rings/split.hpp"
+#include "uvirtio/rings/ring.hpp"
 
 namespace uvirtio::driver {
 
@@ -35,7 +35,10 @@ class Virtqueue {
   std::uint16_t index() const { return index_; }
   std::uint16_t size() const { return ring_.size(); }
   CompletionMode mode() const { return mode_; }
-  rings::SplitQueue& ring() { return ring_; }
+  rings::Ring& ring() { return ring_; }
+  bool packed() const { return ring_.packed(); }
+  // Descriptors per indirect table when VIRTIO_F_INDIRECT_DESC is in use.
+  static constexpr std::size_t kIndirectMax = 16;
 
   // add() then publish and notify when the device wants it.
   Result<std::uint16_t> submit(std::span<const rings::Buffer> out, std::span<const rings::Buffer> in,
@@ -58,7 +61,7 @@ class Virtqueue {
   std::uint64_t config_interrupts() const { return config_interrupts_; }
 
  private:
-  Virtqueue(Transport& t, std::uint16_t index, rings::SplitQueue ring, CompletionMode mode)
+  Virtqueue(Transport& t, std::uint16_t index, rings::Ring ring, CompletionMode mode)
       : t_(t), index_(index), ring_(std::move(ring)), mode_(mode) {}
   // Waits up to timeout_ms for the queue's eventfd; on a signal, counts it and
   // acknowledges the interrupt. Returns whether one was taken.
@@ -66,7 +69,7 @@ class Virtqueue {
 
   Transport& t_;
   std::uint16_t index_;
-  rings::SplitQueue ring_;
+  rings::Ring ring_;
   CompletionMode mode_;
   std::uint64_t notifications_ = 0;
   std::uint64_t interrupts_ = 0;
