@@ -3,6 +3,9 @@
 //   uvirtio-bench fsync FILE [--seconds S] [--json]
 //       p50/p99 of a 64-byte pwrite + fsync on FILE (the host half of the
 //       virtio-pmem floor: what one device flush costs the host).
+//   uvirtio-bench rings [--batch B]... [--seconds S] [--size N] [--json]
+//       split ring throughput between two threads vs a bare SPSC ring
+//       (bench_rings.cpp).
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -65,12 +68,17 @@ int bench_fsync(const std::vector<std::string>& args) {
 }
 
 }  // namespace
+
+int bench_rings(const std::vector<std::string>& args);
+
 }  // namespace uvirtio::apps
 
 int main(int argc, char** argv) {
   using namespace uvirtio::apps;
   g_program = "uvirtio-bench";
-  const char* usage = "usage: uvirtio-bench fsync FILE [--seconds S] [--json]\n";
+  const char* usage =
+      "usage: uvirtio-bench fsync FILE [--seconds S] [--json]\n"
+      "       uvirtio-bench rings [--batch B]... [--seconds S] [--size N] [--json]\n";
   if (argc < 2) {
     std::cerr << usage;
     return kUsage;
@@ -79,6 +87,7 @@ int main(int argc, char** argv) {
   const std::vector<std::string> args(argv + 2, argv + argc);
   try {
     if (cmd == "fsync") return bench_fsync(args);
+    if (cmd == "rings") return bench_rings(args);
     if (cmd == "-h" || cmd == "--help") {
       std::cout << usage;
       return 0;

@@ -53,6 +53,14 @@ check 2 "expected DDDD:BB:DD.F" "$bin/uvirtio-pmlog" nobdf list
 check 2 "usage: uvirtio-bench" "$bin/uvirtio-bench"
 check 2 "unknown benchmark 'frob'" "$bin/uvirtio-bench" frob
 check 1 "/nonexistent/file: open: No such file or directory" "$bin/uvirtio-bench" fsync /nonexistent/file --seconds 0.1
+check 2 "rings: --size must be a power of two" "$bin/uvirtio-bench" rings --size 100
+check 2 "rings: --batch values must be 1..size" "$bin/uvirtio-bench" rings --batch 0
+check 2 "rings: --seconds must be in (0, 600]" "$bin/uvirtio-bench" rings --seconds -1
+check 2 "--dev-opt wants KEY=VALUE" "$vm" --dev-opt nokey
+check 2 "usage: uvirtio blk info" "$u" blk
+check 2 "blk read: --sector is required" "$u" blk read 00:03.0
+check 2 "blk read: --count must be 1..8192" "$u" blk read 00:03.0 --sector 0 --count 0
+check 2 "blk write: give exactly one of --data or --file" "$u" blk write 00:03.0 --sector 0
 check 2 "--kernel-pmem wants FILE:SIZE" "$vm" --kernel-pmem nosize
 check 2 "--module: bad module name" "$vm" --module 'a b'
 check 2 "unknown option '--frob'" "$vm" --frob
