@@ -160,8 +160,8 @@ Result<std::optional<PackedDeviceQueue::Request>> PackedDeviceQueue::pop() {
     }
   }
   if (held_.contains(id)) {
-    return fail("buffer id " + std::to_string(id) + " of the chain at position " + std::to_string(avail_pos_) +
-                " is already in flight")
+    return fail("buffer id " + std::to_string(id) + " of the chain at position " +
+                std::to_string(avail_pos_) + " is already in flight")
         .error();
   }
   // Valid: commit.

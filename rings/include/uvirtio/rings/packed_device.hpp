@@ -100,10 +100,10 @@ class PackedDeviceQueue {
   bool broken_ = false;
 
   // Device-private state; never read back from driver-writable memory.
-  std::uint16_t avail_pos_ = 0;  // ring position of the next chain head
-  bool avail_wrap_ = true;       // Device Ring Wrap Counter for reading (2.8.1), starts at 1
-  std::uint16_t used_pos_ = 0;   // ring position of the next used descriptor
-  bool used_wrap_ = true;        // wrap counter written there
+  std::uint16_t avail_pos_ = 0;   // ring position of the next chain head
+  bool avail_wrap_ = true;        // Device Ring Wrap Counter for reading (2.8.1), starts at 1
+  std::uint16_t used_pos_ = 0;    // ring position of the next used descriptor
+  bool used_wrap_ = true;         // wrap counter written there
   std::uint32_t held_descs_ = 0;  // descriptors popped and not yet pushed
   std::uint64_t pushed_ = 0;      // used descriptors written
   std::uint64_t signalled_ = 0;   // pushed_ at the last should_interrupt()
