@@ -1,5 +1,6 @@
-// uvirtio-bench rings: ring throughput between a driver thread and a device
-// thread sharing one memory region, against two same-run baselines:
+// uvirtio-bench rings: split and packed ring throughput between a driver
+// thread and a device thread sharing one memory region, against two same-run
+// baselines:
 //   - a bare single-producer/single-consumer ring of 64-byte slots between the
 //     same two threads (the ceiling: no descriptors, no validation);
 //   - the cache-line round trip between the two threads (printed next to every
@@ -18,6 +19,8 @@
 
 #include "cli_common.hpp"
 #include "uvirtio/base/barrier.hpp"
+#include "uvirtio/rings/packed.hpp"
+#include "uvirtio/rings/packed_device.hpp"
 #include "uvirtio/rings/split.hpp"
 #include "uvirtio/rings/split_device.hpp"
 
@@ -111,21 +114,10 @@ double bare_ring_msgs_per_s(double seconds) {
   return static_cast<double>(consumed) / secs;
 }
 
-// Requests per second through a split ring (driver role + device role).
-Result<double> split_ops_per_s(std::uint16_t size, unsigned batch, double seconds) {
-  using L = rings::SplitLayout;
-  AlignedBuf desc(L::desc_bytes(size)), avail(L::avail_bytes(size)), used(L::used_bytes(size));
-  AlignedBuf pool(static_cast<std::size_t>(size) * 64);
-  const auto base = reinterpret_cast<std::uint64_t>(pool.p);
-  const std::uint64_t pool_bytes = static_cast<std::uint64_t>(size) * 64;
-  UV_TRY(rings::SplitQueue drv, rings::SplitQueue::create(size, desc.p, avail.p, used.p, "bench queue"));
-  auto translate = [&](std::uint64_t addr, std::uint32_t len,
-                       bool) -> std::optional<std::span<std::uint8_t>> {
-    if (addr < base || addr - base > pool_bytes || len > pool_bytes - (addr - base)) return std::nullopt;
-    return std::span<std::uint8_t>(pool.p + (addr - base), len);
-  };
-  UV_TRY(rings::SplitDeviceQueue dev,
-         rings::SplitDeviceQueue::create(size, desc.p, avail.p, used.p, "bench device", translate));
+// Requests per second between a driver and a device thread over one ring.
+template <class Driver, class Device>
+Result<double> ops_per_s(Driver& drv, Device& dev, std::uint64_t base, std::uint16_t size, unsigned batch,
+                         double seconds) {
   std::atomic<bool> stop{false};
   std::optional<Error> dev_error;
   std::thread device([&] {
@@ -177,6 +169,40 @@ Result<double> split_ops_per_s(std::uint16_t size, unsigned batch, double second
   return static_cast<double>(done) / secs;
 }
 
+struct Pool {
+  explicit Pool(std::uint16_t size)
+      : buf(static_cast<std::size_t>(size) * 64), bytes(static_cast<std::uint64_t>(size) * 64) {}
+  AlignedBuf buf;
+  std::uint64_t bytes;
+  std::uint64_t base() const { return reinterpret_cast<std::uint64_t>(buf.p); }
+  rings::SplitDeviceQueue::Translate translate() {
+    return [this](std::uint64_t addr, std::uint32_t len, bool) -> std::optional<std::span<std::uint8_t>> {
+      if (addr < base() || addr - base() > bytes || len > bytes - (addr - base())) return std::nullopt;
+      return std::span<std::uint8_t>(buf.p + (addr - base()), len);
+    };
+  }
+};
+
+Result<double> split_ops_per_s(std::uint16_t size, unsigned batch, double seconds) {
+  using L = rings::SplitLayout;
+  AlignedBuf desc(L::desc_bytes(size)), avail(L::avail_bytes(size)), used(L::used_bytes(size));
+  Pool pool(size);
+  UV_TRY(rings::SplitQueue drv, rings::SplitQueue::create(size, desc.p, avail.p, used.p, "bench queue"));
+  UV_TRY(rings::SplitDeviceQueue dev,
+         rings::SplitDeviceQueue::create(size, desc.p, avail.p, used.p, "bench device", pool.translate()));
+  return ops_per_s(drv, dev, pool.base(), size, batch, seconds);
+}
+
+Result<double> packed_ops_per_s(std::uint16_t size, unsigned batch, double seconds) {
+  using L = rings::PackedLayout;
+  AlignedBuf desc(L::desc_bytes(size)), drv_ev(L::event_bytes()), dev_ev(L::event_bytes());
+  Pool pool(size);
+  UV_TRY(rings::PackedQueue drv, rings::PackedQueue::create(size, desc.p, drv_ev.p, dev_ev.p, "bench queue"));
+  UV_TRY(rings::PackedDeviceQueue dev, rings::PackedDeviceQueue::create(size, desc.p, drv_ev.p, dev_ev.p,
+                                                                        "bench device", pool.translate()));
+  return ops_per_s(drv, dev, pool.base(), size, batch, seconds);
+}
+
 }  // namespace
 
 int bench_rings(const std::vector<std::string>& args) {
@@ -206,14 +232,18 @@ int bench_rings(const std::vector<std::string>& args) {
   out["cache_line_round_trip_ns"] = cache_line_round_trip_ns(std::min(seconds, 0.5));
   const double bare = bare_ring_msgs_per_s(seconds);
   out["bare_ring_msgs_per_s"] = bare;
-  out["split"] = json::array();
-  for (unsigned b : batches) {
-    auto ops = split_ops_per_s(static_cast<std::uint16_t>(size), b, seconds);
-    if (!ops) return fail(ops.error());
-    out["split"].push_back({{"batch", b},
-                            {"ops_per_s", *ops},
-                            {"ratio_vs_bare_ring", *ops / bare},
-                            {"cache_line_round_trip_ns", cache_line_round_trip_ns(0.1)}});
+  for (const char* layout : {"split", "packed"}) {
+    out[layout] = json::array();
+    for (unsigned b : batches) {
+      auto ops = std::string(layout) == "split"
+                     ? split_ops_per_s(static_cast<std::uint16_t>(size), b, seconds)
+                     : packed_ops_per_s(static_cast<std::uint16_t>(size), b, seconds);
+      if (!ops) return fail(ops.error());
+      out[layout].push_back({{"batch", b},
+                             {"ops_per_s", *ops},
+                             {"ratio_vs_bare_ring", *ops / bare},
+                             {"cache_line_round_trip_ns", cache_line_round_trip_ns(0.1)}});
+    }
   }
   if (vm.count("json")) {
     std::cout << out.dump(2) << "\n";
@@ -221,12 +251,14 @@ int bench_rings(const std::vector<std::string>& args) {
   }
   std::printf("cache-line round trip: %.0f ns; bare SPSC ring (64 B slots): %.2f M msg/s\n",
               out["cache_line_round_trip_ns"].get<double>(), bare / 1e6);
-  std::printf("split ring, driver thread <-> device thread, queue size %u, polling:\n", size);
-  std::printf("  %-6s %14s %10s %14s\n", "batch", "M requests/s", "vs bare", "cache RT ns");
-  for (const auto& p : out["split"])
-    std::printf("  %-6u %14.2f %10.3f %14.0f\n", p["batch"].get<unsigned>(),
-                p["ops_per_s"].get<double>() / 1e6, p["ratio_vs_bare_ring"].get<double>(),
-                p["cache_line_round_trip_ns"].get<double>());
+  for (const char* layout : {"split", "packed"}) {
+    std::printf("%s ring, driver thread <-> device thread, queue size %u, polling:\n", layout, size);
+    std::printf("  %-6s %14s %10s %14s\n", "batch", "M requests/s", "vs bare", "cache RT ns");
+    for (const auto& p : out[layout])
+      std::printf("  %-6u %14.2f %10.3f %14.0f\n", p["batch"].get<unsigned>(),
+                  p["ops_per_s"].get<double>() / 1e6, p["ratio_vs_bare_ring"].get<double>(),
+                  p["cache_line_round_trip_ns"].get<double>());
+  }
   return 0;
 }
 
