@@ -83,18 +83,7 @@ Result<std::uint16_t> PackedQueue::add(std::span<const Buffer> out, std::span<co
   const char* op = "add buffers";
   if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
   const std::size_t n = out.size() + in.size();
-  if (n == 0) return Error(Errc::invalid_argument, name_, op, "empty descriptor chain");
-  bool zero_len = false;
-  std::uint64_t writable = 0;
-  for (const Buffer& b : out) zero_len |= b.len == 0;
-  for (const Buffer& b : in) {
-    zero_len |= b.len == 0;
-    writable += b.len;
-  }
-  if (zero_len) return Error(Errc::invalid_argument, name_, op, "zero-length buffer");
-  if (writable > std::numeric_limits<std::uint32_t>::max()) {
-    return Error(Errc::invalid_argument, name_, op, "device-writable bytes of the chain overflow 32 bits");
-  }
+  UV_TRY(const std::uint32_t writable, chain_writable_bytes(out, in, name_));
   if (n > num_free_) {
     return Error(Errc::busy, name_, op,
                  std::to_string(n) + " descriptors needed, " + std::to_string(num_free_) + " free");
@@ -136,7 +125,7 @@ Result<std::uint16_t> PackedQueue::add(std::span<const Buffer> out, std::span<co
   }
   num_free_ = static_cast<std::uint16_t>(num_free_ - n);
   x.chain_len = static_cast<std::uint16_t>(n);
-  x.writable = static_cast<std::uint32_t>(writable);
+  x.writable = writable;
   x.token = token;
   x.seq = add_seq_++;
 

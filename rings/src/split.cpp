@@ -104,12 +104,10 @@ std::size_t SplitQueue::indirect_limit() const noexcept {
   return std::min(max_indirect_, slot_entries_);
 }
 
-Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<const Buffer> in,
-                                      std::uint64_t token) {
+Result<std::uint32_t> chain_writable_bytes(std::span<const Buffer> out, std::span<const Buffer> in,
+                                           const std::string& queue) {
   const char* op = "add buffers";
-  if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
-  const std::size_t n = out.size() + in.size();
-  if (n == 0) return Error(Errc::invalid_argument, name_, op, "empty descriptor chain");
+  if (out.empty() && in.empty()) return Error(Errc::invalid_argument, queue, op, "empty descriptor chain");
   bool zero_len = false;
   std::uint64_t writable = 0;
   for (const Buffer& b : out) zero_len |= b.len == 0;
@@ -117,10 +115,18 @@ Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<con
     zero_len |= b.len == 0;
     writable += b.len;
   }
-  if (zero_len) return Error(Errc::invalid_argument, name_, op, "zero-length buffer");
-  if (writable > std::numeric_limits<std::uint32_t>::max()) {
-    return Error(Errc::invalid_argument, name_, op, "device-writable bytes of the chain overflow 32 bits");
-  }
+  if (zero_len) return Error(Errc::invalid_argument, queue, op, "zero-length buffer");
+  if (writable > std::numeric_limits<std::uint32_t>::max())
+    return Error(Errc::invalid_argument, queue, op, "device-writable bytes of the chain overflow 32 bits");
+  return static_cast<std::uint32_t>(writable);
+}
+
+Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<const Buffer> in,
+                                      std::uint64_t token) {
+  const char* op = "add buffers";
+  if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
+  const std::size_t n = out.size() + in.size();
+  UV_TRY(const std::uint32_t writable, chain_writable_bytes(out, in, name_));
   // Spec 2.7.5.3: a chain of several buffers goes into the head's indirect
   // table and takes one ring descriptor (also when the ring has too few free).
   const bool indirect = n > 1 && n <= indirect_limit();
@@ -157,7 +163,7 @@ Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<con
     free_head_ = extra_[head].next;
     num_free_ = static_cast<std::uint16_t>(num_free_ - 1);
     extra_[head].chain_len = 1;
-    extra_[head].writable = static_cast<std::uint32_t>(writable);
+    extra_[head].writable = writable;
     extra_[head].token = token;
     extra_[head].seq = next_seq_++;
     words(avail_)[kRing + (avail_idx_shadow_ & (size_ - 1u))].set(head);
@@ -183,7 +189,7 @@ Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<con
   free_head_ = extra_[i].next;
   num_free_ = static_cast<std::uint16_t>(num_free_ - n);
   extra_[head].chain_len = static_cast<std::uint16_t>(n);
-  extra_[head].writable = static_cast<std::uint32_t>(writable);
+  extra_[head].writable = writable;
   extra_[head].token = token;
   extra_[head].seq = next_seq_++;
 

@@ -85,6 +85,13 @@ struct Completion {
   std::uint32_t len = 0;    // bytes the device wrote, <= the chain's writable bytes
 };
 
+// The checks every ring's add() makes on a chain before touching memory: not
+// empty, no zero-length buffer, device-writable bytes fit in 32 bits (the
+// used length is a le32). Returns the device-writable byte count; errors are
+// invalid_argument naming `queue` and the operation "add buffers".
+Result<std::uint32_t> chain_writable_bytes(std::span<const Buffer> out, std::span<const Buffer> in,
+                                           const std::string& queue);
+
 class SplitQueue {
  public:
   // `desc`, `avail`, `used` point at driver-mapped ring memory laid out as
