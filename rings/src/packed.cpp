@@ -45,21 +45,24 @@ std::uint16_t avail_bits(bool wrap) noexcept { return wrap ? VIRTQ_DESC_F_AVAIL 
 
 }  // namespace
 
+Result<void> PackedLayout::check(std::uint16_t size, const void* desc_ring, const void* driver_event,
+                                 const void* device_event, const std::string& name, const char* op) {
+  if (size == 0 || size > 32768)  // 2.8.10.1: Queue Size up to 2^15, any value
+    return Error(Errc::invalid_argument, name, op, "size " + std::to_string(size) + " is not in [1, 32768]");
+  if (desc_ring == nullptr || driver_event == nullptr || device_event == nullptr)
+    return Error(Errc::invalid_argument, name, op, "ring pointer is null");
+  if (!aligned(desc_ring, desc_align) || !aligned(driver_event, event_align) ||
+      !aligned(device_event, event_align)) {
+    return Error(Errc::invalid_argument, name, op,
+                 "ring areas must be aligned to 16 (descriptors) and 4 (event suppression) bytes");
+  }
+  return ok();
+}
+
 Result<PackedQueue> PackedQueue::create(std::uint16_t size, void* desc_ring, void* driver_event,
                                         void* device_event, std::string name) {
   const char* op = "create packed queue";
-  if (size == 0 || size > 32768) {  // 2.8.10.1: Queue Size up to 2^15, any value
-    return Error(Errc::invalid_argument, std::move(name), op,
-                 "size " + std::to_string(size) + " is not in [1, 32768]");
-  }
-  if (desc_ring == nullptr || driver_event == nullptr || device_event == nullptr) {
-    return Error(Errc::invalid_argument, std::move(name), op, "ring pointer is null");
-  }
-  if (!aligned(desc_ring, PackedLayout::desc_align) || !aligned(driver_event, PackedLayout::event_align) ||
-      !aligned(device_event, PackedLayout::event_align)) {
-    return Error(Errc::invalid_argument, std::move(name), op,
-                 "ring areas must be aligned to 16 (descriptors) and 4 (event suppression) bytes");
-  }
+  UV_TRY_VOID(PackedLayout::check(size, desc_ring, driver_event, device_event, name, op));
   // All zero: no descriptor looks available or used for wrap counter 1, and
   // both event areas say RING_EVENT_FLAGS_ENABLE.
   std::memset(desc_ring, 0, PackedLayout::desc_bytes(size));

@@ -48,26 +48,13 @@ std::string hex(std::uint64_t v) {
   return b;
 }
 
-bool aligned(const void* p, std::size_t a) noexcept { return reinterpret_cast<std::uintptr_t>(p) % a == 0; }
-
 }  // namespace
 
 Result<PackedDeviceQueue> PackedDeviceQueue::create(std::uint16_t size, void* desc_ring, void* driver_event,
                                                     void* device_event, std::string name,
                                                     Translate translate) {
   const char* op = "create packed device queue";
-  if (size == 0 || size > 32768) {  // 2.8.10.1: any Queue Size up to 2^15
-    return Error(Errc::invalid_argument, std::move(name), op,
-                 "size " + std::to_string(size) + " is not in [1, 32768]");
-  }
-  if (desc_ring == nullptr || driver_event == nullptr || device_event == nullptr) {
-    return Error(Errc::invalid_argument, std::move(name), op, "ring pointer is null");
-  }
-  if (!aligned(desc_ring, PackedLayout::desc_align) || !aligned(driver_event, PackedLayout::event_align) ||
-      !aligned(device_event, PackedLayout::event_align)) {
-    return Error(Errc::invalid_argument, std::move(name), op,
-                 "ring areas must be aligned to 16 (descriptors) and 4 (event suppression) bytes");
-  }
+  UV_TRY_VOID(PackedLayout::check(size, desc_ring, driver_event, device_event, name, op));
   if (!translate) return Error(Errc::invalid_argument, std::move(name), op, "no translation callback");
   PackedDeviceQueue q;
   q.size_ = size;

@@ -57,21 +57,25 @@ bool aligned(const void* p, std::size_t a) noexcept { return reinterpret_cast<st
 
 }  // namespace
 
+Result<void> SplitLayout::check(std::uint16_t size, const void* desc, const void* avail, const void* used,
+                                const std::string& name, const char* op) {
+  if (!std::has_single_bit(size)) {  // uint16_t: a single bit means [1, 32768]
+    return Error(Errc::invalid_argument, name, op,
+                 "size " + std::to_string(size) + " is not a power of two in [1, 32768]");
+  }
+  if (desc == nullptr || avail == nullptr || used == nullptr)
+    return Error(Errc::invalid_argument, name, op, "ring pointer is null");
+  if (!aligned(desc, desc_align) || !aligned(avail, avail_align) || !aligned(used, used_align)) {
+    return Error(Errc::invalid_argument, name, op,
+                 "ring areas must be aligned to 16 (descriptors), 2 (available) and 4 (used) bytes");
+  }
+  return ok();
+}
+
 Result<SplitQueue> SplitQueue::create(std::uint16_t size, void* desc, void* avail, void* used,
                                       std::string name) {
   const char* op = "create split queue";
-  if (!std::has_single_bit(size)) {  // uint16_t: a single bit means [1, 32768]
-    return Error(Errc::invalid_argument, std::move(name), op,
-                 "size " + std::to_string(size) + " is not a power of two in [1, 32768]");
-  }
-  if (desc == nullptr || avail == nullptr || used == nullptr) {
-    return Error(Errc::invalid_argument, std::move(name), op, "ring pointer is null");
-  }
-  if (!aligned(desc, SplitLayout::desc_align) || !aligned(avail, SplitLayout::avail_align) ||
-      !aligned(used, SplitLayout::used_align)) {
-    return Error(Errc::invalid_argument, std::move(name), op,
-                 "ring areas must be aligned to 16 (descriptors), 2 (available) and 4 (used) bytes");
-  }
+  UV_TRY_VOID(SplitLayout::check(size, desc, avail, used, name, op));
   std::memset(desc, 0, SplitLayout::desc_bytes(size));
   std::memset(avail, 0, SplitLayout::avail_bytes(size));
   std::memset(used, 0, SplitLayout::used_bytes(size));

@@ -63,18 +63,7 @@ bool aligned(const void* p, std::size_t a) noexcept { return reinterpret_cast<st
 Result<SplitDeviceQueue> SplitDeviceQueue::create(std::uint16_t size, void* desc, void* avail, void* used,
                                                   std::string name, Translate translate) {
   const char* op = "create split device queue";
-  if (!std::has_single_bit(size)) {
-    return Error(Errc::invalid_argument, std::move(name), op,
-                 "size " + std::to_string(size) + " is not a power of two in [1, 32768]");
-  }
-  if (desc == nullptr || avail == nullptr || used == nullptr) {
-    return Error(Errc::invalid_argument, std::move(name), op, "ring pointer is null");
-  }
-  if (!aligned(desc, SplitLayout::desc_align) || !aligned(avail, SplitLayout::avail_align) ||
-      !aligned(used, SplitLayout::used_align)) {
-    return Error(Errc::invalid_argument, std::move(name), op,
-                 "ring areas must be aligned to 16 (descriptors), 2 (available) and 4 (used) bytes");
-  }
+  UV_TRY_VOID(SplitLayout::check(size, desc, avail, used, name, op));
   if (!translate) return Error(Errc::invalid_argument, std::move(name), op, "no translation callback");
   SplitDeviceQueue q;
   q.size_ = size;

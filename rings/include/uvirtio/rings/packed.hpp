@@ -64,6 +64,9 @@ struct PackedLayout {
   static constexpr std::size_t event_align = 4;
   static constexpr std::size_t desc_bytes(std::uint16_t size) { return 16u * size; }
   static constexpr std::size_t event_bytes() { return sizeof(PvirtqEventSuppress); }
+  // The arguments every packed ring's create() takes, driver or device role.
+  static Result<void> check(std::uint16_t size, const void* desc_ring, const void* driver_event,
+                            const void* device_event, const std::string& name, const char* op);
 };
 
 class PackedQueue {

@@ -59,6 +59,10 @@ struct SplitLayout {
   static constexpr std::size_t desc_bytes(std::uint16_t size) { return 16u * size; }
   static constexpr std::size_t avail_bytes(std::uint16_t size) { return 6u + 2u * size; }
   static constexpr std::size_t used_bytes(std::uint16_t size) { return 6u + 8u * size; }
+  // The arguments every split ring's create() takes, driver or device role:
+  // size a power of two in [1, 32768], pointers non-null and aligned.
+  static Result<void> check(std::uint16_t size, const void* desc, const void* avail, const void* used,
+                            const std::string& name, const char* op);
   // Byte offsets of the event-index words (spec 2.7.6 used_event, 2.7.8 avail_event).
   static constexpr std::size_t used_event_offset(std::uint16_t size) { return 4u + 2u * size; }
   static constexpr std::size_t avail_event_offset(std::uint16_t size) { return 4u + 8u * size; }
