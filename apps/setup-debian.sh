@@ -12,7 +12,7 @@ packages=(
   clang libclang-rt-14-dev clang-format       # fuzz targets (libFuzzer), formatting check
   libpci-dev libboost-program-options-dev nlohmann-json3-dev googletest libgtest-dev zlib1g-dev
   qemu-system-x86 busybox-static cpio kmod    # the guest harness
-  strace xz-utils
+  strace xz-utils e2fsprogs                   # strace: fsync counting; mkfs.ext4: pmem benchmark
 )
 
 if [ "${UVIRTIO_SKIP_APT:-0}" != 1 ]; then
