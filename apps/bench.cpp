@@ -6,6 +6,9 @@
 //   uvirtio-bench rings [--batch B]... [--seconds S] [--size N] [--json]
 //       split ring throughput between two threads vs a bare SPSC ring
 //       (bench_rings.cpp).
+//   uvirtio-bench channel [--seconds S] [--size BYTES] [--rounds R] [--json]
+//       the inter-VM message channel between two processes vs Unix and TCP
+//       sockets, a bare ring and the cache-line round trip (bench_channel.cpp).
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -70,6 +73,7 @@ int bench_fsync(const std::vector<std::string>& args) {
 }  // namespace
 
 int bench_rings(const std::vector<std::string>& args);
+int bench_channel(const std::vector<std::string>& args);
 
 }  // namespace uvirtio::apps
 
@@ -78,7 +82,8 @@ int main(int argc, char** argv) {
   g_program = "uvirtio-bench";
   const char* usage =
       "usage: uvirtio-bench fsync FILE [--seconds S] [--json]\n"
-      "       uvirtio-bench rings [--batch B]... [--seconds S] [--size N] [--json]\n";
+      "       uvirtio-bench rings [--batch B]... [--seconds S] [--size N] [--json]\n"
+      "       uvirtio-bench channel [--seconds S] [--size BYTES] [--rounds R] [--json]\n";
   if (argc < 2) {
     std::cerr << usage;
     return kUsage;
@@ -88,6 +93,7 @@ int main(int argc, char** argv) {
   try {
     if (cmd == "fsync") return bench_fsync(args);
     if (cmd == "rings") return bench_rings(args);
+    if (cmd == "channel") return bench_channel(args);
     if (cmd == "-h" || cmd == "--help") {
       std::cout << usage;
       return 0;

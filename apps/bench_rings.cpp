@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_common.hpp"
 #include "cli_common.hpp"
 #include "uvirtio/base/barrier.hpp"
 #include "uvirtio/rings/packed.hpp"
@@ -37,82 +38,6 @@ struct AlignedBuf {
   ~AlignedBuf() { std::free(p); }
   std::uint8_t* p;
 };
-
-// Nanoseconds per cache-line round trip between two threads.
-double cache_line_round_trip_ns(double seconds) {
-  alignas(64) std::atomic<std::uint64_t> ping{0};
-  std::atomic<bool> stop{false};
-  std::thread other([&] {
-    std::uint64_t seen = 0;
-    while (!stop.load(std::memory_order_relaxed)) {
-      const std::uint64_t v = ping.load(std::memory_order_acquire);
-      if (v != seen && (v & 1)) {
-        ping.store(v + 1, std::memory_order_release);
-        seen = v + 1;
-      } else {
-        cpu_relax();
-      }
-    }
-  });
-  std::uint64_t trips = 0;
-  const auto t0 = Clock::now();
-  const auto until = t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
-  std::uint64_t v = 0;
-  while (Clock::now() < until) {
-    for (int i = 0; i < 1000; ++i) {
-      ping.store(v + 1, std::memory_order_release);
-      while (ping.load(std::memory_order_acquire) != v + 2) cpu_relax();
-      v += 2;
-      ++trips;
-    }
-  }
-  const double ns = std::chrono::duration<double, std::nano>(Clock::now() - t0).count();
-  stop = true;
-  other.join();
-  return ns / static_cast<double>(trips);
-}
-
-// Messages per second through a bare SPSC ring of 64-byte slots.
-double bare_ring_msgs_per_s(double seconds) {
-  constexpr std::size_t kSlots = 1024;
-  struct alignas(64) Slot {
-    std::uint8_t bytes[64];
-  };
-  std::vector<Slot> slots(kSlots);
-  alignas(64) std::atomic<std::uint64_t> head{0};  // consumer position
-  alignas(64) std::atomic<std::uint64_t> tail{0};  // producer position
-  std::atomic<bool> stop{false};
-  std::uint64_t consumed = 0, checksum = 0;
-  std::thread consumer([&] {
-    std::uint64_t h = 0;
-    while (!stop.load(std::memory_order_relaxed)) {
-      const std::uint64_t t = tail.load(std::memory_order_acquire);
-      if (t == h) {
-        cpu_relax();
-        continue;
-      }
-      for (; h != t; ++h) checksum += slots[h % kSlots].bytes[0];
-      head.store(h, std::memory_order_release);
-    }
-    consumed = h;
-  });
-  const auto t0 = Clock::now();
-  const auto until = t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
-  std::uint64_t t = 0;
-  while (Clock::now() < until) {
-    for (int i = 0; i < 4096; ++i) {
-      while (t - head.load(std::memory_order_acquire) >= kSlots) cpu_relax();
-      std::memset(slots[t % kSlots].bytes, static_cast<int>(t), 64);
-      tail.store(++t, std::memory_order_release);
-    }
-  }
-  while (head.load(std::memory_order_acquire) != t) cpu_relax();
-  const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-  stop = true;
-  consumer.join();
-  (void)checksum;
-  return static_cast<double>(consumed) / secs;
-}
 
 // Requests per second between a driver and a device thread over one ring.
 template <class Driver, class Device>

@@ -17,4 +17,17 @@ std::uint64_t parse_u64(const std::string& text, const std::string& what) {
   return v;
 }
 
+int tool_main(const char* program, int argc, char** argv, int (*run)(int, char**)) {
+  g_program = program;
+  try {
+    return run(argc, argv);
+  } catch (const UsageError& e) {
+    std::cerr << program << ": " << e.what << "\n";
+    return kUsage;
+  } catch (const boost::program_options::error& e) {
+    std::cerr << program << ": " << e.what() << "\n";
+    return kUsage;
+  }
+}
+
 }  // namespace uvirtio::apps

@@ -56,6 +56,10 @@ inline po::variables_map parse(const std::vector<std::string>& args, const po::o
 // Parses a non-negative integer option value (decimal or 0x hex) or throws UsageError.
 std::uint64_t parse_u64(const std::string& text, const std::string& what);
 
+// main() of a tool: sets g_program, runs `run` and turns usage errors into
+// a message and exit status 2.
+int tool_main(const char* program, int argc, char** argv, int (*run)(int, char**));
+
 int cmd_pmem(const std::vector<std::string>& args);
 int cmd_blk(const std::vector<std::string>& args);
 

@@ -280,14 +280,5 @@ int run(int argc, char** argv) {
 }  // namespace uvirtio::apps
 
 int main(int argc, char** argv) {
-  uvirtio::apps::g_program = "uvirtio-pmlog";
-  try {
-    return uvirtio::apps::run(argc, argv);
-  } catch (const uvirtio::apps::UsageError& e) {
-    std::cerr << "uvirtio-pmlog: " << e.what << "\n";
-    return uvirtio::apps::kUsage;
-  } catch (const boost::program_options::error& e) {
-    std::cerr << "uvirtio-pmlog: " << e.what() << "\n";
-    return uvirtio::apps::kUsage;
-  }
+  return uvirtio::apps::tool_main("uvirtio-pmlog", argc, argv, uvirtio::apps::run);
 }

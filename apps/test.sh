@@ -17,14 +17,17 @@ ctest --test-dir build --output-on-failure -j1
 
 echo "== ASan+UBSan build: unit tests =="
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DUVIRTIO_SANITIZE=ON -DUVIRTIO_WERROR=ON -DUVIRTIO_APPS=OFF >/dev/null
-cmake --build build-asan -j"$jobs" --target uvirtio_unit_tests fuzz_caps fuzz_split_used fuzz_packed_used fuzz_split_device
+# Every tests/fuzz/fuzz_*.cpp is a target; its seeds are in tests/fuzz/corpus/NAME.
+fuzz_targets=$(cd tests/fuzz && ls fuzz_*.cpp | sed 's/\.cpp$//')
+# shellcheck disable=SC2086
+cmake --build build-asan -j"$jobs" --target uvirtio_unit_tests $fuzz_targets
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --test-dir build-asan -L unit --output-on-failure -j"$jobs"
 
 echo "== libFuzzer: ${fuzz_seconds}s per target =="
 cmake -S . -B build-fuzz -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo -DUVIRTIO_FUZZ=ON -DUVIRTIO_WERROR=ON \
   -DUVIRTIO_TESTS=OFF -DUVIRTIO_APPS=OFF >/dev/null
 cmake --build build-fuzz -j"$jobs"
-for t in fuzz_caps fuzz_split_used fuzz_packed_used fuzz_split_device; do
+for t in $fuzz_targets; do
   corpus=tests/fuzz/corpus/${t#fuzz_}
   scratch=$(mktemp -d)
   echo "$t:"

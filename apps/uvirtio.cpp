@@ -30,7 +30,7 @@ const char* kUsageText =
     "usage: uvirtio COMMAND [options]\n"
     "commands:\n"
     "  list [--json] [--type T] [--driver D] [-q]   virtio PCI functions: BDF, ids, type, driver, group\n"
-    "  bind (BDF... | --all)          bind functions to vfio-pci (--all: every virtio function)\n"
+    "  bind (BDF... | --all)          bind functions to vfio-pci (--all: every virtio and ivshmem function)\n"
     "  unbind (BDF... | --all)        give functions back to the driver they had before bind\n"
     "  caps BDF [--json]              PCI and virtio capabilities of a function\n"
     "  rng read BDF -n N [--poll]     read N bytes of entropy from a virtio-rng device (hex)\n"
@@ -61,9 +61,12 @@ int cmd_list(const std::vector<std::string>& args) {
   json out = json::array();
   for (const auto& f : *fns) {
     auto type = pci::virtio_device_id(f);
-    if (!type && !vm.count("all")) continue;
-    if (vm.count("type") && (!type || vm["type"].as<std::string>() != pci::virtio_device_name(*type)))
-      continue;
+    const bool ivshmem = pci::is_ivshmem(f);
+    if (!type && !ivshmem && !vm.count("all")) continue;
+    if (vm.count("type")) {
+      const std::string want = vm["type"].as<std::string>();
+      if (ivshmem ? want != "ivshmem" : (!type || want != pci::virtio_device_name(*type))) continue;
+    }
     if (vm.count("driver")) {
       const std::string want = vm["driver"].as<std::string>();
       if (f.driver != (want == "none" ? std::string() : want)) continue;
@@ -82,6 +85,7 @@ int cmd_list(const std::vector<std::string>& args) {
       j["virtio_name"] = pci::virtio_device_name(*type);
       j["modern"] = pci::is_modern_virtio(f);
     }
+    if (ivshmem) j["ivshmem"] = true;
     out.push_back(j);
   }
   if (vm.count("json")) {
@@ -94,7 +98,9 @@ int cmd_list(const std::vector<std::string>& args) {
   }
   std::printf("%-13s %-9s %-9s %-10s %-10s %s\n", "BDF", "ID", "SUBSYS", "TYPE", "DRIVER", "IOMMU_GROUP");
   for (const auto& j : out) {
-    std::string type = j.contains("virtio_name") ? j["virtio_name"].get<std::string>() : "-";
+    std::string type = j.contains("virtio_name") ? j["virtio_name"].get<std::string>()
+                       : j.contains("ivshmem")   ? "ivshmem"
+                                                 : "-";
     if (j.contains("modern") && !j["modern"].get<bool>()) type += "(t)";
     std::string drv = j["driver"].get<std::string>();
     std::string group = j["iommu_group"].is_null() ? "-" : std::to_string(j["iommu_group"].get<unsigned>());
@@ -121,14 +127,14 @@ std::vector<pci::Bdf> targets(const po::variables_map& vm, const char* cmd) {
   auto fns = pci::enumerate_functions();
   if (!fns) throw fns.error();
   for (const auto& f : *fns)
-    if (pci::virtio_device_id(f)) out.push_back(f.bdf);
+    if (pci::virtio_device_id(f) || pci::is_ivshmem(f)) out.push_back(f.bdf);
   return out;
 }
 
 int cmd_bind(const std::vector<std::string>& args, bool bind) {
   const char* name = bind ? "bind" : "unbind";
   po::options_description desc(std::string("uvirtio ") + name + " (BDF... | --all)");
-  desc.add_options()("help,h", "show help")("all", "every virtio function")(
+  desc.add_options()("help,h", "show help")("all", "every virtio and ivshmem function")(
       "bdf", po::value<std::vector<std::string>>(), "PCI address");
   po::positional_options_description pos;
   pos.add("bdf", -1);

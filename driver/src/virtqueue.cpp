@@ -1,4 +1,4 @@
-// Virtqueue: split ring + transport queue + completion waiting.
+// Virtqueue: split or packed ring + transport queue + completion waiting.
 #include "uvirtio/driver/virtqueue.hpp"
 
 #include <poll.h>
@@ -35,6 +35,7 @@ Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t
   const FeatureSet f = t.features();
   std::optional<rings::Ring> ring;
   QueueAddresses addr;
+  bool indirect = false;
   if (f.has(feature::kRingPacked)) {
     // Packed layout (spec 2.8): descriptor ring plus the driver and device
     // event suppression areas.
@@ -43,6 +44,17 @@ Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t
     UV_TRY(pci::DmaRegion drv, t.dma().alloc(L::event_bytes(), L::event_align));
     UV_TRY(pci::DmaRegion dev, t.dma().alloc(L::event_bytes(), L::event_align));
     UV_TRY(rings::PackedQueue q, rings::PackedQueue::create(size, desc.va, drv.va, dev.va, name));
+    // The same ring features as the split layout, in their packed form
+    // (2.8.10 DESC event offsets, 2.8.7 indirect tables).
+    if (f.has(feature::kEventIdx)) q.set_event_idx(true);
+    if (f.has(feature::kIndirectDesc)) {
+      // One table of kIndirectMax descriptors per buffer id (2.8.7).
+      const std::size_t table = kIndirectMax * sizeof(rings::PvirtqDesc);
+      q.set_indirect(true, kIndirectMax);
+      UV_TRY(pci::DmaRegion pool, t.dma().alloc(table * size, 16));
+      UV_TRY_VOID(q.provide_indirect_pool(pool.va, pool.iova, pool.size));
+      indirect = q.indirect();
+    }
     ring.emplace(std::move(q));
     addr = QueueAddresses{desc.iova, drv.iova, dev.iova};
   } else {
@@ -58,6 +70,7 @@ Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t
       q.set_indirect(true, kIndirectMax);
       UV_TRY(pci::DmaRegion pool, t.dma().alloc(table * size, 16));
       UV_TRY_VOID(q.provide_indirect_pool(pool.va, pool.iova, pool.size));
+      indirect = size >= 2;  // a table is never longer than the ring (2.7.5.3.1)
     }
     ring.emplace(std::move(q));
     addr = QueueAddresses{desc.iova, avail.iova, used.iova};
@@ -66,7 +79,9 @@ Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t
   UV_TRY_VOID(t.setup_queue(index, size, addr, mode != CompletionMode::polling));
   if (mode != CompletionMode::polling && !t.queue_eventfd(index))
     return Error(Errc::unsupported, t.name(), op, "no interrupt eventfd for the queue");
-  return std::unique_ptr<Virtqueue>(new Virtqueue(t, index, std::move(*ring), mode));
+  auto vq = std::unique_ptr<Virtqueue>(new Virtqueue(t, index, std::move(*ring), mode));
+  vq->indirect_ = indirect;
+  return vq;
 }
 
 Result<std::uint16_t> Virtqueue::submit(std::span<const rings::Buffer> out, std::span<const rings::Buffer> in,

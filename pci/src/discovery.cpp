@@ -169,6 +169,8 @@ std::optional<std::uint16_t> virtio_device_id(const FunctionInfo& f) {
   return std::nullopt;
 }
 
+bool is_ivshmem(const FunctionInfo& f) { return f.vendor == kVirtioVendor && f.device == 0x1110; }
+
 bool is_modern_virtio(const FunctionInfo& f) {
   return f.vendor == kVirtioVendor && f.device >= 0x1040 && f.device <= 0x107f;
 }

@@ -10,8 +10,9 @@
 // Descriptor flags and event suppression flags are accessed through
 // std::atomic_ref on the little-endian storage of the Le<> fields. Spec
 // sections: 2.8.1 (wrap counters), 2.8.2 (polling), 2.8.6 (chains and the
-// used-descriptor skip), 2.8.21 (supplying buffers), 2.8.22 (receiving used
-// buffers), 2.8.10 (event suppression).
+// used-descriptor skip), 2.8.7 (indirect tables), 2.8.21 (supplying
+// buffers), 2.8.22 (receiving used buffers), 2.8.10 and 2.8.14 (event
+// suppression, with VIRTIO_F_EVENT_IDX the DESC offset/wrap form).
 #include "uvirtio/rings/packed.hpp"
 
 #include <algorithm>
@@ -81,59 +82,104 @@ Result<PackedQueue> PackedQueue::create(std::uint16_t size, void* desc_ring, voi
   return q;
 }
 
+std::size_t PackedQueue::indirect_limit() const noexcept {
+  if (!indirect_ || pool_ == nullptr) return 0;
+  return std::min(max_indirect_, slot_entries_);
+}
+
 Result<std::uint16_t> PackedQueue::add(std::span<const Buffer> out, std::span<const Buffer> in,
                                        std::uint64_t token) {
   const char* op = "add buffers";
   if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
   const std::size_t n = out.size() + in.size();
   UV_TRY(const std::uint32_t writable, chain_writable_bytes(out, in, name_));
-  if (n > num_free_) {
+  // 2.8.7: a list of several buffers can live in an indirect table and take
+  // a single ring position.
+  const bool indirect = n > 1 && n <= indirect_limit();
+  const std::size_t ring_descs = indirect ? 1 : n;
+  if (ring_descs > num_free_) {
     return Error(Errc::busy, name_, op,
-                 std::to_string(n) + " descriptors needed, " + std::to_string(num_free_) + " free");
+                 std::to_string(ring_descs) + " descriptors needed, " + std::to_string(num_free_) + " free");
   }
 
   // A free descriptor count >= 1 implies a free id: each live id holds at
-  // least one descriptor.
+  // least one ring position.
   const std::uint16_t id = free_id_;
   Extra& x = extra_[id];
   free_id_ = x.next_free;
 
-  // 2.8.6, 2.8.21.1: the chain takes consecutive positions, wrapping at the
-  // ring end (the wrap counter flips there, so later descriptors carry the
-  // flipped AVAIL/USED bits). We write the id into every descriptor; the
-  // spec needs it only in the last.
   const std::uint16_t head = next_avail_;
   std::uint16_t head_flags = 0;
-  std::size_t k = 0;
-  for (const auto* part : {&out, &in}) {
-    const std::uint16_t write = part == &in ? VIRTQ_DESC_F_WRITE : 0;
-    for (const Buffer& b : *part) {
-      const bool last = ++k == n;
-      PvirtqDesc& d = desc_[next_avail_];
-      d.addr.set(b.addr);
-      d.len.set(b.len);
-      d.id.set(id);
-      const auto flags =
-          static_cast<std::uint16_t>(write | (last ? 0 : VIRTQ_DESC_F_NEXT) | avail_bits(avail_wrap_));
-      if (k == 1) {
-        head_flags = flags;  // stored below, after the rest of the chain
-      } else {
-        d.flags.set(flags);  // the device reads these only after the head flags
+  if (indirect) {
+    // The table is the buffer id's slot in driver-owned, device-visible
+    // memory; the id is not reused before its used descriptor comes back, so
+    // the device never sees a slot change under it. 2.8.7: WRITE is the only
+    // flag inside a table (no NEXT: the entries are simply consecutive) and
+    // the buffer id there is reserved; we write 0. Like the ring, we never
+    // read a table back.
+    const std::size_t stride = slot_entries_ * sizeof(PvirtqDesc);
+    auto* table = reinterpret_cast<PvirtqDesc*>(pool_ + std::size_t{id} * stride);
+    std::size_t j = 0;
+    for (const auto* part : {&out, &in}) {
+      const std::uint16_t write = part == &in ? VIRTQ_DESC_F_WRITE : 0;
+      for (const Buffer& b : *part) {
+        table[j].addr.set(b.addr);
+        table[j].len.set(b.len);
+        table[j].id.set(0);
+        table[j].flags.set(write);
+        ++j;
       }
-      if (++next_avail_ == size_) {
-        next_avail_ = 0;
-        avail_wrap_ = !avail_wrap_;
+    }
+    PvirtqDesc& d = desc_[head];
+    d.addr.set(pool_device_ + std::uint64_t{id} * stride);
+    d.len.set(static_cast<std::uint32_t>(n * sizeof(PvirtqDesc)));
+    d.id.set(id);
+    // 2.8.7: never with NEXT, and WRITE is reserved on this descriptor.
+    head_flags = static_cast<std::uint16_t>(VIRTQ_DESC_F_INDIRECT | avail_bits(avail_wrap_));
+    if (++next_avail_ == size_) {
+      next_avail_ = 0;
+      avail_wrap_ = !avail_wrap_;
+    }
+  } else {
+    // 2.8.6, 2.8.21.1: the chain takes consecutive positions, wrapping at
+    // the ring end (the wrap counter flips there, so later descriptors carry
+    // the flipped AVAIL/USED bits). We write the id into every descriptor;
+    // the spec needs it only in the last.
+    std::size_t k = 0;
+    for (const auto* part : {&out, &in}) {
+      const std::uint16_t write = part == &in ? VIRTQ_DESC_F_WRITE : 0;
+      for (const Buffer& b : *part) {
+        const bool last = ++k == n;
+        PvirtqDesc& d = desc_[next_avail_];
+        d.addr.set(b.addr);
+        d.len.set(b.len);
+        d.id.set(id);
+        const auto flags =
+            static_cast<std::uint16_t>(write | (last ? 0 : VIRTQ_DESC_F_NEXT) | avail_bits(avail_wrap_));
+        if (k == 1) {
+          head_flags = flags;  // stored below, after the rest of the chain
+        } else {
+          d.flags.set(flags);  // the device reads these only after the head flags
+        }
+        if (++next_avail_ == size_) {
+          next_avail_ = 0;
+          avail_wrap_ = !avail_wrap_;
+        }
       }
     }
   }
-  num_free_ = static_cast<std::uint16_t>(num_free_ - n);
-  x.chain_len = static_cast<std::uint16_t>(n);
+  num_free_ = static_cast<std::uint16_t>(num_free_ - ring_descs);
+  // Saturates: a whole ring or more kicks anyway (packed_need_event), and a
+  // caller that never publishes must not wrap the count back to "few".
+  if (moved_ < size_) moved_ += static_cast<std::uint32_t>(ring_descs);
+  x.chain_len = static_cast<std::uint16_t>(ring_descs);
   x.writable = writable;
   x.token = token;
   x.seq = add_seq_++;
 
-  // 2.8.21.1: the rest of the chain (and the head's addr/len/id) must be
-  // visible before the head's flags hand the chain to the device.
+  // 2.8.21.1: the rest of the chain, the indirect table (and the head's
+  // addr/len/id) must be visible before the head's flags hand the chain to
+  // the device.
   barrier_publish();
   store_release(desc_[head].flags, head_flags);
   return id;
@@ -142,10 +188,16 @@ Result<std::uint16_t> PackedQueue::add(std::span<const Buffer> out, std::span<co
 bool PackedQueue::publish() {
   if (broken_) return false;
   // Our head-flag stores must be ordered before reading the device's event
-  // suppression flags, or we could miss its switch back to ENABLE (2.8.10, 2.8.21).
+  // suppression area, or we could miss its switch back to ENABLE or a new
+  // event offset (2.8.10, 2.8.21.2).
   barrier_store_load();
-  const std::uint16_t flags = load_acquire(device_event_->flags) & RING_EVENT_FLAGS_MASK;
-  return flags != RING_EVENT_FLAGS_DISABLE;
+  const std::uint32_t moved = moved_;
+  moved_ = 0;
+  // Flags first (acquire), then the offset: the device stores the offset
+  // before the flags that make it meaningful, so DESC comes with its offset.
+  const std::uint16_t flags = load_acquire(device_event_->flags);
+  const std::uint16_t off_wrap = read_once(device_event_->desc);
+  return packed_event_wanted(flags, off_wrap, event_idx_, size_, next_avail_, avail_wrap_, moved);
 }
 
 Result<std::optional<Completion>> PackedQueue::poll() {
@@ -198,6 +250,14 @@ Result<std::optional<Completion>> PackedQueue::poll() {
   x.chain_len = 0;
   x.next_free = free_id_;
   free_id_ = id;
+  if (event_idx_ && interrupts_) {
+    // Interrupts on: ask for one at the next used descriptor (2.8.10), and
+    // order that store before our next read of the ring, so a descriptor the
+    // device uses meanwhile is either seen by us or interrupts us. The flags
+    // already say DESC.
+    store_release(driver_event_->desc, packed_off_wrap(last_used_, used_wrap_));
+    barrier_store_load();
+  }
   return std::optional<Completion>{Completion{x.token, len}};
 }
 
@@ -210,8 +270,79 @@ bool PackedQueue::has_used() const noexcept {
 
 void PackedQueue::set_interrupts(bool enabled) noexcept {
   if (broken_) return;
-  driver_event_flags_ = enabled ? RING_EVENT_FLAGS_ENABLE : RING_EVENT_FLAGS_DISABLE;
-  store_release(driver_event_->flags, driver_event_flags_);
+  interrupts_ = enabled;
+  write_driver_event();
+}
+
+// The driver event suppression area from our shadow state, never from what
+// is in memory: DISABLE, ENABLE, or with EVENT_IDX DESC at the next used
+// position. The offset is stored before the flags (release), so a device
+// that sees DESC also sees the offset that goes with it.
+void PackedQueue::write_driver_event() noexcept {
+  if (!interrupts_) {
+    store_release(driver_event_->flags, RING_EVENT_FLAGS_DISABLE);
+    return;
+  }
+  if (event_idx_) {
+    store_release(driver_event_->desc, packed_off_wrap(last_used_, used_wrap_));
+    store_release(driver_event_->flags, RING_EVENT_FLAGS_DESC);
+    return;
+  }
+  store_release(driver_event_->flags, RING_EVENT_FLAGS_ENABLE);
+}
+
+bool PackedQueue::enable_interrupts_and_check() noexcept {
+  if (broken_) return false;
+  set_interrupts(true);
+  // Our event area stores must be ordered before re-reading the ring (2.8.10,
+  // 2.8.22): otherwise a used descriptor written in between is neither seen
+  // here nor signalled.
+  barrier_store_load();
+  return has_used();
+}
+
+void PackedQueue::set_event_idx(bool enabled) noexcept {
+  event_idx_ = enabled;
+  if (broken_) return;
+  write_driver_event();
+}
+
+void PackedQueue::set_indirect(bool enabled, std::size_t max_indirect) noexcept {
+  indirect_ = enabled;
+  max_indirect_ = max_indirect;
+}
+
+Result<void> PackedQueue::provide_indirect_pool(void* va, std::uint64_t device_addr, std::size_t bytes) {
+  const char* op = "provide indirect pool";
+  if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
+  if (!indirect_ || max_indirect_ < 2) {
+    return Error(Errc::invalid_argument, name_, op, "call set_indirect(true, n >= 2) first");
+  }
+  if (va == nullptr || !aligned(va, sizeof(PvirtqDesc))) {
+    return Error(Errc::invalid_argument, name_, op, "pool pointer is null or not 16-byte aligned");
+  }
+  if (in_flight() != 0) {
+    return Error(Errc::busy, name_, op, std::to_string(in_flight()) + " descriptors in flight");
+  }
+  // 2.8.5: without a device limit a list is at most the queue size.
+  const std::size_t entries = std::min<std::size_t>(max_indirect_, size_);
+  const std::size_t need = std::size_t{size_} * entries * sizeof(PvirtqDesc);  // <= 2^34: no overflow
+  if (bytes < need) {
+    return Error(Errc::invalid_argument, name_, op,
+                 "pool of " + std::to_string(bytes) + " bytes, need " + std::to_string(need));
+  }
+  if (device_addr > std::numeric_limits<std::uint64_t>::max() - need) {
+    return Error(Errc::invalid_argument, name_, op, "pool device address range wraps");
+  }
+  pool_ = static_cast<std::uint8_t*>(va);
+  pool_device_ = device_addr;
+  slot_entries_ = entries;
+  return ok();
+}
+
+std::uint16_t PackedQueue::device_event_flags() const noexcept {
+  if (broken_) return 0;
+  return load_acquire(device_event_->flags);
 }
 
 std::vector<std::uint64_t> PackedQueue::outstanding_tokens() const {

@@ -11,11 +11,13 @@
 // Spec sections: 2.8.1 (wrap counters and the AVAIL/USED bits), 2.8.4
 // (element length and WRITE in used descriptors), 2.8.6 (chains: consecutive
 // positions, buffer id in the last descriptor, the used descriptor skips the
-// whole chain), 2.8.7 (indirect, unsupported here), 2.8.10 (event
-// suppression), 2.8.13 (descriptor layout), 2.7.4.2 as kept by 2.8 (readable
-// before writable), 2.8.21 (the driver publishes the head flags last).
+// whole chain), 2.8.7 and 2.8.19 (indirect tables), 2.8.10 and 2.8.14 (event
+// suppression, with VIRTIO_F_EVENT_IDX the DESC offset/wrap form), 2.8.13
+// (descriptor layout), 2.8.17 (readable before writable), 2.8.21 (the driver
+// publishes the head flags last).
 #include "uvirtio/rings/packed_device.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <utility>
@@ -42,6 +44,8 @@ bool available(std::uint16_t flags, bool wrap) noexcept {
   return ((flags & VIRTQ_DESC_F_AVAIL) != 0) == wrap && ((flags & VIRTQ_DESC_F_USED) != 0) != wrap;
 }
 
+bool aligned(const void* p, std::size_t a) noexcept { return reinterpret_cast<std::uintptr_t>(p) % a == 0; }
+
 std::string hex(std::uint64_t v) {
   char b[24];
   std::snprintf(b, sizeof b, "0x%llx", static_cast<unsigned long long>(v));
@@ -63,8 +67,21 @@ Result<PackedDeviceQueue> PackedDeviceQueue::create(std::uint16_t size, void* de
   q.device_event_ = static_cast<PvirtqEventSuppress*>(device_event);
   q.name_ = std::move(name);
   q.translate_ = std::move(translate);
+  q.max_indirect_ = size;
   q.held_.reserve(size);
   return q;
+}
+
+void PackedDeviceQueue::set_event_idx(bool enabled) noexcept {
+  event_idx_ = enabled;
+  // Only an enabled area changes form (ENABLE <-> DESC); a disabled one says
+  // DISABLE either way, and create() must not write the area at all.
+  if (!broken_ && notify_enabled_) write_device_event();
+}
+
+void PackedDeviceQueue::set_indirect(bool enabled, std::uint32_t max_entries) noexcept {
+  indirect_ = enabled;
+  max_indirect_ = max_entries == 0 ? size_ : max_entries;
 }
 
 Result<std::optional<PackedDeviceQueue::Request>> PackedDeviceQueue::pop() {
@@ -103,45 +120,30 @@ Result<std::optional<PackedDeviceQueue::Request>> PackedDeviceQueue::pop() {
                   std::to_string(wrap) + ")")
           .error();
     }
-    if ((flags & VIRTQ_DESC_F_INDIRECT) != 0) {
-      return fail("descriptor " + std::to_string(pos) + " is indirect, which this queue does not support")
-          .error();
-    }
     const std::uint64_t addr = load(d.addr, std::memory_order_relaxed);
     const std::uint32_t len = load(d.len, std::memory_order_relaxed);
-    const bool write = (flags & VIRTQ_DESC_F_WRITE) != 0;
-    // 2.7.4.2, kept by 2.8: device-writable descriptors follow all readable ones.
-    if (!write && seen_write) {
-      return fail("readable descriptor " + std::to_string(pos) + " after a writable one").error();
-    }
-    seen_write |= write;
-    if (req.readable_bytes + req.writable_bytes + len > kMaxChainBytes) {
-      return fail("chain at position " + std::to_string(avail_pos_) + " is longer than 2^32 bytes").error();
-    }
-    std::span<std::uint8_t> s;
-    if (len != 0) {
-      const auto t = translate_(addr, len, write);
-      if (!t || t->size() < len) {
-        return fail(std::string(write ? "writable" : "readable") + " buffer of descriptor " +
-                    std::to_string(pos) + " at " + hex(addr) + " (" + std::to_string(len) +
-                    " bytes) is not mapped")
+    const bool last = (flags & VIRTQ_DESC_F_NEXT) == 0;
+    if ((flags & VIRTQ_DESC_F_INDIRECT) != 0) {
+      if (!indirect_) {
+        return fail("descriptor " + std::to_string(pos) + " is indirect but VIRTIO_F_INDIRECT_DESC is off")
             .error();
       }
-      s = t->subspan(0, len);
-    }
-    if (write) {
-      req.writable.push_back(s);
-      req.writable_bytes += len;
+      // 2.8.19: an indirect descriptor is never part of a list linked by
+      // NEXT, so it must be a chain on its own. 2.8.7: its WRITE flag is
+      // reserved and ignored.
+      if (count != 0 || !last) {
+        return fail("indirect descriptor " + std::to_string(pos) + " is linked by VIRTQ_DESC_F_NEXT").error();
+      }
+      UV_TRY_VOID(walk_indirect(pos, addr, len, seen_write, req));
     } else {
-      req.readable.push_back(s);
-      req.readable_bytes += len;
+      UV_TRY_VOID(add_buffer(addr, len, (flags & VIRTQ_DESC_F_WRITE) != 0, seen_write, pos, kNoEntry, req));
     }
     ++count;
     if (++pos == size_) {
       pos = 0;
       wrap = !wrap;
     }
-    if ((flags & VIRTQ_DESC_F_NEXT) == 0) {
+    if (last) {
       id = load(d.id, std::memory_order_relaxed);  // 2.8.6: the last descriptor's id names the buffer
       break;
     }
@@ -157,7 +159,92 @@ Result<std::optional<PackedDeviceQueue::Request>> PackedDeviceQueue::pop() {
   held_descs_ += count;
   held_.emplace(id, Held{static_cast<std::uint16_t>(count), req.writable_bytes});
   req.head = id;
+  if (event_idx_ && notify_enabled_) {
+    // 2.8.10: "kick me when you make the descriptor at my next position
+    // available"; the flags already say DESC.
+    store(device_event_->desc, packed_off_wrap(avail_pos_, avail_wrap_), std::memory_order_release);
+  }
   return std::optional<Request>{std::move(req)};
+}
+
+// Names a descriptor for an error message: "descriptor 5" for a ring
+// position, "entry 2 of the indirect table of descriptor 5" inside a table.
+// Built only on failure, so the pop path allocates no strings.
+std::string PackedDeviceQueue::where(std::uint16_t pos, std::uint32_t entry) {
+  if (entry == kNoEntry) return "descriptor " + std::to_string(pos);
+  return "entry " + std::to_string(entry) + " of the indirect table of descriptor " + std::to_string(pos);
+}
+
+Result<void> PackedDeviceQueue::walk_indirect(std::uint16_t at, std::uint64_t addr, std::uint32_t len,
+                                              bool& seen_write, Request& req) {
+  // 2.8.7: the table holds len/16 descriptors; empty or ragged is malformed,
+  // and the device limits how many (2.8.18). Checked before translating, so
+  // a huge length never reaches the callback.
+  if (len == 0 || len % sizeof(PvirtqDesc) != 0 || len / sizeof(PvirtqDesc) > max_indirect_) {
+    return fail("indirect table of descriptor " + std::to_string(at) + " has bad length " +
+                std::to_string(len) + " (want a non-zero multiple of 16 up to " +
+                std::to_string(std::uint64_t{max_indirect_} * sizeof(PvirtqDesc)) + ")");
+  }
+  // The device only reads a table (2.8.7: "read-only by the device").
+  const auto table = translate_(addr, len, false);
+  if (!table || table->size() < len) {
+    return fail("indirect table of descriptor " + std::to_string(at) + " at " + hex(addr) + " (" +
+                std::to_string(len) + " bytes) is not mapped");
+  }
+  // Each field is loaded once through std::atomic_ref, which needs natural
+  // alignment; SplitDeviceQueue refuses such tables the same way.
+  if (!aligned(table->data(), alignof(PvirtqDesc))) {
+    return fail("indirect table of descriptor " + std::to_string(at) + " at " + hex(addr) +
+                " is not 8-byte aligned");
+  }
+  auto* entries = reinterpret_cast<PvirtqDesc*>(table->data());
+  const std::uint32_t n = len / static_cast<std::uint32_t>(sizeof(PvirtqDesc));
+  for (std::uint32_t j = 0; j < n; ++j) {
+    PvirtqDesc& e = entries[j];
+    const std::uint16_t flags = load(e.flags, std::memory_order_relaxed);
+    // 2.8.19: the driver MUST NOT set anything but WRITE in a table. Most
+    // such flags are ignored as 2.8.7 says (NEXT: the entries are simply
+    // consecutive); a nested table is refused, as by the split device:
+    // following it is forbidden, and taking its address as a plain buffer
+    // would hide the driver's bug.
+    if ((flags & VIRTQ_DESC_F_INDIRECT) != 0) {
+      return fail(where(at, j) + " is itself indirect");
+    }
+    UV_TRY_VOID(add_buffer(load(e.addr, std::memory_order_relaxed), load(e.len, std::memory_order_relaxed),
+                           (flags & VIRTQ_DESC_F_WRITE) != 0, seen_write, at, j, req));
+  }
+  return ok();
+}
+
+Result<void> PackedDeviceQueue::add_buffer(std::uint64_t addr, std::uint32_t len, bool write,
+                                           bool& seen_write, std::uint16_t pos, std::uint32_t entry,
+                                           Request& req) {
+  // 2.8.17: device-writable elements follow all device-readable ones.
+  if (!write && seen_write) {
+    return fail("readable " + where(pos, entry) + " follows a writable one in the chain at position " +
+                std::to_string(avail_pos_));
+  }
+  seen_write |= write;
+  if (req.readable_bytes + req.writable_bytes + len > kMaxChainBytes) {
+    return fail("chain at position " + std::to_string(avail_pos_) + " is longer than 2^32 bytes");
+  }
+  std::span<std::uint8_t> s;
+  if (len != 0) {
+    const auto t = translate_(addr, len, write);
+    if (!t || t->size() < len) {
+      return fail(std::string(write ? "writable" : "readable") + " buffer of " + where(pos, entry) + " at " +
+                  hex(addr) + " (" + std::to_string(len) + " bytes) is not mapped");
+    }
+    s = t->subspan(0, len);
+  }
+  if (write) {
+    req.writable.push_back(s);
+    req.writable_bytes += len;
+  } else {
+    req.readable.push_back(s);
+    req.readable_bytes += len;
+  }
+  return ok();
 }
 
 Result<void> PackedDeviceQueue::push(std::uint16_t id, std::uint32_t written) {
@@ -196,7 +283,7 @@ Result<void> PackedDeviceQueue::push(std::uint16_t id, std::uint32_t written) {
   }
   held_descs_ -= h.count;
   held_.erase(it);
-  ++pushed_;
+  moved_ += h.count;
   return ok();
 }
 
@@ -208,19 +295,40 @@ bool PackedDeviceQueue::has_avail() const noexcept {
 bool PackedDeviceQueue::should_interrupt() noexcept {
   if (broken_) return false;
   // Our used-flag stores must be ordered before reading the driver's event
-  // suppression flags, or we could miss its switch back to ENABLE (2.8.10).
+  // suppression area, or we could miss its switch back to ENABLE or a new
+  // event offset (2.8.10).
   barrier_store_load();
-  const bool pushed = pushed_ != signalled_;
-  signalled_ = pushed_;
-  if (!pushed) return false;
-  const std::uint16_t flags = load(driver_event_->flags, std::memory_order_acquire) & RING_EVENT_FLAGS_MASK;
-  return flags != RING_EVENT_FLAGS_DISABLE;
+  const std::uint64_t moved = moved_;
+  moved_ = 0;
+  if (moved == 0) return false;
+  // Flags first (acquire), then the offset the driver stored before them.
+  const std::uint16_t flags = load(driver_event_->flags, std::memory_order_acquire);
+  const std::uint16_t off_wrap = load(driver_event_->desc, std::memory_order_relaxed);
+  // Clamped: packed_need_event treats a whole ring (or more) the same.
+  const auto span = static_cast<std::uint32_t>(std::min<std::uint64_t>(moved, size_));
+  return packed_event_wanted(flags, off_wrap, event_idx_, size_, used_pos_, used_wrap_, span);
 }
 
 void PackedDeviceQueue::set_notifications(bool enabled) noexcept {
   if (broken_) return;
-  store(device_event_->flags, enabled ? RING_EVENT_FLAGS_ENABLE : RING_EVENT_FLAGS_DISABLE,
-        std::memory_order_release);
+  notify_enabled_ = enabled;
+  write_device_event();
+}
+
+// Our event suppression area from our shadow state: DISABLE, ENABLE, or with
+// EVENT_IDX DESC at our next avail position, the offset stored before the
+// flags (release) so a driver that sees DESC sees the matching offset.
+void PackedDeviceQueue::write_device_event() noexcept {
+  if (!notify_enabled_) {
+    store(device_event_->flags, RING_EVENT_FLAGS_DISABLE, std::memory_order_release);
+    return;
+  }
+  if (event_idx_) {
+    store(device_event_->desc, packed_off_wrap(avail_pos_, avail_wrap_), std::memory_order_release);
+    store(device_event_->flags, RING_EVENT_FLAGS_DESC, std::memory_order_release);
+    return;
+  }
+  store(device_event_->flags, RING_EVENT_FLAGS_ENABLE, std::memory_order_release);
 }
 
 bool PackedDeviceQueue::enable_notifications_and_check() noexcept {

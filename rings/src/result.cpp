@@ -27,6 +27,8 @@ const char* errc_name(Errc c) noexcept {
       return "busy";
     case Errc::device_error:
       return "device_error";
+    case Errc::peer_gone:
+      return "peer_gone";
   }
   return "unknown";
 }

@@ -70,5 +70,11 @@ check 2 "--timeout wants seconds" "$vm" --timeout soon
 check 2 "option --qemu-arg needs a value" "$vm" --qemu-arg
 check 2 "fetch-kernel takes no arguments" "$vm" fetch-kernel extra
 check 0 "usage: uvirtio-vm" "$vm" --help
+srv=$bin/uvirtio-ivshmem-server
+check 2 "--size: 3145728 bytes is not a power of two" "$srv" -S /nonexistent/sock -l 3M
+check 2 "--size: '4Q' is not a size" "$srv" -S /nonexistent/sock -l 4Q
+check 2 "--vectors: must be 1..1024" "$srv" -S /nonexistent/sock -n 0
+check 2 "unexpected argument 'extra'" "$srv" extra
+check 0 "usage: uvirtio-ivshmem-server" "$srv" --help
 echo "$pass passed, $fail failed"
 [ "$fail" = 0 ]

@@ -5,7 +5,8 @@
 # finds the pattern in the image file.
 #   blk_host_test.sh BIN_DIR CONFORMANCE_BINARY [UVIRTIO_VM_OPTION...]
 # UVIRTIO_MATRIX (e.g. "PACKED=1 EVENT_IDX=0 INDIRECT=1") is passed into the
-# guest as UVIRTIO_EXPECT_* so the tests check what was negotiated.
+# guest as UVIRTIO_EXPECT_* so the tests check what was negotiated and that
+# the queue uses it (for packed rings too: event index and indirect tables).
 set -euo pipefail
 bin=$1
 conf=$2

@@ -6,6 +6,7 @@
 // without MSI-X (vectors=0), so completion must use INTx.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <array>
 #include <cerrno>
@@ -57,7 +58,10 @@ Cmd run(const std::string& cmd) {
 
 // The conformance matrix says what the device offers in this boot:
 // UVIRTIO_EXPECT_PACKED / _EVENT_IDX / _INDIRECT = 0 or 1 (unset: no check).
-void check_ring_features(const driver::FeatureSet& f, bool packed_in_use) {
+// Each offered feature must be negotiated and in use by the queue, with
+// either ring layout (packed rings do event-index suppression and indirect
+// tables too).
+void check_ring_features(const driver::FeatureSet& f, const driver::Virtqueue& vq) {
   auto want = [](const char* var) -> std::optional<bool> {
     const char* v = std::getenv(var);
     if (v == nullptr) return std::nullopt;
@@ -65,13 +69,36 @@ void check_ring_features(const driver::FeatureSet& f, bool packed_in_use) {
   };
   if (auto p = want("UVIRTIO_EXPECT_PACKED")) {
     EXPECT_EQ(f.has(driver::feature::kRingPacked), *p) << f.describe();
-    EXPECT_EQ(packed_in_use, *p);
+    EXPECT_EQ(vq.packed(), *p) << "ring layout in use";
   }
   if (auto e = want("UVIRTIO_EXPECT_EVENT_IDX")) {
     EXPECT_EQ(f.has(driver::feature::kEventIdx), *e) << f.describe();
+    EXPECT_EQ(vq.event_idx(), *e) << "event-index suppression in use (packed: " << vq.packed() << ")";
   }
   if (auto ind = want("UVIRTIO_EXPECT_INDIRECT")) {
     EXPECT_EQ(f.has(driver::feature::kIndirectDesc), *ind) << f.describe();
+    EXPECT_EQ(vq.indirect(), *ind) << "indirect tables in use (packed: " << vq.packed() << ")";
+  }
+}
+
+// Packed rings: QEMU's own event suppression area must take the form the
+// configuration says. Once its queue handler is idle again (just after the
+// completion we saw, so allow it a moment), a device with EVENT_IDX asks for
+// kicks by RING_EVENT_FLAGS_DESC offset; without EVENT_IDX it never uses DESC.
+void check_device_event_form(driver::Virtqueue& vq) {
+  rings::PackedQueue* pq = vq.ring().packed_queue();
+  const char* e = std::getenv("UVIRTIO_EXPECT_EVENT_IDX");
+  if (pq == nullptr || e == nullptr) return;
+  const bool want_desc = std::string(e) == "1";
+  std::uint16_t flags = pq->device_event_flags();
+  for (int i = 0; i < 200 && want_desc && flags != rings::RING_EVENT_FLAGS_DESC; ++i) {
+    ::usleep(10000);
+    flags = pq->device_event_flags();
+  }
+  if (want_desc) {
+    EXPECT_EQ(flags, rings::RING_EVENT_FLAGS_DESC) << "device event suppression flags";
+  } else {
+    EXPECT_NE(flags, rings::RING_EVENT_FLAGS_DESC) << "DESC without VIRTIO_F_EVENT_IDX";
   }
 }
 
@@ -176,7 +203,7 @@ TEST_P(Rng, TwoReadsReturnDifferentEntropy) {
   EXPECT_NE(a, b);
   EXPECT_NE(a, (std::array<std::uint8_t, 64>{}));
   auto& vq = (*rng)->queue();
-  check_ring_features((*rng)->device().transport().features(), vq.packed());
+  check_ring_features((*rng)->device().transport().features(), vq);
   if (GetParam() == driver::CompletionMode::interrupt) {
     EXPECT_GT(vq.interrupts(), 0u) << "interrupt mode completed without an interrupt";
     EXPECT_EQ((*rng)->device().transport().using_msix(), expect_msix());
@@ -412,7 +439,7 @@ TEST_P(Blk, WriteReadFlushAcrossSeveralRequests) {
   auto blk = driver::Blk::open(f->bdf, opt);
   ASSERT_TRUE(blk) << blk.error().message();
   EXPECT_TRUE((*blk)->features().has(driver::blk_feature::kFlush));
-  check_ring_features((*blk)->features(), (*blk)->queue().packed());
+  check_ring_features((*blk)->features(), (*blk)->queue());
   // 200 KiB: four requests through the 64 KiB bounce buffer.
   std::vector<std::uint8_t> data(200 * 1024);
   const unsigned seed = GetParam() == driver::CompletionMode::polling ? 7 : 13;
@@ -426,6 +453,7 @@ TEST_P(Blk, WriteReadFlushAcrossSeveralRequests) {
   if (GetParam() == driver::CompletionMode::interrupt) {
     EXPECT_GT((*blk)->queue().interrupts(), 0u);
   }
+  check_device_event_form((*blk)->queue());
   auto beyond = (*blk)->read((*blk)->capacity_sectors(), std::span(back.data(), 512));
   ASSERT_FALSE(beyond);
   EXPECT_EQ(beyond.error().code(), Errc::invalid_argument);

@@ -10,8 +10,18 @@
 // invalid, and never write memory; after a failure every call fails with
 // Errc::broken and the driver-written areas never change. Any mismatch traps.
 //
-// Input: byte 0 picks the queue size (1, 2, 3, 4, 5, 7, 8 or 16); then ops,
-// each starting with a byte b, op = b % 7:
+// The optional features are part of the model too: with VIRTIO_F_EVENT_IDX
+// publish() must kick exactly when the device's DESC offset/wrap names one of
+// the positions made available since the last publish (an independent
+// position-walking oracle; undefined device values must kick), and the
+// driver event area must hold DESC with the next used position whenever
+// interrupts are on; with indirect tables, chains of 2..max buffers must be
+// one INDIRECT ring descriptor pointing at the buffer id's table slot, which
+// holds exactly the chain (WRITE the only flag), and take one position.
+//
+// Input: byte 0 picks the queue size (bits 0-2: 1, 2, 3, 4, 5, 7, 8 or 16),
+// VIRTIO_F_EVENT_IDX (bit 3) and indirect tables (bit 4) of 2, 3, 4 or 16
+// entries (bits 5-6); then ops, each starting with a byte b, op = b % 7:
 //   0 add:        n_out%4, n_in%4, one length byte per buffer
 //                 (0: zero length, 255: next 4 bytes raw, else 16*b)
 //   1 publish
@@ -22,10 +32,13 @@
 //                 / half), flags selector (%4: used, used, used for the other
 //                 wrap counter, next 2 bytes raw)
 //   3 poll until nullopt or error
-//   4 misc:       byte: bit0 set_interrupts(bit1); has_used() and
+//   4 misc:       byte: bit0 set_interrupts(bit1), bit2
+//                 enable_interrupts_and_check(); has_used() and
 //                 outstanding_tokens() checks
 //   5 scribble:   the device overwrites id, len and flags of descriptor
-//                 (byte % size) with 8 raw bytes
+//                 (byte % size) with 8 raw bytes; with indirect tables and
+//                 bit 7 of that byte, 8 raw bytes at (next 2 bytes) in the
+//                 table pool instead
 //   6 the device writes its event suppression area (4 raw bytes)
 #include <algorithm>
 #include <cstddef>
@@ -83,6 +96,33 @@ struct Live {
 
 constexpr const char* kName = "fuzz packed queue";
 constexpr std::uint16_t kSizes[] = {1, 2, 3, 4, 5, 7, 8, 16};
+constexpr std::size_t kIndirectMax[] = {2, 3, 4, 16};
+constexpr std::uint64_t kPoolDevice = 0x7000'0000'0000;
+
+// Whether the device wants a kick, written independently of the library:
+// flags exactly DISABLE say no; DESC with EVENT_IDX says yes only when
+// walking back `moved` positions from the driver's next one (pos, wrap)
+// meets the named offset and wrap counter; everything else (ENABLE, DESC
+// without EVENT_IDX, reserved values and bits, offsets past the ring, a
+// whole ring moved) says yes.
+bool kick_oracle(std::uint16_t flags, std::uint16_t off_wrap, bool event_idx, std::uint16_t size,
+                 std::uint16_t pos, bool wrap, std::uint32_t moved) {
+  if (flags == 1) return false;
+  if (flags != 2 || !event_idx) return true;
+  const unsigned off = off_wrap & 0x7fffu;
+  const bool ev_wrap = (off_wrap >> 15) != 0;
+  if (off >= size || moved >= size) return true;
+  for (std::uint32_t i = 0; i < moved; ++i) {
+    if (pos == 0) {
+      pos = static_cast<std::uint16_t>(size - 1);
+      wrap = !wrap;
+    } else {
+      --pos;
+    }
+    if (pos == off && wrap == ev_wrap) return true;
+  }
+  return false;
+}
 
 // Flags a device writes to mark a descriptor used for wrap counter `wrap`.
 std::uint16_t used_flags(bool wrap) {
@@ -93,12 +133,28 @@ std::uint16_t used_flags(bool wrap) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   Reader in{data, size};
-  const std::uint16_t qsize = kSizes[in.u8() % 8];
+  const std::uint8_t cfg = in.u8();
+  const std::uint16_t qsize = kSizes[cfg % 8];
+  const bool ev = (cfg & 0x08) != 0;
+  const bool ind = (cfg & 0x10) != 0;
+  const std::size_t max_ind = kIndirectMax[(cfg >> 5) % 4];
+  const std::size_t slot_entries =
+      std::min<std::size_t>(max_ind, qsize);  // 2.8.17: never longer than the ring
+  const std::size_t ind_limit = ind ? slot_entries : 0;
+  const std::size_t stride = slot_entries * sizeof(PvirtqDesc);
   Area desc(PackedLayout::desc_bytes(qsize)), drv(PackedLayout::event_bytes()),
-      dev(PackedLayout::event_bytes());
+      dev(PackedLayout::event_bytes()), pool(ind ? qsize * stride : 16);
   auto created = PackedQueue::create(qsize, desc.p, drv.p, dev.p, kName);
   CHECK(created.ok());
   PackedQueue q = std::move(created).value();
+  if (ind) {
+    std::memset(pool.p, 0, pool.n);
+    q.set_indirect(true, max_ind);
+    CHECK(q.provide_indirect_pool(pool.p, kPoolDevice, pool.n).ok());
+    CHECK(q.indirect() == (ind_limit >= 2));
+  }
+  q.set_event_idx(ev);
+  CHECK(q.event_idx() == ev);
 
   auto* d = reinterpret_cast<PvirtqDesc*>(desc.p);
   auto* drv_ev = reinterpret_cast<PvirtqEventSuppress*>(drv.p);
@@ -107,13 +163,20 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   std::map<std::uint16_t, Live> live;  // buffer id -> chain
   std::uint16_t model_free = qsize, next_avail = 0, last_used = 0;
   bool avail_wrap = true, used_wrap = true;
-  std::uint16_t drv_flags = RING_EVENT_FLAGS_ENABLE;
+  bool ints = true;  // interrupts requested
+  std::uint16_t drv_flags = ev ? RING_EVENT_FLAGS_DESC : RING_EVENT_FLAGS_ENABLE;
+  std::uint16_t drv_desc = ev ? std::uint16_t{0x8000} : std::uint16_t{0};  // next used: position 0, wrap 1
+  std::uint32_t moved = 0;                                                 // positions since the last publish
   std::uint64_t next_token = 1, seq = 0;
   bool broken = false;
-  std::vector<std::uint8_t> frozen;  // descriptor ring + driver event area when the queue broke
+  // Driver-written memory: descriptor ring, driver event area, table pool;
+  // the snapshot when the queue broke.
+  std::vector<std::uint8_t> frozen;
+  const std::size_t drv_at = desc.n, pool_at = desc.n + drv.n;
   auto driver_areas = [&] {
     std::vector<std::uint8_t> v(desc.p, desc.p + desc.n);
     v.insert(v.end(), drv.p, drv.p + drv.n);
+    v.insert(v.end(), pool.p, pool.p + pool.n);
     return v;
   };
   auto all_areas = [&] {
@@ -145,10 +208,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         bool zero = false;
         for (const Buffer& b : bufs) zero |= b.len == 0;
         for (const Buffer& b : inb) writable += b.len;
+        const bool indirect = bufs.size() > 1 && bufs.size() <= ind_limit;
+        const std::size_t positions = indirect ? 1 : bufs.size();
         const std::uint64_t token = next_token++;
         const std::vector<std::uint8_t> before = all_areas();
         auto r = q.add(out, inb, token);
-        if (broken || bufs.empty() || zero || writable > 0xFFFFFFFFu || bufs.size() > model_free) {
+        if (broken || bufs.empty() || zero || writable > 0xFFFFFFFFu || positions > model_free) {
           CHECK(!r.ok());
           if (broken) {
             check_broken_error(r.error());
@@ -163,10 +228,35 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         CHECK(r.ok());
         const std::uint16_t id = r.value();
         CHECK(id < qsize && live.count(id) == 0);
-        // Exactly the chain's descriptors at the next positions, with the
-        // AVAIL/USED bits of each position's lap (2.8.1); nothing else changes.
-        std::vector<bool> touched(qsize, false);
-        for (std::size_t k = 0; k < bufs.size(); ++k) {
+        std::vector<bool> touched(before.size(), false);
+        auto touch = [&](std::size_t from, std::size_t n) {
+          for (std::size_t i = from; i < from + n; ++i) touched[i] = true;
+        };
+        if (indirect) {
+          // One ring descriptor (INDIRECT, never NEXT, no WRITE) naming the
+          // id's table slot, which holds exactly the chain (2.8.7).
+          const PvirtqDesc& x = d[next_avail];
+          const auto want = static_cast<std::uint16_t>(VIRTQ_DESC_F_INDIRECT |
+                                                       (avail_wrap ? VIRTQ_DESC_F_AVAIL : VIRTQ_DESC_F_USED));
+          CHECK(x.addr.get() == kPoolDevice + std::uint64_t{id} * stride);
+          CHECK(x.len.get() == bufs.size() * sizeof(PvirtqDesc));
+          CHECK(x.id.get() == id && x.flags.get() == want);
+          touch(std::size_t{next_avail} * sizeof(PvirtqDesc), sizeof(PvirtqDesc));
+          const auto* table = reinterpret_cast<const PvirtqDesc*>(pool.p + std::size_t{id} * stride);
+          for (std::size_t k = 0; k < bufs.size(); ++k) {
+            CHECK(table[k].addr.get() == bufs[k].addr && table[k].len.get() == bufs[k].len);
+            CHECK(table[k].flags.get() == (k >= n_out ? VIRTQ_DESC_F_WRITE : 0));
+          }
+          touch(pool_at + std::size_t{id} * stride, bufs.size() * sizeof(PvirtqDesc));
+          if (++next_avail == qsize) {
+            next_avail = 0;
+            avail_wrap = !avail_wrap;
+          }
+        }
+        // Otherwise exactly the chain's descriptors at the next positions,
+        // with the AVAIL/USED bits of each position's lap (2.8.1); nothing
+        // else changes.
+        for (std::size_t k = 0; !indirect && k < bufs.size(); ++k) {
           const bool last = k + 1 == bufs.size();
           const auto want = static_cast<std::uint16_t>((k >= n_out ? VIRTQ_DESC_F_WRITE : 0) |
                                                        (last ? 0 : VIRTQ_DESC_F_NEXT) |
@@ -174,7 +264,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           const PvirtqDesc& x = d[next_avail];
           CHECK(x.addr.get() == bufs[k].addr && x.len.get() == bufs[k].len && x.flags.get() == want);
           if (last) CHECK(x.id.get() == id);
-          touched[next_avail] = true;
+          touch(std::size_t{next_avail} * sizeof(PvirtqDesc), sizeof(PvirtqDesc));
           if (++next_avail == qsize) {
             next_avail = 0;
             avail_wrap = !avail_wrap;
@@ -182,16 +272,21 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         }
         const std::vector<std::uint8_t> after = all_areas();
         for (std::size_t i = 0; i < after.size(); ++i) {
-          if (i >= desc.n || !touched[i / sizeof(PvirtqDesc)]) CHECK(after[i] == before[i]);
+          if (!touched[i]) CHECK(after[i] == before[i]);
         }
-        live[id] = {token, static_cast<std::uint16_t>(bufs.size()), static_cast<std::uint32_t>(writable),
+        live[id] = {token, static_cast<std::uint16_t>(positions), static_cast<std::uint32_t>(writable),
                     seq++};
-        model_free = static_cast<std::uint16_t>(model_free - bufs.size());
+        model_free = static_cast<std::uint16_t>(model_free - positions);
+        moved += static_cast<std::uint32_t>(positions);
         break;
       }
       case 1: {  // publish
+        const std::uint16_t flags = dev_ev->flags.get(), off_wrap = dev_ev->desc.get();
+        const std::vector<std::uint8_t> before = all_areas();
         const bool kick = q.publish();
-        CHECK(kick == (!broken && (dev_ev->flags.get() & RING_EVENT_FLAGS_MASK) != RING_EVENT_FLAGS_DISABLE));
+        CHECK(all_areas() == before);  // publish only reads
+        CHECK(kick == (!broken && kick_oracle(flags, off_wrap, ev, qsize, next_avail, avail_wrap, moved)));
+        if (!broken) moved = 0;
         break;
       }
       case 2: {  // the device writes used descriptors from the driver's last-used position on
@@ -249,9 +344,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           } else {
             want = Completion{live[id].token, len};
           }
-          const std::vector<std::uint8_t> before = all_areas();
+          std::vector<std::uint8_t> before = all_areas();
           auto r = q.poll();
-          CHECK(all_areas() == before);  // poll never writes shared memory
+          // poll writes nothing but, with event idx and interrupts on, the
+          // driver event offset (checked below).
+          std::vector<std::uint8_t> now = all_areas();
+          std::memcpy(now.data() + drv_at, before.data() + drv_at, 2);
+          CHECK(now == before);
           if (want_err) {
             CHECK(!r.ok() && r.error().code() == *want_err && r.error().device() == kName);
             CHECK(q.broken());
@@ -274,16 +373,31 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           if (next >= qsize) used_wrap = !used_wrap;
           model_free = static_cast<std::uint16_t>(model_free + live[id].descs);
           live.erase(id);
+          // 2.8.10: with event idx and interrupts on, ask for the next used one.
+          if (ev && ints) drv_desc = static_cast<std::uint16_t>(last_used | (used_wrap ? 0x8000 : 0));
+          CHECK(drv_ev->desc.get() == drv_desc);
         }
         break;
       }
       case 4: {  // interrupt hint, has_used, outstanding tokens
         const std::uint8_t b = in.u8();
+        // What set_interrupts(on) must leave in the driver event area.
+        auto arm = [&](bool on) {
+          if (broken) return;
+          ints = on;
+          drv_flags = !on ? RING_EVENT_FLAGS_DISABLE : ev ? RING_EVENT_FLAGS_DESC : RING_EVENT_FLAGS_ENABLE;
+          if (on && ev) drv_desc = static_cast<std::uint16_t>(last_used | (used_wrap ? 0x8000 : 0));
+        };
         if (b & 1) {
           q.set_interrupts((b & 2) != 0);
-          if (!broken) drv_flags = (b & 2) ? RING_EVENT_FLAGS_ENABLE : RING_EVENT_FLAGS_DISABLE;
+          arm((b & 2) != 0);
         }
-        CHECK(drv_ev->flags.get() == drv_flags && drv_ev->desc.get() == 0);
+        if (b & 4) {
+          const bool more = q.enable_interrupts_and_check();
+          CHECK(more == (!broken && is_used(d[last_used].flags.get())));
+          arm(true);
+        }
+        CHECK(drv_ev->flags.get() == drv_flags && drv_ev->desc.get() == drv_desc);
         CHECK(q.has_used() == (!broken && is_used(d[last_used].flags.get())));
         std::vector<std::pair<std::uint64_t, std::uint64_t>> order;
         for (const auto& [id, l] : live) order.emplace_back(l.seq, l.token);
@@ -293,8 +407,16 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         CHECK(q.outstanding_tokens() == want);
         break;
       }
-      case 5: {  // the device scribbles on any descriptor
-        PvirtqDesc& victim = d[in.u8() % qsize];
+      case 5: {  // the device scribbles on any descriptor, or on the tables
+        const std::uint8_t which = in.u8();
+        if (ind && (which & 0x80)) {
+          const std::size_t at = in.u16() % (pool.n - 7);
+          std::uint8_t junk[8];
+          for (auto& j : junk) j = in.u8();
+          if (!broken) std::memcpy(pool.p + at, junk, sizeof junk);
+          break;
+        }
+        PvirtqDesc& victim = d[which % qsize];
         const std::uint16_t id = in.u16(), flags = in.u16();
         const std::uint32_t len = in.u32();
         if (!broken) {
@@ -311,6 +433,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       }
     }
     CHECK(q.broken() == broken);
+    CHECK(drv_ev->flags.get() == drv_flags && drv_ev->desc.get() == drv_desc);
     CHECK(q.free_count() <= qsize && q.free_count() == model_free);
     CHECK(q.in_flight() == qsize - model_free);
     // In-flight descriptors are exactly the positions from last used to next available.

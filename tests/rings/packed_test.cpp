@@ -688,13 +688,15 @@ TEST(PackedQueue, PublishHonoursDeviceEventSuppression) {
   EXPECT_FALSE(q->publish());
   dev.set_device_event_flags(RING_EVENT_FLAGS_ENABLE);
   EXPECT_TRUE(q->publish());
-  dev.set_device_event_flags(RING_EVENT_FLAGS_DESC);  // treated as ENABLE
+  dev.set_device_event_flags(RING_EVENT_FLAGS_DESC);  // without EVENT_IDX undefined: kick
   EXPECT_TRUE(q->publish());
   dev.set_device_event_flags(3);  // reserved: kick, to be safe
   EXPECT_TRUE(q->publish());
-  dev.set_device_event_flags(0xFFFC);  // reserved bits 2-15 do not matter
+  dev.set_device_event_flags(0xFFFC);  // reserved bits set: undefined, kick
   EXPECT_TRUE(q->publish());
-  dev.set_device_event_flags(0xFFFD);
+  dev.set_device_event_flags(0xFFFD);  // DISABLE, but with reserved bits: kick
+  EXPECT_TRUE(q->publish());
+  dev.set_device_event_flags(RING_EVENT_FLAGS_DISABLE);
   EXPECT_FALSE(q->publish());
 }
 

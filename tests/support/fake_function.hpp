@@ -55,7 +55,12 @@ class FakeBar final : public pci::BarIo {
 
   FakeBar(std::string device, std::uint64_t size);
   std::uint64_t size() const override { return mem_.size(); }
-  volatile std::uint8_t* mapping() const override { return nullptr; }
+  // Unmapped unless set_mappable(true): then mapping() exposes the memory, as
+  // VFIO does for an mmappable BAR (hooks no longer see mapped accesses).
+  volatile std::uint8_t* mapping() const override {
+    return mappable_ ? const_cast<std::uint8_t*>(mem_.data()) : nullptr;
+  }
+  void set_mappable(bool on) { mappable_ = on; }
   Result<std::uint64_t> read(std::uint64_t off, unsigned width) override;
   Result<void> write(std::uint64_t off, unsigned width, std::uint64_t value) override;
 
@@ -77,6 +82,7 @@ class FakeBar final : public pci::BarIo {
 
   std::string device_;
   std::vector<std::uint8_t> mem_;
+  bool mappable_ = false;
   std::vector<Range> ranges_;
   mutable std::mutex log_mu_;
   std::vector<std::uint64_t> write_log_;  // offsets of all writes

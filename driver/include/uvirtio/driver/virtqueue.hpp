@@ -1,5 +1,8 @@
-// Virtqueue: a split ring in DMA memory attached to a transport queue, with
-// completion by polling or by interrupt (eventfd).
+// Virtqueue: a split or packed ring in DMA memory attached to a transport
+// queue, with completion by polling or by interrupt (eventfd). The layout,
+// event-index suppression and indirect tables follow the negotiated features
+// (VIRTIO_F_RING_PACKED, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC) for
+// either layout.
 //
 // The ring algorithm lives in rings/ (no syscalls); this class adds what needs
 // the OS: ring memory from the transport's DMA allocator, the notify write,
@@ -37,6 +40,11 @@ class Virtqueue {
   CompletionMode mode() const { return mode_; }
   rings::Ring& ring() { return ring_; }
   bool packed() const { return ring_.packed(); }
+  // The ring uses event-index suppression (VIRTIO_F_EVENT_IDX negotiated).
+  bool event_idx() const { return ring_.event_idx(); }
+  // Multi-buffer chains go into indirect tables (VIRTIO_F_INDIRECT_DESC
+  // negotiated and the table pool set up).
+  bool indirect() const { return indirect_; }
   // Descriptors per indirect table when VIRTIO_F_INDIRECT_DESC is in use.
   static constexpr std::size_t kIndirectMax = 16;
 
@@ -76,6 +84,7 @@ class Virtqueue {
   std::chrono::microseconds spin_budget_{2000};
   std::function<bool()> spin_while_;
   std::uint64_t config_interrupts_ = 0;
+  bool indirect_ = false;
 };
 
 }  // namespace uvirtio::driver

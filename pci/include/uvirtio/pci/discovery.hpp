@@ -36,6 +36,9 @@ Result<FunctionInfo> describe_function(const Bdf& bdf, Os& os = Os::system());
 // nullopt for non-virtio functions.
 std::optional<std::uint16_t> virtio_device_id(const FunctionInfo& f);
 bool is_modern_virtio(const FunctionInfo& f);
+
+// QEMU's inter-VM shared memory device (1af4:1110), which uvirtio also drives.
+bool is_ivshmem(const FunctionInfo& f);
 // "entropy", "pmem", "block", ... (spec 5), or "unknown".
 const char* virtio_device_name(std::uint16_t id);
 

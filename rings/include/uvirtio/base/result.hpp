@@ -29,6 +29,7 @@ enum class Errc {
   timeout,           // a deadline passed
   busy,              // the resource is in use by someone else
   device_error,      // the device completed a request with an error status
+  peer_gone,         // the other side of a channel detached or stopped heartbeating
 };
 
 const char* errc_name(Errc c) noexcept;

@@ -11,6 +11,19 @@
 // recorded, never by anything the device wrote. A violation latches the queue
 // broken, after which every call fails with Errc::broken and touches no memory.
 //
+// Optional features, as on SplitQueue: VIRTIO_F_EVENT_IDX (set_event_idx:
+// RING_EVENT_FLAGS_DESC with a descriptor offset and wrap counter in both
+// event suppression areas, spec 2.8.10 and 2.8.14) and VIRTIO_F_INDIRECT_DESC
+// (set_indirect plus a caller-provided pool of device-visible indirect tables,
+// spec 2.8.7).
+//
+// The device's event suppression area is advice, not ring state: a value the
+// spec does not define there (flags 3 or reserved bits set, DESC without
+// EVENT_IDX, an offset outside the ring) makes publish() ask for a
+// notification. That errs on the harmless side (a spurious kick) instead of
+// stalling the queue, and matches SplitQueue, for which every avail_event
+// value is legal; such values never latch the queue broken.
+//
 // Threading: one thread (or the caller's lock) owns a PackedQueue.
 #pragma once
 
@@ -56,6 +69,49 @@ inline constexpr std::uint16_t RING_EVENT_FLAGS_ENABLE = 0;
 inline constexpr std::uint16_t RING_EVENT_FLAGS_DISABLE = 1;
 inline constexpr std::uint16_t RING_EVENT_FLAGS_DESC = 2;
 inline constexpr std::uint16_t RING_EVENT_FLAGS_MASK = 3;
+// The desc word of the event suppression structure (2.8.14): descriptor ring
+// offset in bits 0-14, wrap counter in bit 15.
+inline constexpr std::uint16_t RING_EVENT_OFF_MASK = 0x7fff;
+inline constexpr std::uint16_t RING_EVENT_WRAP = 0x8000;
+
+inline constexpr std::uint16_t packed_off_wrap(std::uint16_t pos, bool wrap) noexcept {
+  return static_cast<std::uint16_t>(pos | (wrap ? RING_EVENT_WRAP : 0));
+}
+
+// The packed counterpart of vring_need_event (spec 2.8.10 with
+// VIRTIO_F_EVENT_IDX; Linux's virtqueue_kick_prepare_packed decides the
+// same): one side has just written `moved` consecutive ring positions that end
+// right before `pos`, where `wrap` is its wrap counter at `pos` (so the
+// positions just behind a wrap belong to the lap with the other counter).
+// True when the descriptor the other side named in `off_wrap` is one of them.
+// An offset outside the ring cannot be honoured, and `moved` >= size covers
+// the whole ring so the wrap bit no longer tells the laps apart: both give
+// true, as an extra notification is harmless and a missing one stalls.
+inline constexpr bool packed_need_event(std::uint16_t off_wrap, std::uint16_t size, std::uint16_t pos,
+                                        bool wrap, std::uint32_t moved) noexcept {
+  const std::uint16_t off = off_wrap & RING_EVENT_OFF_MASK;
+  if (off >= size || moved >= size) return true;
+  // How far back from `pos` the event descriptor lies: 1 is the position just
+  // written. Same wrap counter: in the current lap, so behind `pos` only when
+  // off < pos. Other counter: in the previous lap.
+  const bool same_lap = ((off_wrap & RING_EVENT_WRAP) != 0) == wrap;
+  const std::int32_t back = std::int32_t{pos} - off + (same_lap ? 0 : std::int32_t{size});
+  return back >= 1 && back <= static_cast<std::int32_t>(moved);
+}
+
+// Whether the other side wants a notification, from one snapshot of its event
+// suppression area (`flags`, `off_wrap`) after we wrote `moved` positions up
+// to `pos`/`wrap`. ENABLE: yes; DISABLE: no; DESC: packed_need_event when
+// VIRTIO_F_EVENT_IDX is in use. DESC without EVENT_IDX (2.8.10: "only valid
+// if negotiated"), the reserved value 3 and any reserved bit set are values
+// the spec does not define: notify, the safe answer.
+inline constexpr bool packed_event_wanted(std::uint16_t flags, std::uint16_t off_wrap, bool event_idx,
+                                          std::uint16_t size, std::uint16_t pos, bool wrap,
+                                          std::uint32_t moved) noexcept {
+  if (flags == RING_EVENT_FLAGS_DISABLE) return false;
+  if (flags == RING_EVENT_FLAGS_DESC && event_idx) return packed_need_event(off_wrap, size, pos, wrap, moved);
+  return true;
+}
 
 // Sizes and alignments of the three parts for a queue of `size` entries
 // (spec 2.8.10.1: descriptor ring 16-aligned, both event areas 4-aligned).
@@ -90,44 +146,88 @@ class PackedQueue {
   // Writes a chain of `out` (device-readable) then `in` (device-writable)
   // buffers at the next ring positions and makes it available: the head
   // descriptor's flags are stored last, so the device sees the whole chain or
-  // nothing. Returns the buffer id. Fails with invalid_argument for an empty
-  // chain, a zero-length buffer or more than 2^32-1 writable bytes, busy when
-  // fewer than out.size()+in.size() descriptors are free, broken when latched.
+  // nothing. With indirect tables in use (set_indirect, provide_indirect_pool)
+  // a chain of 2..max_indirect buffers goes into the buffer id's table and
+  // takes one ring position (2.8.7), also when fewer positions are free.
+  // Returns the buffer id. Fails with invalid_argument for an empty chain, a
+  // zero-length buffer or more than 2^32-1 writable bytes, busy when too few
+  // ring positions are free, broken when latched.
   //
   //   const Buffer req[] = {{hdr_iova, 16}}, resp[] = {{data_iova, 512}};
   //   UV_TRY(auto id, q.add(req, resp, cookie));
   //   if (q.publish()) notify();
   Result<std::uint16_t> add(std::span<const Buffer> out, std::span<const Buffer> in, std::uint64_t token);
 
-  // add() already made the chains visible; publish() orders that against
-  // the read of the device event suppression area and returns true when the
-  // device wants a notification (flags not RING_EVENT_FLAGS_DISABLE). DESC
-  // mode is treated as ENABLE: without VIRTIO_F_EVENT_IDX the device may not
-  // use it, and a spurious notification is harmless.
+  // add() already made the chains visible; publish() orders that against the
+  // read of the device event suppression area and returns true when the
+  // device wants a notification for the positions made available since the
+  // previous publish(): packed_event_wanted() (ENABLE, or with event_idx on
+  // DESC naming one of those positions; anything undefined also notifies).
   bool publish();
 
   // Takes one completion off the ring at the driver's last-used position,
   // validated: nullopt when none is pending; Errc::bad_device_data (and the
   // queue latched broken) when the descriptor there has wrap bits the spec
   // forbids, or an id out of range or not in flight, or a length larger than
-  // the chain's writable bytes.
+  // the chain's writable bytes. With event_idx and interrupts on, moves the
+  // driver event offset to the next used position (as SplitQueue moves
+  // used_event).
   Result<std::optional<Completion>> poll();
 
   // True when the descriptor at the last-used position is marked used for
   // the current wrap counter (cheap check, no validation).
   bool has_used() const noexcept;
 
-  // Interrupt suppression hint to the device: driver event suppression flags
-  // RING_EVENT_FLAGS_ENABLE or RING_EVENT_FLAGS_DISABLE.
+  // Interrupt suppression hint to the device (driver event suppression area).
+  // Disabling writes RING_EVENT_FLAGS_DISABLE (valid with or without
+  // EVENT_IDX). Enabling writes RING_EVENT_FLAGS_ENABLE, or with event_idx on
+  // RING_EVENT_FLAGS_DESC with the offset and wrap counter of the next used
+  // descriptor we wait for (stored before the flags), so the device
+  // interrupts once per batch instead of once per buffer.
   void set_interrupts(bool enabled) noexcept;
+
+  // The race-free way to go to sleep: re-enables interrupts, then (after a
+  // full barrier) re-checks the last-used position. True when a used
+  // descriptor arrived meanwhile: poll() again instead of waiting for an
+  // interrupt that may never come. False when broken.
+  bool enable_interrupts_and_check() noexcept;
+
+  // VIRTIO_F_EVENT_IDX was negotiated. Set before the queue is used; rewrites
+  // the driver event area for the current interrupt setting.
+  void set_event_idx(bool enabled) noexcept;
+  bool event_idx() const noexcept { return event_idx_; }
+
+  // VIRTIO_F_INDIRECT_DESC was negotiated; chains of 2..`max_indirect`
+  // buffers go into an indirect table once a pool is provided
+  // (provide_indirect_pool), so call this first.
+  void set_indirect(bool enabled, std::size_t max_indirect) noexcept;
+  // Chains can go indirect now (set_indirect on and a pool provided).
+  bool indirect() const noexcept { return indirect_limit() >= 2; }
+
+  // Gives the queue device-visible memory for indirect tables: `va` is our
+  // mapping, `device_addr` the same memory as the device addresses it. One
+  // table of min(max_indirect, size) descriptors (16 bytes each) per buffer
+  // id, so `bytes` must be at least size * that * 16; `va` 16-aligned. Fails
+  // with invalid_argument (bad arguments, set_indirect not called), busy
+  // (chains in flight) or broken.
+  //   q.set_indirect(true, 16);
+  //   UV_TRY_VOID(q.provide_indirect_pool(pool.va, pool.iova, q.size() * 16 * 16));
+  Result<void> provide_indirect_pool(void* va, std::uint64_t device_addr, std::size_t bytes);
 
   // Tokens of the requests still in flight, in the order they were added
   // (for resubmission after a device reset).
   std::vector<std::uint64_t> outstanding_tokens() const;
 
+  // One read of the flags word the device last wrote in its event
+  // suppression area (diagnostics and conformance checks: whether the device
+  // really asks for RING_EVENT_FLAGS_DESC). Unvalidated; 0 when broken.
+  std::uint16_t device_event_flags() const noexcept;
+
  private:
   PackedQueue() = default;
   Result<void> fail(std::string cause);
+  std::size_t indirect_limit() const noexcept;
+  void write_driver_event() noexcept;
 
   std::uint16_t size_ = 0;
   PvirtqDesc* desc_ = nullptr;
@@ -144,10 +244,17 @@ class PackedQueue {
   bool used_wrap_ = true;         // wrap counter expected there
   std::uint16_t free_id_ = 0;     // head of the free buffer id list
   std::uint64_t add_seq_ = 0;     // orders outstanding_tokens()
-  std::uint16_t driver_event_flags_ = RING_EVENT_FLAGS_ENABLE;
+  std::uint32_t moved_ = 0;       // ring positions made available since the last publish()
+  bool interrupts_ = true;        // what set_interrupts() last asked for
+  bool event_idx_ = false;
+  bool indirect_ = false;
+  std::size_t max_indirect_ = 0;
+  std::uint8_t* pool_ = nullptr;  // indirect tables, slot_entries_ * 16 bytes per buffer id
+  std::uint64_t pool_device_ = 0;
+  std::size_t slot_entries_ = 0;
   struct Extra {
     std::uint16_t next_free = 0;  // free id list link
-    std::uint16_t chain_len = 0;  // descriptors in the chain (0: id not in flight)
+    std::uint16_t chain_len = 0;  // ring positions of the chain (0: id not in flight)
     std::uint32_t writable = 0;   // device-writable bytes of the chain
     std::uint64_t token = 0;
     std::uint64_t seq = 0;

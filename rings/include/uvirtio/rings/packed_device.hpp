@@ -12,11 +12,20 @@
 // nothing; from then on every call fails with Errc::broken and touches no ring
 // memory.
 //
-// The queue does no syscalls. It writes used descriptors (2.8.6, 2.8.22's mirror) and the
-// device event suppression area (2.8.10), reads the driver event suppression
-// area, and create() leaves all memory as the driver initialised it.
-// Indirect descriptors (2.8.7) are not supported: an INDIRECT flag is a
-// driver error, as it would be without VIRTIO_F_INDIRECT_DESC negotiated.
+// The queue does no syscalls. It writes used descriptors (2.8.6, 2.8.22's
+// mirror) and the device event suppression area (2.8.10), reads the driver
+// event suppression area, and create() leaves all memory as the driver
+// initialised it.
+//
+// Optional features, as on SplitDeviceQueue: VIRTIO_F_EVENT_IDX
+// (set_event_idx: interrupts follow the driver's RING_EVENT_FLAGS_DESC
+// offset, and we publish our own offset to suppress kicks, 2.8.10) and
+// VIRTIO_F_INDIRECT_DESC (set_indirect: a ring descriptor may name a table of
+// descriptors, 2.8.7). Without the feature an INDIRECT flag is a driver error.
+// The driver event suppression area is advice: an undefined value there
+// (reserved flags or bits, DESC without EVENT_IDX, an offset outside the
+// ring) makes should_interrupt() say yes and never breaks the queue (see
+// packed_event_wanted()).
 //
 // Threading: one thread (or the caller's lock) owns a PackedDeviceQueue.
 #pragma once
@@ -55,13 +64,28 @@ class PackedDeviceQueue {
   bool broken() const noexcept { return broken_; }
   std::uint16_t in_flight() const noexcept { return static_cast<std::uint16_t>(held_.size()); }
 
+  // Negotiated features; set before use.
+  // VIRTIO_F_EVENT_IDX. When notifications are enabled, this also rewrites
+  // our event suppression area in the matching form (DESC or ENABLE).
+  void set_event_idx(bool enabled) noexcept;
+  bool event_idx() const noexcept { return event_idx_; }
+  // VIRTIO_F_INDIRECT_DESC: accept indirect tables of up to `max_entries`
+  // descriptors (0: the queue size, the spec's limit without a device one,
+  // 2.8.5).
+  void set_indirect(bool enabled, std::uint32_t max_entries = 0) noexcept;
+
   // The next available chain (2.8.1: head AVAIL bit equal to our avail wrap
   // counter, USED bit not): nullopt when there is none. Errc::bad_device_data
   // (queue broken, nothing written) when a chain descriptor after the head is
   // not available for its lap, the chain is longer than the ring positions we
-  // do not hold, a readable descriptor follows a writable one, a descriptor is
-  // INDIRECT, the chain exceeds 2^32 bytes, the buffer id is already in
-  // flight, or an address does not translate.
+  // do not hold, a readable descriptor follows a writable one, the chain
+  // exceeds 2^32 bytes, the buffer id is already in flight, or an address
+  // does not translate; and for INDIRECT: without set_indirect, on a
+  // descriptor linked by NEXT (2.8.19), with a table length that is zero, not
+  // a multiple of 16 or above the limit, a table that does not translate or
+  // is not 8-byte aligned in our memory, or an entry that is itself INDIRECT.
+  // In a table only WRITE counts: NEXT, the other flags and the buffer id are
+  // reserved there and ignored (2.8.7), the entries are taken in order.
   Result<std::optional<Request>> pop();
 
   // Returns buffer `id` (Request::head from pop()) with `written` bytes
@@ -75,13 +99,17 @@ class PackedDeviceQueue {
   bool has_avail() const noexcept;
 
   // After push(): whether the driver wants an interrupt for the used
-  // descriptors written since the last call (driver event suppression flags,
-  // 2.8.10; DESC mode is treated as ENABLE, a spurious interrupt being
-  // harmless). False when nothing was pushed since.
+  // descriptors written since the last call: packed_event_wanted() on the
+  // driver event suppression area (ENABLE; with event_idx DESC naming one of
+  // the ring positions our used descriptors covered since the last call;
+  // undefined values also say yes). False when nothing was pushed since.
   bool should_interrupt() noexcept;
 
-  // Notification suppression for the driver's kicks: device event
-  // suppression flags RING_EVENT_FLAGS_ENABLE or RING_EVENT_FLAGS_DISABLE.
+  // Notification suppression for the driver's kicks (device event
+  // suppression area): disabling writes RING_EVENT_FLAGS_DISABLE; enabling
+  // writes RING_EVENT_FLAGS_ENABLE, or with event_idx RING_EVENT_FLAGS_DESC
+  // with the offset and wrap counter of the next descriptor we will pop, kept
+  // there by pop() while enabled (so the driver kicks once per batch).
   void set_notifications(bool enabled) noexcept;
   // Race-free sleep: enable notifications, full barrier, re-check; true when
   // chains arrived meanwhile (pop again instead of waiting for a kick).
@@ -90,6 +118,15 @@ class PackedDeviceQueue {
  private:
   PackedDeviceQueue() = default;
   Result<void> fail(std::string cause);
+  Result<void> walk_indirect(std::uint16_t at, std::uint64_t addr, std::uint32_t len, bool& seen_write,
+                             Request& req);
+  // `entry` is the index in the indirect table of descriptor `pos`, or
+  // kNoEntry for a descriptor in the ring itself.
+  static constexpr std::uint32_t kNoEntry = ~std::uint32_t{0};
+  static std::string where(std::uint16_t pos, std::uint32_t entry);
+  Result<void> add_buffer(std::uint64_t addr, std::uint32_t len, bool write, bool& seen_write,
+                          std::uint16_t pos, std::uint32_t entry, Request& req);
+  void write_device_event() noexcept;
 
   std::uint16_t size_ = 0;
   PvirtqDesc* desc_ = nullptr;
@@ -98,17 +135,20 @@ class PackedDeviceQueue {
   std::string name_;
   Translate translate_;
   bool broken_ = false;
+  bool event_idx_ = false;
+  bool indirect_ = false;
+  std::uint32_t max_indirect_ = 0;
+  bool notify_enabled_ = true;  // what set_notifications() last asked for
 
   // Device-private state; never read back from driver-writable memory.
   std::uint16_t avail_pos_ = 0;   // ring position of the next chain head
   bool avail_wrap_ = true;        // Device Ring Wrap Counter for reading (2.8.1), starts at 1
   std::uint16_t used_pos_ = 0;    // ring position of the next used descriptor
   bool used_wrap_ = true;         // wrap counter written there
-  std::uint32_t held_descs_ = 0;  // descriptors popped and not yet pushed
-  std::uint64_t pushed_ = 0;      // used descriptors written
-  std::uint64_t signalled_ = 0;   // pushed_ at the last should_interrupt()
+  std::uint32_t held_descs_ = 0;  // ring positions popped and not yet pushed
+  std::uint64_t moved_ = 0;  // ring positions our used descriptors covered since the last should_interrupt()
   struct Held {
-    std::uint16_t count = 0;  // descriptors in the chain
+    std::uint16_t count = 0;  // ring positions of the chain
     std::uint64_t writable = 0;
   };
   std::unordered_map<std::uint16_t, Held> held_;  // by buffer id (any 16-bit value)

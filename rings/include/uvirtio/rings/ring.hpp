@@ -19,6 +19,7 @@ class Ring {
 
   bool packed() const noexcept { return std::holds_alternative<PackedQueue>(q_); }
   SplitQueue* split() noexcept { return std::get_if<SplitQueue>(&q_); }
+  PackedQueue* packed_queue() noexcept { return std::get_if<PackedQueue>(&q_); }
 
   Result<std::uint16_t> add(std::span<const Buffer> out, std::span<const Buffer> in, std::uint64_t token) {
     return std::visit([&](auto& q) { return q.add(out, in, token); }, q_);
@@ -34,6 +35,12 @@ class Ring {
   }
   void set_interrupts(bool enabled) noexcept {
     std::visit([&](auto& q) { q.set_interrupts(enabled); }, q_);
+  }
+  bool enable_interrupts_and_check() noexcept {
+    return std::visit([](auto& q) { return q.enable_interrupts_and_check(); }, q_);
+  }
+  bool event_idx() const noexcept {
+    return std::visit([](const auto& q) { return q.event_idx(); }, q_);
   }
   std::uint16_t size() const noexcept {
     return std::visit([](const auto& q) { return q.size(); }, q_);

@@ -1,0 +1,641 @@
+// uvirtio-bench channel: the inter-VM message channel (rings/channel.hpp)
+// between two host processes (fork; a memfd window; eventfd doorbells),
+// against baselines measured in the same run:
+//   - Unix-domain socket and TCP loopback: ping-pong round trip (one write
+//     and one read per direction) and streaming (one write per message, the
+//     receiver reading 64 KiB at a time);
+//   - the bare SPSC ring of 64-byte slots between two threads (ceiling) and
+//     the cache-line round trip (floor), from bench_common.hpp.
+// Channel figures:
+//   - streaming: messages of --size bytes, producer and consumer polling,
+//     both publishing their index once per --batch messages;
+//   - round trip, polling: both sides spin (no doorbell wake-up);
+//   - round trip, doorbell: both sides sleep at once (spin 0), so every
+//     message is an eventfd wake-up of a sleeping process;
+//   - round trip, hybrid: the default 50 us spin, then sleep.
+// Every point is measured in --rounds rounds interleaved with the others;
+// the medians are reported (the vCPUs here move around).
+//
+// The channel roles (chanbench:: below) take a Channel& and talk to the
+// other side only through it: run_peer() serves commands on one side, the
+// run_*_sender/initiator functions drive from the other. A peer in another
+// VM (ivshmem) runs the same run_peer() on its Channel.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "bench_common.hpp"
+#include "cli_common.hpp"
+#include "uvirtio/pci/eventfd_doorbell.hpp"
+#include "uvirtio/rings/channel.hpp"
+
+namespace uvirtio::apps {
+namespace chanbench {
+
+using channel::Channel;
+using channel::Flush;
+using Clock = BenchClock;
+using namespace std::chrono_literals;
+
+// Control messages (16 bytes): tag, wake mode, 2 zero bytes, le32 size,
+// le64 value. Data messages start with the tag 'D'.
+constexpr std::byte kData{'D'}, kStream{'S'}, kPing{'P'}, kEnd{'E'}, kAck{'A'}, kQuit{'Q'};
+constexpr std::chrono::seconds kTimeout(10);  // any single wait on the peer
+constexpr std::size_t kCmd = 16;
+
+enum class Wake : std::uint8_t { poll = 0, doorbell = 1, hybrid = 2 };
+
+std::chrono::nanoseconds spin_for(Wake w) {
+  switch (w) {
+    case Wake::poll:
+      return kTimeout;  // never sleeps within a wait
+    case Wake::doorbell:
+      return 0ns;
+    case Wake::hybrid:
+      break;
+  }
+  return 50us;
+}
+
+struct StreamResult {
+  std::uint64_t messages = 0;
+  double seconds = 0;
+  double msgs_per_s = 0;
+};
+
+struct RoundTripResult {
+  std::uint64_t trips = 0;
+  double mean_ns = 0;
+  double p50_ns = 0;
+  double p99_ns = 0;
+};
+
+std::array<std::byte, kCmd> command(std::byte tag, Wake wake = Wake::poll, std::uint32_t size = 0,
+                                    std::uint64_t value = 0) {
+  std::array<std::byte, kCmd> c{};
+  c[0] = tag;
+  c[1] = std::byte(static_cast<std::uint8_t>(wake));
+  for (int i = 0; i < 4; ++i) c[4 + i] = std::byte(static_cast<std::uint8_t>(size >> (8 * i)));
+  for (int i = 0; i < 8; ++i) c[8 + i] = std::byte(static_cast<std::uint8_t>(value >> (8 * i)));
+  return c;
+}
+std::uint64_t get_value(std::span<const std::byte> m) {
+  std::uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v |= std::uint64_t(static_cast<std::uint8_t>(m[8 + i])) << (8 * i);
+  return v;
+}
+
+Error protocol_error(const Channel& ch, const char* op, const std::string& what) {
+  return Error(Errc::bad_device_data, ch.name(), op, what);
+}
+
+Result<std::span<const std::byte>> expect(Channel& ch, std::byte tag, const char* op) {
+  UV_TRY(auto m, ch.peek(kTimeout));
+  if (m.size() < kCmd || m[0] != tag)
+    return protocol_error(ch, op,
+                          "expected a '" + std::string(1, static_cast<char>(tag)) + "' message, got " +
+                              std::to_string(m.size()) + " bytes starting with '" +
+                              (m.empty() ? std::string() : std::string(1, static_cast<char>(m[0]))) + "'");
+  return m;
+}
+
+// Streams data messages for `seconds`, then an end marker with the count;
+// the rate counts until the receiver's acknowledgement (all delivered).
+Result<StreamResult> run_stream_sender(Channel& ch, std::size_t size, double seconds, unsigned batch) {
+  const auto cmd = command(kStream, Wake::poll, static_cast<std::uint32_t>(size));
+  UV_TRY_VOID(ch.send(cmd, kTimeout));
+  std::uint64_t count = 0;
+  const auto start = Clock::now();
+  const auto until =
+      start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  for (;;) {
+    for (int i = 0; i < 1024; ++i) {
+      UV_TRY(const auto slot, ch.try_reserve(size));
+      if (!slot) {
+        cpu_relax();
+        continue;
+      }
+      std::memset(slot->data(), static_cast<int>(count), size);
+      (*slot)[0] = kData;
+      ++count;
+      UV_TRY_VOID(ch.commit(size, count % batch == 0 ? Flush::now : Flush::later));
+    }
+    if (Clock::now() >= until) break;
+  }
+  UV_TRY_VOID(ch.flush_sent());
+  const auto end = command(kEnd, Wake::poll, 0, count);
+  UV_TRY_VOID(ch.send(end, kTimeout));
+  UV_TRY(const auto ack, expect(ch, kAck, "stream: acknowledgement"));
+  const std::uint64_t got = get_value(ack);
+  UV_TRY_VOID(ch.release());
+  const double secs = std::chrono::duration<double>(Clock::now() - start).count();
+  if (got != count)
+    return protocol_error(ch, "stream",
+                          "sent " + std::to_string(count) + " messages, the peer got " + std::to_string(got));
+  return StreamResult{count, secs, static_cast<double>(count) / secs};
+}
+
+// Counts data messages until the end marker; acknowledges with the count.
+Result<std::uint64_t> run_stream_receiver(Channel& ch, unsigned batch) {
+  std::uint64_t count = 0, sum = 0, idle = 0, seen_at_check = 0;
+  for (;;) {
+    UV_TRY(const auto m, ch.try_peek());
+    if (!m) {
+      // Every so often: is the peer still there?
+      if (++idle % (1u << 20) == 0) {
+        if (count == seen_at_check && !ch.peer_present())
+          return Error(Errc::peer_gone, ch.name(), "stream", "the sender went away");
+        seen_at_check = count;
+      }
+      cpu_relax();
+      continue;
+    }
+    const std::span<const std::byte> msg = *m;
+    if (!msg.empty() && msg[0] == kData) {
+      sum += static_cast<std::uint8_t>(msg.back());
+      ++count;
+      UV_TRY_VOID(ch.release(count % batch == 0 ? Flush::now : Flush::later));
+      continue;
+    }
+    if (msg.size() < kCmd || msg[0] != kEnd) return protocol_error(ch, "stream", "unexpected message");
+    const std::uint64_t sent = get_value(msg);
+    UV_TRY_VOID(ch.release());
+    const auto ack = command(kAck, Wake::poll, 0, count);
+    UV_TRY_VOID(ch.send(ack, kTimeout));
+    (void)sum;
+    if (sent != count)
+      return protocol_error(ch, "stream",
+                            "the peer sent " + std::to_string(sent) + ", we got " + std::to_string(count));
+    return count;
+  }
+}
+
+// Ping-pong of `size`-byte messages for `seconds`, both sides waiting as
+// `wake` says. The mean comes from the total time; p50/p99 from per-trip
+// timestamps (not taken when polling, where they would cost ~10%).
+Result<RoundTripResult> run_pingpong_initiator(Channel& ch, std::size_t size, double seconds, Wake wake) {
+  const auto cmd = command(kPing, wake, static_cast<std::uint32_t>(size));
+  UV_TRY_VOID(ch.send(cmd, kTimeout));
+  ch.set_spin(spin_for(wake));
+  std::vector<std::byte> msg(size, std::byte{0x5a});
+  msg[0] = kData;
+  std::vector<double> samples;
+  const bool timed = wake != Wake::poll;
+  auto trip = [&]() -> Result<void> {
+    UV_TRY_VOID(ch.send(msg, kTimeout));
+    UV_TRY(const auto m, ch.peek(kTimeout));
+    if (m.size() != size || m[0] != kData) return protocol_error(ch, "ping", "the echo differs");
+    return ch.release();
+  };
+  for (int i = 0; i < 100; ++i) UV_TRY_VOID(trip());  // warm up
+  std::uint64_t trips = 0;
+  const auto start = Clock::now();
+  const auto until =
+      start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  while (Clock::now() < until) {
+    for (int i = 0; i < 64; ++i) {
+      const auto t0 = timed ? Clock::now() : Clock::time_point{};
+      UV_TRY_VOID(trip());
+      if (timed) samples.push_back(std::chrono::duration<double, std::nano>(Clock::now() - t0).count());
+      ++trips;
+    }
+  }
+  const double ns = std::chrono::duration<double, std::nano>(Clock::now() - start).count();
+  const auto end = command(kEnd);
+  UV_TRY_VOID(ch.send(end, kTimeout));
+  ch.set_spin(spin_for(Wake::hybrid));
+  RoundTripResult r;
+  r.trips = trips;
+  r.mean_ns = ns / static_cast<double>(trips);
+  r.p50_ns = r.p99_ns = r.mean_ns;
+  if (!samples.empty()) {
+    std::sort(samples.begin(), samples.end());
+    r.p50_ns = samples[samples.size() / 2];
+    r.p99_ns = samples[std::min(samples.size() - 1, samples.size() * 99 / 100)];
+  }
+  return r;
+}
+
+// Echoes every data message until the end marker.
+Result<void> run_pingpong_responder(Channel& ch, Wake wake) {
+  ch.set_spin(spin_for(wake));
+  for (;;) {
+    UV_TRY(const auto m, ch.peek(kTimeout));
+    if (!m.empty() && m[0] == kData) {
+      UV_TRY_VOID(ch.send(m, kTimeout));
+      UV_TRY_VOID(ch.release());
+      continue;
+    }
+    if (m.size() < kCmd || m[0] != kEnd) return protocol_error(ch, "pong", "unexpected message");
+    UV_TRY_VOID(ch.release());
+    ch.set_spin(spin_for(Wake::hybrid));
+    return ok();
+  }
+}
+
+// The passive side: serves stream and ping-pong phases until told to quit.
+// Between phases it sleeps on the doorbell (hybrid wait).
+Result<void> run_peer(Channel& ch, unsigned batch) {
+  for (;;) {
+    UV_TRY(const auto m, ch.peek(std::chrono::minutes(10)));
+    if (m.size() < kCmd) return protocol_error(ch, "serve", "short command");
+    const std::byte tag = m[0];
+    const auto wake = static_cast<Wake>(static_cast<std::uint8_t>(m[1]));
+    UV_TRY_VOID(ch.release());
+    if (tag == kStream) {
+      UV_TRY(const std::uint64_t n, run_stream_receiver(ch, batch));
+      (void)n;
+    } else if (tag == kPing) {
+      UV_TRY_VOID(run_pingpong_responder(ch, wake));
+    } else if (tag == kQuit) {
+      return ok();
+    } else {
+      return protocol_error(ch, "serve", "unknown command");
+    }
+  }
+}
+
+Result<void> quit_peer(Channel& ch) {
+  const auto q = command(kQuit);
+  return ch.send(q, kTimeout);
+}
+
+}  // namespace chanbench
+
+namespace {
+
+using chanbench::RoundTripResult;
+using chanbench::StreamResult;
+using Clock = BenchClock;
+
+// ---- socket baselines ----
+
+bool write_full(int fd, const void* p, std::size_t n) {
+  auto* b = static_cast<const std::uint8_t*>(p);
+  while (n > 0) {
+    const ssize_t k = ::write(fd, b, n);
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) return false;
+    b += k;
+    n -= static_cast<std::size_t>(k);
+  }
+  return true;
+}
+// false on EOF or error before n bytes.
+bool read_full(int fd, void* p, std::size_t n) {
+  auto* b = static_cast<std::uint8_t*>(p);
+  while (n > 0) {
+    const ssize_t k = ::read(fd, b, n);
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) return false;
+    b += k;
+    n -= static_cast<std::size_t>(k);
+  }
+  return true;
+}
+
+// A connected pair of sockets: ours, and the child's (already forked, its
+// end running `child`). kind: "unix socket" or "tcp loopback".
+struct SocketPeer {
+  int fd = -1;
+  pid_t pid = -1;
+  ~SocketPeer() {
+    if (fd >= 0) ::close(fd);
+    if (pid > 0) {
+      int status = 0;
+      ::waitpid(pid, &status, 0);
+    }
+  }
+};
+
+Result<void> spawn_socket_peer(const std::string& kind, bool nodelay, const std::function<int(int)>& child,
+                               SocketPeer& out) {
+  const char* op = "set up";
+  if (kind == "unix socket") {
+    int sv[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
+      return Error::from_errno(errno, kind, op, "socketpair");
+    const pid_t pid = ::fork();
+    if (pid < 0) return Error::from_errno(errno, kind, op, "fork");
+    if (pid == 0) {
+      ::close(sv[0]);
+      _exit(child(sv[1]));
+    }
+    ::close(sv[1]);
+    out.fd = sv[0];
+    out.pid = pid;
+    return ok();
+  }
+  const int lfd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (lfd < 0) return Error::from_errno(errno, kind, op, "socket");
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t alen = sizeof a;
+  if (::bind(lfd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 || ::listen(lfd, 1) != 0 ||
+      ::getsockname(lfd, reinterpret_cast<sockaddr*>(&a), &alen) != 0) {
+    const int e = errno;
+    ::close(lfd);
+    return Error::from_errno(e, kind, op, "bind/listen 127.0.0.1");
+  }
+  const int one = 1;
+  const pid_t pid = ::fork();
+  if (pid < 0) {
+    const int e = errno;
+    ::close(lfd);
+    return Error::from_errno(e, kind, op, "fork");
+  }
+  if (pid == 0) {
+    ::close(lfd);
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) _exit(3);
+    if (nodelay) ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    _exit(child(fd));
+  }
+  const int fd = ::accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC);
+  const int e = errno;
+  ::close(lfd);
+  out.pid = pid;
+  if (fd < 0) return Error::from_errno(e, kind, op, "accept");
+  if (nodelay) ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  out.fd = fd;
+  return ok();
+}
+
+Result<RoundTripResult> socket_pingpong(const std::string& kind, std::size_t size, double seconds) {
+  std::vector<std::uint8_t> buf(size, 0x5a), echo(size);
+  SocketPeer peer;
+  UV_TRY_VOID(spawn_socket_peer(
+      kind, true,
+      [&](int fd) {
+        while (read_full(fd, echo.data(), size))
+          if (!write_full(fd, echo.data(), size)) return 1;
+        return 0;
+      },
+      peer));
+  auto trip = [&] { return write_full(peer.fd, buf.data(), size) && read_full(peer.fd, buf.data(), size); };
+  for (int i = 0; i < 100; ++i)
+    if (!trip()) return Error::from_errno(errno, kind, "ping-pong", "write/read");
+  std::vector<double> samples;
+  const auto start = Clock::now();
+  const auto until =
+      start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  while (Clock::now() < until) {
+    const auto t0 = Clock::now();
+    if (!trip()) return Error::from_errno(errno, kind, "ping-pong", "write/read");
+    samples.push_back(std::chrono::duration<double, std::nano>(Clock::now() - t0).count());
+  }
+  const double ns = std::chrono::duration<double, std::nano>(Clock::now() - start).count();
+  RoundTripResult r;
+  r.trips = samples.size();
+  r.mean_ns = ns / static_cast<double>(samples.size());
+  std::sort(samples.begin(), samples.end());
+  r.p50_ns = samples[samples.size() / 2];
+  r.p99_ns = samples[std::min(samples.size() - 1, samples.size() * 99 / 100)];
+  return r;
+}
+
+// One write per message; the receiver reads 64 KiB at a time and answers
+// the byte count when we shut our side down.
+Result<StreamResult> socket_stream(const std::string& kind, std::size_t size, double seconds) {
+  std::vector<std::uint8_t> msg(size, 0x5a), sink(64 * 1024);
+  SocketPeer peer;
+  UV_TRY_VOID(spawn_socket_peer(
+      kind, false,
+      [&](int fd) {
+        std::uint64_t total = 0;
+        for (;;) {
+          const ssize_t k = ::read(fd, sink.data(), sink.size());
+          if (k < 0 && errno == EINTR) continue;
+          if (k <= 0) break;
+          total += static_cast<std::uint64_t>(k);
+        }
+        return write_full(fd, &total, sizeof total) ? 0 : 1;
+      },
+      peer));
+  std::uint64_t count = 0;
+  const auto start = Clock::now();
+  const auto until =
+      start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  while (Clock::now() < until) {
+    for (int i = 0; i < 64; ++i, ++count)
+      if (!write_full(peer.fd, msg.data(), size)) return Error::from_errno(errno, kind, "stream", "write");
+  }
+  ::shutdown(peer.fd, SHUT_WR);
+  std::uint64_t total = 0;
+  if (!read_full(peer.fd, &total, sizeof total))
+    return Error::from_errno(errno, kind, "stream", "read the byte count");
+  const double secs = std::chrono::duration<double>(Clock::now() - start).count();
+  if (total != count * size)
+    return Error(Errc::io, kind, "stream",
+                 "sent " + std::to_string(count * size) + " bytes, the peer got " + std::to_string(total));
+  return StreamResult{count, secs, static_cast<double>(count) / secs};
+}
+
+// ---- the channel between two processes ----
+
+// Window bytes for two rings of ring_bytes (whole pages).
+std::size_t layout_bytes(std::size_t ring_bytes) {
+  return (channel::layout::kControlBytes + 2 * ring_bytes + 4095) / 4096 * 4096;
+}
+
+struct ChannelPeer {
+  void* window = MAP_FAILED;
+  std::size_t bytes = 0;
+  pid_t pid = -1;
+  std::optional<std::pair<pci::EventfdDoorbell, pci::EventfdDoorbell>> bells;
+  std::unique_ptr<channel::Channel> ch;
+  ~ChannelPeer() {
+    if (ch && pid > 0) (void)chanbench::quit_peer(*ch);
+    ch.reset();
+    if (pid > 0) {
+      int status = 0;
+      if (::waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        std::cerr << g_program << ": channel peer process ended with status " << status << "\n";
+    }
+    if (window != MAP_FAILED) ::munmap(window, bytes);
+  }
+};
+
+channel::Options channel_options(unsigned side, channel::Doorbell* bell) {
+  channel::Options o;
+  o.side = side;
+  o.doorbell = bell;
+  o.doorbell_id = side;
+  o.name = "bench channel side " + std::to_string(side);
+  o.format_wait = std::chrono::milliseconds(10000);
+  return o;
+}
+
+// memfd window mapped shared, eventfd doorbells, a forked child attached as
+// side 1 running run_peer(); we attach as side 0.
+Result<void> start_channel(std::size_t ring_bytes, unsigned batch, ChannelPeer& p) {
+  const char* op = "set up channel";
+  p.bytes = layout_bytes(ring_bytes);
+  const int fd = ::memfd_create("uvirtio-bench-channel", MFD_CLOEXEC);
+  if (fd < 0) return Error::from_errno(errno, "bench channel", op, "memfd_create");
+  if (::ftruncate(fd, static_cast<off_t>(p.bytes)) != 0) {
+    const int e = errno;
+    ::close(fd);
+    return Error::from_errno(e, "bench channel", op, "ftruncate");
+  }
+  p.window = ::mmap(nullptr, p.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  const int e = errno;
+  ::close(fd);
+  if (p.window == MAP_FAILED) return Error::from_errno(e, "bench channel", op, "mmap");
+  UV_TRY(auto bells, pci::EventfdDoorbell::pair("bench doorbell"));
+  p.bells.emplace(std::move(bells));
+  // Fork before any thread exists here; the child is a full channel user.
+  p.pid = ::fork();
+  if (p.pid < 0) return Error::from_errno(errno, "bench channel", op, "fork");
+  if (p.pid == 0) {
+    auto o = channel_options(1, &p.bells->second);
+    auto ch = channel::Channel::attach(p.window, p.bytes, o);
+    if (!ch) {
+      std::cerr << g_program << ": " << ch.error().message() << "\n";
+      _exit(1);
+    }
+    auto r = chanbench::run_peer(**ch, batch);
+    if (!r) std::cerr << g_program << ": peer: " << r.error().message() << "\n";
+    ch->reset();
+    _exit(r ? 0 : 1);
+  }
+  auto o = channel_options(0, &p.bells->first);
+  o.ring_bytes = ring_bytes;
+  UV_TRY(p.ch, channel::Channel::attach(p.window, p.bytes, o));
+  return p.ch->wait_peer(std::chrono::milliseconds(10000));
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  if (v.empty()) return 0;
+  return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+}
+
+}  // namespace
+
+int bench_channel(const std::vector<std::string>& args) {
+  po::options_description desc("uvirtio-bench channel");
+  desc.add_options()("help,h", "show help")("seconds", po::value<double>()->default_value(1.0),
+                                            "duration of each point in each round")(
+      "size", po::value<unsigned>()->default_value(64), "message size in bytes (16..4096)")(
+      "rounds", po::value<unsigned>()->default_value(3), "rounds (medians are reported)")(
+      "batch", po::value<unsigned>()->default_value(32),
+      "streaming: messages per index publication (1..1024)")(
+      "ring-bytes", po::value<unsigned>()->default_value(256 * 1024),
+      "channel data bytes per direction (power of two, 4096..16M)")("json", "print JSON");
+  auto vm = parse(args, desc, {});
+  if (vm.count("help")) {
+    std::cout << desc;
+    return 0;
+  }
+  const double seconds = vm["seconds"].as<double>();
+  if (!(seconds > 0 && seconds <= 600)) throw UsageError{"channel: --seconds must be in (0, 600]"};
+  const unsigned size = vm["size"].as<unsigned>();
+  if (size < 16 || size > 4096) throw UsageError{"channel: --size must be in 16..4096"};
+  const unsigned rounds = vm["rounds"].as<unsigned>();
+  if (rounds < 1 || rounds > 100) throw UsageError{"channel: --rounds must be in 1..100"};
+  const unsigned batch = vm["batch"].as<unsigned>();
+  if (batch < 1 || batch > 1024) throw UsageError{"channel: --batch must be in 1..1024"};
+  const unsigned ring = vm["ring-bytes"].as<unsigned>();
+  if (ring < 4096 || ring > (16u << 20) || (ring & (ring - 1)) != 0)
+    throw UsageError{"channel: --ring-bytes must be a power of two in 4096..16777216"};
+  if (size > ring / 4) throw UsageError{"channel: --size must be at most a quarter of --ring-bytes"};
+  ::signal(SIGPIPE, SIG_IGN);
+
+  ChannelPeer peer;
+  if (auto r = start_channel(ring, batch, peer); !r) return fail(r.error());
+  channel::Channel& ch = *peer.ch;
+
+  std::map<std::string, std::vector<double>> m;  // metric -> one value per round
+  json per_round = json::array();
+  for (unsigned round = 0; round < rounds; ++round) {
+    json r;
+    auto stream = chanbench::run_stream_sender(ch, size, seconds, batch);
+    if (!stream) return fail(stream.error());
+    r["channel_stream_msgs_per_s"] = stream->msgs_per_s;
+    for (auto [wake, key] : {std::pair{chanbench::Wake::poll, "channel_rt_polling"},
+                             std::pair{chanbench::Wake::doorbell, "channel_rt_doorbell"},
+                             std::pair{chanbench::Wake::hybrid, "channel_rt_hybrid"}}) {
+      auto rt = chanbench::run_pingpong_initiator(ch, size, seconds, wake);
+      if (!rt) return fail(rt.error());
+      r[std::string(key) + "_ns"] = rt->mean_ns;
+      r[std::string(key) + "_p50_ns"] = rt->p50_ns;
+      r[std::string(key) + "_p99_ns"] = rt->p99_ns;
+    }
+    for (auto [kind, key] : {std::pair{"unix socket", "unix_socket"}, std::pair{"tcp loopback", "tcp"}}) {
+      auto rt = socket_pingpong(kind, size, seconds);
+      if (!rt) return fail(rt.error());
+      r[std::string(key) + "_rt_ns"] = rt->mean_ns;
+      r[std::string(key) + "_rt_p50_ns"] = rt->p50_ns;
+      auto st = socket_stream(kind, size, seconds);
+      if (!st) return fail(st.error());
+      r[std::string(key) + "_stream_msgs_per_s"] = st->msgs_per_s;
+    }
+    r["bare_ring_msgs_per_s"] = bare_ring_msgs_per_s(seconds);
+    r["cache_line_round_trip_ns"] = cache_line_round_trip_ns(std::min(seconds, 0.5));
+    for (auto it = r.begin(); it != r.end(); ++it) m[it.key()].push_back(it.value().get<double>());
+    per_round.push_back(r);
+  }
+
+  json out;
+  out["size"] = size;
+  out["seconds"] = seconds;
+  out["rounds"] = rounds;
+  out["batch"] = batch;
+  out["ring_bytes"] = ring;
+  for (auto& [k, v] : m) out[k] = median(v);
+  const double stream = out["channel_stream_msgs_per_s"], bare = out["bare_ring_msgs_per_s"];
+  const double unix_stream = out["unix_socket_stream_msgs_per_s"];
+  const double poll_rt = out["channel_rt_polling_ns"], cache_rt = out["cache_line_round_trip_ns"];
+  const double bell_rt = out["channel_rt_doorbell_ns"], unix_rt = out["unix_socket_rt_ns"];
+  out["ratio_vs_bare_ring"] = stream / bare;
+  out["ratio_vs_unix_socket"] = stream / unix_stream;
+  out["polling_rt_vs_cache_line"] = poll_rt / cache_rt;
+  out["blocking_rt_vs_unix_socket"] = bell_rt / unix_rt;
+  out["goals"] = {{"ratio_vs_bare_ring >= 0.8", stream / bare >= 0.8},
+                  {"ratio_vs_unix_socket >= 50", stream / unix_stream >= 50},
+                  {"polling_rt_vs_cache_line <= 3", poll_rt / cache_rt <= 3},
+                  {"blocking_rt_vs_unix_socket < 1", bell_rt / unix_rt < 1}};
+  out["per_round"] = per_round;
+  if (vm.count("json")) {
+    std::cout << out.dump(2) << "\n";
+    return 0;
+  }
+  auto g = [&](const char* k) { return out[k].get<double>(); };
+  std::printf("channel between two processes (memfd window, eventfd doorbells), %u-byte messages,\n", size);
+  std::printf("%u rounds of %.1f s per point, medians; ring %u bytes per direction, batch %u\n", rounds,
+              seconds, ring, batch);
+  std::printf(
+      "  streaming:            channel %8.2f M msg/s | bare ring (64 B) %6.2f M | unix %6.3f M | tcp %6.3f "
+      "M\n",
+      stream / 1e6, bare / 1e6, unix_stream / 1e6, g("tcp_stream_msgs_per_s") / 1e6);
+  std::printf("  round trip (mean):    polling %7.0f ns | doorbell %7.0f ns | hybrid %7.0f ns\n", poll_rt,
+              bell_rt, g("channel_rt_hybrid_ns"));
+  std::printf("                        cache line %5.0f ns | unix %7.0f ns | tcp %7.0f ns\n", cache_rt,
+              unix_rt, g("tcp_rt_ns"));
+  std::printf("  round trip (p50):     doorbell %7.0f ns | unix %7.0f ns | tcp %7.0f ns\n",
+              g("channel_rt_doorbell_p50_ns"), g("unix_socket_rt_p50_ns"), g("tcp_rt_p50_ns"));
+  std::printf("  channel/bare ring rate     %6.2f (goal >= 0.8)\n", stream / bare);
+  std::printf("  channel/unix socket rate   %6.1f (goal >= 50)\n", stream / unix_stream);
+  std::printf("  polling RT / cache-line RT %6.2f (goal <= 3)\n", poll_rt / cache_rt);
+  std::printf("  doorbell RT / unix RT      %6.2f (goal < 1)\n", bell_rt / unix_rt);
+  return 0;
+}
+
+}  // namespace uvirtio::apps

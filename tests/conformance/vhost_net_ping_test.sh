@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# A stock Linux guest pings uvirtio-vhost-net: the guest's own virtio-net
+# driver (virtio_pci + virtio_net) over QEMU's -netdev vhost-user, served on
+# the host by our back-end in the device role.
+#   vhost_net_ping_test.sh BIN_DIR [MODE]
+# MODE:
+#   ping          (default) one guest, back-end with --once; EVENT_IDX and
+#                 INDIRECT_DESC negotiated
+#   no_event_idx  the same with event_idx=off on the NIC: interrupts and kicks
+#                 go by the NO_INTERRUPT / NO_NOTIFY flags
+#   reconnect     two guests one after the other on one back-end (no --once):
+#                 the first session is torn down, the second served; SIGTERM
+#                 ends the back-end with its summary
+# Checks: each guest got 5 of 5 echo replies; the back-end answered ARP and 5
+# echo requests per guest, counted no malformed packets and no ring errors,
+# negotiated what the mode expects, and exited 0 with its summary.
+# Exit 77 (skip) when QEMU or the guest kernel is missing.
+set -euo pipefail
+bin=$1
+mode=${2:-ping}
+kernel_dir=${UVIRTIO_KERNEL_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/uvirtio/kernel}
+qemu=${UVIRTIO_QEMU:-qemu-system-x86_64}
+command -v "$qemu" >/dev/null || { echo "SKIP: QEMU not installed"; exit 77; }
+[ -f "$kernel_dir/current/vmlinuz" ] || { echo "SKIP: no guest kernel in $kernel_dir"; exit 77; }
+
+vm_args=()
+once=(--once)
+guests=1
+case "$mode" in
+  ping) ;;
+  no_event_idx) vm_args=(--dev-opt event_idx=off) ;;
+  reconnect) once=(); guests=2 ;;
+  *) echo "unknown mode '$mode'" >&2; exit 2 ;;
+esac
+
+work=$(mktemp -d)
+be_pid=
+cleanup() {
+  [ -n "$be_pid" ] && kill "$be_pid" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+fail=0
+check() {  # DESCRIPTION CONDITION...
+  local what=$1
+  shift
+  if "$@"; then echo "ok - $what"; else echo "not ok - $what"; fail=$((fail + 1)); fi
+}
+counter() {  # NAME: the back-end's summary counter NAME
+  sed -n "s/.*summary:.* $1=\([0-9a-fx]*\).*/\1/p" "$work/backend.log" | tail -n 1
+}
+feature() {  # BIT: 1 when the summary's features have BIT
+  local f
+  f=$(counter features)
+  echo $(((${f:-0} >> $1) & 1))
+}
+
+sock=$work/net.sock
+"$bin/uvirtio-vhost-net" serve --socket "$sock" --ip 10.0.2.1 "${once[@]}" >"$work/backend.log" 2>&1 &
+be_pid=$!
+for ((i = 0; i < 50; i++)); do [ -S "$sock" ] && break; sleep 0.1; done
+[ -S "$sock" ] || { echo "the back-end did not start:"; cat "$work/backend.log"; exit 1; }
+
+for ((g = 1; g <= guests; g++)); do
+  rc=0
+  "$bin/uvirtio-vm" --timeout 240 --vhost-user-net "$sock" "${vm_args[@]}" -- \
+    sh -c 'ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ping -c 5 -W 5 10.0.2.1' \
+    >"$work/guest$g.out" 2>&1 || rc=$?
+  echo "---- guest $g"
+  cat "$work/guest$g.out"
+  check "guest $g: command exited 0 (rc $rc)" [ "$rc" = 0 ]
+  check "guest $g: 5 packets transmitted, 5 received" grep -q "5 packets transmitted, 5 packets received" "$work/guest$g.out"
+done
+
+if [ ${#once[@]} -eq 0 ]; then
+  # Served sessions end only on a signal.
+  for ((i = 0; i < 50; i++)); do [ "$(grep -c 'front-end disconnected' "$work/backend.log")" -ge "$guests" ] && break; sleep 0.1; done
+  kill -TERM "$be_pid"
+fi
+# With --once the back-end exits when QEMU is gone.
+be_rc=0
+for ((i = 0; i < 100; i++)); do kill -0 "$be_pid" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$be_pid" 2>/dev/null; then
+  echo "the back-end did not exit"
+  kill "$be_pid"
+  be_rc=124
+fi
+wait "$be_pid" || be_rc=$?
+be_pid=
+
+echo "---- back-end"
+cat "$work/backend.log"
+echo "----"
+check "back-end exited 0 (rc $be_rc)" [ "$be_rc" = 0 ]
+check "back-end printed its summary" grep -q "summary:" "$work/backend.log"
+check "sessions=$guests ($(counter sessions))" [ "$(counter sessions)" = "$guests" ]
+check "back-end answered ARP (arp_replies=$(counter arp_replies))" [ "$(counter arp_replies)" -ge "$guests" ]
+check "back-end answered $((5 * guests)) echo requests (icmp_replies=$(counter icmp_replies))" \
+  [ "$(counter icmp_replies)" = $((5 * guests)) ]
+check "back-end sent every reply (sent=$(counter sent))" \
+  [ "$(counter sent)" = $(($(counter arp_replies) + $(counter icmp_replies))) ]
+check "no malformed packets (malformed=$(counter malformed))" [ "$(counter malformed)" = 0 ]
+check "no ring errors (ring_errors=$(counter ring_errors))" [ "$(counter ring_errors)" = 0 ]
+want_ei=1
+[ "$mode" = no_event_idx ] && want_ei=0
+check "VERSION_1 negotiated (features=$(counter features))" [ "$(feature 32)" = 1 ]
+check "EVENT_IDX negotiated: $want_ei" [ "$(feature 29)" = "$want_ei" ]
+[ $fail -eq 0 ] || { echo "$fail check(s) failed"; exit 1; }
+echo "all checks passed"
