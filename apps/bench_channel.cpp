@@ -37,10 +37,12 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "bench_common.hpp"
 #include "cli_common.hpp"
+#include "uvirtio/driver/ivshmem.hpp"
 #include "uvirtio/pci/eventfd_doorbell.hpp"
 #include "uvirtio/rings/channel.hpp"
 
@@ -521,6 +523,87 @@ Result<void> start_channel(std::size_t ring_bytes, unsigned batch, ChannelPeer& 
   return p.ch->wait_peer(std::chrono::milliseconds(10000));
 }
 
+// Between two guests: this end is one side of the channel in an ivshmem
+// device's BAR2 (doorbell interrupts when the device has them); side 1 serves
+// (run_peer), side 0 measures. The in-guest ceiling and floor (bare ring and
+// cache-line round trip between two threads of this guest) are measured in
+// the same run.
+int bench_channel_ivshmem(const pci::Bdf& bdf, unsigned side, double seconds, unsigned size, unsigned rounds,
+                          unsigned batch, bool as_json) {
+  auto dev = driver::Ivshmem::open(bdf);
+  if (!dev) return fail(dev.error());
+  std::unique_ptr<channel::Doorbell> bell;
+  if ((*dev)->vectors() > 0) {
+    auto b = (*dev)->doorbell(0);
+    if (!b) return fail(b.error());
+    bell = std::move(*b);
+  }
+  channel::Options o = channel_options(side, bell.get());
+  o.doorbell_id = (*dev)->position().value_or(0);
+  o.name = bdf.str() + " ivshmem";
+  o.format_wait = std::chrono::milliseconds(60000);
+  auto ch = channel::Channel::attach((*dev)->shm(), (*dev)->shm_size(), o);
+  if (!ch) return fail(ch.error());
+  if (auto r = (*ch)->wait_peer(std::chrono::milliseconds(120000)); !r) return fail(r.error());
+  if (side == 1) {
+    auto r = chanbench::run_peer(**ch, batch);
+    if (!r) return fail(r.error().within("serve the measuring side"));
+    std::printf("channel bench peer: done\n");
+    return 0;
+  }
+  if (size > (*ch)->max_message()) throw UsageError{"channel: --size exceeds the channel's largest message"};
+  std::map<std::string, std::vector<double>> m;
+  for (unsigned round = 0; round < rounds; ++round) {
+    auto stream = chanbench::run_stream_sender(**ch, size, seconds, batch);
+    if (!stream) return fail(stream.error());
+    m["channel_stream_msgs_per_s"].push_back(stream->msgs_per_s);
+    for (auto [wake, key] : {std::pair{chanbench::Wake::poll, "channel_rt_polling"},
+                             std::pair{chanbench::Wake::doorbell, "channel_rt_doorbell"}}) {
+      if (wake == chanbench::Wake::doorbell && !bell) continue;
+      auto rt = chanbench::run_pingpong_initiator(**ch, size, seconds, wake);
+      if (!rt) return fail(rt.error());
+      m[std::string(key) + "_ns"].push_back(rt->mean_ns);
+      m[std::string(key) + "_p50_ns"].push_back(rt->p50_ns);
+    }
+    m["bare_ring_msgs_per_s"].push_back(bare_ring_msgs_per_s(seconds));
+    m["cache_line_round_trip_ns"].push_back(cache_line_round_trip_ns(std::min(seconds, 0.5)));
+  }
+  if (auto r = chanbench::quit_peer(**ch); !r) return fail(r.error());
+  json out = {{"between", "two guests (ivshmem)"},
+              {"bdf", bdf.str()},
+              {"size", size},
+              {"seconds", seconds},
+              {"rounds", rounds},
+              {"batch", batch},
+              {"doorbell", bell != nullptr},
+              {"vcpus", std::thread::hardware_concurrency()}};
+  for (auto& [k, v] : m) {
+    std::sort(v.begin(), v.end());
+    out[k] = v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+  }
+  out["ratio_vs_bare_ring"] =
+      out["channel_stream_msgs_per_s"].get<double>() / out["bare_ring_msgs_per_s"].get<double>();
+  out["polling_rt_vs_cache_line"] =
+      out["channel_rt_polling_ns"].get<double>() / out["cache_line_round_trip_ns"].get<double>();
+  if (as_json) {
+    std::cout << out.dump(2) << "\n";
+    return 0;
+  }
+  std::printf(
+      "channel between two guests over ivshmem (%s), %u-byte messages, %u rounds of %.1f s, medians\n",
+      bdf.str().c_str(), size, rounds, seconds);
+  std::printf(
+      "  streaming: channel %.2f M msg/s | bare ring between two threads of this guest %.2f M msg/s "
+      "(ratio %.2f)\n",
+      out["channel_stream_msgs_per_s"].get<double>() / 1e6, out["bare_ring_msgs_per_s"].get<double>() / 1e6,
+      out["ratio_vs_bare_ring"].get<double>());
+  std::printf("  round trip (mean): polling %.0f ns", out["channel_rt_polling_ns"].get<double>());
+  if (bell) std::printf(" | doorbell %.0f ns", out["channel_rt_doorbell_ns"].get<double>());
+  std::printf(" | cache line in this guest %.0f ns (%u vCPUs)\n",
+              out["cache_line_round_trip_ns"].get<double>(), std::thread::hardware_concurrency());
+  return 0;
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   if (v.empty()) return 0;
@@ -538,7 +621,10 @@ int bench_channel(const std::vector<std::string>& args) {
       "batch", po::value<unsigned>()->default_value(32),
       "streaming: messages per index publication (1..1024)")(
       "ring-bytes", po::value<unsigned>()->default_value(256 * 1024),
-      "channel data bytes per direction (power of two, 4096..16M)")("json", "print JSON");
+      "channel data bytes per direction (power of two, 4096..16M)")(
+      "ivshmem", po::value<std::string>(), "between two guests: this guest's ivshmem device (BDF)")(
+      "side", po::value<unsigned>(), "with --ivshmem: 1 serves, 0 measures (start both)")("json",
+                                                                                          "print JSON");
   auto vm = parse(args, desc, {});
   if (vm.count("help")) {
     std::cout << desc;
@@ -557,6 +643,14 @@ int bench_channel(const std::vector<std::string>& args) {
     throw UsageError{"channel: --ring-bytes must be a power of two in 4096..16777216"};
   if (size > ring / 4) throw UsageError{"channel: --size must be at most a quarter of --ring-bytes"};
   ::signal(SIGPIPE, SIG_IGN);
+  if (vm.count("ivshmem")) {
+    if (!vm.count("side") || vm["side"].as<unsigned>() > 1)
+      throw UsageError{"channel: --ivshmem needs --side 0 (measures) or --side 1 (serves)"};
+    return bench_channel_ivshmem(parse_bdf_or_throw(vm["ivshmem"].as<std::string>()),
+                                 vm["side"].as<unsigned>(), seconds, size, rounds, batch,
+                                 vm.count("json") != 0);
+  }
+  if (vm.count("side")) throw UsageError{"channel: --side only goes with --ivshmem"};
 
   ChannelPeer peer;
   if (auto r = start_channel(ring, batch, peer); !r) return fail(r.error());
