@@ -38,6 +38,7 @@
 #include <optional>
 #include <vector>
 
+#include "fuzz_input.hpp"
 #include "uvirtio/rings/channel.hpp"
 
 namespace {
@@ -46,28 +47,7 @@ using uvirtio::Errc;
 using namespace uvirtio::channel;
 using namespace std::chrono_literals;
 
-#define CHECK(c)                \
-  do {                          \
-    if (!(c)) __builtin_trap(); \
-  } while (0)
-
-struct Reader {
-  const std::uint8_t* p;
-  std::size_t n;
-  bool empty() const { return n == 0; }
-  std::uint8_t u8() {
-    if (n == 0) return 0;
-    --n;
-    return *p++;
-  }
-  std::uint16_t u16() { return static_cast<std::uint16_t>(u8() | (u8() << 8)); }
-  std::uint32_t u32() {
-    return static_cast<std::uint32_t>(u16()) | (static_cast<std::uint32_t>(u16()) << 16);
-  }
-  std::uint64_t u64() {
-    return static_cast<std::uint64_t>(u32()) | (static_cast<std::uint64_t>(u32()) << 32);
-  }
-};
+using uvirtio::fuzz::Reader;
 
 struct Block {
   explicit Block(std::size_t bytes)

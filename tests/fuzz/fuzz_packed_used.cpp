@@ -50,6 +50,7 @@
 #include <optional>
 #include <vector>
 
+#include "fuzz_input.hpp"
 #include "uvirtio/rings/packed.hpp"
 
 namespace {
@@ -57,25 +58,7 @@ namespace {
 using uvirtio::Errc;
 using namespace uvirtio::rings;
 
-#define CHECK(c)                \
-  do {                          \
-    if (!(c)) __builtin_trap(); \
-  } while (0)
-
-struct Reader {
-  const std::uint8_t* p;
-  std::size_t n;
-  bool empty() const { return n == 0; }
-  std::uint8_t u8() {
-    if (n == 0) return 0;
-    --n;
-    return *p++;
-  }
-  std::uint16_t u16() { return static_cast<std::uint16_t>(u8() | (u8() << 8)); }
-  std::uint32_t u32() {
-    return static_cast<std::uint32_t>(u16()) | (static_cast<std::uint32_t>(u16()) << 16);
-  }
-};
+using uvirtio::fuzz::Reader;
 
 struct Area {
   explicit Area(std::size_t bytes)

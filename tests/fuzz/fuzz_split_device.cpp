@@ -27,6 +27,7 @@
 #include <optional>
 #include <vector>
 
+#include "fuzz_input.hpp"
 #include "uvirtio/rings/split_device.hpp"
 
 namespace {
@@ -34,28 +35,7 @@ namespace {
 using uvirtio::Errc;
 using namespace uvirtio::rings;
 
-#define CHECK(c)                \
-  do {                          \
-    if (!(c)) __builtin_trap(); \
-  } while (0)
-
-struct Reader {
-  const std::uint8_t* p;
-  std::size_t n;
-  bool empty() const { return n == 0; }
-  std::uint8_t u8() {
-    if (n == 0) return 0;
-    --n;
-    return *p++;
-  }
-  std::uint16_t u16() { return static_cast<std::uint16_t>(u8() | (u8() << 8)); }
-  std::uint32_t u32() {
-    return static_cast<std::uint32_t>(u16()) | (static_cast<std::uint32_t>(u16()) << 16);
-  }
-  std::uint64_t u64() {
-    return static_cast<std::uint64_t>(u32()) | (static_cast<std::uint64_t>(u32()) << 32);
-  }
-};
+using uvirtio::fuzz::Reader;
 
 struct Area {
   explicit Area(std::size_t bytes)

@@ -12,16 +12,12 @@
 #include <span>
 #include <vector>
 
+#include "fuzz_input.hpp"
 #include "uvirtio/driver/vhost_user.hpp"
 
 namespace {
 
 using namespace uvirtio::driver::vhost_user;
-
-#define CHECK(c)                \
-  do {                          \
-    if (!(c)) __builtin_trap(); \
-  } while (0)
 
 constexpr const char* kPeer = "fuzz front-end";
 
