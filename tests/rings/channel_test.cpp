@@ -600,7 +600,11 @@ TEST(Channel, BlockingWithEventfdDoorbellAcrossFork) {
     CountingDoorbell bell(bells->first);
     Options o = opts(0, &bell);
     o.spin = 0ns;  // always sleep: every wake-up goes through the eventfd
-    o.heartbeat_thread = true;
+    // No heartbeat thread on this side (its blocking calls keep its heartbeat
+    // moving): a child forked from a multithreaded process may inherit a lock
+    // another thread held, and this one hung once under ASan when the child
+    // then started its own thread.
+    o.heartbeat_thread = false;
     auto a = must_attach(w, o);
     ASSERT_TRUE(a);
     pid_t pid = 0;
@@ -761,8 +765,9 @@ TEST(Channel, RejoinAfterAPeerCrash) {
   ASSERT_TRUE(a);
   auto incarnation = [&](int id, bool crash) {
     return [&w, id, crash]() -> int {
+      // No thread in the child: it was forked from a process that has one
+      // (our heartbeat thread). Its blocking calls keep its heartbeat moving.
       Options o = opts(1);
-      o.heartbeat_thread = true;
       auto b = Channel::attach(w.get(), w.size(), o);
       if (!b) return 20;
       std::vector<std::byte> in(256);
