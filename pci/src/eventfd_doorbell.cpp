@@ -54,7 +54,19 @@ Result<void> EventfdDoorbell::ring(std::uint32_t /*peer_id*/) {
   }
 }
 
+// The counter is cleared lazily: a wake-up returns as soon as ppoll says
+// the eventfd is readable, and the read that clears it happens at the start
+// of the next wait, off the critical path of whoever we answer. If that read
+// finds the counter set, we report a wake-up at once (maybe one we already
+// reported: spurious wake-ups are allowed), so none is ever lost.
 Result<bool> EventfdDoorbell::wait(std::chrono::nanoseconds timeout) {
+  if (readable_) {
+    readable_ = false;
+    std::uint64_t count = 0;
+    if (::read(wait_.get(), &count, sizeof count) == static_cast<ssize_t>(sizeof count)) return true;
+    if (errno != EAGAIN && errno != EINTR)
+      return Error::from_errno(errno, name_, "wait for doorbell", "read eventfd");
+  }
   const auto deadline = Clock::now() + std::max(timeout, std::chrono::nanoseconds(0));
   for (;;) {
     const auto left =
@@ -70,12 +82,10 @@ Result<bool> EventfdDoorbell::wait(std::chrono::nanoseconds timeout) {
       return Error::from_errno(errno, name_, "wait for doorbell", "ppoll eventfd");
     }
     if (rc == 0) return false;
-    std::uint64_t count = 0;
-    if (::read(wait_.get(), &count, sizeof count) == static_cast<ssize_t>(sizeof count)) return true;
-    if (errno != EAGAIN && errno != EINTR)
-      return Error::from_errno(errno, name_, "wait for doorbell", "read eventfd");
-    // Someone else (another process sharing the descriptor) took it: wait on.
-    if (left.count() == 0) return false;
+    if (p.revents & (POLLERR | POLLNVAL))
+      return Error(Errc::io, name_, "wait for doorbell", "eventfd descriptor is not pollable");
+    readable_ = true;
+    return true;
   }
 }
 

@@ -7,7 +7,8 @@
 // index is re-read (and validated) only when the shadow says the ring is
 // full or empty, so a streaming sender and receiver mostly touch the record
 // bytes and their own index line. Flush::later lets either side publish its
-// index once per batch.
+// index once per batch. The common case of each data-path call is inline in
+// the header; this file has the slow paths, which repeat every check.
 //
 // Wake-up (Dekker-style): a consumer that found nothing for `spin` stores a
 // fresh ticket in its recv_ticket, issues a full fence, checks the ring once
@@ -78,8 +79,6 @@ std::string duration_text(std::chrono::nanoseconds d) {
 // Longest single doorbell sleep: bounds how late we notice a silent peer or
 // a notification consumed by the other direction's waiter.
 constexpr std::chrono::nanoseconds kMaxSlice = std::chrono::milliseconds(10);
-// How much of a newly published stretch the consumer prefetches at once.
-constexpr std::uint64_t kPrefetchBytes = 4096;
 // Deadlines further out than this are treated as "no deadline" (keeps
 // now + timeout from overflowing).
 constexpr std::chrono::nanoseconds kMaxTimeout = std::chrono::hours(24 * 365);
@@ -223,7 +222,6 @@ Result<std::unique_ptr<Channel>> Channel::attach(void* window, std::size_t size,
   ch->name_ = o.name;
   ch->side_ = o.side;
   ch->base_ = static_cast<std::byte*>(window);
-  ch->ctl_ = ctl;
   ch->self_ = &ctl->side[o.side];
   ch->peer_ = &ctl->side[1 - o.side];
   ch->doorbell_ = o.doorbell;
@@ -412,21 +410,16 @@ Result<void> Channel::flush_sent() {
   return publish_producer();
 }
 
-Result<bool> Channel::try_send(std::span<const std::byte> msg) {
-  UV_TRY(const auto slot, try_reserve(msg.size()));
-  if (!slot) return false;
-  if (!msg.empty()) std::memcpy(slot->data(), msg.data(), msg.size());
-  UV_TRY_VOID(commit(msg.size()));
-  return true;
-}
-
-Result<void> Channel::send(std::span<const std::byte> msg, std::chrono::nanoseconds timeout) {
-  std::optional<std::span<std::byte>> slot;
+Result<void> Channel::send_wait(std::span<const std::byte> msg, std::chrono::nanoseconds timeout) {
+  std::span<std::byte> slot;
   UV_TRY_VOID(block("send", Wait::space, timeout, [&]() -> Result<bool> {
-    UV_TRY(slot, try_reserve(msg.size()));
-    return slot.has_value();
+    auto r = try_reserve(msg.size());  // used in place: see peek() in the header
+    if (!r) return std::move(r).error();
+    if (!*r) return false;
+    slot = **r;
+    return true;
   }));
-  if (!msg.empty()) std::memcpy(slot->data(), msg.data(), msg.size());
+  if (!msg.empty()) std::memcpy(slot.data(), msg.data(), msg.size());
   return commit(msg.size());
 }
 
@@ -446,13 +439,6 @@ Result<bool> Channel::refresh_producer(const char* op) {
   }
   if (ahead < known)
     return violation(op, "peer producer index moved backwards from " + hex(rx_.prod_cache) + " to " + hex(p));
-  // Records are variable-length, so each one's position depends on the
-  // previous one's header: without help the consumer would take the cache
-  // misses on the newly published lines one after another. Ask for all of
-  // them now (they are published, the producer is done writing them).
-  const std::uint64_t first = rx_.prod_cache & ~std::uint64_t{63};
-  const std::uint64_t last = std::min(p, first + kPrefetchBytes);
-  for (std::uint64_t at = first; at < last; at += 64) __builtin_prefetch(rx_.data + (at & rx_.mask), 0);
   rx_.prod_cache = p;
   return ahead > known;
 }
@@ -537,17 +523,19 @@ Result<void> Channel::flush_released() {
   return publish_consumer();
 }
 
-Result<std::span<const std::byte>> Channel::peek(std::chrono::nanoseconds timeout) {
-  std::optional<std::span<const std::byte>> msg;
+Result<std::span<const std::byte>> Channel::peek_wait(std::chrono::nanoseconds timeout) {
+  std::span<const std::byte> msg;
   UV_TRY_VOID(block("receive", Wait::data, timeout, [&]() -> Result<bool> {
-    UV_TRY(msg, try_peek());
-    return msg.has_value();
+    auto r = try_peek();  // used in place: see peek() in the header
+    if (!r) return std::move(r).error();
+    if (!*r) return false;
+    msg = **r;
+    return true;
   }));
-  return *msg;
+  return msg;
 }
 
-Result<std::size_t> Channel::recv(std::span<std::byte> out, std::chrono::nanoseconds timeout) {
-  UV_TRY(const auto msg, peek(timeout));
+Result<std::size_t> Channel::recv_copy(std::span<const std::byte> msg, std::span<std::byte> out) {
   if (msg.size() > out.size())
     return Error(Errc::invalid_argument, name_, "receive",
                  "buffer of " + std::to_string(out.size()) + " bytes is too small for a message of " +

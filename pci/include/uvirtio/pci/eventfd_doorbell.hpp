@@ -44,7 +44,9 @@ class EventfdDoorbell final : public channel::Doorbell {
   // Adds 1 to the peer's eventfd (a counter already at its maximum means a
   // wake-up is pending anyway: not an error).
   Result<void> ring(std::uint32_t peer_id) override;
-  // Waits until our eventfd is readable, then reads (and so clears) it.
+  // Waits until our eventfd is readable. The read that clears it is done at
+  // the start of the next wait (off the wake-up's critical path); a counter
+  // found set then counts as a wake-up.
   Result<bool> wait(std::chrono::nanoseconds timeout) override;
 
   int ring_fd() const noexcept { return ring_.get(); }
@@ -55,6 +57,7 @@ class EventfdDoorbell final : public channel::Doorbell {
   Fd ring_;
   Fd wait_;
   std::string name_;
+  bool readable_ = false;  // the last wait saw the eventfd readable and did not clear it
 };
 
 }  // namespace uvirtio::pci

@@ -36,6 +36,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -240,7 +241,6 @@ class Channel {
     le64* consumer = nullptr;
   };
   enum class Wait { data, space };
-  static constexpr std::uint64_t kPrefetchAhead = 512;  // bytes
 
   Channel() = default;
   // The fast paths above are inline; everything else (refreshing the
@@ -249,6 +249,9 @@ class Channel {
   Result<void> commit_slow(std::size_t len, Flush flush);
   Result<std::optional<std::span<const std::byte>>> peek_slow();
   Result<void> release_slow(Flush flush);
+  Result<void> send_wait(std::span<const std::byte> msg, std::chrono::nanoseconds timeout);
+  Result<std::span<const std::byte>> peek_wait(std::chrono::nanoseconds timeout);
+  Result<std::size_t> recv_copy(std::span<const std::byte> msg, std::span<std::byte> out);
   Result<void> join(const Options& options);
   Error violation(const char* op, std::string cause);
   Error broken_error(const char* op) const;
@@ -267,7 +270,6 @@ class Channel {
   std::string name_;
   unsigned side_ = 0;
   std::byte* base_ = nullptr;
-  layout::Control* ctl_ = nullptr;
   layout::SideLine* self_ = nullptr;
   layout::SideLine* peer_ = nullptr;
   Doorbell* doorbell_ = nullptr;
@@ -280,12 +282,12 @@ class Channel {
   mutable std::mutex cause_mu_;
   std::string cause_;  // the first violation
 
-  // Sender state (one cache line of its own: a receiving thread runs beside).
+  // Sender and receiver state, each on cache lines of its own: a sending
+  // and a receiving thread may run side by side.
   struct alignas(64) Tx : Ring {
     std::uint64_t prod = 0;        // next record position (committed or not)
     std::uint64_t published = 0;   // producer index in the window
     std::uint64_t cons_cache = 0;  // the peer's consumer index, as last validated
-    std::uint64_t reserved_pos = 0;
     std::size_t reserved_len = 0;
     bool reserved = false;
     std::uint32_t last_rung = 0;  // the peer's recv ticket we last rang for
@@ -334,26 +336,36 @@ inline Result<std::optional<std::span<std::byte>>> Channel::try_reserve(std::siz
 }
 
 inline Result<void> Channel::commit(std::size_t len, Flush flush) {
-  if (tx_.reserved && len <= tx_.reserved_len && flush == Flush::later && !broken()) [[likely]] {
+  if (tx_.reserved && len <= tx_.reserved_len && !broken()) [[likely]] {
     // The record header, one word (the payload was written by the caller).
     std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(tx_.data + (tx_.prod & tx_.mask)))
         .store(le64::to_raw((std::uint64_t{layout::kKindMessage} << 32) | len), std::memory_order_relaxed);
     tx_.prod += layout::record_bytes(len);
     tx_.reserved = false;
-    return {};
+    if (flush == Flush::later) return {};
+    return publish_producer();
   }
   return commit_slow(len, flush);
 }
 
 inline Result<std::optional<std::span<const std::byte>>> Channel::try_peek() {
   using Msg = std::optional<std::span<const std::byte>>;
-  const std::uint64_t avail = rx_.prod_cache - rx_.cons;
+  std::uint64_t avail = rx_.prod_cache - rx_.cons;
+  if (avail == 0 && rx_.peek_bytes == 0 && !broken()) {
+    // Everything we knew of is consumed: look at the peer's producer index.
+    // A plain step forward (8-aligned, within capacity) is taken here; no
+    // change, or anything odd, goes to the slow path (which publishes our
+    // consumer index before reporting "empty", and validates).
+    const std::uint64_t p =
+        le64::from_raw(std::atomic_ref<std::uint64_t>(rx_.producer->raw()).load(std::memory_order_acquire));
+    const std::uint64_t ahead = p - rx_.cons;
+    if (ahead != 0 && ahead <= rx_.cap && p % 8 == 0) {
+      rx_.prod_cache = p;
+      avail = ahead;
+    }
+  }
   if (rx_.peek_bytes == 0 && avail != 0 && !broken()) [[likely]] {
     const std::uint64_t off = rx_.cons & rx_.mask;
-    // Records are variable-length, so each position depends on the header
-    // before it; ask for a line further on (published, so the producer is
-    // done with it) so the misses overlap instead of queueing.
-    if (avail > kPrefetchAhead) __builtin_prefetch(rx_.data + ((rx_.cons + kPrefetchAhead) & rx_.mask), 0);
     // One read of the peer-written header word; validated before use.
     const std::uint64_t word =
         le64::from_raw(std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(rx_.data + off))
@@ -374,12 +386,49 @@ inline Result<std::optional<std::span<const std::byte>>> Channel::try_peek() {
 }
 
 inline Result<void> Channel::release(Flush flush) {
-  if (rx_.peek_bytes != 0 && flush == Flush::later && !broken()) [[likely]] {
+  if (rx_.peek_bytes != 0 && !broken()) [[likely]] {
     rx_.cons += rx_.peek_bytes;
     rx_.peek_bytes = 0;
-    return {};
+    if (flush == Flush::later) return {};
+    return publish_consumer();
   }
   return release_slow(flush);
+}
+
+// The copying and blocking calls try the fast path first and enter the
+// out-of-line wait only when they must. Results are used in place: copying
+// the optional out of a Result reads back its flag byte inside a wider load,
+// a store-forwarding stall that costs more than the whole fast path.
+
+inline Result<bool> Channel::try_send(std::span<const std::byte> msg) {
+  auto r = try_reserve(msg.size());
+  if (!r) return std::move(r).error();
+  if (!r->has_value()) return false;
+  if (!msg.empty()) std::memcpy((**r).data(), msg.data(), msg.size());
+  UV_TRY_VOID(commit(msg.size()));
+  return true;
+}
+
+inline Result<void> Channel::send(std::span<const std::byte> msg, std::chrono::nanoseconds timeout) {
+  auto r = try_reserve(msg.size());
+  if (r.ok() && r->has_value()) [[likely]] {
+    if (!msg.empty()) std::memcpy((**r).data(), msg.data(), msg.size());
+    return commit(msg.size());
+  }
+  return send_wait(msg, timeout);
+}
+
+inline Result<std::span<const std::byte>> Channel::peek(std::chrono::nanoseconds timeout) {
+  auto r = try_peek();
+  if (r.ok() && r->has_value()) [[likely]]
+    return **r;
+  return peek_wait(timeout);
+}
+
+inline Result<std::size_t> Channel::recv(std::span<std::byte> out, std::chrono::nanoseconds timeout) {
+  auto r = peek(timeout);
+  if (!r) return std::move(r).error();
+  return recv_copy(*r, out);
 }
 
 }  // namespace uvirtio::channel
