@@ -7,16 +7,11 @@
 #include <cerrno>
 #include <cstdio>
 
+#include "uvirtio/base/hex.hpp"
 #include "uvirtio/pci/discovery.hpp"
 
 namespace uvirtio::driver {
 namespace {
-
-std::string hex(std::uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
 
 // Wakes the peer through our device's Doorbell register and sleeps on our
 // vector's eventfd. The peer id comes from the shared window (the channel

@@ -10,7 +10,7 @@ Device::~Device() {
 
 Result<std::unique_ptr<Device>> bring_up(std::unique_ptr<pci::Function> fn, std::uint16_t expected_type,
                                          const FeaturePolicy& policy, const OpenOptions& options) {
-  UV_TRY(std::unique_ptr<VirtioPci> t, VirtioPci::create(*fn, options.irq));
+  UV_TRY(std::unique_ptr<VirtioPci> t, VirtioPci::create(*fn, options.irq, options.extra_msix_vectors));
   if (t->device_type() != expected_type)
     return Error(Errc::invalid_argument, fn->bdf(), "open device",
                  std::string("it is a virtio ") + pci::virtio_device_name(t->device_type()) +

@@ -20,17 +20,12 @@
 #include <limits>
 #include <utility>
 
+#include "uvirtio/base/hex.hpp"
 #include "uvirtio/base/le.hpp"
 #include "uvirtio/driver/features.hpp"
 
 namespace uvirtio::driver::vhost_user {
 namespace {
-
-std::string hex(std::uint64_t v) {
-  char b[24];
-  std::snprintf(b, sizeof b, "0x%llx", static_cast<unsigned long long>(v));
-  return b;
-}
 
 template <class T>
 T read_as(std::span<const std::uint8_t> bytes, std::size_t off = 0) {
@@ -374,7 +369,14 @@ Result<std::shared_ptr<const MemoryTable>> MemoryTable::map(std::span<const Memo
           errno, name, op,
           "mmap " + reg + " (" + hex(r.memory_size) + " bytes at offset " + hex(r.mmap_offset) + ")");
     }
-    t->regions_.push_back(Mapped{r, static_cast<std::uint8_t*>(p) + delta, p, map_len});
+    const int dup = ::fcntl(fds[i], F_DUPFD_CLOEXEC, 0);
+    if (dup < 0) {
+      const int e = errno;
+      ::munmap(p, map_len);
+      return Error::from_errno(e, name, op, "dup fd of " + reg);
+    }
+    t->regions_.push_back(
+        Mapped{r, static_cast<std::uint8_t*>(p) + delta, p, map_len, pci::Fd(pci::Os::system(), dup)});
   }
   return std::shared_ptr<const MemoryTable>(std::move(t));
 }
@@ -526,6 +528,19 @@ void VhostUserBackend::disconnect() noexcept {
 
 std::uint64_t VhostUserBackend::offered_features() const noexcept {
   return opts_.features | (1ull << kProtocolFeaturesBit);
+}
+
+std::optional<VhostUserBackend::RingInfo> VhostUserBackend::ring_info(std::uint32_t index) const noexcept {
+  if (index >= queues_.size()) return std::nullopt;
+  const Queue& q = queues_[index];
+  RingInfo info;
+  info.running = const_cast<VhostUserBackend*>(this)->queue(index) != nullptr;
+  info.num = q.num;
+  if (q.addr) info.addr = *q.addr;
+  info.base = q.base;
+  info.kick_fd = q.kick.get();
+  info.call_fd = q.call.get();
+  return info;
 }
 
 rings::SplitDeviceQueue* VhostUserBackend::queue(std::uint32_t index) noexcept {

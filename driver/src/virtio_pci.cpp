@@ -45,8 +45,10 @@ Result<void> Transport::check_healthy(const std::string& op) {
   return ok();
 }
 
-Result<std::unique_ptr<VirtioPci>> VirtioPci::create(pci::Function& fn, IrqPreference irq) {
+Result<std::unique_ptr<VirtioPci>> VirtioPci::create(pci::Function& fn, IrqPreference irq,
+                                                     unsigned extra_msix_vectors) {
   std::unique_ptr<VirtioPci> t(new VirtioPci(fn));
+  t->extra_vectors_ = std::min(extra_msix_vectors, 2048u);
   if (auto r = t->init(irq); !r) return std::move(r).error();
   return t;
 }
@@ -227,7 +229,7 @@ Result<void> VirtioPci::setup_interrupts() {
   UV_TRY(std::uint16_t nq, num_queues());
   const unsigned msix_vectors = fn_.irq_count(pci::IrqKind::msix);
   if (irq_pref_ == IrqPreference::msix_then_intx && msix_vectors > 0 && caps_.msix) {
-    const unsigned want = std::min<unsigned>(msix_vectors, nq + 1u);
+    const unsigned want = std::min<unsigned>(msix_vectors, nq + 1u + extra_vectors_);
     UV_TRY(eventfds_, fn_.enable_irqs(pci::IrqKind::msix, want));
     msix_ = true;
     // Config changes (and DEVICE_NEEDS_RESET, 2.1.2) arrive on vector 0.

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdio>
 
+#include "uvirtio/base/hex.hpp"
 #include "uvirtio/base/le.hpp"
 
 namespace uvirtio::pci {
@@ -20,12 +21,6 @@ constexpr std::size_t kMaxStdCaps = 48;    // (0x100 - 0x40) / 4 dword slots
 constexpr std::size_t kMaxExtCaps = 1024;  // (0x1000 - 0x100) / 4 would be 960
 constexpr std::uint8_t kCapVendor = 0x09;  // PCI 3.0, appendix H: vendor specific
 constexpr std::uint8_t kCapMsix = 0x11;    // PCI 3.0, 6.8.2
-
-std::string hex(std::uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
 
 class Parser {
  public:

@@ -32,6 +32,7 @@
 #include <cstring>
 
 #include "uvirtio/base/barrier.hpp"
+#include "uvirtio/base/hex.hpp"
 
 namespace uvirtio::channel {
 namespace {
@@ -58,12 +59,6 @@ std::int64_t ns_of(Clock::time_point t) noexcept {
 }
 // A record header: one 8-byte word, written and read in one access.
 le64& record_at(std::byte* data, std::uint64_t off) noexcept { return *reinterpret_cast<le64*>(data + off); }
-
-std::string hex(std::uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
 
 std::string duration_text(std::chrono::nanoseconds d) {
   char buf[48];

@@ -23,6 +23,7 @@
 #include <utility>
 
 #include "uvirtio/base/barrier.hpp"
+#include "uvirtio/base/hex.hpp"
 
 namespace uvirtio::rings {
 namespace {
@@ -45,12 +46,6 @@ bool available(std::uint16_t flags, bool wrap) noexcept {
 }
 
 bool aligned(const void* p, std::size_t a) noexcept { return reinterpret_cast<std::uintptr_t>(p) % a == 0; }
-
-std::string hex(std::uint64_t v) {
-  char b[24];
-  std::snprintf(b, sizeof b, "0x%llx", static_cast<unsigned long long>(v));
-  return b;
-}
 
 }  // namespace
 

@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "uvirtio/base/barrier.hpp"
+#include "uvirtio/base/hex.hpp"
 
 namespace uvirtio::rings {
 namespace {
@@ -48,12 +49,6 @@ struct Desc {
 Desc read_desc(VirtqDesc& d) noexcept {
   return {load(d.addr, std::memory_order_relaxed), load(d.len, std::memory_order_relaxed),
           load(d.flags, std::memory_order_relaxed), load(d.next, std::memory_order_relaxed)};
-}
-
-std::string hex(std::uint64_t v) {
-  char b[24];
-  std::snprintf(b, sizeof b, "0x%llx", static_cast<unsigned long long>(v));
-  return b;
 }
 
 bool aligned(const void* p, std::size_t a) noexcept { return reinterpret_cast<std::uintptr_t>(p) % a == 0; }

@@ -38,14 +38,14 @@ TEST(Ivshmem, DoorbellDeviceReportsPositionVectorsAndMemory) {
   EXPECT_EQ((*dev)->position(), std::optional<std::uint16_t>(7));
   EXPECT_EQ((*dev)->vectors(), 2u);
   EXPECT_EQ((*dev)->shm_size(), 1u << 16);
-  EXPECT_EQ((*dev)->shm(), const_cast<std::uint8_t*>(raw->fake_bar(2)->mapping()));
+  EXPECT_EQ((*dev)->shm(), const_cast<std::uint8_t*>(raw->soft_bar(2)->mapping()));
 }
 
 TEST(Ivshmem, RingWritesPeerAndVectorToTheDoorbellRegister) {
   auto fn = make_ivshmem(2, 1);
   FakeFunction* raw = fn.get();
   std::vector<std::uint64_t> rung;
-  raw->fake_bar(0)->hook(
+  raw->soft_bar(0)->hook(
       ivshmem_reg::kDoorbell, 4, [](std::uint64_t, unsigned) { return 0; },
       [&](std::uint64_t, unsigned width, std::uint64_t v) {
         EXPECT_EQ(width, 4u);
@@ -88,7 +88,7 @@ TEST(Ivshmem, ChannelDoorbellRingsAndWaits) {
   auto fn = make_ivshmem(1, 2);
   FakeFunction* raw = fn.get();
   std::uint64_t last = 0;
-  raw->fake_bar(0)->hook(
+  raw->soft_bar(0)->hook(
       ivshmem_reg::kDoorbell, 4, [](std::uint64_t, unsigned) { return 0; },
       [&](std::uint64_t, unsigned, std::uint64_t v) { last = v; });
   auto dev = Ivshmem::attach(std::move(fn));
@@ -142,7 +142,7 @@ TEST(Ivshmem, RefusesOtherFunctionsAndBadBars) {
   }
   {
     auto fn = make_ivshmem(1, 3, 4096);
-    fn->fake_bar(2)->set_mappable(false);
+    fn->soft_bar(2)->set_mappable(false);
     auto r = Ivshmem::attach(std::move(fn));
     ASSERT_FALSE(r);
     EXPECT_EQ(r.error().code(), Errc::unsupported);

@@ -281,7 +281,7 @@ TEST(VirtioPciQueue, NotifyOffsetOutOfBounds) {
   expect_error(t->setup_queue(0, 16, rings(dev), false), Errc::bad_device_data, "queue_notify_off 1024");
   EXPECT_FALSE(dev.queue_enabled(0));
   expect_error(t->notify(0), Errc::invalid_argument, "not set up");
-  EXPECT_EQ(dev.function().fake_bar(4)->writes_in(FakeVirtioDevice::kNotify, FakeVirtioDevice::kRegionSize),
+  EXPECT_EQ(dev.function().soft_bar(4)->writes_in(FakeVirtioDevice::kNotify, FakeVirtioDevice::kRegionSize),
             0u);
   EXPECT_EQ(dev.notifies(), 0u);
 }
@@ -292,7 +292,7 @@ TEST(VirtioPciQueue, NotifyAtTheLastSlot) {
   dev.set_queue_notify_off(0, 0x3ff);  // last 4-byte slot of the notify region
   ASSERT_TRUE(t->setup_queue(0, 16, rings(dev), false).ok());
   ASSERT_TRUE(t->notify(0).ok());
-  EXPECT_EQ(dev.function().fake_bar(4)->writes_in(FakeVirtioDevice::kNotify + 0xffc, 2), 1u);
+  EXPECT_EQ(dev.function().soft_bar(4)->writes_in(FakeVirtioDevice::kNotify + 0xffc, 2), 1u);
   EXPECT_EQ(dev.notifies(), 1u);
 }
 
@@ -323,7 +323,7 @@ TEST(VirtioPciQueue, NotifySlotMustHoldTheWholeWrite) {
   dev.set_queue_notify_off(0, 0x7ff);  // 0xffe: the last 2 bytes
   ASSERT_TRUE(t->setup_queue(0, 16, rings(dev), false).ok());
   ASSERT_TRUE(t->notify(0).ok());
-  EXPECT_EQ(dev.function().fake_bar(4)->writes_in(FakeVirtioDevice::kNotify + 0xffe, 2), 1u);
+  EXPECT_EQ(dev.function().soft_bar(4)->writes_in(FakeVirtioDevice::kNotify + 0xffe, 2), 1u);
 }
 
 // ------------------------------------------------------------------ interrupts

@@ -18,6 +18,8 @@ struct OpenOptions {
   pci::IommuMode iommu = pci::IommuMode::type1v2;
   IrqPreference irq = IrqPreference::msix_then_intx;
   std::chrono::milliseconds reset_deadline{1000};
+  // MSI-X vectors for device-specific interrupts (VirtioPci::create).
+  unsigned extra_msix_vectors = 0;
   // Ring features the driver accepts when the device offers them; Virtqueue
   // then uses the packed layout, event-index suppression and indirect
   // tables. Clear bits to force the simpler forms.

@@ -213,6 +213,10 @@ class MemoryTable {
 
   std::size_t size() const noexcept { return regions_.size(); }
   const MemoryRegion& region(std::size_t i) const { return regions_[i].desc; }
+  // The region's memory in our address space (memory_size bytes), and our
+  // own duplicate of its fd (for mapping it a second time: vhost-pci).
+  std::uint8_t* host(std::size_t i) const { return regions_[i].host; }
+  int fd(std::size_t i) const { return regions_[i].fd.get(); }
 
  private:
   struct Mapped {
@@ -220,6 +224,7 @@ class MemoryTable {
     std::uint8_t* host = nullptr;  // region start in our memory
     void* map_base = nullptr;
     std::size_t map_len = 0;
+    pci::Fd fd;
   };
   MemoryTable() = default;
   std::vector<Mapped> regions_;
@@ -299,7 +304,22 @@ class VhostUserBackend {
   // it when queue(index) latched broken. QEMU logs "vhost vring error".
   Result<void> report_error(std::uint32_t index);
 
+  // What the front-end set up for ring `index` (nullopt: no such ring), for
+  // a device model that serves the ring elsewhere (vhost-pci). `running` is
+  // queue(index) != nullptr; the addresses are front-end user addresses.
+  struct RingInfo {
+    bool running = false;
+    std::uint32_t num = 0;
+    VringAddr addr{};
+    std::uint16_t base = 0;
+    int kick_fd = -1, call_fd = -1;
+  };
+  std::optional<RingInfo> ring_info(std::uint32_t index) const noexcept;
+
   std::uint64_t offered_features() const noexcept;
+  // Offers only `mask`'s bits of the virtio features from the next
+  // GET_FEATURES on (a vhost-pci driver accepted fewer: spec 4.5).
+  void restrict_features(std::uint64_t mask) noexcept { opts_.features &= mask; }
   std::uint64_t acked_features() const noexcept { return acked_features_; }
   std::uint64_t acked_protocol_features() const noexcept { return acked_protocol_; }
   bool has_feature(unsigned bit) const noexcept { return bit < 64 && ((acked_features_ >> bit) & 1) != 0; }

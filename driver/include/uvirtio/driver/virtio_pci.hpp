@@ -23,8 +23,13 @@ class VirtioPci final : public Transport {
   // `fn` must outlive the transport. Refuses legacy-only and non-virtio
   // functions and functions whose capabilities lack a usable common, notify,
   // ISR structure.
+  // `extra_msix_vectors`: vectors enabled after the config and queue ones,
+  // for device-specific interrupts (vhost-pci: a remote VM's kicks);
+  // msix_eventfd() gives their eventfds. Fewer are enabled when the function
+  // has fewer.
   static Result<std::unique_ptr<VirtioPci>> create(pci::Function& fn,
-                                                   IrqPreference irq = IrqPreference::msix_then_intx);
+                                                   IrqPreference irq = IrqPreference::msix_then_intx,
+                                                   unsigned extra_msix_vectors = 0);
 
   const std::string& name() const override { return fn_.bdf(); }
   std::uint16_t device_type() const override { return device_type_; }
@@ -49,6 +54,12 @@ class VirtioPci final : public Transport {
 
   const pci::Capabilities& capabilities() const { return caps_; }
   bool using_msix() const { return msix_; }
+  // The eventfd of MSI-X vector v once interrupts are set up (nullopt
+  // without MSI-X or for a vector not enabled).
+  std::optional<int> msix_eventfd(unsigned v) const {
+    if (!msix_ || v >= eventfds_.size()) return std::nullopt;
+    return eventfds_[v];
+  }
 
  private:
   VirtioPci(pci::Function& fn) : fn_(fn) {}
@@ -66,6 +77,7 @@ class VirtioPci final : public Transport {
   pci::BarIo* device_ = nullptr;
   FeatureSet accepted_;
   IrqPreference irq_pref_ = IrqPreference::msix_then_intx;
+  unsigned extra_vectors_ = 0;
   bool irqs_ready_ = false;
   bool msix_ = false;
   std::vector<int> eventfds_;  // MSI-X: [0] config, [1 + q] queue q; INTx: [0] for everything

@@ -37,6 +37,11 @@ class Le {
   T& raw() noexcept { return raw_; }
   static constexpr T to_raw(T v) noexcept { return byteswap_if_big(v); }
   static constexpr T from_raw(T v) noexcept { return byteswap_if_big(v); }
+  static constexpr Le of(T v) noexcept {
+    Le l;
+    l.set(v);
+    return l;
+  }
 
  private:
   T raw_{};

@@ -1,5 +1,5 @@
-// FakeVirtioDevice: see fake_virtio.hpp.
-#include "support/fake_virtio.hpp"
+// SoftVirtioDevice: see soft_virtio.hpp.
+#include "uvirtio/driver/soft_virtio.hpp"
 
 #include <algorithm>
 #include <stdexcept>
@@ -8,7 +8,7 @@
 #include "uvirtio/base/le.hpp"
 #include "uvirtio/rings/split.hpp"
 
-namespace uvirtio::test {
+namespace uvirtio::driver {
 namespace {
 
 // Register offsets of struct virtio_pci_common_cfg (spec 4.1.4.3).
@@ -50,12 +50,12 @@ std::uint64_t merge(std::uint64_t reg, unsigned at, unsigned width, std::uint64_
 
 }  // namespace
 
-FakeVirtioDevice::FakeVirtioDevice(FakeVirtioOptions options)
+SoftVirtioDevice::SoftVirtioDevice(SoftVirtioOptions options)
     : opt_(std::move(options)), fn_(opt_.bdf), queues_(opt_.num_queues), config_(opt_.device_config) {
   const auto pci_id =
       opt_.pci_device_id ? opt_.pci_device_id : static_cast<std::uint16_t>(0x1040 + opt_.device_type);
   fn_.set_ids(0x1af4, pci_id, opt_.device_type);
-  FakeBar& bar = fn_.add_bar(kBar, kBarSize);
+  pci::SoftBar& bar = fn_.add_bar(kBar, kBarSize);
   using pci::VirtioCfgType;
   if (opt_.modern_caps) {
     fn_.add_virtio_cap(VirtioCfgType::common, kBar, kCommon, kRegionSize);
@@ -75,8 +75,17 @@ FakeVirtioDevice::FakeVirtioDevice(FakeVirtioOptions options)
         return common_read(off, w);
       },
       [this](std::uint64_t off, unsigned w, std::uint64_t v) {
-        std::lock_guard lock(mu_);
-        common_write(off, w, v);
+        std::function<void(std::uint8_t)> hook;
+        std::uint8_t status = 0;
+        {
+          std::lock_guard lock(mu_);
+          common_write(off, w, v);
+          if (off == kDeviceStatus && status_hook_) {
+            hook = status_hook_;
+            status = status_;
+          }
+        }
+        if (hook) hook(status);
       });
   bar.hook(
       kIsr, kRegionSize,
@@ -100,9 +109,14 @@ FakeVirtioDevice::FakeVirtioDevice(FakeVirtioOptions options)
         return v;
       },
       [this](std::uint64_t off, unsigned w, std::uint64_t v) {
-        std::lock_guard lock(mu_);
-        for (unsigned i = 0; i < w; ++i)
-          if (off + i < config_.size()) config_[off + i] = static_cast<std::uint8_t>(v >> (8 * i));
+        std::function<void(std::uint32_t, unsigned)> hook;
+        {
+          std::lock_guard lock(mu_);
+          for (unsigned i = 0; i < w; ++i)
+            if (off + i < config_.size()) config_[off + i] = static_cast<std::uint8_t>(v >> (8 * i));
+          hook = config_write_hook_;
+        }
+        if (hook) hook(static_cast<std::uint32_t>(off), w);
       });
   bar.hook(kNotify, kRegionSize, nullptr,
            [this](std::uint64_t off, unsigned w, std::uint64_t v) { notify(off, w, v); });
@@ -111,7 +125,7 @@ FakeVirtioDevice::FakeVirtioDevice(FakeVirtioOptions options)
   for (std::uint16_t q = 0; q < queues_.size(); ++q) queues_[q].notify_off = q;
 }
 
-FakeVirtioDevice::~FakeVirtioDevice() {
+SoftVirtioDevice::~SoftVirtioDevice() {
   {
     std::lock_guard lock(mu_);
     stop_ = true;
@@ -120,24 +134,60 @@ FakeVirtioDevice::~FakeVirtioDevice() {
   if (worker_.joinable()) worker_.join();
 }
 
-void FakeVirtioDevice::set_handler(RequestHandler handler) {
+void SoftVirtioDevice::set_handler(RequestHandler handler) {
   std::lock_guard lock(mu_);
   handler_ = std::move(handler);
 }
 
-void FakeVirtioDevice::start_worker(std::chrono::microseconds delay) {
+void SoftVirtioDevice::set_notify_hook(std::function<void(std::uint16_t)> hook) {
+  std::lock_guard lock(mu_);
+  notify_hook_ = std::move(hook);
+}
+
+void SoftVirtioDevice::set_status_hook(std::function<void(std::uint8_t)> hook) {
+  std::lock_guard lock(mu_);
+  status_hook_ = std::move(hook);
+}
+
+void SoftVirtioDevice::set_config_write_hook(std::function<void(std::uint32_t, unsigned)> hook) {
+  std::lock_guard lock(mu_);
+  config_write_hook_ = std::move(hook);
+}
+
+SoftVirtioDevice::QueueState SoftVirtioDevice::queue_state(std::uint16_t q) const {
+  std::lock_guard lock(mu_);
+  if (q >= queues_.size()) return {};
+  const Queue& s = queues_[q];
+  return QueueState{s.size, s.vector, s.enabled != 0, s.desc, s.driver, s.device};
+}
+
+bool SoftVirtioDevice::interrupt_queue(std::uint16_t q) {
+  std::lock_guard lock(mu_);
+  if (q >= queues_.size()) return false;
+  if (fn_.irq_kind() == pci::IrqKind::msix)
+    return queues_[q].vector != kNoVector && fn_.raise(queues_[q].vector);
+  isr_ |= 1;
+  return fn_.raise(0);
+}
+
+std::vector<std::uint8_t> SoftVirtioDevice::device_config() const {
+  std::lock_guard lock(mu_);
+  return config_;
+}
+
+void SoftVirtioDevice::start_worker(std::chrono::microseconds delay) {
   std::lock_guard lock(mu_);
   threaded_ = true;
   delay_ = delay;
   worker_ = std::thread([this] { worker_loop(); });
 }
 
-void FakeVirtioDevice::set_worker_delay(std::chrono::microseconds delay) {
+void SoftVirtioDevice::set_worker_delay(std::chrono::microseconds delay) {
   std::lock_guard lock(mu_);
   delay_ = delay;
 }
 
-void FakeVirtioDevice::worker_loop() {
+void SoftVirtioDevice::worker_loop() {
   std::unique_lock lock(mu_);
   for (;;) {
     cv_.wait(lock, [this] { return stop_ || pending_; });
@@ -155,18 +205,18 @@ void FakeVirtioDevice::worker_loop() {
 
 // ---------------------------------------------------------------- common config
 
-bool FakeVirtioDevice::width_is(unsigned width, unsigned want, std::uint64_t off) {
+bool SoftVirtioDevice::width_is(unsigned width, unsigned want, std::uint64_t off) {
   if (width == want) return true;
   violation("common config offset " + std::to_string(off) + " accessed with width " + std::to_string(width) +
             " (field is " + std::to_string(want) + " bytes)");
   return false;
 }
 
-FakeVirtioDevice::Queue* FakeVirtioDevice::selected() {
+SoftVirtioDevice::Queue* SoftVirtioDevice::selected() {
   return queue_select_ < queues_.size() ? &queues_[queue_select_] : nullptr;
 }
 
-std::uint64_t FakeVirtioDevice::common_read(std::uint64_t off, unsigned width) {
+std::uint64_t SoftVirtioDevice::common_read(std::uint64_t off, unsigned width) {
   Queue* q = selected();
   // 64-bit queue addresses: one 8-byte access or two 4-byte halves.
   if (off >= kQueueDesc && off < kCommonEnd) {
@@ -215,7 +265,7 @@ std::uint64_t FakeVirtioDevice::common_read(std::uint64_t off, unsigned width) {
   }
 }
 
-void FakeVirtioDevice::common_write(std::uint64_t off, unsigned width, std::uint64_t v) {
+void SoftVirtioDevice::common_write(std::uint64_t off, unsigned width, std::uint64_t v) {
   Queue* q = selected();
   if (off >= kQueueDesc && off < kCommonEnd) {
     const std::uint64_t base = off & ~7ull;
@@ -269,12 +319,12 @@ void FakeVirtioDevice::common_write(std::uint64_t off, unsigned width, std::uint
   }
 }
 
-std::uint16_t FakeVirtioDevice::accept_vector(std::uint64_t v) const {
+std::uint16_t SoftVirtioDevice::accept_vector(std::uint64_t v) const {
   if (v >= opt_.msix_vectors || refused_vectors_.count(static_cast<std::uint16_t>(v))) return kNoVector;
   return static_cast<std::uint16_t>(v);
 }
 
-void FakeVirtioDevice::write_status(std::uint8_t v) {
+void SoftVirtioDevice::write_status(std::uint8_t v) {
   status_writes_.push_back(v);
   if (v == 0) {
     if (!faults.reset_stuck) reset_locked();
@@ -293,7 +343,7 @@ void FakeVirtioDevice::write_status(std::uint8_t v) {
   status_ = static_cast<std::uint8_t>(v | (status_ & kNeedsReset));
 }
 
-void FakeVirtioDevice::reset_locked() {
+void SoftVirtioDevice::reset_locked() {
   feature_select_ = driver_feature_select_ = 0;
   driver_features_ = 0;
   config_vector_ = kNoVector;
@@ -305,7 +355,7 @@ void FakeVirtioDevice::reset_locked() {
 
 // ---------------------------------------------------------------- queues
 
-void FakeVirtioDevice::notify(std::uint64_t off, unsigned width, std::uint64_t v) {
+void SoftVirtioDevice::notify(std::uint64_t off, unsigned width, std::uint64_t v) {
   std::unique_lock lock(mu_);
   ++notifies_;
   const auto q = static_cast<std::uint16_t>(v);
@@ -317,6 +367,12 @@ void FakeVirtioDevice::notify(std::uint64_t off, unsigned width, std::uint64_t v
   if (q >= queues_.size()) return violation("notify of queue " + std::to_string(q) + " that does not exist");
   if (off != std::uint64_t{queues_[q].notify_off} * opt_.notify_multiplier)
     violation("notify of queue " + std::to_string(q) + " at the wrong address");
+  if (notify_hook_) {
+    auto hook = notify_hook_;
+    lock.unlock();
+    hook(q);
+    return;
+  }
   if (threaded_) {
     pending_ = true;
     lock.unlock();
@@ -326,13 +382,13 @@ void FakeVirtioDevice::notify(std::uint64_t off, unsigned width, std::uint64_t v
   process(q);
 }
 
-void FakeVirtioDevice::process(std::uint16_t qi) {
+void SoftVirtioDevice::process(std::uint16_t qi) {
   Queue& q = queues_[qi];
   if (!q.enabled) return violation("notify of a disabled queue");
   if (!(status_ & kDriverOk)) return violation("notify before DRIVER_OK");
   if (status_ & kNeedsReset) return;
   if (faults.needs_reset_on_notify) return needs_reset_locked();
-  FakeDma& dma = fn_.fake_dma();
+  pci::SoftDma& dma = fn_.soft_dma();
   auto* desc =
       reinterpret_cast<rings::VirtqDesc*>(dma.translate(q.desc, rings::SplitLayout::desc_bytes(q.size)));
   auto* avail = reinterpret_cast<le16*>(dma.translate(q.driver, rings::SplitLayout::avail_bytes(q.size)));
@@ -384,12 +440,12 @@ void FakeVirtioDevice::process(std::uint16_t qi) {
   }
 }
 
-void FakeVirtioDevice::fatal(const std::string& why) {
+void SoftVirtioDevice::fatal(const std::string& why) {
   violation(why);
   needs_reset_locked();
 }
 
-void FakeVirtioDevice::needs_reset_locked() {
+void SoftVirtioDevice::needs_reset_locked() {
   status_ |= kNeedsReset;
   // Configuration change interrupt (spec 4.1.5.3).
   if (fn_.irq_kind() == pci::IrqKind::msix) {
@@ -402,22 +458,22 @@ void FakeVirtioDevice::needs_reset_locked() {
 
 // ---------------------------------------------------------------- test controls
 
-void FakeVirtioDevice::set_needs_reset() {
+void SoftVirtioDevice::set_needs_reset() {
   std::lock_guard lock(mu_);
   needs_reset_locked();
 }
 
-void FakeVirtioDevice::set_queue_notify_off(std::uint16_t q, std::uint16_t notify_off) {
+void SoftVirtioDevice::set_queue_notify_off(std::uint16_t q, std::uint16_t notify_off) {
   std::lock_guard lock(mu_);
   queues_.at(q).notify_off = notify_off;
 }
 
-void FakeVirtioDevice::refuse_vector(std::uint16_t vector) {
+void SoftVirtioDevice::refuse_vector(std::uint16_t vector) {
   std::lock_guard lock(mu_);
   refused_vectors_.insert(vector);
 }
 
-void FakeVirtioDevice::set_device_config(std::uint32_t off, std::span<const std::uint8_t> bytes) {
+void SoftVirtioDevice::set_device_config(std::uint32_t off, std::span<const std::uint8_t> bytes) {
   std::lock_guard lock(mu_);
   if (off > config_.size() || bytes.size() > config_.size() - off)
     throw std::out_of_range("set_device_config past the device config");
@@ -425,57 +481,57 @@ void FakeVirtioDevice::set_device_config(std::uint32_t off, std::span<const std:
   ++generation_;
 }
 
-std::uint8_t FakeVirtioDevice::status() const {
+std::uint8_t SoftVirtioDevice::status() const {
   std::lock_guard lock(mu_);
   return status_;
 }
-std::vector<std::uint8_t> FakeVirtioDevice::status_writes() const {
+std::vector<std::uint8_t> SoftVirtioDevice::status_writes() const {
   std::lock_guard lock(mu_);
   return status_writes_;
 }
-std::uint64_t FakeVirtioDevice::driver_features() const {
+std::uint64_t SoftVirtioDevice::driver_features() const {
   std::lock_guard lock(mu_);
   return driver_features_;
 }
-std::uint16_t FakeVirtioDevice::config_vector() const {
+std::uint16_t SoftVirtioDevice::config_vector() const {
   std::lock_guard lock(mu_);
   return config_vector_;
 }
-std::uint16_t FakeVirtioDevice::queue_vector(std::uint16_t q) const {
+std::uint16_t SoftVirtioDevice::queue_vector(std::uint16_t q) const {
   std::lock_guard lock(mu_);
   return queues_.at(q).vector;
 }
-std::uint16_t FakeVirtioDevice::queue_size(std::uint16_t q) const {
+std::uint16_t SoftVirtioDevice::queue_size(std::uint16_t q) const {
   std::lock_guard lock(mu_);
   return queues_.at(q).size;
 }
-bool FakeVirtioDevice::queue_enabled(std::uint16_t q) const {
+bool SoftVirtioDevice::queue_enabled(std::uint16_t q) const {
   std::lock_guard lock(mu_);
   return queues_.at(q).enabled != 0;
 }
-std::uint8_t FakeVirtioDevice::isr() const {
+std::uint8_t SoftVirtioDevice::isr() const {
   std::lock_guard lock(mu_);
   return isr_;
 }
-std::uint64_t FakeVirtioDevice::notifies() const {
+std::uint64_t SoftVirtioDevice::notifies() const {
   std::lock_guard lock(mu_);
   return notifies_;
 }
-std::uint64_t FakeVirtioDevice::requests() const {
+std::uint64_t SoftVirtioDevice::requests() const {
   std::lock_guard lock(mu_);
   return requests_;
 }
-std::uint64_t FakeVirtioDevice::completions() const {
+std::uint64_t SoftVirtioDevice::completions() const {
   std::lock_guard lock(mu_);
   return completions_;
 }
-std::uint64_t FakeVirtioDevice::isr_reads() const {
+std::uint64_t SoftVirtioDevice::isr_reads() const {
   std::lock_guard lock(mu_);
   return isr_reads_;
 }
-std::vector<std::string> FakeVirtioDevice::violations() const {
+std::vector<std::string> SoftVirtioDevice::violations() const {
   std::lock_guard lock(mu_);
   return violations_;
 }
 
-}  // namespace uvirtio::test
+}  // namespace uvirtio::driver

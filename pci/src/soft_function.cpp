@@ -1,6 +1,7 @@
-// FakeFunction, FakeBar and FakeDma: see fake_function.hpp.
-#include "support/fake_function.hpp"
+// SoftFunction, SoftBar and SoftDma: see soft_function.hpp.
+#include "uvirtio/pci/soft_function.hpp"
 
+#include <fcntl.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -11,11 +12,11 @@
 
 #include "uvirtio/base/le.hpp"
 
-namespace uvirtio::test {
+namespace uvirtio::pci {
 
-// ---------------------------------------------------------------- FakeDma
+// ---------------------------------------------------------------- SoftDma
 
-Result<pci::DmaRegion> FakeDma::alloc(std::size_t size, std::size_t align) {
+Result<pci::DmaRegion> SoftDma::alloc(std::size_t size, std::size_t align) {
   std::lock_guard lock(mu_);
   if (size == 0 || align == 0 || (align & (align - 1)) != 0 || align > 4096)
     return Error(Errc::invalid_argument, "fake-dma", "allocate DMA memory", "bad size or alignment");
@@ -31,7 +32,7 @@ Result<pci::DmaRegion> FakeDma::alloc(std::size_t size, std::size_t align) {
   return pci::DmaRegion{p, reinterpret_cast<std::uintptr_t>(p), size};
 }
 
-std::uint8_t* FakeDma::translate(std::uint64_t iova, std::uint64_t len) const {
+std::uint8_t* SoftDma::translate(std::uint64_t iova, std::uint64_t len) const {
   std::lock_guard lock(mu_);
   for (const Block& b : blocks_) {
     const auto base = reinterpret_cast<std::uintptr_t>(b.mem.get());
@@ -41,16 +42,16 @@ std::uint8_t* FakeDma::translate(std::uint64_t iova, std::uint64_t len) const {
   return nullptr;
 }
 
-std::size_t FakeDma::allocations() const {
+std::size_t SoftDma::allocations() const {
   std::lock_guard lock(mu_);
   return blocks_.size();
 }
 
-// ---------------------------------------------------------------- FakeBar
+// ---------------------------------------------------------------- SoftBar
 
-FakeBar::FakeBar(std::string device, std::uint64_t size) : device_(std::move(device)), mem_(size, 0) {}
+SoftBar::SoftBar(std::string device, std::uint64_t size) : device_(std::move(device)), mem_(size, 0) {}
 
-Result<void> FakeBar::check(const char* op, std::uint64_t off, unsigned width) const {
+Result<void> SoftBar::check(const char* op, std::uint64_t off, unsigned width) const {
   if (width != 1 && width != 2 && width != 4 && width != 8)
     return Error(Errc::invalid_argument, device_, op, "width " + std::to_string(width));
   if (off > mem_.size() || width > mem_.size() - off)
@@ -58,19 +59,19 @@ Result<void> FakeBar::check(const char* op, std::uint64_t off, unsigned width) c
   return ok();
 }
 
-const FakeBar::Range* FakeBar::find(std::uint64_t off) const {
+const SoftBar::Range* SoftBar::find(std::uint64_t off) const {
   for (const Range& r : ranges_)
     if (off >= r.begin && off - r.begin < r.length) return &r;
   return nullptr;
 }
 
-Result<std::uint64_t> FakeBar::read(std::uint64_t off, unsigned width) {
+Result<std::uint64_t> SoftBar::read(std::uint64_t off, unsigned width) {
   UV_TRY_VOID(check("read BAR", off, width));
   if (const Range* r = find(off); r != nullptr && r->on_read) return r->on_read(off - r->begin, width);
   return peek(off, width);
 }
 
-Result<void> FakeBar::write(std::uint64_t off, unsigned width, std::uint64_t value) {
+Result<void> SoftBar::write(std::uint64_t off, unsigned width, std::uint64_t value) {
   UV_TRY_VOID(check("write BAR", off, width));
   {
     std::lock_guard lock(log_mu_);
@@ -84,64 +85,64 @@ Result<void> FakeBar::write(std::uint64_t off, unsigned width, std::uint64_t val
   return ok();
 }
 
-void FakeBar::hook(std::uint64_t begin, std::uint64_t length, ReadHook on_read, WriteHook on_write) {
+void SoftBar::hook(std::uint64_t begin, std::uint64_t length, ReadHook on_read, WriteHook on_write) {
   ranges_.push_back(Range{begin, length, std::move(on_read), std::move(on_write)});
 }
 
-std::uint64_t FakeBar::peek(std::uint64_t off, unsigned width) const {
+std::uint64_t SoftBar::peek(std::uint64_t off, unsigned width) const {
   std::uint64_t v = 0;
   for (unsigned i = 0; i < width; ++i) v |= std::uint64_t{mem_[off + i]} << (8 * i);
   return v;
 }
 
-void FakeBar::poke(std::uint64_t off, unsigned width, std::uint64_t value) {
+void SoftBar::poke(std::uint64_t off, unsigned width, std::uint64_t value) {
   for (unsigned i = 0; i < width; ++i) mem_[off + i] = static_cast<std::uint8_t>(value >> (8 * i));
 }
 
-std::size_t FakeBar::writes_in(std::uint64_t begin, std::uint64_t length) const {
+std::size_t SoftBar::writes_in(std::uint64_t begin, std::uint64_t length) const {
   std::lock_guard lock(log_mu_);
   return static_cast<std::size_t>(std::count_if(write_log_.begin(), write_log_.end(),
                                                 [&](std::uint64_t o) { return o - begin < length; }));
 }
 
-// ---------------------------------------------------------------- FakeFunction
+// ---------------------------------------------------------------- SoftFunction
 
-FakeFunction::FakeFunction(std::string bdf) : bdf_(std::move(bdf)), config_(4096, 0) {}
+SoftFunction::SoftFunction(std::string bdf) : bdf_(std::move(bdf)), config_(4096, 0) {}
 
-FakeFunction::~FakeFunction() { (void)disable_irqs(); }
+SoftFunction::~SoftFunction() { (void)disable_irqs(); }
 
-Result<void> FakeFunction::read_config(std::uint32_t off, std::span<std::uint8_t> out) {
+Result<void> SoftFunction::read_config(std::uint32_t off, std::span<std::uint8_t> out) {
   if (off > config_.size() || out.size() > config_.size() - off)
     return Error(Errc::invalid_argument, bdf_, "read config space", "offset beyond config space");
   std::memcpy(out.data(), config_.data() + off, out.size());
   return ok();
 }
 
-Result<void> FakeFunction::write_config(std::uint32_t off, std::span<const std::uint8_t> in) {
+Result<void> SoftFunction::write_config(std::uint32_t off, std::span<const std::uint8_t> in) {
   if (off > config_.size() || in.size() > config_.size() - off)
     return Error(Errc::invalid_argument, bdf_, "write config space", "offset beyond config space");
   std::memcpy(config_.data() + off, in.data(), in.size());
   return ok();
 }
 
-Result<pci::BarIo*> FakeFunction::bar(unsigned index) {
+Result<pci::BarIo*> SoftFunction::bar(unsigned index) {
   if (index >= 6 || !bars_[index])
     return Error(Errc::not_found, bdf_, "open BAR " + std::to_string(index), "BAR is absent");
-  return static_cast<pci::BarIo*>(bars_[index].get());
+  return bars_[index].get();
 }
 
-void FakeFunction::set_ids(std::uint16_t vendor, std::uint16_t device, std::uint16_t subsystem_id) {
+void SoftFunction::set_ids(std::uint16_t vendor, std::uint16_t device, std::uint16_t subsystem_id) {
   store_le16(&config_[0x00], vendor);
   store_le16(&config_[0x02], device);
   store_le16(&config_[0x2c], vendor);
   store_le16(&config_[0x2e], subsystem_id);
 }
 
-void FakeFunction::set_cap_list(bool present) {
+void SoftFunction::set_cap_list(bool present) {
   config_[0x06] = static_cast<std::uint8_t>(present ? (config_[0x06] | 0x10) : (config_[0x06] & ~0x10));
 }
 
-std::uint8_t FakeFunction::add_cap(std::uint8_t id, std::span<const std::uint8_t> body) {
+std::uint8_t SoftFunction::add_cap(std::uint8_t id, std::span<const std::uint8_t> body) {
   const std::uint8_t at = next_cap_;
   config_[at] = id;
   config_[at + 1u] = 0;
@@ -156,7 +157,7 @@ std::uint8_t FakeFunction::add_cap(std::uint8_t id, std::span<const std::uint8_t
   return at;
 }
 
-std::uint8_t FakeFunction::add_virtio_cap(pci::VirtioCfgType type, std::uint8_t bar, std::uint32_t offset,
+std::uint8_t SoftFunction::add_virtio_cap(pci::VirtioCfgType type, std::uint8_t bar, std::uint32_t offset,
                                           std::uint32_t length, std::uint32_t notify_multiplier) {
   const bool notify = type == pci::VirtioCfgType::notify;
   std::vector<std::uint8_t> body(notify ? 18 : 14, 0);   // cap_len 20 or 16, minus id and next
@@ -169,7 +170,7 @@ std::uint8_t FakeFunction::add_virtio_cap(pci::VirtioCfgType type, std::uint8_t 
   return add_cap(0x09, body);
 }
 
-std::uint8_t FakeFunction::add_msix_cap(std::uint16_t vectors, std::uint8_t table_bar,
+std::uint8_t SoftFunction::add_msix_cap(std::uint16_t vectors, std::uint8_t table_bar,
                                         std::uint32_t table_offset, std::uint8_t pba_bar,
                                         std::uint32_t pba_offset) {
   std::uint8_t body[10] = {};
@@ -180,22 +181,30 @@ std::uint8_t FakeFunction::add_msix_cap(std::uint16_t vectors, std::uint8_t tabl
   return add_cap(0x11, body);
 }
 
-FakeBar& FakeFunction::add_bar(unsigned index, std::uint64_t size) {
-  bars_.at(index) = std::make_unique<FakeBar>(bdf_ + " BAR" + std::to_string(index), size);
-  return *bars_[index];
+SoftBar& SoftFunction::add_bar(unsigned index, std::uint64_t size) {
+  auto bar = std::make_unique<SoftBar>(bdf_ + " BAR" + std::to_string(index), size);
+  SoftBar& ref = *bar;
+  bars_.at(index) = std::move(bar);
+  soft_bars_[index] = &ref;
+  return ref;
 }
 
-void FakeFunction::set_irq_count(pci::IrqKind kind, unsigned count) {
+void SoftFunction::set_bar(unsigned index, std::unique_ptr<pci::BarIo> bar) {
+  bars_.at(index) = std::move(bar);
+  soft_bars_[index] = nullptr;
+}
+
+void SoftFunction::set_irq_count(pci::IrqKind kind, unsigned count) {
   std::lock_guard lock(irq_mu_);
   (kind == pci::IrqKind::intx ? intx_count_ : msix_count_) = count;
 }
 
-unsigned FakeFunction::irq_count(pci::IrqKind kind) {
+unsigned SoftFunction::irq_count(pci::IrqKind kind) {
   std::lock_guard lock(irq_mu_);
   return kind == pci::IrqKind::intx ? intx_count_ : msix_count_;
 }
 
-Result<std::vector<int>> FakeFunction::enable_irqs(pci::IrqKind kind, unsigned count) {
+Result<std::vector<int>> SoftFunction::enable_irqs(pci::IrqKind kind, unsigned count) {
   const unsigned have = irq_count(kind);
   if (count == 0 || count > have)
     return Error(Errc::unsupported, bdf_, "enable interrupts",
@@ -216,13 +225,13 @@ Result<std::vector<int>> FakeFunction::enable_irqs(pci::IrqKind kind, unsigned c
   return eventfds_;
 }
 
-Result<void> FakeFunction::unmask_intx() {
+Result<void> SoftFunction::unmask_intx() {
   std::lock_guard lock(irq_mu_);
   ++unmasks_;
   return ok();
 }
 
-Result<void> FakeFunction::disable_irqs() {
+Result<void> SoftFunction::disable_irqs() {
   std::lock_guard lock(irq_mu_);
   for (int f : eventfds_) ::close(f);
   eventfds_.clear();
@@ -230,7 +239,26 @@ Result<void> FakeFunction::disable_irqs() {
   return ok();
 }
 
-bool FakeFunction::raise(unsigned vector) {
+Result<void> SoftFunction::route_vector(unsigned vector, int fd) {
+  std::lock_guard lock(irq_mu_);
+  if (!irq_kind_ || vector >= eventfds_.size())
+    return Error(Errc::invalid_argument, bdf_, "route interrupt vector " + std::to_string(vector),
+                 "the vector is not enabled");
+  if (::dup3(fd, eventfds_[vector], O_CLOEXEC) < 0)
+    return Error::from_errno(errno, bdf_, "route interrupt vector " + std::to_string(vector), "dup3");
+  return ok();
+}
+
+Result<void> SoftFunction::unroute_vector(unsigned vector) {
+  const int fresh = ::eventfd(0, EFD_CLOEXEC);
+  if (fresh < 0)
+    return Error::from_errno(errno, bdf_, "unroute interrupt vector " + std::to_string(vector), "eventfd");
+  auto r = route_vector(vector, fresh);
+  ::close(fresh);
+  return r;
+}
+
+bool SoftFunction::raise(unsigned vector) {
   std::lock_guard lock(irq_mu_);
   if (!irq_kind_ || vector >= eventfds_.size()) return false;
   const std::uint64_t one = 1;
@@ -239,22 +267,22 @@ bool FakeFunction::raise(unsigned vector) {
   return true;
 }
 
-std::optional<pci::IrqKind> FakeFunction::irq_kind() const {
+std::optional<pci::IrqKind> SoftFunction::irq_kind() const {
   std::lock_guard lock(irq_mu_);
   return irq_kind_;
 }
 
-std::size_t FakeFunction::enabled_vectors() const {
+std::size_t SoftFunction::enabled_vectors() const {
   std::lock_guard lock(irq_mu_);
   return eventfds_.size();
 }
 
-std::uint64_t FakeFunction::raise_count(pci::IrqKind kind) const {
+std::uint64_t SoftFunction::raise_count(pci::IrqKind kind) const {
   std::lock_guard lock(irq_mu_);
   return raises_[kind == pci::IrqKind::intx ? 0 : 1];
 }
 
-std::uint64_t FakeFunction::unmask_count() const {
+std::uint64_t SoftFunction::unmask_count() const {
   std::lock_guard lock(irq_mu_);
   return unmasks_;
 }
@@ -290,4 +318,4 @@ class Borrowed final : public pci::Function {
 
 std::unique_ptr<pci::Function> borrow(pci::Function& fn) { return std::make_unique<Borrowed>(fn); }
 
-}  // namespace uvirtio::test
+}  // namespace uvirtio::pci
