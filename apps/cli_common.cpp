@@ -30,4 +30,17 @@ int tool_main(const char* program, int argc, char** argv, int (*run)(int, char**
   }
 }
 
+int run_command(int argc, char** argv, const char* usage,
+                const std::vector<std::pair<std::string, Command>>& commands) {
+  if (argc < 2 || std::string(argv[1]) == "-h" || std::string(argv[1]) == "--help") {
+    std::cout << usage;
+    return argc < 2 ? kUsage : 0;
+  }
+  const std::string cmd = argv[1];
+  const std::vector<std::string> args(argv + 2, argv + argc);
+  for (const auto& [name, fn] : commands)
+    if (name == cmd) return fn(args);
+  throw UsageError{"unknown command '" + cmd + "' (see --help)"};
+}
+
 }  // namespace uvirtio::apps

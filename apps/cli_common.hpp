@@ -4,9 +4,11 @@
 
 #include <boost/program_options.hpp>
 #include <cstdio>
+#include <functional>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "uvirtio/base/result.hpp"
@@ -59,6 +61,13 @@ std::uint64_t parse_u64(const std::string& text, const std::string& what);
 // main() of a tool: sets g_program, runs `run` and turns usage errors into
 // a message and exit status 2.
 int tool_main(const char* program, int argc, char** argv, int (*run)(int, char**));
+
+// Runs subcommand argv[1] of a tool with the arguments after it: no
+// command prints `usage` to stdout with status 2, -h/--help with status 0,
+// an unknown one is a UsageError.
+using Command = std::function<int(const std::vector<std::string>&)>;
+int run_command(int argc, char** argv, const char* usage,
+                const std::vector<std::pair<std::string, Command>>& commands);
 
 int cmd_pmem(const std::vector<std::string>& args);
 int cmd_blk(const std::vector<std::string>& args);

@@ -490,17 +490,11 @@ int cmd_serve(const std::vector<std::string>& args) {
 }
 
 int run(int argc, char** argv) {
-  if (argc < 2 || std::string(argv[1]) == "-h" || std::string(argv[1]) == "--help") {
-    std::cout << kUsageText;
-    return argc < 2 ? kUsage : 0;
-  }
-  const std::string cmd = argv[1];
-  std::vector<std::string> args(argv + 2, argv + argc);
-  if (cmd == "info") return cmd_info(args);
-  if (cmd == "serve") return cmd_serve(args);
-  if (cmd == "ping") return cmd_ping(args, false);
-  if (cmd == "send") return cmd_ping(args, true);
-  throw UsageError{"unknown command '" + cmd + "' (see --help)"};
+  return run_command(argc, argv, kUsageText,
+                     {{"info", cmd_info},
+                      {"serve", cmd_serve},
+                      {"ping", [](const auto& a) { return cmd_ping(a, false); }},
+                      {"send", [](const auto& a) { return cmd_ping(a, true); }}});
 }
 
 }  // namespace

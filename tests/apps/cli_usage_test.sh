@@ -76,5 +76,16 @@ check 2 "--size: '4Q' is not a size" "$srv" -S /nonexistent/sock -l 4Q
 check 2 "--vectors: must be 1..1024" "$srv" -S /nonexistent/sock -n 0
 check 2 "unexpected argument 'extra'" "$srv" extra
 check 0 "usage: uvirtio-ivshmem-server" "$srv" --help
+for tool in vhost-net vhost-pci; do
+  t=$bin/uvirtio-$tool
+  check 2 "usage: uvirtio-$tool serve" "$t"
+  check 2 "serve: --socket is required" "$t" serve --ip 10.0.2.1
+  check 2 "serve: --ip is required" "$t" serve --socket /nonexistent/sock
+  check 2 "--ip: '1.2.3' is not an IPv4 address" "$t" serve --socket /nonexistent/sock --ip 1.2.3
+  check 2 "is a multicast address" "$t" serve --socket /nonexistent/sock --ip 10.0.2.1 --mac 01:00:00:00:00:01
+  check 1 "bind /nonexistent/sock: No such file or directory" "$t" serve --socket /nonexistent/sock --ip 10.0.2.1
+  check 2 "unknown command 'frob'" "$t" frob
+done
+check 2 "--peer-mac: 'zz' is not a MAC address" "$bin/uvirtio-vhost-pci" serve --socket /x --ip 10.0.2.1 --peer-mac zz
 echo "$pass passed, $fail failed"
 [ "$fail" = 0 ]
