@@ -120,6 +120,7 @@ int cmd_serve(const std::vector<std::string>& args) {
   NetDevice<DriverPort> dev(port, responder);
   int status = 0;
   bool done = false;
+  std::uint64_t withdrawn = 0;  // DEVICE_INFO DEL seen by the driver
   while (!done) {
     std::vector<pollfd> pfds{{sigfd.get(), POLLIN, 0}, {drv.control_fd(), POLLIN, 0}};
     std::vector<std::uint32_t> kick_ring;
@@ -164,6 +165,7 @@ int cmd_serve(const std::vector<std::string>& args) {
           }
           break;
         case E::device_removed:
+          ++withdrawn;
           std::cout << g_program << ": remote device withdrawn" << std::endl;
           if (once) done = true;
           break;
@@ -180,9 +182,10 @@ int cmd_serve(const std::vector<std::string>& args) {
     if (drv.remote_ready()) dev.service_all();  // a kick may land between the swap and the poll
   }
   print_summary(dev.counters());
-  const auto st = (*model)->stats();
-  std::cout << g_program << ": vhost-pci: announced=" << st.announced << " withdrawn=" << st.withdrawn
-            << " refusals=" << st.refusals << " ackq=" << (drv.ackq() ? 1 : 0) << std::endl;
+  // Counted on the driver's side (the device model counts an ack only when
+  // its thread has read it); refusals are the model's.
+  std::cout << g_program << ": vhost-pci: announced=" << dev.counters().sessions << " withdrawn=" << withdrawn
+            << " refusals=" << (*model)->stats().refusals << " ackq=" << (drv.ackq() ? 1 : 0) << std::endl;
   drv_r->reset();
   stop_model();
   if (model_error) {
