@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -50,7 +51,11 @@ struct Counters {
   std::uint64_t rx_no_buffer = 0;
   std::uint64_t ring_errors = 0;
   std::uint64_t sessions = 0;
-  std::uint64_t features = 0;  // acknowledged by the last front-end whose rings ran
+  std::uint64_t features = 0;   // acknowledged by the last front-end whose rings ran
+  std::uint64_t reflected = 0;  // frames sent back with the addresses swapped (--reflect)
+  // Steady-clock nanoseconds of the first and last frame received: the
+  // receive rate is (received - 1) over the time between them.
+  std::int64_t first_rx_ns = 0, last_rx_ns = 0;
 };
 
 inline std::uint16_t get16(const std::uint8_t* p) { return static_cast<std::uint16_t>(p[0] << 8 | p[1]); }
@@ -72,7 +77,17 @@ inline std::uint16_t inet_checksum(std::span<const std::uint8_t> d) {
 // Builds answers to the frames the guest sends; knows nothing of rings.
 class Responder {
  public:
-  Responder(MacAddr mac, std::array<std::uint8_t, 4> ip) : mac_(mac), ip_(ip) {}
+  Responder(MacAddr mac, std::array<std::uint8_t, 4> ip, bool reflect = false)
+      : mac_(mac), ip_(ip), reflect_(reflect) {}
+
+  // Whether answer() could reply to a frame that starts like `head` (at
+  // least 14 bytes): ARP, or IPv4 to our MAC, or anything when reflecting.
+  // Lets the data path count and drop other frames without copying them.
+  bool may_answer(std::span<const std::uint8_t> head) const {
+    if (reflect_ || head.size() < 14) return true;
+    const std::uint16_t type = get16(head.data() + 12);
+    return type == kEthArp || (type == kEthIpv4 && std::memcmp(head.data(), mac_.data(), 6) == 0);
+  }
 
   std::optional<std::vector<std::uint8_t>> answer(std::span<const std::uint8_t> f, Counters& c) const {
     if (f.size() < 14) {
@@ -85,8 +100,7 @@ class Responder {
       case kEthIpv4:
         return ipv4(f, c);
       default:
-        ++c.dropped;
-        return std::nullopt;
+        return reflect_or_drop(f, c);
     }
   }
 
@@ -99,12 +113,10 @@ class Responder {
     }
     const std::uint8_t* a = f.data() + 14;
     if (get16(a) != 1 || get16(a + 2) != kEthIpv4 || a[4] != 6 || a[5] != 4) {
-      ++c.dropped;
-      return std::nullopt;
+      return reflect_or_drop(f, c);
     }
     if (get16(a + 6) != 1 || std::memcmp(a + 24, ip_.data(), 4) != 0) {  // a request for our address?
-      ++c.dropped;
-      return std::nullopt;
+      return reflect_or_drop(f, c);
     }
     std::vector<std::uint8_t> r(60, 0);  // minimum Ethernet frame without FCS
     std::memcpy(r.data(), a + 8, 6);     // to the sender's hardware address
@@ -122,8 +134,7 @@ class Responder {
 
   std::optional<std::vector<std::uint8_t>> ipv4(std::span<const std::uint8_t> f, Counters& c) const {
     if (std::memcmp(f.data(), mac_.data(), 6) != 0) {
-      ++c.dropped;
-      return std::nullopt;
+      return reflect_or_drop(f, c);
     }
     const auto ip = f.subspan(14);
     if (ip.size() < 20 || (ip[0] >> 4) != 4) {
@@ -139,8 +150,7 @@ class Responder {
     }
     const bool fragment = (get16(ip.data() + 6) & 0x3fff) != 0;  // MF or an offset
     if (std::memcmp(ip.data() + 16, ip_.data(), 4) != 0 || ip[9] != 1 || fragment) {
-      ++c.dropped;  // not to us, not ICMP, or a fragment we do not reassemble
-      return std::nullopt;
+      return reflect_or_drop(f, c);  // not to us, not ICMP, or a fragment we do not reassemble
     }
     const auto icmp = ip.subspan(ihl, total - ihl);
     if (icmp.size() < 8 || inet_checksum(icmp) != 0) {
@@ -148,8 +158,7 @@ class Responder {
       return std::nullopt;
     }
     if (icmp[0] != 8 || icmp[1] != 0) {  // echo request
-      ++c.dropped;
-      return std::nullopt;
+      return reflect_or_drop(f, c);
     }
     // Echo reply (RFC 792): a fresh 20-byte header (options dropped), the
     // ICMP message copied with type 0 and a new checksum.
@@ -178,8 +187,24 @@ class Responder {
     return r;
   }
 
+  // With --reflect a frame we do not answer goes back to its sender with
+  // the Ethernet addresses swapped (a DPDK macswap peer bounces it again).
+  std::optional<std::vector<std::uint8_t>> reflect_or_drop(std::span<const std::uint8_t> f,
+                                                           Counters& c) const {
+    if (!reflect_) {
+      ++c.dropped;
+      return std::nullopt;
+    }
+    std::vector<std::uint8_t> r(f.begin(), f.end());
+    std::memcpy(r.data(), f.data() + 6, 6);
+    std::memcpy(r.data() + 6, f.data(), 6);
+    ++c.reflected;
+    return r;
+  }
+
   MacAddr mac_;
   std::array<std::uint8_t, 4> ip_;
+  bool reflect_ = false;
 };
 
 // The virtio-net data path over a device's two rings, in the device role.
@@ -244,8 +269,17 @@ class NetDevice {
       const auto& req = **popped;
       frame_.clear();
       const std::size_t hl = hdr_len();
+      const std::int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::steady_clock::now().time_since_epoch())
+                                   .count();
+      if (c_.received == 0) c_.first_rx_ns = now;
+      c_.last_rx_ns = now;
       if (req.readable_bytes > hl + kMaxFrame) {
         ++c_.malformed;
+      } else if (!req.readable.empty() && req.readable[0].size() >= hl + 14 &&
+                 !responder_.may_answer(req.readable[0].subspan(hl, 14))) {
+        ++c_.received;  // not for us: counted and dropped without a copy
+        ++c_.dropped;
       } else {
         for (auto s : req.readable) frame_.insert(frame_.end(), s.begin(), s.end());
         ++c_.received;
@@ -368,12 +402,19 @@ inline std::array<std::uint8_t, 4> parse_ip(const std::string& text) {
   return ip;
 }
 
+// Frames per second between the first and the last frame received.
+inline double rx_pps(const Counters& c) {
+  if (c.received < 2 || c.last_rx_ns <= c.first_rx_ns) return 0;
+  return static_cast<double>(c.received - 1) * 1e9 / static_cast<double>(c.last_rx_ns - c.first_rx_ns);
+}
+
 inline void print_summary(const Counters& c) {
   std::cout << g_program << ": summary: received=" << c.received << " sent=" << c.sent
             << " arp_replies=" << c.arp_replies << " icmp_replies=" << c.icmp_replies
             << " dropped=" << c.dropped << " malformed=" << c.malformed << " rx_no_buffer=" << c.rx_no_buffer
             << " ring_errors=" << c.ring_errors << " sessions=" << c.sessions
-            << " features=" << uvirtio::hex(c.features) << std::endl;
+            << " features=" << uvirtio::hex(c.features) << " reflected=" << c.reflected
+            << " rx_pps=" << static_cast<std::uint64_t>(rx_pps(c)) << std::endl;
 }
 
 }  // namespace uvirtio::apps

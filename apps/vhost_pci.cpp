@@ -8,11 +8,14 @@
 // so `ping` from the front-end's guest reaches it.
 //
 //   uvirtio-vhost-pci serve --socket PATH --ip A.B.C.D [--mac MAC]
-//                           [--peer-mac MAC] [--no-ackq] [--once] [-v]
+//                           [--peer-mac MAC] [--no-ackq] [--reflect] [--poll] [--once] [-v]
 //
 // --no-ackq keeps to the RFC's acks through the device config (the driver
 // then also waits for UPDATE_DONE). --once: exit when the first remote
-// device is withdrawn (its front-end left). On exit one summary line:
+// device is withdrawn (its front-end left). --reflect: frames not answered
+// go back to their sender with the Ethernet addresses swapped (for a DPDK
+// macswap peer). --poll: busy-poll the remote rings instead of sleeping on
+// kicks (the benchmark mode). On exit one summary line:
 //   uvirtio-vhost-pci: summary: received=N sent=N arp_replies=N ... sessions=N features=0x...
 //                      announced=N withdrawn=N ackq=0|1
 // Exit status: 0, 1 on a driver or device-model error, 2 bad usage.
@@ -42,7 +45,7 @@ namespace vp = driver::vhost_pci;
 
 const char* kUsageText =
     "usage: uvirtio-vhost-pci serve --socket PATH --ip A.B.C.D [--mac MAC] [--peer-mac MAC]\n"
-    "                               [--no-ackq] [--once] [-v]\n"
+    "                               [--no-ackq] [--reflect] [--poll] [--once] [-v]\n"
     "Serves a VM's virtio-net through vhost-pci: the device model listens for a vhost-user\n"
     "front-end (QEMU: -chardev socket,id=c,path=PATH -netdev vhost-user,id=n,chardev=c\n"
     "-device virtio-net-pci,netdev=n, guest RAM shared), the vhost-pci driver serves its rings,\n"
@@ -66,7 +69,7 @@ std::uint64_t mac_id(const MacAddr& m) {
 
 int cmd_serve(const std::vector<std::string>& args) {
   std::string socket_path, ip_text, mac_text = "02:75:76:00:00:02", peer_mac_text = "52:54:00:12:34:56";
-  bool once = false, verbose = false, no_ackq = false;
+  bool once = false, verbose = false, no_ackq = false, reflect = false, busy_poll = false;
   po::options_description desc("serve options");
   desc.add_options()("socket", po::value(&socket_path), "Unix socket to listen on")(
       "ip", po::value(&ip_text), "IPv4 address to answer for")(
@@ -74,11 +77,13 @@ int cmd_serve(const std::vector<std::string>& args) {
                                                       "the front-end's MAC (DEVICE_INFO device id)")(
       "no-ackq", po::bool_switch(&no_ackq), "RFC acks through the device config")(
       "once", po::bool_switch(&once), "exit when the front-end's device is withdrawn")(
+      "reflect", po::bool_switch(&reflect), "send frames not answered back with the addresses swapped")(
+      "poll", po::bool_switch(&busy_poll), "busy-poll the remote rings (no kicks)")(
       "verbose,v", po::bool_switch(&verbose), "log protocol steps");
   parse(args, desc, {});
   if (socket_path.empty()) throw UsageError{"serve: --socket is required"};
   if (ip_text.empty()) throw UsageError{"serve: --ip is required"};
-  const Responder responder(parse_mac(mac_text), parse_ip(ip_text));
+  const Responder responder(parse_mac(mac_text), parse_ip(ip_text), reflect);
   const MacAddr peer_mac = parse_mac(peer_mac_text, "--peer-mac");
 
   auto sig = termination_signalfd();  // polled with everything else
@@ -131,7 +136,8 @@ int cmd_serve(const std::vector<std::string>& args) {
     }
     // Kicks are eventfds swapped in under the poll set when a device is
     // added; a bounded wait picks the new ones up.
-    const int n = ::poll(pfds.data(), pfds.size(), 200);
+    const bool spinning = busy_poll && drv.remote_ready();
+    const int n = ::poll(pfds.data(), pfds.size(), spinning ? 0 : 200);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
       status = fail(Error::from_errno(errno, "vhost-pci", "poll"));
@@ -161,6 +167,8 @@ int cmd_serve(const std::vector<std::string>& args) {
             std::cout << g_program << ": serving the remote virtio-net " << peer_mac_text << " (features "
                       << uvirtio::hex(drv.remote_features()) << ", " << drv.memory().regions().size()
                       << " memory regions)" << std::endl;
+            if (busy_poll)  // no kicks wanted: we look at the ring all the time
+              if (auto* q = drv.remote_queue(kTx)) q->set_notifications(false);
             dev.service_all();
           }
           break;
@@ -180,6 +188,7 @@ int cmd_serve(const std::vector<std::string>& args) {
       dev.service(kick_ring[i]);
     }
     if (drv.remote_ready()) dev.service_all();  // a kick may land between the swap and the poll
+    for (int i = 0; spinning && i < 1024 && drv.remote_ready(); ++i) dev.service_all();
   }
   print_summary(dev.counters());
   // Counted on the driver's side (the device model counts an ack only when

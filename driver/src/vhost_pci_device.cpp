@@ -416,7 +416,31 @@ struct DeviceModel::Impl {
     if (pushed && ackq->should_interrupt()) soft->interrupt_queue(kAckq);
   }
 
+  // Set while a ring is being stopped (GET_VRING_BASE): the remote device
+  // must be withdrawn before the front-end hears the ring's base.
+  bool stopping = false;
+
+  // Withdraws the remote device from the driver and waits for its acks (up
+  // to ack_timeout), running the protocol from here.
+  void quiesce() {
+    if (phase == Phase::idle) return;
+    stopping = true;
+    const auto until = std::chrono::steady_clock::now() + opt.ack_timeout;
+    while (phase != Phase::idle && std::chrono::steady_clock::now() < until) {
+      pollfd p{wake.get(), POLLIN, 0};
+      if (::poll(&p, 1, 10) == 1) {
+        std::uint64_t v = 0;
+        (void)!::read(wake.get(), &v, sizeof v);
+      }
+      step();
+    }
+    if (phase != Phase::idle)
+      log("the driver did not release the remote device in time; stopping the ring anyway");
+    stopping = false;
+  }
+
   bool want_up() {
+    if (stopping) return false;
     if (!be || !be->connected() || be->memory() == nullptr || !ctrl) return false;
     for (std::uint32_t i = 0; i < kNetQueues; ++i)
       if (!be->queue(i)) return false;
@@ -675,6 +699,7 @@ Result<std::unique_ptr<DeviceModel>> DeviceModel::create(DeviceOptions options) 
   bo.name = impl->opt.bdf + " vhost-user";
   bo.features = impl->opt.net_features;
   bo.num_queues = kNetQueues;
+  bo.on_ring_stop = [m = impl.get()](std::uint32_t) { m->quiesce(); };
   UV_TRY(impl->be, vu::VhostUserBackend::listen(impl->opt.socket, bo));
   return std::unique_ptr<DeviceModel>(new DeviceModel(std::move(impl)));
 }

@@ -899,6 +899,7 @@ Result<bool> VhostUserBackend::dispatch(const Message& m, std::vector<pci::Fd>& 
     case Request::get_vring_base: {
       UV_TRY(auto i, ring_index(m.state.index));
       Queue& q = queues_[i];
+      if (q.ring && opts_.on_ring_stop) opts_.on_ring_stop(i);
       std::uint32_t last_avail = q.base;
       if (q.ring) {
         // The ring started at 0 (SET_VRING_BASE), so the last available index

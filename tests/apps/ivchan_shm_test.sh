@@ -8,13 +8,7 @@ bin=$1
 iv=$bin/uvirtio-ivchan
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT
-fail=0
-passed=0
-check() {  # DESCRIPTION CONDITION...
-  local what=$1
-  shift
-  if "$@"; then echo "ok - $what"; passed=$((passed + 1)); else echo "not ok - $what"; fail=$((fail + 1)); fi
-}
+source "$(dirname "$0")/../support/tap.sh"
 wait_for() {  # FILE PATTERN SECONDS
   local i
   for ((i = 0; i < $3 * 10; i++)); do

@@ -24,13 +24,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-fail=0
-passed=0
-check() {  # DESCRIPTION CONDITION...
-  local what=$1
-  shift
-  if "$@"; then echo "ok - $what"; passed=$((passed + 1)); else echo "not ok - $what"; fail=$((fail + 1)); fi
-}
+source "$(dirname "$0")/../support/tap.sh"
 has() { grep -q -- "$2" "$1"; }
 wait_for() {  # FILE PATTERN SECONDS
   local i

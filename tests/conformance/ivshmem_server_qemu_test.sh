@@ -27,13 +27,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-fail=0
-passed=0
-check() {  # DESCRIPTION CONDITION...
-  local what=$1
-  shift
-  if "$@"; then echo "ok - $what"; passed=$((passed + 1)); else echo "not ok - $what"; fail=$((fail + 1)); fi
-}
+source "$(dirname "$0")/../support/tap.sh"
 # Polls CONDITION... every 0.05 s for up to 10 s.
 eventually() {
   local i

@@ -20,13 +20,7 @@ img=$work/pmem.img
 pattern=$work/pattern
 head -c 65536 /dev/urandom >"$pattern"
 offset=1048576
-fail=0
-passed=0
-check() {  # DESCRIPTION CONDITION...
-  local what=$1
-  shift
-  if "$@"; then echo "ok - $what"; passed=$((passed + 1)); else echo "not ok - $what"; fail=$((fail + 1)); fi
-}
+source "$(dirname "$0")/../support/tap.sh"
 
 UVIRTIO_QEMU="strace -f -y -qq --seccomp-bpf -e trace=fsync,fdatasync -o $work/strace.log $qemu" \
   "$bin/uvirtio-vm" --pmem "$img:16M" --add "$pattern:/root/pattern" --qemu-arg -smp --qemu-arg 2 -- sh -c "

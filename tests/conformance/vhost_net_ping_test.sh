@@ -57,12 +57,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-fail=0
-check() {  # DESCRIPTION CONDITION...
-  local what=$1
-  shift
-  if "$@"; then echo "ok - $what"; else echo "not ok - $what"; fail=$((fail + 1)); fi
-}
+source "$(dirname "$0")/../support/tap.sh"
 counter() {  # NAME: the back-end's summary counter NAME
   sed -n "s/.*summary:.* $1=\([0-9a-fx]*\).*/\1/p" "$work/backend.log" | tail -n 1
 }

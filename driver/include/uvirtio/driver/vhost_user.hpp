@@ -246,6 +246,12 @@ struct BackendOptions {
   // Called with a one-line description of every message handled
   // ("SET_VRING_NUM ring 0 num 256"), for logs. Optional.
   std::function<void(const std::string&)> trace;
+  // Called with the ring index when GET_VRING_BASE is about to stop a
+  // running ring and report how far it got, on the thread that called
+  // handle_message(). A device model that serves the ring elsewhere (the
+  // vhost-pci driver) stops doing so before returning, so the front-end
+  // never changes a ring still being read. Optional.
+  std::function<void(std::uint32_t ring)> on_ring_stop;
 };
 
 class VhostUserBackend {
