@@ -454,6 +454,9 @@ Result<void> Driver::add_device(const Message& m) {
   const bool indirect = remote_has(feature::kIndirectDesc);
   for (const Virtq& v : m.virtqs) {
     const std::string qn = "virtqueue " + std::to_string(v.index);
+    if (v.index >= kMaxRemoteVirtqs)
+      return err(Errc::unsupported, "add remote " + qn,
+                 "index beyond the " + std::to_string(kMaxRemoteVirtqs) + " served");
     if (v.last_avail_idx != 0)
       return err(Errc::unsupported, "add remote " + qn,
                  "last_avail_idx " + std::to_string(v.last_avail_idx) + " (only 0 is served)");
@@ -485,26 +488,25 @@ Result<void> Driver::add_device(const Message& m) {
     s.kick_fd = *t.msix_eventfd(v.kick_vector);
     served_.push_back(std::move(s));
   }
+  for (auto& s : served_)
+    if (s.vq.index < by_index_.size()) by_index_[s.vq.index] = &s;
   return ok();
 }
 
 void Driver::drop_device() noexcept {
+  by_index_.fill(nullptr);
   served_.clear();
   ready_ = false;
 }
 
 rings::SplitDeviceQueue* Driver::remote_queue(std::uint32_t index) noexcept {
-  if (!ready_) return nullptr;
-  for (auto& s : served_)
-    if (s.vq.index == index) return &*s.ring;
-  return nullptr;
+  if (!ready_ || index >= by_index_.size() || by_index_[index] == nullptr) return nullptr;
+  return &*by_index_[index]->ring;
 }
 
 int Driver::kick_fd(std::uint32_t index) const noexcept {
-  if (!ready_) return -1;
-  for (const auto& s : served_)
-    if (s.vq.index == index) return s.kick_fd;
-  return -1;
+  if (!ready_ || index >= by_index_.size() || by_index_[index] == nullptr) return -1;
+  return by_index_[index]->kick_fd;
 }
 
 void Driver::drain_kick(std::uint32_t index) noexcept { drain_fd(kick_fd(index)); }

@@ -78,30 +78,44 @@ void SplitDeviceQueue::set_indirect(bool enabled, std::uint32_t max_entries) noe
 }
 
 Result<std::optional<SplitDeviceQueue::Request>> SplitDeviceQueue::pop() {
+  Request req;
+  UV_TRY(const bool got, pop_into(req));
+  if (!got) return std::optional<Request>{};
+  return std::optional<Request>{std::move(req)};
+}
+
+Result<bool> SplitDeviceQueue::pop_into(Request& req) {
   if (broken_) return Error(Errc::broken, name_, kPop, "queue is broken by an earlier driver error");
-  // Acquire pairs with the driver's release of avail->idx (2.7.13.3).
-  const std::uint16_t aidx = load(words(avail_)[kIdx], std::memory_order_acquire);
-  if (aidx == last_avail_) return std::optional<Request>{};
-  const auto ahead = static_cast<std::uint16_t>(aidx - last_avail_);
-  if (ahead > size_) {
-    return fail("available index " + std::to_string(aidx) + " is " + std::to_string(ahead) +
-                " entries ahead of the last seen " + std::to_string(last_avail_) + " (queue size " +
-                std::to_string(size_) + ")")
-        .error();
+  if (last_avail_ == avail_cache_) {
+    // Everything seen is consumed: read the index again. Acquire pairs with
+    // the driver's release of avail->idx (2.7.13.3). The driver only moves
+    // it forward, so a value checked here stays valid until consumed.
+    const std::uint16_t aidx = load(words(avail_)[kIdx], std::memory_order_acquire);
+    if (aidx == last_avail_) return false;
+    const auto ahead = static_cast<std::uint16_t>(aidx - last_avail_);
+    if (ahead > size_) {
+      return fail("available index " + std::to_string(aidx) + " is " + std::to_string(ahead) +
+                  " entries ahead of the last seen " + std::to_string(last_avail_) + " (queue size " +
+                  std::to_string(size_) + ")")
+          .error();
+    }
+    avail_cache_ = aidx;
+    // The ring entry and descriptors are read after the index that covers them.
+    barrier_consume();
   }
-  // The ring entry and descriptors are read after the index that covers them.
-  barrier_consume();
   const std::uint16_t head =
       load(words(avail_)[kRing + (last_avail_ & (size_ - 1u))], std::memory_order_relaxed);
   if (head >= size_) return fail("head " + std::to_string(head) + " out of range").error();
   if (held_[head].live) return fail("head " + std::to_string(head) + " is already in flight").error();
-  Request req;
   req.head = head;
+  req.readable.clear();
+  req.writable.clear();
+  req.readable_bytes = req.writable_bytes = 0;
   if (auto r = walk(head, req); !r.ok()) return std::move(r).error();
   ++last_avail_;
   held_[head] = Held{true, req.writable_bytes};
   ++in_flight_;
-  return std::optional<Request>{std::move(req)};
+  return true;
 }
 
 Result<void> SplitDeviceQueue::walk(std::uint16_t head, Request& req) {
@@ -196,6 +210,12 @@ Result<void> SplitDeviceQueue::add_buffer(std::uint64_t addr, std::uint32_t len,
 }
 
 Result<void> SplitDeviceQueue::push(std::uint16_t head, std::uint32_t written) {
+  UV_TRY_VOID(push_deferred(head, written));
+  publish_used();
+  return ok();
+}
+
+Result<void> SplitDeviceQueue::push_deferred(std::uint16_t head, std::uint32_t written) {
   const char* op = "push used ring";
   if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier driver error");
   if (head >= size_ || !held_[head].live) {
@@ -211,18 +231,23 @@ Result<void> SplitDeviceQueue::push(std::uint16_t head, std::uint32_t written) {
   VirtqUsedElem& e = ring[used_idx_ & (size_ - 1u)];
   store(e.id, std::uint32_t{head}, std::memory_order_relaxed);
   store(e.len, written, std::memory_order_relaxed);
-  // 2.7.8.2: the entry (id and len) must be visible before the index covering it.
-  barrier_publish();
   ++used_idx_;
-  store(words(used_)[kIdx], used_idx_, std::memory_order_release);
   held_[head].live = false;
   --in_flight_;
+  return ok();
+}
+
+void SplitDeviceQueue::publish_used() noexcept {
+  if (broken_ || used_idx_ == published_used_) return;
+  // 2.7.8.2: the entries (id and len) must be visible before the index covering them.
+  barrier_publish();
+  store(words(used_)[kIdx], used_idx_, std::memory_order_release);
+  published_used_ = used_idx_;
   if (event_idx_ && notify_enabled_) {
     // 2.7.10: "kick me when you make entry last_avail available".
     store(*reinterpret_cast<le16*>(used_ + SplitLayout::avail_event_offset(size_)), last_avail_,
           std::memory_order_release);
   }
-  return ok();
 }
 
 bool SplitDeviceQueue::has_avail() const noexcept {
@@ -231,18 +256,18 @@ bool SplitDeviceQueue::has_avail() const noexcept {
 }
 
 bool SplitDeviceQueue::should_interrupt() noexcept {
-  if (broken_) return false;
+  if (broken_ || published_used_ == signalled_used_) return false;  // nothing new: no fence needed
   // Our used idx store must be ordered before reading used_event / flags
   // (2.7.7): otherwise the driver may re-arm having seen the old index while
   // we read its stale "no interrupt".
   barrier_store_load();
   const std::uint16_t old_idx = signalled_used_;
-  signalled_used_ = used_idx_;
-  if (used_idx_ == old_idx) return false;
+  signalled_used_ = published_used_;
+  if (published_used_ == old_idx) return false;
   if (event_idx_) {
     const auto ue = load(*reinterpret_cast<le16*>(avail_ + SplitLayout::used_event_offset(size_)),
                          std::memory_order_acquire);
-    return vring_need_event(ue, used_idx_, old_idx);
+    return vring_need_event(ue, published_used_, old_idx);
   }
   return (load(words(avail_)[kFlags], std::memory_order_acquire) & VIRTQ_AVAIL_F_NO_INTERRUPT) == 0;
 }

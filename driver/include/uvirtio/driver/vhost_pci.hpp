@@ -25,6 +25,7 @@
 // Threading: one thread owns a Driver.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -355,6 +356,8 @@ class Driver {
   std::uint32_t dev_type_ = 0;
   std::uint64_t dev_id_ = 0;
   std::vector<Served> served_;
+  // served_ by remote queue index, for the data path's lookups (null: not served).
+  std::array<Served*, kMaxRemoteVirtqs> by_index_{};
   std::optional<Error> refusal_;
 };
 

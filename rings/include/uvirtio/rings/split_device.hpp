@@ -75,11 +75,20 @@ class SplitDeviceQueue {
   // descriptor follows a writable one, the chain exceeds 2^32 bytes, an
   // indirect table is malformed or nested, or any address does not translate.
   Result<std::optional<Request>> pop();
+  // pop() into `out`, whose vectors keep their capacity (no allocation per
+  // chain once warm): true when a chain was taken. The available index is
+  // read again only when every entry seen before is consumed.
+  Result<bool> pop_into(Request& out);
 
   // Returns `head` (from pop()) with `written` bytes written on the used ring.
   // invalid_argument (caller bug, queue stays usable) for a head not in
   // flight or `written` beyond the chain's writable bytes.
   Result<void> push(std::uint16_t head, std::uint32_t written);
+  // push() without publishing the used index; publish_used() publishes
+  // every entry pushed so far at once (one store the driver sees per batch).
+  // should_interrupt() and the ring's base only count published entries.
+  Result<void> push_deferred(std::uint16_t head, std::uint32_t written);
+  void publish_used() noexcept;
 
   // True when the available ring holds entries we have not popped.
   bool has_avail() const noexcept;
@@ -120,6 +129,8 @@ class SplitDeviceQueue {
   // Device-private state; never read back from driver-writable memory.
   std::uint16_t last_avail_ = 0;      // avail idx consumed so far
   std::uint16_t used_idx_ = 0;        // next used idx we publish
+  std::uint16_t published_used_ = 0;  // used idx last stored for the driver
+  std::uint16_t avail_cache_ = 0;     // avail idx last read (checked)
   std::uint16_t signalled_used_ = 0;  // used idx at the last should_interrupt()
   std::uint16_t used_flags_shadow_ = 0;
   bool notify_enabled_ = true;
