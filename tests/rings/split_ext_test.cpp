@@ -385,6 +385,55 @@ TEST(SplitDeviceNotify, AvailEventWithEventIdx) {
   EXPECT_TRUE(q->publish());
 }
 
+// pop_into() reuses the request; push_deferred() entries reach the driver
+// only at publish_used(), all at once, and only published ones count for
+// interrupts. The available index is read once per batch: entries the
+// driver adds meanwhile are seen when the batch is consumed.
+TEST(SplitDeviceBatch, DeferredPushPublishesOnceAndPopReusesTheRequest) {
+  Arena a(8);
+  auto q = a.driver();
+  auto d = a.device();
+  ASSERT_TRUE(q.ok() && d.ok());
+  const Buffer b[] = {{kBus + a.lay.data, 16}};
+  for (std::uint64_t t = 1; t <= 3; ++t) ASSERT_TRUE(q->add(b, {}, t).ok());
+  q->publish();
+  SplitDeviceQueue::Request req;
+  std::vector<std::uint16_t> heads;
+  for (int i = 0; i < 2; ++i) {
+    auto got = d->pop_into(req);
+    ASSERT_TRUE(got.ok() && *got);
+    ASSERT_EQ(req.readable.size(), 1u);  // cleared between chains, not appended to
+    EXPECT_EQ(req.readable_bytes, 16u);
+    heads.push_back(req.head);
+  }
+  // A fourth entry published now is seen after the third.
+  ASSERT_TRUE(q->add(b, {}, 4).ok());
+  q->publish();
+  for (auto h : heads) ASSERT_TRUE(d->push_deferred(h, 0).ok());
+  EXPECT_EQ(load16(a.used() + 2), 0);  // nothing visible yet
+  EXPECT_FALSE(d->should_interrupt());
+  EXPECT_FALSE(q->poll()->has_value());
+  d->publish_used();
+  EXPECT_EQ(load16(a.used() + 2), 2);
+  EXPECT_TRUE(d->should_interrupt());
+  EXPECT_FALSE(d->should_interrupt());  // nothing new since
+  for (std::uint64_t t = 1; t <= 2; ++t) {
+    auto c = q->poll();
+    ASSERT_TRUE(c.ok() && c->has_value());
+    EXPECT_EQ((*c)->token, t);
+  }
+  for (int i = 0; i < 2; ++i) {
+    auto got = d->pop_into(req);
+    ASSERT_TRUE(got.ok() && *got);
+    ASSERT_TRUE(d->push(req.head, 0).ok());
+  }
+  auto none = d->pop_into(req);
+  ASSERT_TRUE(none.ok());
+  EXPECT_FALSE(*none);
+  EXPECT_EQ(load16(a.used() + 2), 4);
+  EXPECT_EQ(d->in_flight(), 0);
+}
+
 // ---- indirect descriptors ----
 
 struct IndirectFixture {
