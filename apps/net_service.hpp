@@ -308,22 +308,6 @@ class NetDevice {
     interrupt(kTx);
   }
 
-  // Copies `data` into the chain's writable buffers from byte `at` on.
-  static void scatter(const std::vector<std::span<std::uint8_t>>& bufs, std::size_t at,
-                      std::span<const std::uint8_t> data) {
-    for (auto b : bufs) {
-      if (data.empty()) return;
-      if (at >= b.size()) {
-        at -= b.size();
-        continue;
-      }
-      const std::size_t n = std::min(b.size() - at, data.size());
-      std::memcpy(b.data() + at, data.data(), n);
-      data = data.subspan(n);
-      at = 0;
-    }
-  }
-
   void flush_rx() {
     auto* q = port_.queue(kRx);
     if (q == nullptr || q->broken()) return;
@@ -344,8 +328,8 @@ class NetDevice {
         // (5.1.6.4: without MRG_RXBUF the device sets it to 1).
         std::array<std::uint8_t, 12> hdr{};
         hdr[10] = 1;
-        scatter(req.writable, 0, std::span<const std::uint8_t>(hdr).first(hl));
-        scatter(req.writable, hl, frame);
+        rings::scatter(req.writable, 0, std::as_bytes(std::span<const std::uint8_t>(hdr).first(hl)));
+        rings::scatter(req.writable, hl, std::as_bytes(std::span<const std::uint8_t>(frame)));
         written = static_cast<std::uint32_t>(hl + frame.size());
         ++c_.sent;
       } else {

@@ -519,4 +519,184 @@ Result<void> Driver::call_remote(std::uint32_t index) {
              "the queue is not served");
 }
 
+// ---- NetChannel -------------------------------------------------------------
+
+namespace {
+constexpr std::uint32_t kRemoteRx = 0, kRemoteTx = 1;
+constexpr unsigned kNetMrgRxbuf = 15;  // VIRTIO_NET_F_MRG_RXBUF
+
+}  // namespace
+
+std::size_t NetChannel::hdr_len() const noexcept {
+  // virtio spec 1.2, 5.1.6: 12 bytes with VERSION_1 or MRG_RXBUF, else 10.
+  return drv_.remote_has(feature::kVersion1) || drv_.remote_has(kNetMrgRxbuf) ? 12 : 10;
+}
+
+Result<rings::SplitDeviceQueue*> NetChannel::queue(std::uint32_t index, const char* op) {
+  rings::SplitDeviceQueue* q = drv_.remote_queue(index);
+  if (q == nullptr) return Error(Errc::peer_gone, drv_.name(), op, "no remote virtio-net is served");
+  return q;
+}
+
+Result<void> NetChannel::interrupt(std::uint32_t index) {
+  rings::SplitDeviceQueue* q = drv_.remote_queue(index);
+  if (q == nullptr) return ok();
+  q->publish_used();
+  if (q->should_interrupt()) return drv_.call_remote(index);
+  return ok();
+}
+
+Result<std::optional<std::span<std::byte>>> NetChannel::try_reserve(std::size_t len) {
+  const char* op = "reserve a frame";
+  UV_TRY(auto* q, queue(kRemoteRx, op));
+  if (len > kMaxFrame)
+    return Error(Errc::invalid_argument, drv_.name(), op, std::to_string(len) + "-byte frame (limit 65549)");
+  const std::size_t hl = hdr_len();
+  if (!reserved_) {
+    UV_TRY(const bool got, q->pop_into(tx_req_));
+    if (!got) return std::optional<std::span<std::byte>>{};
+    reserved_ = true;
+  }
+  if (tx_req_.writable_bytes < hl + len) {
+    // The remote posted a buffer too small for this frame: give it back empty.
+    reserved_ = false;
+    ++dropped_;
+    UV_TRY_VOID(q->push(tx_req_.head, 0));
+    return Error(Errc::invalid_argument, drv_.name(), op,
+                 std::to_string(len) + "-byte frame does not fit the remote's " +
+                     std::to_string(tx_req_.writable_bytes) + "-byte receive buffer");
+  }
+  if (!tx_req_.writable.empty() && tx_req_.writable[0].size() >= hl + len) {
+    tx_bounced_ = false;
+    return std::optional<std::span<std::byte>>(
+        std::in_place, reinterpret_cast<std::byte*>(tx_req_.writable[0].data()) + hl, len);
+  }
+  tx_bounced_ = true;
+  tx_bounce_.resize(len);
+  return std::optional<std::span<std::byte>>(std::in_place, tx_bounce_.data(), len);
+}
+
+Result<void> NetChannel::commit(std::size_t len, Flush flush) {
+  const char* op = "commit a frame";
+  if (!reserved_) return Error(Errc::invalid_argument, drv_.name(), op, "nothing reserved");
+  UV_TRY(auto* q, queue(kRemoteRx, op));
+  const std::size_t hl = hdr_len();
+  if (hl + len > tx_req_.writable_bytes)
+    return Error(Errc::invalid_argument, drv_.name(), op, "longer than reserved");
+  // No offloads: flags 0, gso none; num_buffers 1 (5.1.6.4).
+  std::array<std::byte, 12> hdr{};
+  hdr[10] = std::byte{1};
+  rings::scatter(tx_req_.writable, 0, std::span<const std::byte>(hdr).first(hl));
+  if (tx_bounced_) rings::scatter(tx_req_.writable, hl, std::span<const std::byte>(tx_bounce_).first(len));
+  reserved_ = false;
+  UV_TRY_VOID(q->push_deferred(tx_req_.head, static_cast<std::uint32_t>(hl + len)));
+  if (flush == Flush::now) return interrupt(kRemoteRx);
+  return ok();
+}
+
+Result<void> NetChannel::flush_sent() { return interrupt(kRemoteRx); }
+
+Result<bool> NetChannel::try_send(std::span<const std::byte> frame) {
+  UV_TRY(auto slot, try_reserve(frame.size()));
+  if (!slot) return false;
+  if (!frame.empty()) std::memcpy(slot->data(), frame.data(), frame.size());
+  UV_TRY_VOID(commit(frame.size()));
+  return true;
+}
+
+Result<void> NetChannel::wait_kick(std::uint32_t index, std::chrono::steady_clock::time_point until,
+                                   const char* op) {
+  UV_TRY(auto* q, queue(index, op));
+  if (q->enable_notifications_and_check()) return ok();  // arrived while arming
+  for (;;) {
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+    if (left.count() <= 0)
+      return Error(Errc::timeout, drv_.name(), op, "no frame or buffer from the remote in time");
+    // The controlq too: a remote that goes away is a DEVICE_INFO DEL.
+    pollfd p[2] = {{drv_.kick_fd(index), POLLIN, 0}, {drv_.control_fd(), POLLIN, 0}};
+    (void)::poll(p, 2, static_cast<int>(std::min<long long>(left.count(), 100)));
+    if (p[1].revents & POLLIN) {
+      UV_TRY(auto events, drv_.wait_control(std::chrono::milliseconds(0)));
+      (void)events;
+      if (!drv_.remote_ready())
+        return Error(Errc::peer_gone, drv_.name(), op, "the remote virtio-net was withdrawn");
+    }
+    if (p[0].revents & POLLIN) {
+      drv_.drain_kick(index);
+      return ok();
+    }
+    if (q->has_avail()) return ok();
+  }
+}
+
+Result<void> NetChannel::send(std::span<const std::byte> frame, std::chrono::nanoseconds timeout) {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    UV_TRY(const bool sent, try_send(frame));
+    if (sent) return ok();
+    UV_TRY_VOID(wait_kick(kRemoteRx, until, "send a frame"));
+  }
+}
+
+Result<std::optional<std::span<const std::byte>>> NetChannel::try_peek() {
+  const char* op = "peek a frame";
+  UV_TRY(auto* q, queue(kRemoteTx, op));
+  const std::size_t hl = hdr_len();
+  for (;;) {
+    if (!peeked_) {
+      UV_TRY(const bool got, q->pop_into(rx_req_));
+      if (!got) return std::optional<std::span<const std::byte>>{};
+      peeked_ = true;
+    }
+    if (rx_req_.readable_bytes >= hl + 14 && rx_req_.readable_bytes <= hl + kMaxFrame) break;
+    // Not a frame (shorter than an Ethernet header, or too long): dropped.
+    ++dropped_;
+    peeked_ = false;
+    UV_TRY_VOID(q->push_deferred(rx_req_.head, 0));
+  }
+  const std::size_t len = static_cast<std::size_t>(rx_req_.readable_bytes) - hl;
+  if (!rx_req_.readable.empty() && rx_req_.readable[0].size() >= hl + len)
+    return std::optional<std::span<const std::byte>>(
+        std::in_place, reinterpret_cast<const std::byte*>(rx_req_.readable[0].data()) + hl, len);
+  rx_bounce_.clear();
+  for (auto s : rx_req_.readable) {
+    const auto* b = reinterpret_cast<const std::byte*>(s.data());
+    rx_bounce_.insert(rx_bounce_.end(), b, b + s.size());
+  }
+  return std::optional<std::span<const std::byte>>(std::in_place, rx_bounce_.data() + hl, len);
+}
+
+Result<void> NetChannel::release(Flush flush) {
+  const char* op = "release a frame";
+  if (!peeked_) return Error(Errc::invalid_argument, drv_.name(), op, "nothing peeked");
+  UV_TRY(auto* q, queue(kRemoteTx, op));
+  peeked_ = false;
+  UV_TRY_VOID(q->push_deferred(rx_req_.head, 0));
+  if (flush == Flush::now) return interrupt(kRemoteTx);
+  return ok();
+}
+
+Result<void> NetChannel::flush_released() { return interrupt(kRemoteTx); }
+
+Result<std::span<const std::byte>> NetChannel::peek(std::chrono::nanoseconds timeout) {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    UV_TRY(auto m, try_peek());
+    if (m) return *m;
+    UV_TRY_VOID(flush_released());  // before sleeping, tell the remote what we consumed
+    UV_TRY_VOID(wait_kick(kRemoteTx, until, "receive a frame"));
+  }
+}
+
+Result<std::size_t> NetChannel::recv(std::span<std::byte> out, std::chrono::nanoseconds timeout) {
+  UV_TRY(auto m, peek(timeout));
+  if (m.size() > out.size())
+    return Error(Errc::invalid_argument, drv_.name(), "receive a frame",
+                 std::to_string(m.size()) + "-byte frame, " + std::to_string(out.size()) + "-byte buffer");
+  std::memcpy(out.data(), m.data(), m.size());
+  UV_TRY_VOID(release());
+  return m.size();
+}
+
 }  // namespace uvirtio::driver::vhost_pci

@@ -11,9 +11,11 @@
 // 2.7.8 (used ring), 2.7.7 and 2.7.10 (notification suppression).
 #include "uvirtio/rings/split_device.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <bit>
 #include <cstdio>
+#include <cstring>
 #include <utility>
 
 #include "uvirtio/base/barrier.hpp"
@@ -300,6 +302,21 @@ bool SplitDeviceQueue::enable_notifications_and_check() noexcept {
 Result<void> SplitDeviceQueue::fail(std::string cause) {
   broken_ = true;
   return Error(Errc::bad_device_data, name_, kPop, std::move(cause));
+}
+
+void scatter(std::span<const std::span<std::uint8_t>> bufs, std::size_t at,
+             std::span<const std::byte> data) noexcept {
+  for (auto b : bufs) {
+    if (data.empty()) return;
+    if (at >= b.size()) {
+      at -= b.size();
+      continue;
+    }
+    const std::size_t n = std::min(b.size() - at, data.size());
+    std::memcpy(b.data() + at, data.data(), n);
+    data = data.subspan(n);
+    at = 0;
+  }
 }
 
 }  // namespace uvirtio::rings

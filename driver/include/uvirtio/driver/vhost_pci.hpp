@@ -40,6 +40,7 @@
 #include "uvirtio/driver/device.hpp"
 #include "uvirtio/driver/virtqueue.hpp"
 #include "uvirtio/pci/function.hpp"
+#include "uvirtio/rings/channel.hpp"
 #include "uvirtio/rings/split_device.hpp"
 
 namespace uvirtio::driver::vhost_pci {
@@ -359,6 +360,69 @@ class Driver {
   // served_ by remote queue index, for the data path's lookups (null: not served).
   std::array<Served*, kMaxRemoteVirtqs> by_index_{};
   std::optional<Error> refusal_;
+};
+
+// ---- a packet channel over the remote virtio-net ------------------------
+
+// The channel API of rings/channel.hpp (zero-copy reserve/commit and
+// peek/release, copying and blocking calls, Flush::later batching) over the
+// remote virtio-net a Driver serves: a message is one Ethernet frame; what
+// we send lands in the remote's receive queue (0), what it transmits
+// (queue 1) is what we receive. The virtio_net_hdr in front of each frame
+// is written (all zero, num_buffers 1) and skipped here. Frames are
+// zero-copy when the remote's buffer holds header and frame in one piece
+// (Linux and DPDK post such buffers), copied through a bounce buffer
+// otherwise. Errc::peer_gone while no remote device is ready; errors of the
+// rings (a remote that broke the rules) as the rings report them.
+//
+//   vhost_pci::NetChannel ch(*drv);
+//   auto r = ch.try_peek(); if (r && *r) { use(**r); ch.release(); }
+//   ch.send(frame, 1s);
+//
+// Threading: the Driver's thread (one thread owns the Driver and its channel).
+class NetChannel {
+ public:
+  using Flush = channel::Flush;
+  explicit NetChannel(Driver& drv) : drv_(drv) {}
+
+  bool ready() const noexcept { return drv_.remote_ready(); }
+  // The largest frame the remote can take in one receive buffer right now is
+  // known only per buffer; this is the virtio-net limit we accept.
+  static constexpr std::size_t kMaxFrame = 65535 + 14;
+
+  // --- sending (into the remote's receive queue) ---
+  // Room for a frame of `len` bytes in the remote's next receive buffer;
+  // nullopt when it has posted none. A frame larger than that buffer is
+  // invalid_argument (the buffer is returned empty, counted in dropped()).
+  Result<std::optional<std::span<std::byte>>> try_reserve(std::size_t len);
+  Result<void> commit(std::size_t len, Flush flush = Flush::now);
+  Result<void> flush_sent();
+  Result<bool> try_send(std::span<const std::byte> frame);
+  // Waits up to `timeout` for a receive buffer (kicks of the remote's queue 0).
+  Result<void> send(std::span<const std::byte> frame, std::chrono::nanoseconds timeout);
+
+  // --- receiving (from the remote's transmit queue) ---
+  Result<std::optional<std::span<const std::byte>>> try_peek();
+  Result<void> release(Flush flush = Flush::now);
+  Result<void> flush_released();
+  Result<std::span<const std::byte>> peek(std::chrono::nanoseconds timeout);
+  Result<std::size_t> recv(std::span<std::byte> out, std::chrono::nanoseconds timeout);
+
+  std::uint64_t dropped() const noexcept { return dropped_; }
+
+ private:
+  std::size_t hdr_len() const noexcept;
+  Result<rings::SplitDeviceQueue*> queue(std::uint32_t index, const char* op);
+  // Waits for the remote's kick of `index` after re-arming notifications.
+  Result<void> wait_kick(std::uint32_t index, std::chrono::steady_clock::time_point until, const char* op);
+  Result<void> interrupt(std::uint32_t index);
+
+  Driver& drv_;
+  rings::SplitDeviceQueue::Request tx_req_, rx_req_;  // remote rx chain we fill / remote tx chain we read
+  bool reserved_ = false, peeked_ = false;
+  std::vector<std::byte> tx_bounce_, rx_bounce_;
+  bool tx_bounced_ = false;
+  std::uint64_t dropped_ = 0;
 };
 
 }  // namespace uvirtio::driver::vhost_pci

@@ -142,4 +142,9 @@ class SplitDeviceQueue {
   std::vector<Held> held_;  // by head
 };
 
+// Copies `data` into a chain's writable buffers (Request::writable) from
+// byte `at` of the chain on; what does not fit is not copied.
+void scatter(std::span<const std::span<std::uint8_t>> bufs, std::size_t at,
+             std::span<const std::byte> data) noexcept;
+
 }  // namespace uvirtio::rings
