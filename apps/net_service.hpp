@@ -224,9 +224,11 @@ class NetDevice {
 
   // After any ring change: both rings are looked at once (kicks may have
   // come before we watched the eventfds).
-  void service_all() {
-    service_tx();
+  // Returns the frames taken from the front-end's transmit ring.
+  unsigned service_all() {
+    const unsigned n = service_tx();
     flush_rx();
+    return n;
   }
   void service(std::uint32_t ring) {
     if (ring == kTx) service_tx();
@@ -256,18 +258,19 @@ class NetDevice {
     if (auto r = port_.notify(ring); !r) std::cerr << g_program << ": " << r.error().message() << "\n";
   }
 
-  void service_tx() {
+  unsigned service_tx() {
     auto* q = port_.queue(kTx);
-    if (q == nullptr || q->broken()) return;
+    if (q == nullptr || q->broken()) return 0;
     const std::size_t hl = hdr_len();
     bool any = false;
     // At most one ring's worth per call, published at once (one used-index
     // store per batch); the batch's frames share one timestamp.
-    for (unsigned n = 0; n < q->size(); ++n) {
+    unsigned n = 0;
+    for (; n < q->size(); ++n) {
       auto popped = q->pop_into(req_);
       if (!popped) {
         ring_error(kTx, popped.error());
-        return;
+        return n;
       }
       if (!*popped) break;
       const auto& req = req_;
@@ -301,11 +304,12 @@ class NetDevice {
       }
       if (auto r = q->push_deferred(req.head, 0); !r) {
         ring_error(kTx, r.error());
-        return;
+        return n;
       }
     }
     q->publish_used();
     interrupt(kTx);
+    return n;
   }
 
   void flush_rx() {
