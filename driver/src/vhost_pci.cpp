@@ -457,9 +457,6 @@ Result<void> Driver::add_device(const Message& m) {
     if (v.index >= kMaxRemoteVirtqs)
       return err(Errc::unsupported, "add remote " + qn,
                  "index beyond the " + std::to_string(kMaxRemoteVirtqs) + " served");
-    if (v.last_avail_idx != 0)
-      return err(Errc::unsupported, "add remote " + qn,
-                 "last_avail_idx " + std::to_string(v.last_avail_idx) + " (only 0 is served)");
     if (v.kick_vector < kFirstKickVector || !t.msix_eventfd(v.kick_vector))
       return err(Errc::bad_device_data, "add remote " + qn,
                  "kick vector " + std::to_string(v.kick_vector) + " is not a remote-kick vector");
@@ -479,7 +476,7 @@ Result<void> Driver::add_device(const Message& m) {
       return mem_.translate(bar_, addr, len);
     };
     UV_TRY(auto ring, rings::SplitDeviceQueue::create(n, desc->data(), avail->data(), used->data(),
-                                                      name_ + " remote " + qn, xlate));
+                                                      name_ + " remote " + qn, xlate, v.last_avail_idx));
     ring.set_event_idx(event_idx);
     ring.set_indirect(indirect);
     Served s;

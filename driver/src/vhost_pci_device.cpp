@@ -137,6 +137,7 @@ struct DeviceModel::Impl {
     std::uint32_t num = 0;
     std::uint64_t desc = 0, avail = 0, used = 0;
     int kick = -1, call = -1;
+    std::uint16_t base = 0;
     bool operator==(const RingSig&) const = default;
   };
   std::array<RingSig, kNetQueues> announced{};
@@ -324,7 +325,7 @@ struct DeviceModel::Impl {
       v.desc.set(s.desc);
       v.avail.set(s.avail);
       v.used.set(s.used);
-      v.last_avail_idx.set(0);
+      v.last_avail_idx.set(s.base);
       v.kick_vector.set(static_cast<std::uint16_t>(kFirstKickVector + i));
       v.call_doorbell.set(static_cast<std::uint16_t>(i));
       append(m, v);
@@ -465,7 +466,7 @@ struct DeviceModel::Impl {
       auto d = uva_to_gpa(info->addr.desc_user_addr), a = uva_to_gpa(info->addr.avail_user_addr),
            u = uva_to_gpa(info->addr.used_user_addr);
       if (!d || !a || !u) return std::nullopt;
-      sig[i] = RingSig{info->num, *d, *a, *u, info->kick_fd, info->call_fd};
+      sig[i] = RingSig{info->num, *d, *a, *u, info->kick_fd, info->call_fd, info->base};
     }
     return sig;
   }

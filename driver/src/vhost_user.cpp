@@ -781,7 +781,7 @@ Result<bool> VhostUserBackend::update_ring(std::uint32_t index, const char* op) 
     return mem_->guest(addr, len);
   };
   UV_TRY(auto created, rings::SplitDeviceQueue::create(n, d->data(), av->data(), u->data(),
-                                                       opts_.name + " " + ring, translate));
+                                                       opts_.name + " " + ring, translate, q.base));
   created.set_event_idx(has_feature(feature::kEventIdx));
   created.set_indirect(has_feature(feature::kIndirectDesc));
   q.ring.emplace(std::move(created));
@@ -886,14 +886,9 @@ Result<bool> VhostUserBackend::dispatch(const Message& m, std::vector<pci::Fd>& 
     case Request::set_vring_base: {
       UV_TRY(auto i, ring_index(m.state.index));
       if (queues_[i].ring) return err(Errc::bad_device_data, op, "ring " + std::to_string(i) + " is running");
-      if (m.state.num != 0) {
-        // SplitDeviceQueue starts at index 0; resuming elsewhere (migration,
-        // back-end reconnect) needs a start index it does not take yet.
-        return err(Errc::unsupported, op,
-                   "ring " + std::to_string(i) + " base " + std::to_string(m.state.num) +
-                       ": only rings starting at index 0 are supported");
-      }
-      queues_[i].base = 0;
+      // The ring resumes at this available index (migration, back-end
+      // reconnect); parse_message() checked it fits 16 bits.
+      queues_[i].base = static_cast<std::uint16_t>(m.state.num);
       return false;
     }
     case Request::get_vring_base: {
@@ -902,8 +897,8 @@ Result<bool> VhostUserBackend::dispatch(const Message& m, std::vector<pci::Fd>& 
       if (q.ring && opts_.on_ring_stop) opts_.on_ring_stop(i);
       std::uint32_t last_avail = q.base;
       if (q.ring) {
-        // The ring started at 0 (SET_VRING_BASE), so the last available index
-        // we consumed is the used index we published plus what is still in
+        // The ring started at its base with used index = base, so the last
+        // available index we consumed is the used index we published plus what is still in
         // flight. The used index lives in memory the front-end can write: at
         // worst it misleads only the front-end itself.
         const auto u = q.ring_mem->user(q.addr->used_user_addr, 4);

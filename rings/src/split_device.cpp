@@ -58,7 +58,7 @@ bool aligned(const void* p, std::size_t a) noexcept { return reinterpret_cast<st
 }  // namespace
 
 Result<SplitDeviceQueue> SplitDeviceQueue::create(std::uint16_t size, void* desc, void* avail, void* used,
-                                                  std::string name, Translate translate) {
+                                                  std::string name, Translate translate, std::uint16_t base) {
   const char* op = "create split device queue";
   UV_TRY_VOID(SplitLayout::check(size, desc, avail, used, name, op));
   if (!translate) return Error(Errc::invalid_argument, std::move(name), op, "no translation callback");
@@ -71,6 +71,7 @@ Result<SplitDeviceQueue> SplitDeviceQueue::create(std::uint16_t size, void* desc
   q.translate_ = std::move(translate);
   q.held_.assign(size, Held{});
   q.max_indirect_ = size;
+  q.last_avail_ = q.avail_cache_ = q.used_idx_ = q.published_used_ = q.signalled_used_ = base;
   return q;
 }
 

@@ -420,8 +420,11 @@ TEST_P(VhostPciDriverTest, HostileMessagesAreRefusedAndNothingIsServed) {
   send(kDeviceInfo, device_info(kOpAdd, {vq(0, 0x40000000)}, 1, kDeviceBlk));
   expect_refused("only net");
   EXPECT_EQ(drv->remote_queue(0), nullptr);
-  // A good device; UPDATE_DONE for another device is refused.
-  send(kDeviceInfo, device_info(kOpAdd, {vq(0, 0x40000000), vq(1, 0x40004000)}));
+  // A good device (its queue 1 resumes at index 3); UPDATE_DONE for another
+  // device is refused.
+  auto resumed = vq(1, 0x40004000);
+  resumed.last_avail_idx = 3;
+  send(kDeviceInfo, device_info(kOpAdd, {vq(0, 0x40000000), resumed}));
   EXPECT_EQ(next(), Driver::Event::device_added);
   EXPECT_EQ(last_ack(), std::make_pair(kDeviceInfoAck, kAddDone));
   if (!ackq) {
@@ -433,6 +436,19 @@ TEST_P(VhostPciDriverTest, HostileMessagesAreRefusedAndNothingIsServed) {
   }
   ASSERT_NE(drv->remote_queue(1), nullptr);
   EXPECT_GE(drv->kick_fd(1), 0);
+  {  // queue 1 takes the entry at available index 3 first
+    auto* bar = sd->dev->function().soft_bar(kMemoryBar);
+    std::uint8_t* avail = const_cast<std::uint8_t*>(bar->mapping()) + 0x4000 + 0x1000;
+    store_le16(avail + 4 + 2 * 3, 5);  // ring[3] = head 5
+    store_le16(avail + 2, 4);          // avail idx 4
+    auto* desc = reinterpret_cast<rings::VirtqDesc*>(const_cast<std::uint8_t*>(bar->mapping()) + 0x4000);
+    desc[5].addr.set(0x40008000);
+    desc[5].len.set(8);
+    auto got = drv->remote_queue(1)->pop();
+    ASSERT_TRUE(got.ok() && got->has_value()) << (got.ok() ? "empty" : got.error().message());
+    EXPECT_EQ((*got)->head, 5);
+    ASSERT_TRUE(drv->remote_queue(1)->push(5, 0).ok());
+  }
   // Memory cannot go while it is in use; the device goes first.
   send(kMemoryInfo, memory_info(kOpDel, {{0x40000000, 0x10000, 0}}));
   expect_refused("while a remote device is served");

@@ -434,6 +434,30 @@ TEST(SplitDeviceBatch, DeferredPushPublishesOnceAndPopReusesTheRequest) {
   EXPECT_EQ(d->in_flight(), 0);
 }
 
+// A ring resumed at base 5: the device takes the entry at available index 5
+// and writes its used entry at index 5.
+TEST(SplitDeviceBatch, ResumesAtABase) {
+  Arena a(8);
+  auto q = a.driver();
+  ASSERT_TRUE(q.ok());
+  const Buffer b[] = {{kBus + a.lay.data, 16}};
+  for (std::uint64_t t = 1; t <= 6; ++t) ASSERT_TRUE(q->add(b, {}, t).ok());
+  q->publish();
+  auto d = SplitDeviceQueue::create(8, a.desc(), a.avail(), a.used(), "resumed",
+                                    window(a.mem.get(), a.lay.total), 5);
+  ASSERT_TRUE(d.ok()) << d.error().message();
+  const std::uint16_t sixth = load16(a.avail() + 4 + 2 * 5);
+  auto r = d->pop();
+  ASSERT_TRUE(r.ok() && r->has_value());
+  EXPECT_EQ((*r)->head, sixth);
+  EXPECT_FALSE(d->pop()->has_value());
+  ASSERT_TRUE(d->push((*r)->head, 0).ok());
+  EXPECT_EQ(load16(a.used() + 2), 6);
+  std::uint32_t id = 0;
+  std::memcpy(&id, a.used() + 4 + 8 * 5, 4);
+  EXPECT_EQ(id, sixth);
+}
+
 // ---- indirect descriptors ----
 
 struct IndirectFixture {

@@ -51,8 +51,12 @@ class SplitDeviceQueue {
   // `desc`, `avail`, `used` are our mappings of the three areas (SplitLayout;
   // size a power of two in [1, 32768]). `name` appears in errors.
   //   auto q = SplitDeviceQueue::create(256, d, a, u, "peer 1 queue 0", xlate);
+  // `base` resumes a ring where an earlier device left it (vhost-user
+  // SET_VRING_BASE, vhost-pci last_avail_idx): the next chain taken is the
+  // available entry at index `base`, and used entries are written from
+  // index `base` on (the earlier device completed everything before it).
   static Result<SplitDeviceQueue> create(std::uint16_t size, void* desc, void* avail, void* used,
-                                         std::string name, Translate translate);
+                                         std::string name, Translate translate, std::uint16_t base = 0);
 
   SplitDeviceQueue(SplitDeviceQueue&&) noexcept = default;
   SplitDeviceQueue& operator=(SplitDeviceQueue&&) noexcept = default;
