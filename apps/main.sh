@@ -4,7 +4,8 @@
 # capabilities, read entropy from virtio-rng through a userspace driver
 # (interrupt and polling completion), persist data on virtio-pmem and run the
 # crash-consistent log; then read the persisted bytes from the host's file.
-# Last, two guests exchange messages through ivshmem and uvirtio's channel.
+# Then two guests exchange messages through ivshmem and uvirtio's channel.
+# Last, a guest's stock virtio-net pings an app served through vhost-pci.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -46,4 +47,11 @@ build/bin/uvirtio-vm --ivshmem "$work/ivshmem.sock" -- \
   uvirtio-ivchan ping 0000:01:00.0 --side 1 --count 1000 --bytes 8388608 | sed 's/^/guest B: /'
 wait $guest_a
 sed 's/^/guest A: /' "$work/guest-a.out"
+echo "== vhost-pci: a guest's virtio-net pings an app behind the vhost-pci device model and driver =="
+build/bin/uvirtio-vhost-pci serve --socket "$work/vp.sock" --ip 10.0.2.1 --once | sed 's/^/host: /' &
+vhost_pci=$!
+for _ in $(seq 50); do [ -S "$work/vp.sock" ] && break; sleep 0.1; done
+build/bin/uvirtio-vm --vhost-user-net "$work/vp.sock" -- \
+  sh -c 'ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ping -c 3 10.0.2.1' | sed 's/^/guest: /'
+wait $vhost_pci
 echo "== demo finished =="
