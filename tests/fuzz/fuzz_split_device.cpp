@@ -8,7 +8,8 @@
 //                   mode, flags, next
 //   1 table entry:  a descriptor written into the data window (indirect tables)
 //   2 avail slot:   slot, head (small or raw 16-bit)
-//   3 avail idx:    last popped + small, or raw 16-bit
+//   3 avail idx:    last popped + small, or raw 16-bit (read by the queue
+//                   only once it consumed what it saw before)
 //   4 pop
 //   5 push:         which held head (or a raw one), written mode
 //   6 notify:       set_notifications / enable_notifications_and_check /
@@ -97,6 +98,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
   std::map<std::uint16_t, std::uint64_t> held;  // head -> writable bytes
   std::uint16_t last_avail = 0, used_idx = 0;
+  // The queue reads the available index again only when it has consumed
+  // every entry it saw (as Linux and DPDK do); the model does the same.
+  std::uint16_t avail_cache = 0;
   bool broken = false;
   std::vector<std::uint8_t> frozen_used;
   auto* uw = reinterpret_cast<uvirtio::le16*>(used.p);
@@ -136,7 +140,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       }
       case 4: {
         const auto used_before = used.bytes();
-        const std::uint16_t aidx = get16(avail.p + 2);
+        const std::uint16_t aidx = last_avail == avail_cache ? get16(avail.p + 2) : avail_cache;
         auto r = q.pop();
         CHECK(used.bytes() == used_before);  // pop never writes
         if (broken) {
@@ -172,6 +176,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         CHECK(rb + wb <= (std::uint64_t{1} << 32));
         CHECK(req.readable.size() + req.writable.size() <= 2u * qsize);
         held[req.head] = wb;
+        avail_cache = aidx;
         ++last_avail;
         break;
       }
