@@ -524,9 +524,18 @@ struct DeviceModel::Impl {
     unmap_memory();
   }
 
+  // Set when a session must end while the back-end is inside
+  // handle_message() (quiesce() runs from its GET_VRING_BASE hook): run()
+  // disconnects once that call has returned.
+  bool disconnect_pending = false;
+
   void end_frontend(const std::string& why) {
     log("ending the front-end's session: " + why);
     bump(&Stats::refusals);
+    if (stopping) {
+      disconnect_pending = true;
+      return;
+    }
     if (be) be->disconnect();
   }
 
@@ -741,6 +750,10 @@ Result<void> DeviceModel::run(int stop_fd) {
           m.log("front-end session ended: " + ev.error().message());
         } else if (*ev == vu::VhostUserBackend::Event::disconnected) {
           m.log("front-end disconnected");
+        }
+        if (m.disconnect_pending) {
+          m.disconnect_pending = false;
+          m.be->disconnect();
         }
       }
     }

@@ -31,7 +31,8 @@ counter() {  # NAME: the app's summary counter NAME
 testpmd() {  # LOG SECONDS ARGS...: one testpmd session on the app's socket
   local log=$1 secs=$2
   shift 2
-  timeout -s INT "$secs" dpdk-testpmd -l 0,1 --no-pci --no-huge -m 512 --file-prefix="uvt$$" \
+  # A prefix per session: the previous testpmd's runtime files may linger.
+  timeout -s INT "$secs" dpdk-testpmd -l 0,1 --no-pci --no-huge -m 512 --file-prefix="uvt$$-$(basename "$log" .log)" \
     --vdev="net_virtio_user0,path=$sock,queues=1,queue_size=256" -- \
     --total-num-mbufs=16384 --burst=32 --no-lsc-interrupt "$@" >"$log" 2>&1 || true
 }
@@ -75,14 +76,21 @@ check "testpmd 1 sent packets (TX-packets=${tx1:-none})" [ "${tx1:-0}" -gt 1000 
 check "testpmd 1 got them back (RX-packets=${rx1:-none}, at most 256 in flight)" \
   [ "${rx1:-0}" -gt 1000 -a $((tx1 - rx1)) -le 256 -a "${rx1:-0}" -le "${tx1:-0}" ]
 check "testpmd 2 sent packets (TX-packets=${tx2:-none})" [ "${tx2:-0}" -gt 1000 ]
-check "the app received every packet both sent ($(counter received) = $tx1 + $tx2)" \
-  [ "$(counter received)" = $((tx1 + tx2)) ]
-check "the app reflected every packet (reflected=$(counter reflected))" [ "$(counter reflected)" = $((tx1 + tx2)) ]
+# testpmd counts what it put on the ring; a burst still there when it stops
+# the device stays unconsumed (the ring's base tells the next session).
+rcv=$(counter received)
+check "the app received every packet both sent, up to a ring's worth left at the stop ($rcv of $tx1 + $tx2)" \
+  [ "${rcv:-0}" -le $((tx1 + tx2)) -a "${rcv:-0}" -ge $((tx1 + tx2 - 512)) ]
+check "the app reflected every packet it received (reflected=$(counter reflected))" [ "$(counter reflected)" = "$rcv" ]
 # Session 2 (txonly) posts only its initial 256 receive buffers.
 sent=$(counter sent)
 check "session 1's packets all went back (sent=$sent, session 1 sent $tx1)" \
-  [ "${sent:-0}" -ge "$tx1" -a $((${sent:-0} - tx1)) -le 256 ]
+  [ "${sent:-0}" -ge $((tx1 - 256)) -a $((${sent:-0} - tx1)) -le 256 ]
 check "no malformed packets, no ring errors" [ "$(counter malformed)" = 0 -a "$(counter ring_errors)" = 0 ]
 check "two front-ends announced and withdrawn" grep -q 'announced=2 withdrawn=2' "$work/app.log"
-[ $fail -eq 0 ] || { echo "$fail check(s) failed"; exit 1; }
+if [ $fail -ne 0 ]; then
+  for f in "$work"/tp1.log "$work"/tp2.log; do echo "---- $f"; grep -v '^EAL: \(Detected\|Multi\|Physical\|Selected\)' "$f" | tail -n 30; done
+  echo "$fail check(s) failed"
+  exit 1
+fi
 echo "all checks passed"
