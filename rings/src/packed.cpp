@@ -21,6 +21,7 @@
 #include <limits>
 #include <utility>
 
+#include "indirect_pool.hpp"
 #include "uvirtio/base/barrier.hpp"
 
 namespace uvirtio::rings {
@@ -313,27 +314,10 @@ void PackedQueue::set_indirect(bool enabled, std::size_t max_indirect) noexcept 
 }
 
 Result<void> PackedQueue::provide_indirect_pool(void* va, std::uint64_t device_addr, std::size_t bytes) {
-  const char* op = "provide indirect pool";
-  if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
-  if (!indirect_ || max_indirect_ < 2) {
-    return Error(Errc::invalid_argument, name_, op, "call set_indirect(true, n >= 2) first");
-  }
-  if (va == nullptr || !aligned(va, sizeof(PvirtqDesc))) {
-    return Error(Errc::invalid_argument, name_, op, "pool pointer is null or not 16-byte aligned");
-  }
-  if (in_flight() != 0) {
-    return Error(Errc::busy, name_, op, std::to_string(in_flight()) + " descriptors in flight");
-  }
-  // 2.8.5: without a device limit a list is at most the queue size.
-  const std::size_t entries = std::min<std::size_t>(max_indirect_, size_);
-  const std::size_t need = std::size_t{size_} * entries * sizeof(PvirtqDesc);  // <= 2^34: no overflow
-  if (bytes < need) {
-    return Error(Errc::invalid_argument, name_, op,
-                 "pool of " + std::to_string(bytes) + " bytes, need " + std::to_string(need));
-  }
-  if (device_addr > std::numeric_limits<std::uint64_t>::max() - need) {
-    return Error(Errc::invalid_argument, name_, op, "pool device address range wraps");
-  }
+  static_assert(sizeof(PvirtqDesc) == 16);
+  UV_TRY(const std::size_t entries,
+         detail::check_indirect_pool(
+             {name_, broken_, indirect_, max_indirect_, in_flight(), size_, va, device_addr, bytes}));
   pool_ = static_cast<std::uint8_t*>(va);
   pool_device_ = device_addr;
   slot_entries_ = entries;
