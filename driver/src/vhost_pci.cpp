@@ -471,12 +471,14 @@ Result<void> Driver::add_device(const Message& m) {
       return err(Errc::bad_device_data, "add remote " + qn,
                  "ring areas (desc " + hex(v.desc) + ", avail " + hex(v.avail) + ", used " + hex(v.used) +
                      ") outside the remote memory");
-    // Every buffer address goes through the region table, nothing else.
-    auto xlate = [this](std::uint64_t addr, std::uint32_t len, bool) {
-      return mem_.translate(bar_, addr, len);
-    };
-    UV_TRY(auto ring, rings::SplitDeviceQueue::create(n, desc->data(), avail->data(), used->data(),
-                                                      name_ + " remote " + qn, xlate, v.last_avail_idx));
+    // Every buffer address goes through the region table, nothing else; the
+    // table cannot change while a ring is served (MEMORY_INFO is refused).
+    std::vector<rings::MemoryRegion> regions;
+    for (const Region& r : mem_.regions()) regions.push_back({r.gpa, r.size, bar_ + r.bar_offset, true});
+    UV_TRY(auto map, rings::MemoryMap::create(std::move(regions), name_ + " remote memory"));
+    UV_TRY(auto ring,
+           rings::SplitDeviceQueue::create(n, desc->data(), avail->data(), used->data(),
+                                           name_ + " remote " + qn, std::move(map), v.last_avail_idx));
     ring.set_event_idx(event_idx);
     ring.set_indirect(indirect);
     Served s;

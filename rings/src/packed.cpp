@@ -93,7 +93,9 @@ Result<std::uint16_t> PackedQueue::add(std::span<const Buffer> out, std::span<co
   const char* op = "add buffers";
   if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
   const std::size_t n = out.size() + in.size();
-  UV_TRY(const std::uint32_t writable, chain_writable_bytes(out, in, name_));
+  const std::int64_t checked = detail::chain_writable(out, in);
+  if (checked < 0) return detail::chain_fault(checked, name_);
+  const auto writable = static_cast<std::uint32_t>(checked);
   // 2.8.7: a list of several buffers can live in an indirect table and take
   // a single ring position.
   const bool indirect = n > 1 && n <= indirect_limit();

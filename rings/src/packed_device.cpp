@@ -63,7 +63,20 @@ Result<PackedDeviceQueue> PackedDeviceQueue::create(std::uint16_t size, void* de
   q.name_ = std::move(name);
   q.translate_ = std::move(translate);
   q.max_indirect_ = size;
-  q.held_.reserve(size);
+  q.held_small_.assign(size, Held{});
+  return q;
+}
+
+Result<PackedDeviceQueue> PackedDeviceQueue::create(std::uint16_t size, void* desc_ring, void* driver_event,
+                                                    void* device_event, std::string name, MemoryMap map) {
+  if (map.empty())
+    return Error(Errc::invalid_argument, std::move(name), "create packed device queue", "empty memory map");
+  // translate_ is never called while map_ holds regions.
+  auto none = [](std::uint64_t, std::uint32_t, bool) -> std::optional<std::span<std::uint8_t>> {
+    return std::nullopt;
+  };
+  UV_TRY(PackedDeviceQueue q, create(size, desc_ring, driver_event, device_event, std::move(name), none));
+  q.map_ = std::move(map);
   return q;
 }
 
@@ -80,13 +93,20 @@ void PackedDeviceQueue::set_indirect(bool enabled, std::uint32_t max_entries) no
 }
 
 Result<std::optional<PackedDeviceQueue::Request>> PackedDeviceQueue::pop() {
+  Request req;
+  UV_TRY(const bool got, pop_into(req));
+  if (!got) return std::optional<Request>{};
+  return std::optional<Request>{std::move(req)};
+}
+
+Result<bool> PackedDeviceQueue::pop_into(Request& req) {
   if (broken_) return Error(Errc::broken, name_, kPop, "queue is broken by an earlier driver error");
   // Every position holds a chain we popped: nothing can be available (a
   // driver writing there anyway is overwriting our in-flight descriptors).
-  if (held_descs_ >= size_) return std::optional<Request>{};
+  if (held_descs_ >= size_) return false;
   // Acquire pairs with the driver's release of the head flags (2.8.21.1).
   const std::uint16_t head_flags = load(desc_[avail_pos_].flags, std::memory_order_acquire);
-  if (!available(head_flags, avail_wrap_)) return std::optional<Request>{};
+  if (!available(head_flags, avail_wrap_)) return false;
   barrier_consume();
 
   // 2.8.6: the chain takes consecutive positions from the head, wrapping at
@@ -98,7 +118,9 @@ Result<std::optional<PackedDeviceQueue::Request>> PackedDeviceQueue::pop() {
   bool seen_write = false;
   std::uint16_t id = 0;
   std::uint32_t count = 0;
-  Request req;
+  req.readable.clear();
+  req.writable.clear();
+  req.readable_bytes = req.writable_bytes = 0;
   for (;;) {
     if (count == bound) {
       return fail("chain at position " + std::to_string(avail_pos_) + " is longer than the " +
@@ -143,7 +165,7 @@ Result<std::optional<PackedDeviceQueue::Request>> PackedDeviceQueue::pop() {
       break;
     }
   }
-  if (held_.contains(id)) {
+  if (find_held(id) != nullptr) {
     return fail("buffer id " + std::to_string(id) + " of the chain at position " +
                 std::to_string(avail_pos_) + " is already in flight")
         .error();
@@ -152,14 +174,21 @@ Result<std::optional<PackedDeviceQueue::Request>> PackedDeviceQueue::pop() {
   avail_pos_ = pos;
   avail_wrap_ = wrap;
   held_descs_ += count;
-  held_.emplace(id, Held{static_cast<std::uint16_t>(count), req.writable_bytes});
+  // count >= 1: a chain has at least its head.
+  const Held h{static_cast<std::uint16_t>(count), req.writable_bytes};
+  if (id < held_small_.size()) {
+    held_small_[id] = h;
+  } else {
+    held_big_.emplace(id, h);
+  }
+  ++held_count_;
   req.head = id;
   if (event_idx_ && notify_enabled_) {
     // 2.8.10: "kick me when you make the descriptor at my next position
     // available"; the flags already say DESC.
     store(device_event_->desc, packed_off_wrap(avail_pos_, avail_wrap_), std::memory_order_release);
   }
-  return std::optional<Request>{std::move(req)};
+  return true;
 }
 
 // Names a descriptor for an error message: "descriptor 5" for a ring
@@ -181,7 +210,7 @@ Result<void> PackedDeviceQueue::walk_indirect(std::uint16_t at, std::uint64_t ad
                 std::to_string(std::uint64_t{max_indirect_} * sizeof(PvirtqDesc)) + ")");
   }
   // The device only reads a table (2.8.7: "read-only by the device").
-  const auto table = translate_(addr, len, false);
+  const auto table = xlate(addr, len, false);
   if (!table || table->size() < len) {
     return fail("indirect table of descriptor " + std::to_string(at) + " at " + hex(addr) + " (" +
                 std::to_string(len) + " bytes) is not mapped");
@@ -225,7 +254,7 @@ Result<void> PackedDeviceQueue::add_buffer(std::uint64_t addr, std::uint32_t len
   }
   std::span<std::uint8_t> s;
   if (len != 0) {
-    const auto t = translate_(addr, len, write);
+    const auto t = xlate(addr, len, write);
     if (!t || t->size() < len) {
       return fail(std::string(write ? "writable" : "readable") + " buffer of " + where(pos, entry) + " at " +
                   hex(addr) + " (" + std::to_string(len) + " bytes) is not mapped");
@@ -243,13 +272,19 @@ Result<void> PackedDeviceQueue::add_buffer(std::uint64_t addr, std::uint32_t len
 }
 
 Result<void> PackedDeviceQueue::push(std::uint16_t id, std::uint32_t written) {
+  UV_TRY_VOID(push_deferred(id, written));
+  publish_used();
+  return ok();
+}
+
+Result<void> PackedDeviceQueue::push_deferred(std::uint16_t id, std::uint32_t written) {
   const char* op = "push used descriptor";
   if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier driver error");
-  const auto it = held_.find(id);
-  if (it == held_.end()) {
+  Held* held = find_held(id);
+  if (held == nullptr) {
     return Error(Errc::invalid_argument, name_, op, "buffer id " + std::to_string(id) + " is not in flight");
   }
-  const Held h = it->second;
+  const Held h = *held;
   if (written > h.writable) {
     return Error(Errc::invalid_argument, name_, op,
                  "written " + std::to_string(written) + " exceeds the " + std::to_string(h.writable) +
@@ -265,9 +300,17 @@ Result<void> PackedDeviceQueue::push(std::uint16_t id, std::uint32_t written) {
   // buffers).
   auto flags = static_cast<std::uint16_t>(used_wrap_ ? (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) : 0);
   if (h.writable != 0) flags = static_cast<std::uint16_t>(flags | VIRTQ_DESC_F_WRITE);
-  // id and len must be visible before the flags that mark them used (2.8.22).
-  barrier_publish();
-  store(d.flags, flags, std::memory_order_release);
+  if (!pending_) {
+    // The first used descriptor of a batch: its flags are stored last, by
+    // publish_used(). The driver reads used descriptors in ring order, so it
+    // sees none of the batch until then, and all of it after.
+    pending_ = true;
+    pending_pos_ = used_pos_;
+    pending_flags_ = flags;
+  } else {
+    // Ordered before the first descriptor's flags by publish_used()'s barrier.
+    store(d.flags, flags, std::memory_order_relaxed);
+  }
   // 2.8.6: the used descriptor stands for the whole chain; skip its positions.
   const std::uint32_t next = std::uint32_t{used_pos_} + h.count;
   if (next >= size_) {
@@ -277,9 +320,25 @@ Result<void> PackedDeviceQueue::push(std::uint16_t id, std::uint32_t written) {
     used_pos_ = static_cast<std::uint16_t>(next);
   }
   held_descs_ -= h.count;
-  held_.erase(it);
-  moved_ += h.count;
+  if (id < held_small_.size()) {
+    held_small_[id] = Held{};
+  } else {
+    held_big_.erase(id);
+  }
+  --held_count_;
+  pending_moved_ += h.count;
   return ok();
+}
+
+void PackedDeviceQueue::publish_used() noexcept {
+  if (broken_ || !pending_) return;
+  // id, len and the later descriptors' flags must be visible before the
+  // flags that mark the batch's first descriptor used (2.8.22).
+  barrier_publish();
+  store(desc_[pending_pos_].flags, pending_flags_, std::memory_order_release);
+  pending_ = false;
+  moved_ += pending_moved_;
+  pending_moved_ = 0;
 }
 
 bool PackedDeviceQueue::has_avail() const noexcept {

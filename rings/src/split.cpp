@@ -99,6 +99,7 @@ void SplitQueue::init_shadow() {
   avail_idx_shadow_ = 0;
   published_idx_ = 0;
   last_used_ = 0;
+  used_cache_ = 0;
   avail_flags_shadow_ = 0;
   next_seq_ = 0;
   broken_ = false;
@@ -109,21 +110,23 @@ std::size_t SplitQueue::indirect_limit() const noexcept {
   return std::min(max_indirect_, slot_entries_);
 }
 
+Error detail::chain_fault(std::int64_t fault, const std::string& queue) {
+  const char* op = "add buffers";
+  switch (fault) {
+    case kChainEmpty:
+      return Error(Errc::invalid_argument, queue, op, "empty descriptor chain");
+    case kChainZeroLength:
+      return Error(Errc::invalid_argument, queue, op, "zero-length buffer");
+    default:
+      return Error(Errc::invalid_argument, queue, op, "device-writable bytes of the chain overflow 32 bits");
+  }
+}
+
 Result<std::uint32_t> chain_writable_bytes(std::span<const Buffer> out, std::span<const Buffer> in,
                                            const std::string& queue) {
-  const char* op = "add buffers";
-  if (out.empty() && in.empty()) return Error(Errc::invalid_argument, queue, op, "empty descriptor chain");
-  bool zero_len = false;
-  std::uint64_t writable = 0;
-  for (const Buffer& b : out) zero_len |= b.len == 0;
-  for (const Buffer& b : in) {
-    zero_len |= b.len == 0;
-    writable += b.len;
-  }
-  if (zero_len) return Error(Errc::invalid_argument, queue, op, "zero-length buffer");
-  if (writable > std::numeric_limits<std::uint32_t>::max())
-    return Error(Errc::invalid_argument, queue, op, "device-writable bytes of the chain overflow 32 bits");
-  return static_cast<std::uint32_t>(writable);
+  const std::int64_t w = detail::chain_writable(out, in);
+  if (w < 0) return detail::chain_fault(w, queue);
+  return static_cast<std::uint32_t>(w);
 }
 
 Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<const Buffer> in,
@@ -131,7 +134,9 @@ Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<con
   const char* op = "add buffers";
   if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
   const std::size_t n = out.size() + in.size();
-  UV_TRY(const std::uint32_t writable, chain_writable_bytes(out, in, name_));
+  const std::int64_t checked = detail::chain_writable(out, in);
+  if (checked < 0) return detail::chain_fault(checked, name_);
+  const auto writable = static_cast<std::uint32_t>(checked);
   // Spec 2.7.5.3: a chain of several buffers goes into the head's indirect
   // table and takes one ring descriptor (also when the ring has too few free).
   const bool indirect = n > 1 && n <= indirect_limit();
@@ -225,17 +230,22 @@ bool SplitQueue::publish() {
 Result<std::optional<Completion>> SplitQueue::poll() {
   const char* op = "poll used ring";
   if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
-  const std::uint16_t used_idx = load_acquire(words(used_)[kIdx]);
-  if (used_idx == last_used_) return std::optional<Completion>{};
-  const auto ahead = static_cast<std::uint16_t>(used_idx - last_used_);
-  if (ahead > size_) {
-    return fail("used index " + std::to_string(used_idx) + " is " + std::to_string(ahead) +
-                " entries ahead of the last seen " + std::to_string(last_used_) + " (queue size " +
-                std::to_string(size_) + ")")
-        .error();
+  if (last_used_ == used_cache_) {
+    // Everything seen is consumed: read the index again (once per batch, not
+    // per entry: the line it sits on is the one the device keeps writing).
+    const std::uint16_t used_idx = load_acquire(words(used_)[kIdx]);
+    if (used_idx == last_used_) return std::optional<Completion>{};
+    const auto ahead = static_cast<std::uint16_t>(used_idx - last_used_);
+    if (ahead > size_) {
+      return fail("used index " + std::to_string(used_idx) + " is " + std::to_string(ahead) +
+                  " entries ahead of the last seen " + std::to_string(last_used_) + " (queue size " +
+                  std::to_string(size_) + ")")
+          .error();
+    }
+    used_cache_ = used_idx;
+    // The used entries must be read after the index that covers them (2.7.14).
+    barrier_consume();
   }
-  // The used entry must be read after the index that covers it (2.7.14).
-  barrier_consume();
   auto* ring = reinterpret_cast<VirtqUsedElem*>(used_ + 4);
   VirtqUsedElem& e = ring[last_used_ & (size_ - 1u)];
   const std::uint32_t id = read_once(e.id);

@@ -75,6 +75,19 @@ Result<SplitDeviceQueue> SplitDeviceQueue::create(std::uint16_t size, void* desc
   return q;
 }
 
+Result<SplitDeviceQueue> SplitDeviceQueue::create(std::uint16_t size, void* desc, void* avail, void* used,
+                                                  std::string name, MemoryMap map, std::uint16_t base) {
+  if (map.empty())
+    return Error(Errc::invalid_argument, std::move(name), "create split device queue", "empty memory map");
+  // translate_ is never called while map_ holds regions.
+  auto none = [](std::uint64_t, std::uint32_t, bool) -> std::optional<std::span<std::uint8_t>> {
+    return std::nullopt;
+  };
+  UV_TRY(SplitDeviceQueue q, create(size, desc, avail, used, std::move(name), none, base));
+  q.map_ = std::move(map);
+  return q;
+}
+
 void SplitDeviceQueue::set_indirect(bool enabled, std::uint32_t max_entries) noexcept {
   indirect_ = enabled;
   max_indirect_ = max_entries == 0 ? size_ : max_entries;
@@ -158,7 +171,7 @@ Result<void> SplitDeviceQueue::walk_indirect(std::uint16_t at, std::uint64_t add
   if (len == 0 || len % sizeof(VirtqDesc) != 0 || len / sizeof(VirtqDesc) > max_indirect_) {
     return fail(where + " has bad length " + std::to_string(len));
   }
-  const auto table = translate_(addr, len, false);
+  const auto table = xlate(addr, len, false);
   if (!table || table->size() < len) {
     return fail(where + " at " + hex(addr) + " (" + std::to_string(len) + " bytes) is not mapped");
   }
@@ -195,7 +208,7 @@ Result<void> SplitDeviceQueue::add_buffer(std::uint64_t addr, std::uint32_t len,
   }
   std::span<std::uint8_t> s;
   if (len != 0) {
-    const auto t = translate_(addr, len, write);
+    const auto t = xlate(addr, len, write);
     if (!t || t->size() < len) {
       return fail(std::string(write ? "writable" : "readable") + " buffer at " + hex(addr) + " (" +
                   std::to_string(len) + " bytes) is not mapped");

@@ -108,7 +108,10 @@ TEST(PackedDeviceCreate, RejectsBadArgumentsWithoutTouchingMemory) {
             Errc::invalid_argument);
   EXPECT_EQ(PackedDeviceQueue::create(8, m.desc(), m.drv_event() + 2, m.dev_event(), kName, x).error().code(),
             Errc::invalid_argument);
-  EXPECT_EQ(PackedDeviceQueue::create(8, m.desc(), m.drv_event(), m.dev_event(), kName, {}).error().code(),
+  EXPECT_EQ(PackedDeviceQueue::create(8, m.desc(), m.drv_event(), m.dev_event(), kName,
+                                      PackedDeviceQueue::Translate{})
+                .error()
+                .code(),
             Errc::invalid_argument);
   auto ok = PackedDeviceQueue::create(3, m.desc(), m.drv_event(), m.dev_event(), kName, x);
   ASSERT_TRUE(ok.ok());
@@ -457,6 +460,69 @@ TEST(PackedDevice, PushOfAnIdNotInFlightIsACallerErrorAndLeavesTheQueueUsable) {
   auto c = drv.poll().value();
   ASSERT_TRUE(c.has_value());
   EXPECT_EQ(c->len, 8u);
+}
+
+TEST(PackedDevice, DeferredPushesReachTheDriverAtOnce) {
+  Mem m(8);
+  auto drv = m.driver().value();
+  auto dev = m.device().value();
+  for (std::uint64_t t = 0; t < 3; ++t) {
+    const Buffer in[] = {{m.bus(t * kSlot), 8}};
+    ASSERT_TRUE(drv.add({}, in, 10 + t).ok());
+  }
+  drv.publish();
+  PackedDeviceQueue::Request r;
+  std::vector<std::uint16_t> ids;
+  while (dev.pop_into(r).value()) ids.push_back(r.head);
+  ASSERT_EQ(ids.size(), 3u);
+  for (std::uint16_t id : ids) ASSERT_TRUE(dev.push_deferred(id, 4).ok());
+  EXPECT_EQ(dev.in_flight(), 0);
+  // Nothing is visible to the driver, nor counted for an interrupt, before
+  // publish_used(): the batch's first descriptor still says available.
+  EXPECT_FALSE(drv.has_used());
+  EXPECT_FALSE(drv.poll().value().has_value());
+  EXPECT_FALSE(dev.should_interrupt());
+  dev.publish_used();
+  for (std::uint64_t t = 0; t < 3; ++t) {
+    auto c = drv.poll().value();
+    ASSERT_TRUE(c.has_value());
+    EXPECT_EQ(c->token, 10 + t);
+    EXPECT_EQ(c->len, 4u);
+  }
+  EXPECT_TRUE(dev.should_interrupt());
+  dev.publish_used();  // nothing pending: no effect
+  EXPECT_FALSE(dev.should_interrupt());
+  EXPECT_FALSE(drv.broken());
+}
+
+TEST(PackedDevice, BufferIdsBeyondTheQueueSizeAreTracked) {
+  // A driver may pick any 16-bit id (2.8.6); ours stay below the size, so
+  // write these chains by hand: ids 3 (flat table), 4, 0x8000 and 0xffff (map).
+  Mem m(4);
+  auto dev = m.device().value();
+  const std::uint16_t ids[] = {3, 0xffff, 4, 0x8000};
+  for (int i = 3; i >= 0; --i)
+    put(m.ring()[i], m.bus(i * kSlot), 8, ids[i],
+        static_cast<std::uint16_t>(VIRTQ_DESC_F_WRITE | avail(true)));
+  PackedDeviceQueue::Request r;
+  for (std::uint16_t id : ids) {
+    ASSERT_TRUE(dev.pop_into(r).value());
+    EXPECT_EQ(r.head, id);
+  }
+  EXPECT_EQ(dev.in_flight(), 4);
+  EXPECT_EQ(dev.push(5, 0).error().code(), Errc::invalid_argument);       // never popped
+  EXPECT_EQ(dev.push(0x8001, 0).error().code(), Errc::invalid_argument);  // never popped
+  EXPECT_EQ(dev.push(0xffff, 9).error().code(), Errc::invalid_argument);  // more than writable
+  for (std::uint16_t id : {std::uint16_t{0x8000}, std::uint16_t{3}, std::uint16_t{0xffff}, std::uint16_t{4}})
+    ASSERT_TRUE(dev.push(id, 8).ok()) << id;
+  EXPECT_EQ(dev.in_flight(), 0);
+  EXPECT_EQ(dev.push(0xffff, 0).error().code(), Errc::invalid_argument);  // already pushed
+  // Used descriptors in push order, each with its id.
+  EXPECT_EQ(m.ring()[0].id.get(), 0x8000);
+  EXPECT_EQ(m.ring()[1].id.get(), 3);
+  EXPECT_EQ(m.ring()[2].id.get(), 0xffff);
+  EXPECT_EQ(m.ring()[3].id.get(), 4);
+  EXPECT_FALSE(dev.broken());
 }
 
 // Hostile driver: descriptors written by hand at the device's position.

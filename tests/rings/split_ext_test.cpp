@@ -825,7 +825,7 @@ TEST(SplitDevice, CreateValidates) {
             Errc::invalid_argument);
   EXPECT_EQ(SplitDeviceQueue::create(8, a.at(8), a.avail(), a.used(), kDev, xl).error().code(),
             Errc::invalid_argument);
-  auto e = SplitDeviceQueue::create(8, a.desc(), a.avail(), a.used(), kDev, {});
+  auto e = SplitDeviceQueue::create(8, a.desc(), a.avail(), a.used(), kDev, SplitDeviceQueue::Translate{});
   ASSERT_FALSE(e.ok());
   EXPECT_EQ(e.error().device(), kDev);
   // create() leaves the driver's memory alone.

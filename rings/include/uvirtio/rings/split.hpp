@@ -96,6 +96,27 @@ struct Completion {
 Result<std::uint32_t> chain_writable_bytes(std::span<const Buffer> out, std::span<const Buffer> in,
                                            const std::string& queue);
 
+namespace detail {
+// The same checks without building a Result on the hot path: the
+// device-writable byte count, or a negative ChainFault (chain_fault() turns
+// it into the error chain_writable_bytes() would return).
+enum ChainFault : std::int64_t { kChainEmpty = -1, kChainZeroLength = -2, kChainTooLong = -3 };
+inline std::int64_t chain_writable(std::span<const Buffer> out, std::span<const Buffer> in) noexcept {
+  if (out.empty() && in.empty()) return kChainEmpty;
+  bool zero_len = false;
+  std::uint64_t writable = 0;
+  for (const Buffer& b : out) zero_len |= b.len == 0;
+  for (const Buffer& b : in) {
+    zero_len |= b.len == 0;
+    writable += b.len;
+  }
+  if (zero_len) return kChainZeroLength;
+  if (writable > 0xffffffffu) return kChainTooLong;
+  return static_cast<std::int64_t>(writable);
+}
+Error chain_fault(std::int64_t fault, const std::string& queue);
+}  // namespace detail
+
 class SplitQueue {
  public:
   // `desc`, `avail`, `used` point at driver-mapped ring memory laid out as
@@ -128,7 +149,8 @@ class SplitQueue {
   // Takes one completion off the used ring, validated: nullopt when none is
   // pending; Errc::bad_device_data (and the queue latched broken) when the
   // device wrote an index more than `size` ahead, an id out of range or not
-  // in flight, or a length larger than the chain's writable bytes.
+  // in flight, or a length larger than the chain's writable bytes. The used
+  // index is read again only when every entry seen before is consumed.
   Result<std::optional<Completion>> poll();
 
   // True when the used ring holds entries we have not consumed (cheap check,
@@ -197,6 +219,7 @@ class SplitQueue {
   std::uint16_t num_free_ = 0;
   std::uint16_t avail_idx_shadow_ = 0;  // next avail idx we will publish
   std::uint16_t last_used_ = 0;         // used idx consumed so far
+  std::uint16_t used_cache_ = 0;        // used idx last read (checked), >= last_used_
   std::uint16_t avail_flags_shadow_ = 0;
   std::uint16_t published_idx_ = 0;  // avail idx at the last publish() (event idx "old")
   std::uint64_t next_seq_ = 0;       // submission counter for outstanding_tokens()

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "uvirtio/base/result.hpp"
+#include "uvirtio/rings/memory_map.hpp"
 #include "uvirtio/rings/split.hpp"
 
 namespace uvirtio::rings {
@@ -57,6 +58,10 @@ class SplitDeviceQueue {
   // index `base` on (the earlier device completed everything before it).
   static Result<SplitDeviceQueue> create(std::uint16_t size, void* desc, void* avail, void* used,
                                          std::string name, Translate translate, std::uint16_t base = 0);
+  // The same, translating through a region table (faster: no indirect call
+  // per buffer). invalid_argument for an empty map.
+  static Result<SplitDeviceQueue> create(std::uint16_t size, void* desc, void* avail, void* used,
+                                         std::string name, MemoryMap map, std::uint16_t base = 0);
 
   SplitDeviceQueue(SplitDeviceQueue&&) noexcept = default;
   SplitDeviceQueue& operator=(SplitDeviceQueue&&) noexcept = default;
@@ -124,7 +129,12 @@ class SplitDeviceQueue {
   std::uint8_t* avail_ = nullptr;
   std::uint8_t* used_ = nullptr;
   std::string name_;
-  Translate translate_;
+  Translate translate_;  // used when map_ is empty
+  MemoryMap map_;
+  std::optional<std::span<std::uint8_t>> xlate(std::uint64_t addr, std::uint32_t len, bool write) const {
+    if (!map_.empty()) return map_.translate(addr, len, write);
+    return translate_(addr, len, write);
+  }
   bool broken_ = false;
   bool event_idx_ = false;
   bool indirect_ = false;
