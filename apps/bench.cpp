@@ -3,7 +3,7 @@
 //   uvirtio-bench fsync FILE [--seconds S] [--json]
 //       p50/p99 of a 64-byte pwrite + fsync on FILE (the host half of the
 //       virtio-pmem floor: what one device flush costs the host).
-//   uvirtio-bench rings [--batch B]... [--seconds S] [--size N] [--json]
+//   uvirtio-bench rings [--batch B]... [--seconds S] [--size N] [--no-dpdk] [--json]
 //       split ring throughput between two threads vs a bare SPSC ring
 //       (bench_rings.cpp).
 //   uvirtio-bench channel [--seconds S] [--size BYTES] [--rounds R] [--json]

@@ -4,7 +4,10 @@
 //   - a bare single-producer/single-consumer ring of 64-byte slots between the
 //     same two threads (the ceiling: no descriptors, no validation);
 //   - the cache-line round trip between the two threads (printed next to every
-//     figure: the vCPUs here move around, so compare only within one run).
+//     figure: the vCPUs here move around, so compare only within one run);
+//   - DPDK's own pair, testpmd's virtio-user txonly into its vhost-user
+//     rxonly at the same burst size (bench_dpdk.hpp), when dpdk-testpmd is
+//     installed (skipped with --no-dpdk).
 // The virtqueue runs in polling mode, no notifications: the driver keeps up to
 // `batch` requests (one 64-byte device-readable buffer each, like a small
 // packet) in flight, publishing a batch at once; the device pops what is
@@ -18,6 +21,7 @@
 #include <vector>
 
 #include "bench_common.hpp"
+#include "bench_dpdk.hpp"
 #include "cli_common.hpp"
 #include "uvirtio/base/barrier.hpp"
 #include "uvirtio/rings/packed.hpp"
@@ -46,20 +50,29 @@ Result<double> ops_per_s(Driver& drv, Device& dev, std::uint64_t base, std::uint
   std::atomic<bool> stop{false};
   std::optional<Error> dev_error;
   std::thread device([&] {
+    // Like a real device: take what is available, complete it, publish the
+    // used entries once per batch (one store the driver sees per batch).
+    typename Device::Request req;
     while (!stop.load(std::memory_order_relaxed)) {
-      auto r = dev.pop();
-      if (!r) {
-        dev_error = r.error();
-        return;
+      unsigned got = 0;
+      for (;;) {
+        auto r = dev.pop_into(req);
+        if (!r) {
+          dev_error = r.error();
+          return;
+        }
+        if (!*r) break;
+        if (auto p = dev.push_deferred(req.head, 0); !p) {
+          dev_error = p.error();
+          return;
+        }
+        ++got;
       }
-      if (!*r) {
+      if (got == 0) {
         cpu_relax();
         continue;
       }
-      if (auto p = dev.push((*r)->head, 0); !p) {
-        dev_error = p.error();
-        return;
-      }
+      dev.publish_used();
     }
   });
   std::uint64_t done = 0, slot = 0;
@@ -100,11 +113,9 @@ struct Pool {
   AlignedBuf buf;
   std::uint64_t bytes;
   std::uint64_t base() const { return reinterpret_cast<std::uint64_t>(buf.p); }
-  rings::SplitDeviceQueue::Translate translate() {
-    return [this](std::uint64_t addr, std::uint32_t len, bool) -> std::optional<std::span<std::uint8_t>> {
-      if (addr < base() || addr - base() > bytes || len > bytes - (addr - base())) return std::nullopt;
-      return std::span<std::uint8_t>(buf.p + (addr - base()), len);
-    };
+  rings::MemoryMap map() {
+    auto m = rings::MemoryMap::create({{base(), bytes, buf.p, true}}, "bench pool");
+    return std::move(*m);  // one non-empty region: cannot fail
   }
 };
 
@@ -114,7 +125,7 @@ Result<double> split_ops_per_s(std::uint16_t size, unsigned batch, double second
   Pool pool(size);
   UV_TRY(rings::SplitQueue drv, rings::SplitQueue::create(size, desc.p, avail.p, used.p, "bench queue"));
   UV_TRY(rings::SplitDeviceQueue dev,
-         rings::SplitDeviceQueue::create(size, desc.p, avail.p, used.p, "bench device", pool.translate()));
+         rings::SplitDeviceQueue::create(size, desc.p, avail.p, used.p, "bench device", pool.map()));
   return ops_per_s(drv, dev, pool.base(), size, batch, seconds);
 }
 
@@ -123,8 +134,8 @@ Result<double> packed_ops_per_s(std::uint16_t size, unsigned batch, double secon
   AlignedBuf desc(L::desc_bytes(size)), drv_ev(L::event_bytes()), dev_ev(L::event_bytes());
   Pool pool(size);
   UV_TRY(rings::PackedQueue drv, rings::PackedQueue::create(size, desc.p, drv_ev.p, dev_ev.p, "bench queue"));
-  UV_TRY(rings::PackedDeviceQueue dev, rings::PackedDeviceQueue::create(size, desc.p, drv_ev.p, dev_ev.p,
-                                                                        "bench device", pool.translate()));
+  UV_TRY(rings::PackedDeviceQueue dev,
+         rings::PackedDeviceQueue::create(size, desc.p, drv_ev.p, dev_ev.p, "bench device", pool.map()));
   return ops_per_s(drv, dev, pool.base(), size, batch, seconds);
 }
 
@@ -135,7 +146,10 @@ int bench_rings(const std::vector<std::string>& args) {
   desc.add_options()("help,h", "show help")("batch", po::value<std::vector<unsigned>>()->multitoken(),
                                             "batch sizes (default 1 2 4 8 16 32 64)")(
       "seconds", po::value<double>()->default_value(1.0), "duration of each point")(
-      "size", po::value<unsigned>()->default_value(256), "queue size (power of two, 2..32768)")("json",
+      "size", po::value<unsigned>()->default_value(256), "queue size (power of two, 2..32768)")(
+      "no-dpdk", "leave out the DPDK testpmd baseline")(
+      "dpdk-seconds", po::value<unsigned>()->default_value(5), "duration of each DPDK point (3..600)")(
+      "testpmd", po::value<std::string>()->default_value("dpdk-testpmd"), "the testpmd binary")("json",
                                                                                                 "print JSON");
   auto vm = parse(args, desc, {});
   if (vm.count("help")) {
@@ -151,6 +165,18 @@ int bench_rings(const std::vector<std::string>& args) {
     if (b < 1 || b > size) throw UsageError{"rings: --batch values must be 1..size"};
   const double seconds = vm["seconds"].as<double>();
   if (!(seconds > 0 && seconds <= 600)) throw UsageError{"rings: --seconds must be in (0, 600]"};
+  const unsigned dpdk_seconds = vm["dpdk-seconds"].as<unsigned>();
+  if (dpdk_seconds < 3 || dpdk_seconds > 600) throw UsageError{"rings: --dpdk-seconds must be in 3..600"};
+  const std::string testpmd = vm["testpmd"].as<std::string>();
+  std::optional<std::string> no_dpdk;
+  if (vm.count("no-dpdk")) {
+    no_dpdk = "--no-dpdk";
+  } else if (auto why = dpdk_unavailable(testpmd)) {
+    no_dpdk = *why;
+  } else if (size > 1024) {
+    no_dpdk = "virtio-user queues hold at most 1024 entries";
+  }
+  if (no_dpdk && !vm.count("json")) std::printf("DPDK baseline left out: %s\n", no_dpdk->c_str());
 
   json out;
   out["queue_size"] = size;
@@ -170,6 +196,25 @@ int bench_rings(const std::vector<std::string>& args) {
                              {"cache_line_round_trip_ns", cache_line_round_trip_ns(0.1)}});
     }
   }
+  // DPDK last: its two processes spin on both CPUs while they run.
+  if (no_dpdk) {
+    out["dpdk"] = nullptr;
+    out["dpdk_left_out"] = *no_dpdk;
+  } else {
+    out["dpdk"] = json::array();
+    for (std::size_t i = 0; i < batches.size(); ++i) {
+      const unsigned b = batches[i];
+      auto pps = dpdk_loopback_pps({b, size, dpdk_seconds, testpmd});
+      if (!pps) return fail(pps.error());
+      json point = {{"batch", b},
+                    {"packets_per_s", *pps},
+                    {"ratio_vs_bare_ring", *pps / bare},
+                    {"cache_line_round_trip_ns", cache_line_round_trip_ns(0.1)}};
+      for (const char* layout : {"split", "packed"})
+        point[std::string(layout) + "_vs_dpdk"] = out[layout][i]["ops_per_s"].get<double>() / *pps;
+      out["dpdk"].push_back(point);
+    }
+  }
   if (vm.count("json")) {
     std::cout << out.dump(2) << "\n";
     return 0;
@@ -178,10 +223,26 @@ int bench_rings(const std::vector<std::string>& args) {
               out["cache_line_round_trip_ns"].get<double>(), bare / 1e6);
   for (const char* layout : {"split", "packed"}) {
     std::printf("%s ring, driver thread <-> device thread, queue size %u, polling:\n", layout, size);
-    std::printf("  %-6s %14s %10s %14s\n", "batch", "M requests/s", "vs bare", "cache RT ns");
-    for (const auto& p : out[layout])
+    std::printf("  %-6s %14s %10s %10s %14s\n", "batch", "M requests/s", "vs bare", "vs DPDK", "cache RT ns");
+    for (std::size_t i = 0; i < out[layout].size(); ++i) {
+      const auto& p = out[layout][i];
+      char vs_dpdk[32] = "-";
+      if (out["dpdk"].is_array())
+        std::snprintf(vs_dpdk, sizeof vs_dpdk, "%.2f",
+                      out["dpdk"][i][std::string(layout) + "_vs_dpdk"].get<double>());
+      std::printf("  %-6u %14.2f %10.3f %10s %14.0f\n", p["batch"].get<unsigned>(),
+                  p["ops_per_s"].get<double>() / 1e6, p["ratio_vs_bare_ring"].get<double>(), vs_dpdk,
+                  p["cache_line_round_trip_ns"].get<double>());
+    }
+  }
+  if (out["dpdk"].is_array()) {
+    std::printf(
+        "DPDK testpmd virtio-user (txonly, 64 B) -> vhost-user (rxonly), queue size %u, median of %u s:\n",
+        size, dpdk_seconds);
+    std::printf("  %-6s %14s %10s %14s\n", "burst", "M packets/s", "vs bare", "cache RT ns");
+    for (const auto& p : out["dpdk"])
       std::printf("  %-6u %14.2f %10.3f %14.0f\n", p["batch"].get<unsigned>(),
-                  p["ops_per_s"].get<double>() / 1e6, p["ratio_vs_bare_ring"].get<double>(),
+                  p["packets_per_s"].get<double>() / 1e6, p["ratio_vs_bare_ring"].get<double>(),
                   p["cache_line_round_trip_ns"].get<double>());
   }
   return 0;
