@@ -121,7 +121,31 @@ Result<bool> PackedDeviceQueue::pop_into(Request& req) {
   req.readable.clear();
   req.writable.clear();
   req.readable_bytes = req.writable_bytes = 0;
-  for (;;) {
+  // The common chain, one direct descriptor, without the general loop; any
+  // other shape (or a buffer that does not translate) takes the loop, which
+  // reads and checks everything afresh.
+  if ((head_flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT)) == 0) {
+    PvirtqDesc& d = desc_[pos];
+    const std::uint32_t len = load(d.len, std::memory_order_relaxed);
+    const bool write = (head_flags & VIRTQ_DESC_F_WRITE) != 0;
+    const auto one = len != 0 ? xlate(load(d.addr, std::memory_order_relaxed), len, write) : std::nullopt;
+    if (one && one->size() >= len) {
+      (write ? req.writable_bytes : req.readable_bytes) = len;
+      if (write) {
+        req.writable.push_back(one->subspan(0, len));
+      } else {
+        req.readable.push_back(one->subspan(0, len));
+      }
+      id = load(d.id, std::memory_order_relaxed);
+      count = 1;
+      if (++pos == size_) {
+        pos = 0;
+        wrap = !wrap;
+      }
+    }
+  }
+  const bool fast = count != 0;
+  for (; !fast;) {
     if (count == bound) {
       return fail("chain at position " + std::to_string(avail_pos_) + " is longer than the " +
                   std::to_string(bound) + " free ring positions")

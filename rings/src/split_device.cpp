@@ -123,11 +123,36 @@ Result<bool> SplitDeviceQueue::pop_into(Request& req) {
       load(words(avail_)[kRing + (last_avail_ & (size_ - 1u))], std::memory_order_relaxed);
   if (head >= size_) return fail("head " + std::to_string(head) + " out of range").error();
   if (held_[head].live) return fail("head " + std::to_string(head) + " is already in flight").error();
+  if (static_cast<std::uint16_t>(last_avail_ + 1) != avail_cache_) {
+    // Start the next chain's descriptor on its way while this one is walked
+    // (a hint only: the index is masked, and the value is read again, and
+    // checked, when that chain is popped).
+    const std::uint16_t next =
+        load(words(avail_)[kRing + ((last_avail_ + 1u) & (size_ - 1u))], std::memory_order_relaxed);
+    __builtin_prefetch(&desc_[next & (size_ - 1u)]);
+  }
   req.head = head;
   req.readable.clear();
   req.writable.clear();
   req.readable_bytes = req.writable_bytes = 0;
-  if (auto r = walk(head, req); !r.ok()) return std::move(r).error();
+  // The common chain, one direct descriptor, without the general walk; any
+  // other shape (or a buffer that does not translate) takes the walk, which
+  // reads and checks the descriptor afresh.
+  const Desc d = read_desc(desc_[head]);
+  std::optional<std::span<std::uint8_t>> one;
+  if ((d.flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT)) == 0 && d.len != 0)
+    one = xlate(d.addr, d.len, (d.flags & VIRTQ_DESC_F_WRITE) != 0);
+  if (one && one->size() >= d.len) {
+    if ((d.flags & VIRTQ_DESC_F_WRITE) != 0) {
+      req.writable.push_back(one->subspan(0, d.len));
+      req.writable_bytes = d.len;
+    } else {
+      req.readable.push_back(one->subspan(0, d.len));
+      req.readable_bytes = d.len;
+    }
+  } else if (auto r = walk(head, req); !r.ok()) {
+    return std::move(r).error();
+  }
   ++last_avail_;
   held_[head] = Held{true, req.writable_bytes};
   ++in_flight_;
