@@ -14,7 +14,8 @@
 // whole chain), 2.8.7 and 2.8.19 (indirect tables), 2.8.10 and 2.8.14 (event
 // suppression, with VIRTIO_F_EVENT_IDX the DESC offset/wrap form), 2.8.13
 // (descriptor layout), 2.8.17 (readable before writable), 2.8.21 (the driver
-// publishes the head flags last).
+// publishes the head flags last), 2.8.9 (VIRTIO_F_IN_ORDER: one used
+// descriptor for a batch).
 #include "uvirtio/rings/packed_device.hpp"
 
 #include <algorithm>
@@ -152,6 +153,7 @@ Result<std::optional<PackedDeviceQueue::Request>> PackedDeviceQueue::pop() {
   avail_pos_ = pos;
   avail_wrap_ = wrap;
   held_descs_ += count;
+  if (in_order_) order_[(order_first_ + held_.size()) % size_] = id;
   held_.emplace(id, Held{static_cast<std::uint16_t>(count), req.writable_bytes});
   req.head = id;
   if (event_idx_ && notify_enabled_) {
@@ -242,19 +244,32 @@ Result<void> PackedDeviceQueue::add_buffer(std::uint64_t addr, std::uint32_t len
   return ok();
 }
 
-Result<void> PackedDeviceQueue::push(std::uint16_t id, std::uint32_t written) {
-  const char* op = "push used descriptor";
+Result<void> PackedDeviceQueue::check_push(std::uint16_t id, std::uint32_t written, const char* op,
+                                           Held& h) const {
   if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier driver error");
   const auto it = held_.find(id);
   if (it == held_.end()) {
     return Error(Errc::invalid_argument, name_, op, "buffer id " + std::to_string(id) + " is not in flight");
   }
-  const Held h = it->second;
+  h = it->second;
   if (written > h.writable) {
     return Error(Errc::invalid_argument, name_, op,
                  "written " + std::to_string(written) + " exceeds the " + std::to_string(h.writable) +
                      " writable bytes of buffer " + std::to_string(id));
   }
+  // 2.8.9: with IN_ORDER chains are used in the order they were made available.
+  if (in_order_ && id != order_[order_first_]) {
+    return Error(Errc::invalid_argument, name_, op,
+                 "buffer id " + std::to_string(id) + " is not the oldest chain in flight (" +
+                     std::to_string(order_[order_first_]) + "): VIRTIO_F_IN_ORDER completes chains in order");
+  }
+  return ok();
+}
+
+// One used descriptor at our used position standing for `descs` ring
+// positions (one chain, or with IN_ORDER a batch), then skip them.
+void PackedDeviceQueue::write_used(std::uint16_t id, std::uint32_t written, bool writable,
+                                   std::uint32_t descs) noexcept {
   // Our used position is the first of the positions we hold, so this never
   // overwrites a descriptor we have not popped.
   PvirtqDesc& d = desc_[used_pos_];
@@ -264,21 +279,64 @@ Result<void> PackedDeviceQueue::push(std::uint16_t id, std::uint32_t written) {
   // counter. 2.8.4: WRITE says len is meaningful (the chain had writable
   // buffers).
   auto flags = static_cast<std::uint16_t>(used_wrap_ ? (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) : 0);
-  if (h.writable != 0) flags = static_cast<std::uint16_t>(flags | VIRTQ_DESC_F_WRITE);
+  if (writable) flags = static_cast<std::uint16_t>(flags | VIRTQ_DESC_F_WRITE);
   // id and len must be visible before the flags that mark them used (2.8.22).
   barrier_publish();
   store(d.flags, flags, std::memory_order_release);
-  // 2.8.6: the used descriptor stands for the whole chain; skip its positions.
-  const std::uint32_t next = std::uint32_t{used_pos_} + h.count;
+  // 2.8.6 (2.8.9): the used descriptor stands for the whole chain (batch); skip its positions.
+  const std::uint32_t next = std::uint32_t{used_pos_} + descs;
   if (next >= size_) {
     used_pos_ = static_cast<std::uint16_t>(next - size_);
     used_wrap_ = !used_wrap_;
   } else {
     used_pos_ = static_cast<std::uint16_t>(next);
   }
-  held_descs_ -= h.count;
-  held_.erase(it);
-  moved_ += h.count;
+  held_descs_ -= descs;
+  moved_ += descs;
+}
+
+Result<void> PackedDeviceQueue::push(std::uint16_t id, std::uint32_t written) {
+  if (in_order_) {
+    UV_TRY_VOID(push_deferred(id, written));
+    publish_used();
+    return ok();
+  }
+  Held h;
+  UV_TRY_VOID(check_push(id, written, "push used descriptor", h));
+  held_.erase(id);
+  write_used(id, written, h.writable != 0, h.count);
+  return ok();
+}
+
+Result<void> PackedDeviceQueue::push_deferred(std::uint16_t id, std::uint32_t written) {
+  if (!in_order_) return push(id, written);
+  Held h;
+  UV_TRY_VOID(check_push(id, written, "push used descriptor", h));
+  held_.erase(id);
+  order_first_ = static_cast<std::uint16_t>((order_first_ + 1u) % size_);
+  ++batch_count_;
+  batch_descs_ += h.count;  // held_descs_ keeps counting them until written
+  batch_id_ = id;
+  batch_len_ = written;
+  batch_writable_ = h.writable != 0;
+  return ok();
+}
+
+void PackedDeviceQueue::publish_used() noexcept {
+  if (broken_ || batch_count_ == 0) return;
+  // 2.8.9: one used descriptor with the last buffer id, skipping the batch.
+  write_used(batch_id_, batch_len_, batch_writable_, batch_descs_);
+  batch_count_ = 0;
+  batch_descs_ = 0;
+}
+
+Result<void> PackedDeviceQueue::set_in_order(bool enabled) {
+  if (!held_.empty() || batch_count_ > 0) {
+    return Error(Errc::busy, name_, "set in-order", "chains are popped and not published; set it before use");
+  }
+  in_order_ = enabled;
+  order_.assign(enabled ? size_ : 0, 0);
+  order_first_ = 0;
   return ok();
 }
 

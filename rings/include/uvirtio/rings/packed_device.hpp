@@ -27,6 +27,15 @@
 // ring) makes should_interrupt() say yes and never breaks the queue (see
 // packed_event_wanted()).
 //
+// VIRTIO_F_IN_ORDER (set_in_order, spec 2.8.9): chains must be pushed in the
+// order they were popped (anything else is invalid_argument, a caller bug),
+// and push_deferred() collects chains that publish_used() reports as ONE
+// used descriptor: written at the batch's first ring position with the last
+// chain's buffer id and length, after which our used position skips the
+// batch's descriptors. The driver learns no length for the other chains
+// (2.8.9 has it assume them fully used), so push a chain on its own when its
+// length matters. The spec asks nothing of the driver's buffer ids here.
+//
 // Threading: one thread (or the caller's lock) owns a PackedDeviceQueue.
 #pragma once
 
@@ -35,6 +44,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "uvirtio/base/result.hpp"
 #include "uvirtio/rings/packed.hpp"
@@ -73,6 +83,10 @@ class PackedDeviceQueue {
   // descriptors (0: the queue size, the spec's limit without a device one,
   // 2.8.5).
   void set_indirect(bool enabled, std::uint32_t max_entries = 0) noexcept;
+  // VIRTIO_F_IN_ORDER (header comment); busy while chains are popped and not
+  // published.
+  Result<void> set_in_order(bool enabled);
+  bool in_order() const noexcept { return in_order_; }
 
   // The next available chain (2.8.1: head AVAIL bit equal to our avail wrap
   // counter, USED bit not): nullopt when there is none. Errc::bad_device_data
@@ -94,6 +108,12 @@ class PackedDeviceQueue {
   // stays usable) for an id not in flight or `written` beyond the chain's
   // writable bytes.
   Result<void> push(std::uint16_t id, std::uint32_t written);
+  // With in_order: push() without writing the used descriptor yet; `id` must
+  // be the oldest chain popped and not pushed. publish_used() then writes one
+  // used descriptor for everything deferred (header comment). Without
+  // in_order, push_deferred() is push() and publish_used() does nothing.
+  Result<void> push_deferred(std::uint16_t id, std::uint32_t written);
+  void publish_used() noexcept;
 
   // True when the descriptor at our next position is available (no validation).
   bool has_avail() const noexcept;
@@ -152,6 +172,18 @@ class PackedDeviceQueue {
     std::uint64_t writable = 0;
   };
   std::unordered_map<std::uint16_t, Held> held_;  // by buffer id (any 16-bit value)
+
+  // VIRTIO_F_IN_ORDER state.
+  bool in_order_ = false;
+  std::vector<std::uint16_t> order_;  // ids popped, not pushed, oldest at order_first_ (ring of size_)
+  std::uint16_t order_first_ = 0;
+  std::uint16_t batch_count_ = 0;  // chains push_deferred() since the last publish_used()
+  std::uint32_t batch_descs_ = 0;  // their ring positions
+  std::uint16_t batch_id_ = 0;     // the last of them: id, length, writable
+  std::uint32_t batch_len_ = 0;
+  bool batch_writable_ = false;
+  Result<void> check_push(std::uint16_t id, std::uint32_t written, const char* op, Held& h) const;
+  void write_used(std::uint16_t id, std::uint32_t written, bool writable, std::uint32_t descs) noexcept;
 };
 
 }  // namespace uvirtio::rings
