@@ -33,7 +33,7 @@ enum : std::uint64_t {
 };
 
 constexpr std::uint8_t kDriverOk = 4, kFeaturesOk = 8, kNeedsReset = 64;
-constexpr unsigned kVersion1 = 32, kAccessPlatform = 33, kNotificationData = 38;
+constexpr unsigned kVersion1 = 32, kAccessPlatform = 33, kInOrder = 35, kNotificationData = 38;
 
 std::uint16_t load_acquire(le16& f) {
   return le16::from_raw(std::atomic_ref<std::uint16_t>(f.raw()).load(std::memory_order_acquire));
@@ -398,12 +398,19 @@ void SoftVirtioDevice::process(std::uint16_t qi) {
   const std::uint16_t avail_idx = load_acquire(avail[1]);
   if (static_cast<std::uint16_t>(avail_idx - q.last_avail) > q.size) return fatal("available index jumped");
   bool completed = false;
+  // VIRTIO_F_IN_ORDER (2.7.9): the chains taken here are one batch, reported
+  // by a single used entry at the batch's first position naming its last chain.
+  const bool in_order = ((driver_features_ >> kInOrder) & 1) != 0;
+  std::uint16_t batch = 0, batch_head = 0;
+  std::uint32_t batch_len = 0;
   while (q.last_avail != avail_idx) {
     const std::uint16_t head = avail[2 + (q.last_avail & (q.size - 1u))].get();
     ++q.last_avail;
     ++requests_;
     if (faults.swallow) continue;
     if (head >= q.size) return fatal("available ring entry out of range");
+    // 2.7.5: with IN_ORDER the driver allocates descriptors in ring order.
+    if (in_order && head != q.next_desc) violation("IN_ORDER: chain head out of ring order");
     std::vector<Segment> chain;
     std::uint64_t writable = 0;
     for (std::uint16_t i = head;;) {
@@ -418,16 +425,34 @@ void SoftVirtioDevice::process(std::uint16_t qi) {
       chain.push_back(Segment{p, d.len.get(), w});
       if (w) writable += d.len.get();
       if (!(flags & rings::VIRTQ_DESC_F_NEXT)) break;
+      if (in_order && d.next.get() != ((i + 1u) & (q.size - 1u)))
+        violation("IN_ORDER: next out of ring order");
       i = d.next.get();
       if (i >= q.size) return fatal("descriptor next out of range");
     }
+    q.next_desc = static_cast<std::uint16_t>((head + chain.size()) & (q.size - 1u));
     std::uint32_t len = handler_ ? handler_(qi, chain) : 0;
     if (faults.used_len_excess > 0) len = static_cast<std::uint32_t>(writable + faults.used_len_excess);
+    if (in_order) {
+      ++batch;
+      batch_head = head;
+      batch_len = len;
+      ++completions_;
+      continue;
+    }
     rings::VirtqUsedElem& e = used_ring[q.used_idx & (q.size - 1u)];
     e.id.set(faults.bad_used_id ? q.size + 3u : head);
     e.len.set(len);
     store_release(used[1], ++q.used_idx);
     ++completions_;
+    completed = true;
+  }
+  if (batch > 0) {
+    rings::VirtqUsedElem& e = used_ring[q.used_idx & (q.size - 1u)];
+    e.id.set(faults.bad_used_id ? q.size + 3u : batch_head);
+    e.len.set(batch_len);
+    q.used_idx = static_cast<std::uint16_t>(q.used_idx + batch);
+    store_release(used[1], q.used_idx);
     completed = true;
   }
   // Spec 2.7.7: without EVENT_IDX, VIRTQ_AVAIL_F_NO_INTERRUPT suppresses the interrupt.

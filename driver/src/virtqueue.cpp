@@ -47,6 +47,8 @@ Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t
     // The same ring features as the split layout, in their packed form
     // (2.8.10 DESC event offsets, 2.8.7 indirect tables).
     if (f.has(feature::kEventIdx)) q.set_event_idx(true);
+    // 2.8.9: buffer ids follow the ring, batched used descriptors accepted.
+    if (f.has(feature::kInOrder)) UV_TRY_VOID(q.set_in_order(true));
     if (f.has(feature::kIndirectDesc)) {
       // One table of kIndirectMax descriptors per buffer id (2.8.7).
       const std::size_t table = kIndirectMax * sizeof(rings::PvirtqDesc);
@@ -64,6 +66,8 @@ Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t
     UV_TRY(pci::DmaRegion used, t.dma().alloc(L::used_bytes(size), L::used_align));
     UV_TRY(rings::SplitQueue q, rings::SplitQueue::create(size, desc.va, avail.va, used.va, name));
     if (f.has(feature::kEventIdx)) q.set_event_idx(true);
+    // 2.7.5, 2.7.9: descriptors in ring order, batched used entries accepted.
+    if (f.has(feature::kInOrder)) UV_TRY_VOID(q.set_in_order(true));
     if (f.has(feature::kIndirectDesc)) {
       // One table of kIndirectMax descriptors per ring entry (2.7.5.3).
       const std::size_t table = kIndirectMax * sizeof(rings::VirtqDesc);

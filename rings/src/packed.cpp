@@ -12,7 +12,8 @@
 // sections: 2.8.1 (wrap counters), 2.8.2 (polling), 2.8.6 (chains and the
 // used-descriptor skip), 2.8.7 (indirect tables), 2.8.21 (supplying
 // buffers), 2.8.22 (receiving used buffers), 2.8.10 and 2.8.14 (event
-// suppression, with VIRTIO_F_EVENT_IDX the DESC offset/wrap form).
+// suppression, with VIRTIO_F_EVENT_IDX the DESC offset/wrap form), 2.8.9
+// (VIRTIO_F_IN_ORDER: one used descriptor for a batch).
 #include "uvirtio/rings/packed.hpp"
 
 #include <algorithm>
@@ -106,10 +107,11 @@ Result<std::uint16_t> PackedQueue::add(std::span<const Buffer> out, std::span<co
   }
 
   // A free descriptor count >= 1 implies a free id: each live id holds at
-  // least one ring position.
-  const std::uint16_t id = free_id_;
+  // least one ring position. With in_order the id is the head's position,
+  // free because the positions in flight run from the oldest chain's to ours.
+  const std::uint16_t id = in_order_ ? next_avail_ : free_id_;
   Extra& x = extra_[id];
-  free_id_ = x.next_free;
+  if (!in_order_) free_id_ = x.next_free;
 
   const std::uint16_t head = next_avail_;
   std::uint16_t head_flags = 0;
@@ -206,6 +208,7 @@ bool PackedQueue::publish() {
 Result<std::optional<Completion>> PackedQueue::poll() {
   const char* op = "poll used ring";
   if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
+  if (batch_left_ > 0) return std::optional<Completion>{take_oldest()};
   PvirtqDesc& d = desc_[last_used_];
   const std::uint16_t flags = load_acquire(d.flags);
   const bool avail = (flags & VIRTQ_DESC_F_AVAIL) != 0;
@@ -241,6 +244,37 @@ Result<std::optional<Completion>> PackedQueue::poll() {
         .error();
   }
 
+  if (in_order_) {
+    // 2.8.9: the descriptor at our last-used position reports every chain
+    // from the oldest in flight (whose id is that position) up to chain
+    // `id`; skip all their positions, by our own counts.
+    std::uint32_t skip = 0;
+    std::uint16_t batch = 0;
+    std::uint16_t p = last_used_;
+    for (;;) {
+      const std::uint16_t n = extra_[p].chain_len;
+      skip += n;
+      ++batch;
+      if (p == id) break;
+      p = static_cast<std::uint16_t>((p + n) % size_);
+    }
+    batch_pos_ = last_used_;
+    batch_left_ = batch;
+    batch_len_ = len;
+    const std::uint32_t end = std::uint32_t{last_used_} + skip;
+    if (end >= size_) {
+      last_used_ = static_cast<std::uint16_t>(end - size_);
+      used_wrap_ = !used_wrap_;
+    } else {
+      last_used_ = static_cast<std::uint16_t>(end);
+    }
+    if (event_idx_ && interrupts_) {
+      store_release(driver_event_->desc, packed_off_wrap(last_used_, used_wrap_));
+      barrier_store_load();
+    }
+    return std::optional<Completion>{take_oldest()};
+  }
+
   // Valid: skip the chain's descriptors by our own count (2.8.6) and free the id.
   const std::uint32_t next = std::uint32_t{last_used_} + x.chain_len;
   if (next >= size_) {
@@ -264,8 +298,21 @@ Result<std::optional<Completion>> PackedQueue::poll() {
   return std::optional<Completion>{Completion{x.token, len}};
 }
 
+// Frees the oldest chain in flight (in_order, a batch pending). Only the
+// batch's last chain carries the device's length.
+Completion PackedQueue::take_oldest() noexcept {
+  Extra& x = extra_[batch_pos_];
+  batch_pos_ = static_cast<std::uint16_t>((std::uint32_t{batch_pos_} + x.chain_len) % size_);
+  num_free_ = static_cast<std::uint16_t>(num_free_ + x.chain_len);
+  x.chain_len = 0;
+  --batch_left_;
+  if (batch_left_ == 0) return Completion{x.token, batch_len_};
+  return Completion{x.token, 0, true};
+}
+
 bool PackedQueue::has_used() const noexcept {
   if (broken_) return false;
+  if (batch_left_ > 0) return true;
   const std::uint16_t flags = load_acquire(desc_[last_used_].flags);
   return ((flags & VIRTQ_DESC_F_AVAIL) != 0) == used_wrap_ &&
          ((flags & VIRTQ_DESC_F_USED) != 0) == used_wrap_;
@@ -308,6 +355,19 @@ void PackedQueue::set_event_idx(bool enabled) noexcept {
   event_idx_ = enabled;
   if (broken_) return;
   write_driver_event();
+}
+
+Result<void> PackedQueue::set_in_order(bool enabled) {
+  if (in_flight() > 0) {
+    return Error(Errc::busy, name_, "set in-order",
+                 std::to_string(in_flight()) + " descriptors are in flight; set it before use");
+  }
+  in_order_ = enabled;
+  // Everything is free: a fresh id free list, which in_order does not keep.
+  for (std::uint16_t i = 0; i < size_; ++i) extra_[i].next_free = static_cast<std::uint16_t>(i + 1);
+  free_id_ = 0;
+  batch_left_ = 0;
+  return ok();
 }
 
 void PackedQueue::set_indirect(bool enabled, std::size_t max_indirect) noexcept {

@@ -14,7 +14,8 @@
 // whole chain), 2.8.7 and 2.8.19 (indirect tables), 2.8.10 and 2.8.14 (event
 // suppression, with VIRTIO_F_EVENT_IDX the DESC offset/wrap form), 2.8.13
 // (descriptor layout), 2.8.17 (readable before writable), 2.8.21 (the driver
-// publishes the head flags last).
+// publishes the head flags last), 2.8.9 (VIRTIO_F_IN_ORDER: one used
+// descriptor for a batch).
 #include "uvirtio/rings/packed_device.hpp"
 
 #include <algorithm>
@@ -198,14 +199,8 @@ Result<bool> PackedDeviceQueue::pop_into(Request& req) {
   avail_pos_ = pos;
   avail_wrap_ = wrap;
   held_descs_ += count;
-  // count >= 1: a chain has at least its head.
-  const Held h{static_cast<std::uint16_t>(count), req.writable_bytes};
-  if (id < held_small_.size()) {
-    held_small_[id] = h;
-  } else {
-    held_big_.emplace(id, h);
-  }
-  ++held_count_;
+  if (in_order_) order_[(order_first_ + held_count_) % size_] = id;
+  add_held(id, Held{static_cast<std::uint16_t>(count), req.writable_bytes});  // count >= 1
   req.head = id;
   if (event_idx_ && notify_enabled_) {
     // 2.8.10: "kick me when you make the descriptor at my next position
@@ -213,6 +208,24 @@ Result<bool> PackedDeviceQueue::pop_into(Request& req) {
     store(device_event_->desc, packed_off_wrap(avail_pos_, avail_wrap_), std::memory_order_release);
   }
   return true;
+}
+
+void PackedDeviceQueue::add_held(std::uint16_t id, Held h) {
+  if (id < held_small_.size()) {
+    held_small_[id] = h;
+  } else {
+    held_big_.emplace(id, h);
+  }
+  ++held_count_;
+}
+
+void PackedDeviceQueue::erase_held(std::uint16_t id) noexcept {
+  if (id < held_small_.size()) {
+    held_small_[id] = Held{};
+  } else {
+    held_big_.erase(id);
+  }
+  --held_count_;
 }
 
 // Names a descriptor for an error message: "descriptor 5" for a ring
@@ -295,25 +308,31 @@ Result<void> PackedDeviceQueue::add_buffer(std::uint64_t addr, std::uint32_t len
   return ok();
 }
 
-Result<void> PackedDeviceQueue::push(std::uint16_t id, std::uint32_t written) {
-  UV_TRY_VOID(push_deferred(id, written));
-  publish_used();
-  return ok();
-}
-
-Result<void> PackedDeviceQueue::push_deferred(std::uint16_t id, std::uint32_t written) {
-  const char* op = "push used descriptor";
+Result<void> PackedDeviceQueue::check_push(std::uint16_t id, std::uint32_t written, const char* op, Held& h) {
   if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier driver error");
-  Held* held = find_held(id);
+  const Held* held = find_held(id);
   if (held == nullptr) {
     return Error(Errc::invalid_argument, name_, op, "buffer id " + std::to_string(id) + " is not in flight");
   }
-  const Held h = *held;
+  h = *held;
   if (written > h.writable) {
     return Error(Errc::invalid_argument, name_, op,
                  "written " + std::to_string(written) + " exceeds the " + std::to_string(h.writable) +
                      " writable bytes of buffer " + std::to_string(id));
   }
+  // 2.8.9: with IN_ORDER chains are used in the order they were made available.
+  if (in_order_ && id != order_[order_first_]) {
+    return Error(Errc::invalid_argument, name_, op,
+                 "buffer id " + std::to_string(id) + " is not the oldest chain in flight (" +
+                     std::to_string(order_[order_first_]) + "): VIRTIO_F_IN_ORDER completes chains in order");
+  }
+  return ok();
+}
+
+// One used descriptor at our used position standing for `descs` ring
+// positions (one chain, or with IN_ORDER a batch), then skip them.
+void PackedDeviceQueue::write_used(std::uint16_t id, std::uint32_t written, bool writable,
+                                   std::uint32_t descs, bool defer) noexcept {
   // Our used position is the first of the positions we hold, so this never
   // overwrites a descriptor we have not popped.
   PvirtqDesc& d = desc_[used_pos_];
@@ -323,11 +342,13 @@ Result<void> PackedDeviceQueue::push_deferred(std::uint16_t id, std::uint32_t wr
   // counter. 2.8.4: WRITE says len is meaningful (the chain had writable
   // buffers).
   auto flags = static_cast<std::uint16_t>(used_wrap_ ? (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) : 0);
-  if (h.writable != 0) flags = static_cast<std::uint16_t>(flags | VIRTQ_DESC_F_WRITE);
-  if (!pending_) {
-    // The first used descriptor of a batch: its flags are stored last, by
-    // publish_used(). The driver reads used descriptors in ring order, so it
-    // sees none of the batch until then, and all of it after.
+  if (writable) flags = static_cast<std::uint16_t>(flags | VIRTQ_DESC_F_WRITE);
+  if (!defer) {
+    // id and len must be visible before the flags that mark them used (2.8.22).
+    barrier_publish();
+    store(d.flags, flags, std::memory_order_release);
+  } else if (!pending_) {
+    // The first of a deferred batch: publish_used() stores its flags last.
     pending_ = true;
     pending_pos_ = used_pos_;
     pending_flags_ = flags;
@@ -335,34 +356,67 @@ Result<void> PackedDeviceQueue::push_deferred(std::uint16_t id, std::uint32_t wr
     // Ordered before the first descriptor's flags by publish_used()'s barrier.
     store(d.flags, flags, std::memory_order_relaxed);
   }
-  // 2.8.6: the used descriptor stands for the whole chain; skip its positions.
-  const std::uint32_t next = std::uint32_t{used_pos_} + h.count;
+  // 2.8.6 (2.8.9): the used descriptor stands for the whole chain (batch); skip its positions.
+  const std::uint32_t next = std::uint32_t{used_pos_} + descs;
   if (next >= size_) {
     used_pos_ = static_cast<std::uint16_t>(next - size_);
     used_wrap_ = !used_wrap_;
   } else {
     used_pos_ = static_cast<std::uint16_t>(next);
   }
-  held_descs_ -= h.count;
-  if (id < held_small_.size()) {
-    held_small_[id] = Held{};
-  } else {
-    held_big_.erase(id);
+  held_descs_ -= descs;
+  (defer ? pending_moved_ : moved_) += descs;
+}
+
+Result<void> PackedDeviceQueue::push(std::uint16_t id, std::uint32_t written) {
+  UV_TRY_VOID(push_deferred(id, written));
+  publish_used();
+  return ok();
+}
+
+Result<void> PackedDeviceQueue::push_deferred(std::uint16_t id, std::uint32_t written) {
+  Held h;
+  UV_TRY_VOID(check_push(id, written, "push used descriptor", h));
+  erase_held(id);
+  if (!in_order_) {
+    write_used(id, written, h.writable != 0, h.count, true);
+    return ok();
   }
-  --held_count_;
-  pending_moved_ += h.count;
+  order_first_ = static_cast<std::uint16_t>((order_first_ + 1u) % size_);
+  ++batch_count_;
+  batch_descs_ += h.count;  // held_descs_ keeps counting them until written
+  batch_id_ = id;
+  batch_len_ = written;
+  batch_writable_ = h.writable != 0;
   return ok();
 }
 
 void PackedDeviceQueue::publish_used() noexcept {
-  if (broken_ || !pending_) return;
-  // id, len and the later descriptors' flags must be visible before the
-  // flags that mark the batch's first descriptor used (2.8.22).
-  barrier_publish();
-  store(desc_[pending_pos_].flags, pending_flags_, std::memory_order_release);
-  pending_ = false;
-  moved_ += pending_moved_;
-  pending_moved_ = 0;
+  if (broken_) return;
+  if (pending_) {
+    // id, len and the later descriptors' flags must be visible before the
+    // flags that mark the batch's first descriptor used (2.8.22).
+    barrier_publish();
+    store(desc_[pending_pos_].flags, pending_flags_, std::memory_order_release);
+    pending_ = false;
+    moved_ += pending_moved_;
+    pending_moved_ = 0;
+  }
+  if (batch_count_ == 0) return;
+  // 2.8.9: one used descriptor with the last buffer id, skipping the batch.
+  write_used(batch_id_, batch_len_, batch_writable_, batch_descs_);
+  batch_count_ = 0;
+  batch_descs_ = 0;
+}
+
+Result<void> PackedDeviceQueue::set_in_order(bool enabled) {
+  if (held_count_ != 0 || batch_count_ > 0 || pending_) {
+    return Error(Errc::busy, name_, "set in-order", "chains are popped and not published; set it before use");
+  }
+  in_order_ = enabled;
+  order_.assign(enabled ? size_ : 0, 0);
+  order_first_ = 0;
+  return ok();
 }
 
 bool PackedDeviceQueue::has_avail() const noexcept {

@@ -10,7 +10,8 @@
 // little-endian storage of the Le<> fields. Spec sections: 2.7.13 (supplying
 // buffers), 2.7.14 and 2.7.8.3 (receiving used buffers), 2.7.7 and 2.7.10
 // (notification suppression, including VIRTIO_F_EVENT_IDX), 2.7.5.3
-// (indirect descriptors).
+// (indirect descriptors), 2.7.5 and 2.7.9 (VIRTIO_F_IN_ORDER: descriptors in
+// ring order, batches reported by one used entry).
 #include "uvirtio/rings/split.hpp"
 
 #include <algorithm>
@@ -102,6 +103,8 @@ void SplitQueue::init_shadow() {
   used_cache_ = 0;
   avail_flags_shadow_ = 0;
   next_seq_ = 0;
+  batch_left_ = 0;
+  batch_len_ = 0;
   broken_ = false;
 }
 
@@ -131,21 +134,25 @@ Result<std::uint32_t> chain_writable_bytes(std::span<const Buffer> out, std::spa
 
 Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<const Buffer> in,
                                       std::uint64_t token) {
-  const char* op = "add buffers";
-  if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
+  if (broken_) [[unlikely]]
+    return broken_error("add buffers");
   const std::size_t n = out.size() + in.size();
   const std::int64_t checked = detail::chain_writable(out, in);
-  if (checked < 0) return detail::chain_fault(checked, name_);
+  if (checked < 0) [[unlikely]]
+    return detail::chain_fault(checked, name_);
   const auto writable = static_cast<std::uint32_t>(checked);
   // Spec 2.7.5.3: a chain of several buffers goes into the head's indirect
   // table and takes one ring descriptor (also when the ring has too few free).
   const bool indirect = n > 1 && n <= indirect_limit();
   const std::size_t ring_descs = indirect ? 1 : n;
-  if (ring_descs > num_free_) {
-    return Error(Errc::busy, name_, op,
-                 std::to_string(ring_descs) + " descriptors needed, " + std::to_string(num_free_) + " free");
-  }
+  if (ring_descs > num_free_) [[unlikely]]
+    return busy_error(ring_descs);
 
+  // The descriptor after `i` in allocation order: our free-list link, or with
+  // VIRTIO_F_IN_ORDER the next offset in the table, wrapping at its end (2.7.5).
+  const auto next_of = [this](std::uint16_t i) noexcept {
+    return in_order_ ? static_cast<std::uint16_t>((i + 1u) & (size_ - 1u)) : extra_[i].next;
+  };
   const std::uint16_t head = free_head_;
   if (indirect) {
     // The table lives in driver-owned, device-visible memory and is written
@@ -170,7 +177,7 @@ Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<con
     d.len.set(static_cast<std::uint32_t>(n * sizeof(VirtqDesc)));
     d.flags.set(VIRTQ_DESC_F_INDIRECT);  // never with NEXT (2.7.5.3.1)
     d.next.set(0);
-    free_head_ = extra_[head].next;
+    free_head_ = next_of(head);
     num_free_ = static_cast<std::uint16_t>(num_free_ - 1);
     extra_[head].chain_len = 1;
     extra_[head].writable = writable;
@@ -192,11 +199,11 @@ Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<con
       d.addr.set(b.addr);
       d.len.set(b.len);
       d.flags.set(static_cast<std::uint16_t>(write | (last ? 0 : VIRTQ_DESC_F_NEXT)));
-      d.next.set(last ? 0 : extra_[i].next);
-      if (!last) i = extra_[i].next;
+      d.next.set(last ? 0 : next_of(i));
+      if (!last) i = next_of(i);
     }
   }
-  free_head_ = extra_[i].next;
+  free_head_ = next_of(i);
   num_free_ = static_cast<std::uint16_t>(num_free_ - n);
   extra_[head].chain_len = static_cast<std::uint16_t>(n);
   extra_[head].writable = writable;
@@ -228,20 +235,17 @@ bool SplitQueue::publish() {
 }
 
 Result<std::optional<Completion>> SplitQueue::poll() {
-  const char* op = "poll used ring";
-  if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
+  if (broken_) [[unlikely]]
+    return broken_error("poll used ring");
+  if (in_order_) return poll_in_order();
   if (last_used_ == used_cache_) {
     // Everything seen is consumed: read the index again (once per batch, not
     // per entry: the line it sits on is the one the device keeps writing).
     const std::uint16_t used_idx = load_acquire(words(used_)[kIdx]);
     if (used_idx == last_used_) return std::optional<Completion>{};
     const auto ahead = static_cast<std::uint16_t>(used_idx - last_used_);
-    if (ahead > size_) {
-      return fail("used index " + std::to_string(used_idx) + " is " + std::to_string(ahead) +
-                  " entries ahead of the last seen " + std::to_string(last_used_) + " (queue size " +
-                  std::to_string(size_) + ")")
-          .error();
-    }
+    if (ahead > size_) [[unlikely]]
+      return used_index_error(used_idx);
     used_cache_ = used_idx;
     // The used entries must be read after the index that covers them (2.7.14).
     barrier_consume();
@@ -250,14 +254,9 @@ Result<std::optional<Completion>> SplitQueue::poll() {
   VirtqUsedElem& e = ring[last_used_ & (size_ - 1u)];
   const std::uint32_t id = read_once(e.id);
   const std::uint32_t len = read_once(e.len);
-  if (id >= size_) return fail("used id " + std::to_string(id) + " out of range").error();
+  if (id >= size_ || extra_[id].chain_len == 0 || len > extra_[id].writable) [[unlikely]]
+    return used_entry_error(id, len);
   Extra& x = extra_[id];
-  if (x.chain_len == 0) return fail("used id " + std::to_string(id) + " not in flight").error();
-  if (len > x.writable) {
-    return fail("used len " + std::to_string(len) + " exceeds the " + std::to_string(x.writable) +
-                " device-writable bytes of chain " + std::to_string(id))
-        .error();
-  }
 
   // Valid: return the chain to the free list through our own links.
   std::uint16_t tail = static_cast<std::uint16_t>(id);
@@ -277,8 +276,82 @@ Result<std::optional<Completion>> SplitQueue::poll() {
   return std::optional<Completion>{Completion{x.token, len}};
 }
 
+// VIRTIO_F_IN_ORDER (2.7.9): the entry at last_used_ stands for every chain
+// from the oldest in flight up to the one its id heads. Checked completely
+// before anything changes; then the batch is handed out by take_oldest(), one
+// chain per call, without reading the ring again.
+Result<std::optional<Completion>> SplitQueue::poll_in_order() {
+  if (batch_left_ > 0) return std::optional<Completion>{take_oldest()};
+  const std::uint16_t used_idx = load_acquire(words(used_)[kIdx]);
+  if (used_idx == last_used_) return std::optional<Completion>{};
+  const auto ahead = static_cast<std::uint16_t>(used_idx - last_used_);
+  // Every chain in flight was added in ring order and comes back in that
+  // order, so they are the chains numbered (seq) from the oldest's on.
+  const auto oldest = static_cast<std::uint16_t>((free_head_ + num_free_) & (size_ - 1u));
+  const std::uint64_t chains = in_flight() == 0 ? 0 : next_seq_ - extra_[oldest].seq;
+  if (ahead > chains) {
+    return fail("used index " + std::to_string(used_idx) + " is " + std::to_string(ahead) +
+                " entries ahead of the last seen " + std::to_string(last_used_) + " but only " +
+                std::to_string(chains) + " chains are in flight")
+        .error();
+  }
+  // The used entry must be read after the index that covers it (2.7.14).
+  barrier_consume();
+  auto* ring = reinterpret_cast<VirtqUsedElem*>(used_ + 4);
+  VirtqUsedElem& e = ring[last_used_ & (size_ - 1u)];
+  const std::uint32_t id = read_once(e.id);
+  const std::uint32_t len = read_once(e.len);
+  if (id >= size_) return fail("used id " + std::to_string(id) + " out of range").error();
+  const Extra& x = extra_[id];
+  if (x.chain_len == 0) {
+    return fail("used id " + std::to_string(id) + " is not the head of an in-flight chain (in-order)")
+        .error();
+  }
+  // The batch: the oldest chain in flight up to and including chain `id`.
+  // Its entry sits where the batch's first chain's would; the used index
+  // must have moved past all of it (2.7.9), what it moved beyond belongs to
+  // later batches.
+  const std::uint64_t batch = x.seq - extra_[oldest].seq + 1;
+  if (batch > ahead) {
+    return fail("used id " + std::to_string(id) + " completes an in-order batch of " + std::to_string(batch) +
+                " chains (oldest in flight: head " + std::to_string(oldest) +
+                ") but the used index moved by only " + std::to_string(ahead))
+        .error();
+  }
+  if (len > x.writable) {
+    return fail("used len " + std::to_string(len) + " exceeds the " + std::to_string(x.writable) +
+                " device-writable bytes of chain " + std::to_string(id))
+        .error();
+  }
+
+  // Valid: consume the batch's used ring positions now, hand the chains out one by one.
+  last_used_ = static_cast<std::uint16_t>(last_used_ + batch);
+  batch_left_ = static_cast<std::uint16_t>(batch);
+  batch_len_ = len;
+  if (event_idx_ && (avail_flags_shadow_ & VIRTQ_AVAIL_F_NO_INTERRUPT) == 0) {
+    // As in poll(): interrupt at the next entry, ordered before our next read.
+    store_release(used_event(avail_, size_), last_used_);
+    barrier_store_load();
+  }
+  return std::optional<Completion>{take_oldest()};
+}
+
+// Frees the oldest chain in flight (in_order, a batch pending): its
+// descriptors are the ones right after the free range. Only the batch's last
+// chain carries the device's length.
+Completion SplitQueue::take_oldest() noexcept {
+  const auto oldest = static_cast<std::uint16_t>((free_head_ + num_free_) & (size_ - 1u));
+  Extra& x = extra_[oldest];
+  num_free_ = static_cast<std::uint16_t>(num_free_ + x.chain_len);
+  x.chain_len = 0;
+  --batch_left_;
+  if (batch_left_ == 0) return Completion{x.token, batch_len_};
+  return Completion{x.token, 0, true};
+}
+
 bool SplitQueue::has_used() const noexcept {
   if (broken_) return false;
+  if (batch_left_ > 0) return true;
   return load_acquire(words(used_)[kIdx]) != last_used_;
 }
 
@@ -304,7 +377,7 @@ bool SplitQueue::enable_interrupts_and_check() noexcept {
   // index (2.7.7.2): otherwise an entry written in between is neither seen
   // here nor signalled.
   barrier_store_load();
-  return load_acquire(words(used_)[kIdx]) != last_used_;
+  return batch_left_ > 0 || load_acquire(words(used_)[kIdx]) != last_used_;
 }
 
 void SplitQueue::set_event_idx(bool enabled) noexcept {
@@ -315,6 +388,22 @@ void SplitQueue::set_event_idx(bool enabled) noexcept {
   if (enabled && (avail_flags_shadow_ & VIRTQ_AVAIL_F_NO_INTERRUPT) == 0) {
     store_release(used_event(avail_, size_), last_used_);
   }
+}
+
+Result<void> SplitQueue::set_in_order(bool enabled) {
+  if (in_flight() > 0) {
+    return Error(
+        Errc::busy, name_, "set in-order",
+        std::to_string(in_flight()) + " descriptors are in flight; set it before use or after reset_ring()");
+  }
+  in_order_ = enabled;
+  used_cache_ = last_used_;  // poll_in_order() keeps no cache
+  // Everything is free: restart allocation at offset 0 (2.7.5) with a fresh
+  // free list, which the in-order allocator does not maintain.
+  for (std::uint16_t i = 0; i < size_; ++i) extra_[i].next = static_cast<std::uint16_t>(i + 1);
+  free_head_ = 0;
+  batch_left_ = 0;
+  return ok();
 }
 
 void SplitQueue::set_indirect(bool enabled, std::size_t max_indirect) noexcept {
@@ -351,6 +440,32 @@ Result<void> SplitQueue::reset_ring() {
   std::memset(used_, 0, SplitLayout::used_bytes(size_));
   init_shadow();
   return ok();
+}
+
+Error SplitQueue::broken_error(const char* op) const {
+  return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
+}
+
+Error SplitQueue::busy_error(std::size_t needed) const {
+  return Error(Errc::busy, name_, "add buffers",
+               std::to_string(needed) + " descriptors needed, " + std::to_string(num_free_) + " free");
+}
+
+Error SplitQueue::used_index_error(std::uint16_t used_idx) {
+  const auto ahead = static_cast<std::uint16_t>(used_idx - last_used_);
+  return fail("used index " + std::to_string(used_idx) + " is " + std::to_string(ahead) +
+              " entries ahead of the last seen " + std::to_string(last_used_) + " (queue size " +
+              std::to_string(size_) + ")")
+      .error();
+}
+
+Error SplitQueue::used_entry_error(std::uint32_t id, std::uint32_t len) {
+  if (id >= size_) return fail("used id " + std::to_string(id) + " out of range").error();
+  const Extra& x = extra_[id];
+  if (x.chain_len == 0) return fail("used id " + std::to_string(id) + " not in flight").error();
+  return fail("used len " + std::to_string(len) + " exceeds the " + std::to_string(x.writable) +
+              " device-writable bytes of chain " + std::to_string(id))
+      .error();
 }
 
 Result<void> SplitQueue::fail(std::string cause) {

@@ -8,7 +8,8 @@
 //
 // Spec sections: 2.7.5 (descriptor table), 2.7.5.3 (indirect descriptors),
 // 2.7.4.2 (readable before writable), 2.7.6 and 2.7.13 (available ring),
-// 2.7.8 (used ring), 2.7.7 and 2.7.10 (notification suppression).
+// 2.7.8 (used ring), 2.7.7 and 2.7.10 (notification suppression), 2.7.5 and
+// 2.7.9 (VIRTIO_F_IN_ORDER: ring-order descriptors, one used entry a batch).
 #include "uvirtio/rings/split_device.hpp"
 
 #include <algorithm>
@@ -123,6 +124,11 @@ Result<bool> SplitDeviceQueue::pop_into(Request& req) {
       load(words(avail_)[kRing + (last_avail_ & (size_ - 1u))], std::memory_order_relaxed);
   if (head >= size_) return fail("head " + std::to_string(head) + " out of range").error();
   if (held_[head].live) return fail("head " + std::to_string(head) + " is already in flight").error();
+  if (in_order_ && expect_known_ && head != expect_head_) {
+    return fail("head " + std::to_string(head) + " is not descriptor " + std::to_string(expect_head_) +
+                ", the next in ring order (VIRTIO_F_IN_ORDER, 2.7.5)")
+        .error();
+  }
   if (static_cast<std::uint16_t>(last_avail_ + 1) != avail_cache_) {
     // Start the next chain's descriptor on its way while this one is walked
     // (a hint only: the index is masked, and the value is read again, and
@@ -138,6 +144,7 @@ Result<bool> SplitDeviceQueue::pop_into(Request& req) {
   // The common chain, one direct descriptor, without the general walk; any
   // other shape (or a buffer that does not translate) takes the walk, which
   // reads and checks the descriptor afresh.
+  std::uint32_t descs = 1;
   const Desc d = read_desc(desc_[head]);
   std::optional<std::span<std::uint8_t>> one;
   if ((d.flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT)) == 0 && d.len != 0)
@@ -150,19 +157,25 @@ Result<bool> SplitDeviceQueue::pop_into(Request& req) {
       req.readable.push_back(one->subspan(0, d.len));
       req.readable_bytes = d.len;
     }
-  } else if (auto r = walk(head, req); !r.ok()) {
+  } else if (auto r = walk(head, req, descs); !r.ok()) {
     return std::move(r).error();
   }
   ++last_avail_;
   held_[head] = Held{true, req.writable_bytes};
+  if (in_order_) {
+    order_[(order_first_ + in_flight_) & (size_ - 1u)] = head;
+    expect_head_ = static_cast<std::uint16_t>((head + descs) & (size_ - 1u));
+    expect_known_ = true;
+  }
   ++in_flight_;
   return true;
 }
 
-Result<void> SplitDeviceQueue::walk(std::uint16_t head, Request& req) {
+Result<void> SplitDeviceQueue::walk(std::uint16_t head, Request& req, std::uint32_t& descs) {
   bool seen_write = false;
   std::uint16_t i = head;
   for (std::uint32_t count = 0;; ++count) {
+    descs = count + 1;
     // 2.7.5.1: a chain is never longer than the queue; more means a loop.
     if (count == size_) {
       return fail("chain from head " + std::to_string(head) + " is longer than the queue size " +
@@ -184,6 +197,10 @@ Result<void> SplitDeviceQueue::walk(std::uint16_t head, Request& req) {
     if ((d.flags & VIRTQ_DESC_F_NEXT) == 0) return ok();
     if (d.next >= size_) {
       return fail("descriptor " + std::to_string(i) + ": next " + std::to_string(d.next) + " out of range");
+    }
+    if (in_order_ && d.next != ((i + 1u) & (size_ - 1u))) {
+      return fail("descriptor " + std::to_string(i) + ": next " + std::to_string(d.next) +
+                  " is not the next in ring order (VIRTIO_F_IN_ORDER, 2.7.5)");
     }
     i = d.next;
   }
@@ -268,6 +285,23 @@ Result<void> SplitDeviceQueue::push_deferred(std::uint16_t head, std::uint32_t w
                      std::to_string(held_[head].writable) + " writable bytes of chain " +
                      std::to_string(head));
   }
+  if (in_order_) {
+    // 2.7.9: chains are used in the order they were made available; the
+    // entry is written by publish_used(), one for the whole batch.
+    const std::uint16_t oldest = order_[order_first_];
+    if (head != oldest) {
+      return Error(Errc::invalid_argument, name_, op,
+                   "head " + std::to_string(head) + " is not the oldest chain in flight (" +
+                       std::to_string(oldest) + "): VIRTIO_F_IN_ORDER completes chains in ring order");
+    }
+    order_first_ = static_cast<std::uint16_t>((order_first_ + 1u) & (size_ - 1u));
+    ++batch_count_;
+    batch_head_ = head;
+    batch_len_ = written;
+    held_[head].live = false;
+    --in_flight_;
+    return ok();
+  }
   auto* ring = reinterpret_cast<VirtqUsedElem*>(used_ + 4);
   VirtqUsedElem& e = ring[used_idx_ & (size_ - 1u)];
   store(e.id, std::uint32_t{head}, std::memory_order_relaxed);
@@ -279,7 +313,18 @@ Result<void> SplitDeviceQueue::push_deferred(std::uint16_t head, std::uint32_t w
 }
 
 void SplitDeviceQueue::publish_used() noexcept {
-  if (broken_ || used_idx_ == published_used_) return;
+  if (broken_) return;
+  if (batch_count_ > 0) {
+    // 2.7.9: one entry, at the position of the batch's first chain, naming
+    // its last chain; the index skips forward by the batch.
+    auto* ring = reinterpret_cast<VirtqUsedElem*>(used_ + 4);
+    VirtqUsedElem& e = ring[used_idx_ & (size_ - 1u)];
+    store(e.id, std::uint32_t{batch_head_}, std::memory_order_relaxed);
+    store(e.len, batch_len_, std::memory_order_relaxed);
+    used_idx_ = static_cast<std::uint16_t>(used_idx_ + batch_count_);
+    batch_count_ = 0;
+  }
+  if (used_idx_ == published_used_) return;
   // 2.7.8.2: the entries (id and len) must be visible before the index covering them.
   barrier_publish();
   store(words(used_)[kIdx], used_idx_, std::memory_order_release);
@@ -289,6 +334,20 @@ void SplitDeviceQueue::publish_used() noexcept {
     store(*reinterpret_cast<le16*>(used_ + SplitLayout::avail_event_offset(size_)), last_avail_,
           std::memory_order_release);
   }
+}
+
+Result<void> SplitDeviceQueue::set_in_order(bool enabled) {
+  if (in_flight_ > 0 || batch_count_ > 0) {
+    return Error(Errc::busy, name_, "set in-order", "chains are popped and not published; set it before use");
+  }
+  in_order_ = enabled;
+  order_.assign(enabled ? size_ : 0, 0);
+  order_first_ = 0;
+  // A fresh ring starts at descriptor 0 (2.7.5); after a resume at a base we
+  // cannot know where the driver's allocation stands until its next chain.
+  expect_known_ = last_avail_ == 0 && used_idx_ == 0;
+  expect_head_ = 0;
+  return ok();
 }
 
 bool SplitDeviceQueue::has_avail() const noexcept {

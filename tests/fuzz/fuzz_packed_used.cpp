@@ -18,10 +18,16 @@
 // interrupts are on; with indirect tables, chains of 2..max buffers must be
 // one INDIRECT ring descriptor pointing at the buffer id's table slot, which
 // holds exactly the chain (WRITE the only flag), and take one position.
+// With VIRTIO_F_IN_ORDER (2.8.9) a chain's buffer id must be its first ring
+// position, and a used descriptor completes every chain from the oldest in
+// flight up to the one it names: the ring skips all their positions, and the
+// batch comes back one chain per poll() (len 0 and `skipped` but for the
+// last) without the ring being read.
 //
 // Input: byte 0 picks the queue size (bits 0-2: 1, 2, 3, 4, 5, 7, 8 or 16),
-// VIRTIO_F_EVENT_IDX (bit 3) and indirect tables (bit 4) of 2, 3, 4 or 16
-// entries (bits 5-6); then ops, each starting with a byte b, op = b % 7:
+// VIRTIO_F_EVENT_IDX (bit 3), indirect tables (bit 4) of 2, 3, 4 or 16
+// entries (bits 5-6) and VIRTIO_F_IN_ORDER (bit 7); then ops, each starting
+// with a byte b, op = b % 7:
 //   0 add:        n_out%4, n_in%4, one length byte per buffer
 //                 (0: zero length, 255: next 4 bytes raw, else 16*b)
 //   1 publish
@@ -44,6 +50,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <iterator>
 #include <map>
 #include <new>
@@ -121,6 +128,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const bool ev = (cfg & 0x08) != 0;
   const bool ind = (cfg & 0x10) != 0;
   const std::size_t max_ind = kIndirectMax[(cfg >> 5) % 4];
+  const bool in_order = (cfg & 0x80) != 0;
   const std::size_t slot_entries =
       std::min<std::size_t>(max_ind, qsize);  // 2.8.17: never longer than the ring
   const std::size_t ind_limit = ind ? slot_entries : 0;
@@ -138,6 +146,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   }
   q.set_event_idx(ev);
   CHECK(q.event_idx() == ev);
+  CHECK(q.set_in_order(in_order).ok());
+  CHECK(q.in_order() == in_order);
 
   auto* d = reinterpret_cast<PvirtqDesc*>(desc.p);
   auto* drv_ev = reinterpret_cast<PvirtqEventSuppress*>(drv.p);
@@ -152,6 +162,21 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   std::uint32_t moved = 0;                                                 // positions since the last publish
   std::uint64_t next_token = 1, seq = 0;
   bool broken = false;
+  // In order: live ids oldest first, and the batch being handed out.
+  std::deque<std::uint16_t> order;
+  std::uint16_t batch_left = 0;
+  std::uint32_t batch_len = 0;
+  // Chains and ring positions from the oldest in flight up to live id `id`.
+  auto batch_of = [&](std::uint16_t id, std::size_t from, std::uint16_t& chains, std::uint32_t& positions) {
+    chains = 0;
+    positions = 0;
+    for (std::size_t k = from; k < order.size(); ++k) {
+      ++chains;
+      positions += live[order[k]].descs;
+      if (order[k] == id) return true;
+    }
+    return false;
+  };
   // Driver-written memory: descriptor ring, driver event area, table pool;
   // the snapshot when the queue broke.
   std::vector<std::uint8_t> frozen;
@@ -211,6 +236,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         CHECK(r.ok());
         const std::uint16_t id = r.value();
         CHECK(id < qsize && live.count(id) == 0);
+        if (in_order) {
+          CHECK(id == next_avail);  // the buffer id is the chain's first position
+          order.push_back(id);
+        }
         std::vector<bool> touched(before.size(), false);
         auto touch = [&](std::size_t from, std::size_t n) {
           for (std::size_t i = from; i < from + n; ++i) touched[i] = true;
@@ -275,6 +304,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       case 2: {  // the device writes used descriptors from the driver's last-used position on
         std::uint16_t pos = last_used;
         bool wrap = used_wrap;
+        std::size_t cursor = 0;  // in order: the oldest chain not yet covered
         const unsigned count = in.u8() % 4;
         for (unsigned k = 0; k < count; ++k) {
           const std::uint8_t ids = in.u8();
@@ -300,7 +330,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             d[pos].len.set(len);
             d[pos].flags.set(flags);
           }
-          const std::uint32_t next = pos + (it != live.end() ? it->second.descs : 1u);
+          std::uint32_t step = it != live.end() ? it->second.descs : 1u;
+          std::uint16_t chains = 0;
+          if (in_order && it != live.end() && batch_of(id, cursor, chains, step)) cursor += chains;
+          const std::uint32_t next = pos + step;
           pos = static_cast<std::uint16_t>(next % qsize);
           if (next >= qsize) wrap = !wrap;
         }
@@ -316,14 +349,22 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           const std::uint16_t flags = x.flags.get(), id = x.id.get();
           const std::uint32_t len = x.len.get();
           const bool avail_bit = (flags & VIRTQ_DESC_F_AVAIL) != 0;
+          std::uint16_t batch = 1;
+          std::uint32_t positions = 0;
           if (broken) {
             want_err = Errc::broken;
+          } else if (in_order && batch_left > 0) {
+            const Live& l = live[order.front()];
+            want = Completion{l.token, batch_left == 1 ? batch_len : 0, batch_left > 1};
           } else if (!is_used(flags)) {
             // Something in flight: only the driver's own AVAIL/USED pattern
             // for the current lap may sit here besides a used descriptor.
             if (model_free < qsize && avail_bit != used_wrap) want_err = Errc::bad_device_data;
           } else if (id >= qsize || live.count(id) == 0 || len > live[id].writable) {
             want_err = Errc::bad_device_data;
+          } else if (in_order) {
+            CHECK(batch_of(id, 0, batch, positions));
+            want = Completion{live[order.front()].token, batch == 1 ? len : 0, batch > 1};
           } else {
             want = Completion{live[id].token, len};
           }
@@ -348,7 +389,24 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           }
           CHECK(r.value().has_value());
           const Completion c = *r.value();
-          CHECK(c.token == want->token && c.len == want->len);
+          CHECK(c.token == want->token && c.len == want->len && c.skipped == want->skipped);
+          if (in_order) {
+            if (batch_left == 0) {  // the ring was read: skip the whole batch
+              const std::uint32_t next = std::uint32_t{last_used} + positions;
+              last_used = static_cast<std::uint16_t>(next % qsize);
+              if (next >= qsize) used_wrap = !used_wrap;
+              batch_left = batch;
+              batch_len = len;
+              if (ev && ints) drv_desc = static_cast<std::uint16_t>(last_used | (used_wrap ? 0x8000 : 0));
+            }
+            --batch_left;
+            const std::uint16_t oldest = order.front();
+            order.pop_front();
+            model_free = static_cast<std::uint16_t>(model_free + live[oldest].descs);
+            live.erase(oldest);
+            CHECK(drv_ev->desc.get() == drv_desc);
+            continue;
+          }
           // Returned once: the id leaves the live set, the position skips by
           // our descriptor count.
           const std::uint32_t next = std::uint32_t{last_used} + live[id].descs;
@@ -377,11 +435,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         }
         if (b & 4) {
           const bool more = q.enable_interrupts_and_check();
-          CHECK(more == (!broken && is_used(d[last_used].flags.get())));
+          CHECK(more == (!broken && (batch_left > 0 || is_used(d[last_used].flags.get()))));
           arm(true);
         }
         CHECK(drv_ev->flags.get() == drv_flags && drv_ev->desc.get() == drv_desc);
-        CHECK(q.has_used() == (!broken && is_used(d[last_used].flags.get())));
+        CHECK(q.has_used() == (!broken && (batch_left > 0 || is_used(d[last_used].flags.get()))));
         std::vector<std::pair<std::uint64_t, std::uint64_t>> order;
         for (const auto& [id, l] : live) order.emplace_back(l.seq, l.token);
         std::sort(order.begin(), order.end());

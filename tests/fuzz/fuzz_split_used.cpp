@@ -8,7 +8,16 @@
 // call fails with Errc::broken and the driver-written ring areas never change.
 // Any mismatch traps.
 //
-// Input: byte 0 picks the queue size (1 << (b % 5), so 1..16); then ops,
+// With VIRTIO_F_IN_ORDER (2.7.5, 2.7.9) the model also checks that add()
+// allocates descriptors in ring order, and predicts batches: the entry at
+// the last used position completes every chain from the oldest in flight up
+// to the one its id heads, valid only when the used index moved by at least
+// that many and by no more than the chains in flight; the batch then comes
+// back one chain per poll() (len 0 and `skipped` but for the last) without
+// the ring being read.
+//
+// Input: byte 0 picks the queue size (1 << (b % 5), so 1..16) and, with bit
+// 7, VIRTIO_F_IN_ORDER; then ops,
 // each starting with a byte b, op = b % 6:
 //   0 add:        n_out%4, n_in%4, one length byte per buffer
 //                 (0: zero length, 255: next 4 bytes raw, else 16*b)
@@ -20,9 +29,11 @@
 //   4 misc:       byte: bit0 set_interrupts(bit1), then has_used() check
 //   5 scribble:   the device overwrites next and flags of descriptor
 //                 (byte % size) with 4 bytes; the driver must not care
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <iterator>
 #include <map>
 #include <new>
@@ -61,13 +72,17 @@ constexpr const char* kName = "fuzz queue";
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   Reader in{data, size};
-  const auto qsize = static_cast<std::uint16_t>(1u << (in.u8() % 5));
+  const std::uint8_t cfg = in.u8();
+  const auto qsize = static_cast<std::uint16_t>(1u << (cfg % 5));
+  const bool in_order = (cfg & 0x80) != 0;
   const std::uint16_t mask = static_cast<std::uint16_t>(qsize - 1);
   Area desc(SplitLayout::desc_bytes(qsize)), avail(SplitLayout::avail_bytes(qsize)),
       used(SplitLayout::used_bytes(qsize));
   auto created = SplitQueue::create(qsize, desc.p, avail.p, used.p, kName);
   CHECK(created.ok());
   SplitQueue q = std::move(created).value();
+  CHECK(q.set_in_order(in_order).ok());
+  CHECK(q.in_order() == in_order);
 
   auto* d = reinterpret_cast<VirtqDesc*>(desc.p);
   auto* av = reinterpret_cast<uvirtio::le16*>(avail.p);
@@ -80,6 +95,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   std::uint16_t model_free = qsize, last_used = 0, avail_count = 0, avail_flags = 0;
   std::uint64_t next_token = 1;
   bool broken = false;
+  // In order: the next descriptor to allocate, the live heads oldest first,
+  // and the batch being handed out (chains left, the device's len).
+  std::uint16_t alloc_pos = 0, batch_left = 0;
+  std::uint32_t batch_len = 0;
+  std::deque<std::uint16_t> order;
   std::vector<std::uint8_t> frozen;  // descriptor table + avail ring when the queue broke
   auto driver_areas = [&] {
     std::vector<std::uint8_t> v(desc.p, desc.p + desc.n);
@@ -122,8 +142,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           // The chain in the table must be exactly what was asked for, on
           // descriptors no other live chain holds.
           std::uint16_t i = head;
+          if (in_order) CHECK(head == alloc_pos);
           for (std::size_t k = 0; k < bufs.size(); ++k) {
             CHECK(i < qsize && !owned[i]);
+            if (in_order) CHECK(i == ((head + k) & mask));  // 2.7.5: ring order, wrapping
             owned[i] = true;
             chain_descs[head].push_back(i);
             const bool last = k + 1 == bufs.size();
@@ -135,6 +157,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           }
           live[head] = {token, static_cast<std::uint16_t>(bufs.size()), static_cast<std::uint32_t>(writable)};
           model_free = static_cast<std::uint16_t>(model_free - bufs.size());
+          alloc_pos = static_cast<std::uint16_t>((alloc_pos + bufs.size()) & mask);
+          order.push_back(head);
           CHECK(av[2 + (avail_count & mask)].get() == head);
           ++avail_count;
         }
@@ -186,9 +210,28 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           const std::uint16_t idx = uw[1].get();
           const VirtqUsedElem& e = ue[last_used & mask];
           const std::uint32_t id = e.id.get(), len = e.len.get();
+          std::uint16_t batch = 1;  // chains the entry completes (in order)
           if (broken) {
             want_err = Errc::broken;
+          } else if (in_order && batch_left > 0) {
+            // The rest of a batch: no ring read.
+            const Live& l = live[order.front()];
+            want = Completion{l.token, batch_left == 1 ? batch_len : 0, batch_left > 1};
           } else if (idx == last_used) {
+          } else if (in_order) {
+            const auto ahead = static_cast<std::uint16_t>(idx - last_used);
+            const auto pos = std::find(order.begin(), order.end(), id);
+            if (ahead > live.size() || id >= qsize || live.count(static_cast<std::uint16_t>(id)) == 0) {
+              want_err = Errc::bad_device_data;
+            } else {
+              batch = static_cast<std::uint16_t>(pos - order.begin() + 1);
+              if (batch > ahead || len > live[static_cast<std::uint16_t>(id)].writable) {
+                want_err = Errc::bad_device_data;
+              } else {
+                const Live& l = live[order.front()];
+                want = Completion{l.token, batch == 1 ? len : 0, batch > 1};
+              }
+            }
           } else if (static_cast<std::uint16_t>(idx - last_used) > qsize || id >= qsize ||
                      live.count(static_cast<std::uint16_t>(id)) == 0 ||
                      len > live[static_cast<std::uint16_t>(id)].writable) {
@@ -211,7 +254,22 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           }
           CHECK(r.value().has_value());
           const Completion c = *r.value();
-          CHECK(c.token == want->token && c.len == want->len);
+          CHECK(c.token == want->token && c.len == want->len && c.skipped == want->skipped);
+          if (in_order) {
+            if (batch_left == 0) {  // the ring was read: the batch's used entries are consumed
+              last_used = static_cast<std::uint16_t>(last_used + batch);
+              batch_left = batch;
+              batch_len = len;
+            }
+            --batch_left;
+            const std::uint16_t head = order.front();
+            order.pop_front();
+            for (std::uint16_t i : chain_descs[head]) owned[i] = false;
+            model_free = static_cast<std::uint16_t>(model_free + live[head].descs);
+            live.erase(head);
+            chain_descs.erase(head);
+            continue;
+          }
           // Returned once: the head leaves the live set and its descriptors are free again.
           const std::uint16_t head = static_cast<std::uint16_t>(id);
           for (std::uint16_t i : chain_descs[head]) owned[i] = false;
@@ -229,7 +287,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           if (!broken) avail_flags = (b & 2) ? 0 : VIRTQ_AVAIL_F_NO_INTERRUPT;
         }
         if (!broken) CHECK(av[0].get() == avail_flags);
-        CHECK(q.has_used() == (!broken && uw[1].get() != last_used));
+        CHECK(q.has_used() == (!broken && (batch_left > 0 || uw[1].get() != last_used)));
         break;
       }
       case 5: {  // the device scribbles on the descriptor table

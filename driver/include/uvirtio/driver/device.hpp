@@ -21,10 +21,10 @@ struct OpenOptions {
   // MSI-X vectors for device-specific interrupts (VirtioPci::create).
   unsigned extra_msix_vectors = 0;
   // Ring features the driver accepts when the device offers them; Virtqueue
-  // then uses the packed layout, event-index suppression and indirect
-  // tables. Clear bits to force the simpler forms.
+  // then uses the packed layout, event-index suppression, indirect tables
+  // and in-order descriptors. Clear bits to force the simpler forms.
   FeatureSet ring_features =
-      FeatureSet::of({feature::kRingPacked, feature::kEventIdx, feature::kIndirectDesc});
+      FeatureSet::of({feature::kRingPacked, feature::kEventIdx, feature::kIndirectDesc, feature::kInOrder});
 };
 
 // A function, its transport and its negotiated features. Owns the VFIO device.

@@ -16,6 +16,10 @@
 // handler fill the buffers, writes the used ring and interrupts (MSI-X vector
 // or INTx with ISR bit 0). Requests are processed inside the notify write, or
 // on a worker thread after start_worker(). `faults` makes it misbehave.
+// When the driver accepts VIRTIO_F_IN_ORDER (offer it in `features`), the
+// chains one notify (or one worker pass) takes are completed as a batch with
+// a single used entry (2.7.9), and a driver that does not allocate
+// descriptors in ring order (2.7.5) is recorded in violations().
 //
 // A device model that runs its queues itself (with rings::SplitDeviceQueue)
 // sets hooks instead of a handler: notify, status and device-config-write
@@ -140,6 +144,7 @@ class SoftVirtioDevice {
     std::uint16_t size = 0, vector = kNoVector, notify_off = 0, enabled = 0;
     std::uint64_t desc = 0, driver = 0, device = 0;
     std::uint16_t last_avail = 0, used_idx = 0;
+    std::uint16_t next_desc = 0;  // IN_ORDER: where the driver's next chain must start
   };
 
   std::uint64_t common_read(std::uint64_t off, unsigned width);

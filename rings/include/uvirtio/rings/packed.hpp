@@ -15,7 +15,26 @@
 // RING_EVENT_FLAGS_DESC with a descriptor offset and wrap counter in both
 // event suppression areas, spec 2.8.10 and 2.8.14) and VIRTIO_F_INDIRECT_DESC
 // (set_indirect plus a caller-provided pool of device-visible indirect tables,
-// spec 2.8.7).
+// spec 2.8.7), and VIRTIO_F_IN_ORDER (set_in_order, spec 2.8.9).
+//
+// VIRTIO_F_IN_ORDER. Chains take consecutive ring positions anyway (2.8.6);
+// with in_order on, a chain's buffer id is the ring position of its first
+// descriptor, so the ids in flight follow the ring and the oldest chain's id
+// is always our last-used position. The device uses chains in the order they
+// were made available and may report a batch with a single used descriptor
+// (2.8.9): written at the batch's first position, carrying the buffer id of
+// its LAST chain; it then skips forward by the batch's descriptors. poll()
+// validates that descriptor (wrap bits as always; the id must be the buffer
+// id of a chain in flight, so not one already completed nor a position inside
+// a chain; the length must fit that chain's writable bytes) before changing
+// anything, then skips the ring positions of every chain from the oldest in
+// flight up to that one, counted from our own chain lengths, and hands those
+// chains out one per poll() call, oldest first, without reading the ring
+// again. Only the last one carries the device's length; the others come with
+// Completion::skipped = true and len = 0: the device wrote no length for them
+// (2.8.9 lets a driver assume they were used completely; a caller that
+// wants that takes its own writable byte count, knowingly). Until returned, a
+// chain counts as in flight (in_flight(), outstanding_tokens()).
 //
 // The device's event suppression area is advice, not ring state: a value the
 // spec does not define there (flags 3 or reserved bits set, DESC without
@@ -171,11 +190,13 @@ class PackedQueue {
   // forbids, or an id out of range or not in flight, or a length larger than
   // the chain's writable bytes. With event_idx and interrupts on, moves the
   // driver event offset to the next used position (as SplitQueue moves
-  // used_event).
+  // used_event). With in_order on, the rest of a batch is returned by the
+  // next calls (header comment).
   Result<std::optional<Completion>> poll();
 
   // True when the descriptor at the last-used position is marked used for
-  // the current wrap counter (cheap check, no validation).
+  // the current wrap counter, or (in_order) chains of a batch are still to
+  // be returned (cheap check, no validation).
   bool has_used() const noexcept;
 
   // Interrupt suppression hint to the device (driver event suppression area).
@@ -196,6 +217,12 @@ class PackedQueue {
   // the driver event area for the current interrupt setting.
   void set_event_idx(bool enabled) noexcept;
   bool event_idx() const noexcept { return event_idx_; }
+
+  // VIRTIO_F_IN_ORDER was negotiated: buffer ids follow the ring and batched
+  // used descriptors are accepted (header comment). Set before the queue is
+  // used: busy while chains are in flight.
+  Result<void> set_in_order(bool enabled);
+  bool in_order() const noexcept { return in_order_; }
 
   // VIRTIO_F_INDIRECT_DESC was negotiated; chains of 2..`max_indirect`
   // buffers go into an indirect table once a pool is provided
@@ -228,6 +255,7 @@ class PackedQueue {
   Result<void> fail(std::string cause);
   std::size_t indirect_limit() const noexcept;
   void write_driver_event() noexcept;
+  Completion take_oldest() noexcept;
 
   std::uint16_t size_ = 0;
   PvirtqDesc* desc_ = nullptr;
@@ -247,6 +275,10 @@ class PackedQueue {
   std::uint32_t moved_ = 0;       // ring positions made available since the last publish()
   bool interrupts_ = true;        // what set_interrupts() last asked for
   bool event_idx_ = false;
+  bool in_order_ = false;
+  std::uint16_t batch_left_ = 0;  // in_order: chains of the last batch not yet returned
+  std::uint16_t batch_pos_ = 0;   // in_order: id (= first position) of the next of them
+  std::uint32_t batch_len_ = 0;   // in_order: the device's len, for the batch's last chain
   bool indirect_ = false;
   std::size_t max_indirect_ = 0;
   std::uint8_t* pool_ = nullptr;  // indirect tables, slot_entries_ * 16 bytes per buffer id

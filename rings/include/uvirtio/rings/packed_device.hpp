@@ -27,6 +27,15 @@
 // ring) makes should_interrupt() say yes and never breaks the queue (see
 // packed_event_wanted()).
 //
+// VIRTIO_F_IN_ORDER (set_in_order, spec 2.8.9): chains must be pushed in the
+// order they were popped (anything else is invalid_argument, a caller bug),
+// and push_deferred() collects chains that publish_used() reports as ONE
+// used descriptor: written at the batch's first ring position with the last
+// chain's buffer id and length, after which our used position skips the
+// batch's descriptors. The driver learns no length for the other chains
+// (2.8.9 has it assume them fully used), so push a chain on its own when its
+// length matters. The spec asks nothing of the driver's buffer ids here.
+//
 // Threading: one thread (or the caller's lock) owns a PackedDeviceQueue.
 #pragma once
 
@@ -35,6 +44,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "uvirtio/base/result.hpp"
 #include "uvirtio/rings/memory_map.hpp"
@@ -78,6 +88,10 @@ class PackedDeviceQueue {
   // descriptors (0: the queue size, the spec's limit without a device one,
   // 2.8.5).
   void set_indirect(bool enabled, std::uint32_t max_entries = 0) noexcept;
+  // VIRTIO_F_IN_ORDER (header comment); busy while chains are popped and not
+  // published.
+  Result<void> set_in_order(bool enabled);
+  bool in_order() const noexcept { return in_order_; }
 
   // The next available chain (2.8.1: head AVAIL bit equal to our avail wrap
   // counter, USED bit not): nullopt when there is none. Errc::bad_device_data
@@ -102,10 +116,14 @@ class PackedDeviceQueue {
   // stays usable) for an id not in flight or `written` beyond the chain's
   // writable bytes.
   Result<void> push(std::uint16_t id, std::uint32_t written);
-  // push() without handing the used descriptor to the driver yet: the flags
-  // of the first descriptor of a batch are stored by publish_used(), after
-  // everything else of the batch (2.8.22), so the driver sees the batch at
-  // once. should_interrupt() counts only published descriptors.
+  // push() without handing the used descriptor to the driver yet;
+  // publish_used() hands over everything deferred at once, and
+  // should_interrupt() counts only what was published. Without in_order the
+  // used descriptors are written here, but the flags of the batch's first
+  // one are stored by publish_used(), after everything else (2.8.22): the
+  // driver reads them in ring order, so it sees the whole batch at once.
+  // With in_order `id` must be the oldest chain popped and not pushed, and
+  // publish_used() writes one used descriptor for the batch (header comment).
   Result<void> push_deferred(std::uint16_t id, std::uint32_t written);
   void publish_used() noexcept;
 
@@ -166,10 +184,6 @@ class PackedDeviceQueue {
   bool used_wrap_ = true;         // wrap counter written there
   std::uint32_t held_descs_ = 0;  // ring positions popped and not yet pushed
   std::uint64_t moved_ = 0;  // ring positions our used descriptors covered since the last should_interrupt()
-  std::uint64_t pending_moved_ = 0;  // the same for pushed, not yet published descriptors
-  bool pending_ = false;             // a deferred batch awaits publish_used()
-  std::uint16_t pending_pos_ = 0;    // its first used descriptor
-  std::uint16_t pending_flags_ = 0;  // and the flags that descriptor gets
   struct Held {
     std::uint16_t count = 0;  // ring positions of the chain
     std::uint64_t writable = 0;
@@ -185,6 +199,28 @@ class PackedDeviceQueue {
     const auto it = held_big_.find(id);
     return it == held_big_.end() ? nullptr : &it->second;
   }
+  void add_held(std::uint16_t id, Held h);
+  void erase_held(std::uint16_t id) noexcept;
+  // A deferred batch without in_order: its first used descriptor's flags.
+  bool pending_ = false;
+  std::uint16_t pending_pos_ = 0;
+  std::uint16_t pending_flags_ = 0;
+  std::uint64_t pending_moved_ = 0;  // ring positions of the deferred batch
+
+  // VIRTIO_F_IN_ORDER state.
+  bool in_order_ = false;
+  std::vector<std::uint16_t> order_;  // ids popped, not pushed, oldest at order_first_ (ring of size_)
+  std::uint16_t order_first_ = 0;
+  std::uint16_t batch_count_ = 0;  // chains push_deferred() since the last publish_used()
+  std::uint32_t batch_descs_ = 0;  // their ring positions
+  std::uint16_t batch_id_ = 0;     // the last of them: id, length, writable
+  std::uint32_t batch_len_ = 0;
+  bool batch_writable_ = false;
+  Result<void> check_push(std::uint16_t id, std::uint32_t written, const char* op, Held& h);
+  // `defer`: store the flags only if this is not the first descriptor of a
+  // deferred batch (publish_used() stores that one's).
+  void write_used(std::uint16_t id, std::uint32_t written, bool writable, std::uint32_t descs,
+                  bool defer = false) noexcept;
 };
 
 }  // namespace uvirtio::rings

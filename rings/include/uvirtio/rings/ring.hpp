@@ -42,6 +42,13 @@ class Ring {
   bool event_idx() const noexcept {
     return std::visit([](const auto& q) { return q.event_idx(); }, q_);
   }
+  // VIRTIO_F_IN_ORDER (spec 2.7.9, 2.8.9); set before use, busy otherwise.
+  Result<void> set_in_order(bool enabled) {
+    return std::visit([&](auto& q) { return q.set_in_order(enabled); }, q_);
+  }
+  bool in_order() const noexcept {
+    return std::visit([](const auto& q) { return q.in_order(); }, q_);
+  }
   std::uint16_t size() const noexcept {
     return std::visit([](const auto& q) { return q.size(); }, q_);
   }

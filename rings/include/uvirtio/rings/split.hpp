@@ -9,8 +9,31 @@
 // which every call fails with Errc::broken and touches no memory.
 //
 // Optional features: VIRTIO_F_EVENT_IDX (set_event_idx, spec 2.7.7 and
-// 2.7.10) and VIRTIO_F_INDIRECT_DESC (set_indirect plus a caller-provided
-// pool of device-visible indirect tables, spec 2.7.5.3).
+// 2.7.10), VIRTIO_F_INDIRECT_DESC (set_indirect plus a caller-provided
+// pool of device-visible indirect tables, spec 2.7.5.3) and
+// VIRTIO_F_IN_ORDER (set_in_order, spec 2.7.5 and 2.7.9).
+//
+// VIRTIO_F_IN_ORDER. Descriptors are allocated in ring order (2.7.5: from
+// offset 0, wrapping at the end of the table, NEXT of descriptor x naming
+// x+1, or 0 for the last one; an indirect chain takes one). The device uses
+// chains in the order they were made available and may report a batch with a
+// single used entry (2.7.9): written at the used ring position of the batch's
+// FIRST chain, carrying the head id of its LAST chain, with the used index
+// advanced by the number of chains in the batch. poll() validates that entry
+// before changing anything: the id must be the head of an in-flight chain
+// (so not one already completed, nor a descriptor inside a chain); the batch
+// it implies, every chain from the oldest in flight up to and including that
+// one, must fit in how far the used index moved (batch <= used idx -
+// last seen; the rest of the advance belongs to later batches, whose entries
+// are read at the positions after this batch); and its length must fit the
+// last chain's writable bytes. The chains of the batch then come back one per
+// poll() call, oldest first, without reading the ring again. Only the last
+// one carries the device's length; for every other one the device wrote no
+// length, and the Completion says so with `skipped` = true and len = 0. The
+// spec lets a driver assume such buffers were used completely (2.7.9), but
+// that is the device's claim, not a length it wrote: a caller that wants it
+// takes its own writable byte count for the chain, knowingly. Until it is
+// returned a chain counts as in flight (in_flight(), outstanding_tokens()).
 //
 // Threading: one thread (or the caller's lock) owns a SplitQueue.
 #pragma once
@@ -87,6 +110,11 @@ struct Buffer {
 struct Completion {
   std::uint64_t token = 0;  // what the caller passed to add()
   std::uint32_t len = 0;    // bytes the device wrote, <= the chain's writable bytes
+  // VIRTIO_F_IN_ORDER only: the device completed this chain as part of a
+  // batch and wrote no used entry (so no length) for it; len is 0. Spec
+  // 2.7.9 / 2.8.9 say the buffer is "assumed to have been used completely":
+  // trusting that is the caller's call (see SplitQueue, PackedQueue).
+  bool skipped = false;
 };
 
 // The checks every ring's add() makes on a chain before touching memory: not
@@ -149,12 +177,15 @@ class SplitQueue {
   // Takes one completion off the used ring, validated: nullopt when none is
   // pending; Errc::bad_device_data (and the queue latched broken) when the
   // device wrote an index more than `size` ahead, an id out of range or not
-  // in flight, or a length larger than the chain's writable bytes. The used
-  // index is read again only when every entry seen before is consumed.
+  // in flight, or a length larger than the chain's writable bytes. With
+  // in_order on, also when the batch the id implies is larger than the used
+  // index advance; the rest of a batch is returned by the next calls (see
+  // the header comment). The used index is read again only when every entry
+  // seen before is consumed.
   Result<std::optional<Completion>> poll();
 
-  // True when the used ring holds entries we have not consumed (cheap check,
-  // no validation).
+  // True when the used ring holds entries we have not consumed, or (in_order)
+  // chains of a batch are still to be returned (cheap check, no validation).
   bool has_used() const noexcept;
 
   // Interrupt suppression hint to the device (VIRTQ_AVAIL_F_NO_INTERRUPT).
@@ -174,6 +205,13 @@ class SplitQueue {
   // right after reset_ring()).
   void set_event_idx(bool enabled) noexcept;
   bool event_idx() const noexcept { return event_idx_; }
+
+  // VIRTIO_F_IN_ORDER was negotiated: allocate descriptors in ring order and
+  // accept batched used entries (header comment). Set before the queue is
+  // used or right after reset_ring(): busy while chains are in flight.
+  // Switching rebuilds the (all free) descriptor allocator, from offset 0.
+  Result<void> set_in_order(bool enabled);
+  bool in_order() const noexcept { return in_order_; }
 
   // VIRTIO_F_INDIRECT_DESC was negotiated; chains of up to `max_indirect`
   // buffers go into an indirect table. Indirect tables are only used once a
@@ -195,8 +233,9 @@ class SplitQueue {
   std::vector<std::uint64_t> outstanding_tokens() const;
 
   // Forgets everything in flight and returns the queue to its just-created
-  // state: ring memory zeroed, all descriptors free, indices 0, not broken.
-  // Keeps the event_idx / indirect settings and the indirect pool. Only
+  // state: ring memory zeroed, all descriptors free, indices 0, not broken,
+  // no batch pending. Keeps the event_idx / indirect / in_order settings and
+  // the indirect pool. Only
   // call it when the device no longer uses the ring (after a device reset or
   // a queue reset, spec 2.6.1).
   Result<void> reset_ring();
@@ -204,8 +243,16 @@ class SplitQueue {
  private:
   SplitQueue() = default;
   Result<void> fail(std::string cause);
+  // Errors of add() and poll(), out of line so the hot paths carry no
+  // string building.
+  [[gnu::cold]] Error broken_error(const char* op) const;
+  [[gnu::cold]] Error busy_error(std::size_t needed) const;
+  [[gnu::cold]] Error used_index_error(std::uint16_t used_idx);
+  [[gnu::cold]] Error used_entry_error(std::uint32_t id, std::uint32_t len);
   void init_shadow();
   std::size_t indirect_limit() const noexcept;
+  Result<std::optional<Completion>> poll_in_order();
+  Completion take_oldest() noexcept;
 
   std::uint16_t size_ = 0;
   VirtqDesc* desc_ = nullptr;
@@ -215,6 +262,9 @@ class SplitQueue {
   bool broken_ = false;
 
   // Driver-private shadow state: never read back from device-writable memory.
+  // With in_order, free_head_ is the ring position of the next descriptor to
+  // allocate and the free descriptors are the num_free_ positions from there
+  // on, so the oldest in-flight chain's head is free_head_ + num_free_.
   std::uint16_t free_head_ = 0;
   std::uint16_t num_free_ = 0;
   std::uint16_t avail_idx_shadow_ = 0;  // next avail idx we will publish
@@ -224,6 +274,9 @@ class SplitQueue {
   std::uint16_t published_idx_ = 0;  // avail idx at the last publish() (event idx "old")
   std::uint64_t next_seq_ = 0;       // submission counter for outstanding_tokens()
   bool event_idx_ = false;
+  bool in_order_ = false;
+  std::uint16_t batch_left_ = 0;  // in_order: chains of the last batch not yet returned
+  std::uint32_t batch_len_ = 0;   // in_order: the device's len, for the batch's last chain
   bool indirect_ = false;
   std::size_t max_indirect_ = 0;
   std::uint8_t* pool_ = nullptr;  // indirect tables, slot_entries_*16 bytes per head

@@ -14,6 +14,18 @@
 // available ring; it writes only the used ring (entries, idx, flags and
 // avail_event). create() leaves all memory as the driver initialised it.
 //
+// VIRTIO_F_IN_ORDER (set_in_order, spec 2.7.5 and 2.7.9): pop() also checks
+// that the driver allocates descriptors in ring order (each head right after
+// the previous chain's descriptors, from offset 0 on a fresh ring, and NEXT
+// of descriptor x naming x+1, 0 after the last; an indirect chain takes one),
+// chains must be pushed in the order they were popped (anything else is
+// invalid_argument, a caller bug), and publish_used() reports everything
+// push_deferred() since the last publish as ONE used entry: written at the
+// batch's first used position, with the last chain's head and length, and
+// the used index advanced by the batch's chain count. The driver learns no
+// length for the other chains (2.7.9 has it assume them fully used), so push
+// a chain on its own when its length matters.
+//
 // Threading: one thread (or the caller's lock) owns a SplitDeviceQueue.
 #pragma once
 
@@ -73,6 +85,11 @@ class SplitDeviceQueue {
 
   // Negotiated features; set before use.
   void set_event_idx(bool enabled) noexcept { event_idx_ = enabled; }
+  // VIRTIO_F_IN_ORDER (header comment). busy while chains are popped and not
+  // published. On a queue that has taken nothing yet (base 0) the first head
+  // must be descriptor 0; otherwise ring order is checked from the next pop on.
+  Result<void> set_in_order(bool enabled);
+  bool in_order() const noexcept { return in_order_; }
   // VIRTIO_F_INDIRECT_DESC: accept indirect tables of up to `max_entries`
   // descriptors (0: the queue size). Without it an INDIRECT flag is an error.
   void set_indirect(bool enabled, std::uint32_t max_entries = 0) noexcept;
@@ -96,6 +113,8 @@ class SplitDeviceQueue {
   // push() without publishing the used index; publish_used() publishes
   // every entry pushed so far at once (one store the driver sees per batch).
   // should_interrupt() and the ring's base only count published entries.
+  // With in_order, `head` must be the oldest chain popped and not pushed
+  // (invalid_argument otherwise), and the batch becomes a single used entry.
   Result<void> push_deferred(std::uint16_t head, std::uint32_t written);
   void publish_used() noexcept;
 
@@ -119,7 +138,7 @@ class SplitDeviceQueue {
  private:
   SplitDeviceQueue() = default;
   Result<void> fail(std::string cause);
-  Result<void> walk(std::uint16_t head, Request& req);
+  Result<void> walk(std::uint16_t head, Request& req, std::uint32_t& descs);
   Result<void> walk_indirect(std::uint16_t at, std::uint64_t addr, std::uint32_t len, bool& seen_write,
                              Request& req);
   Result<void> add_buffer(std::uint64_t addr, std::uint32_t len, bool write, bool& seen_write, Request& req);
@@ -154,6 +173,16 @@ class SplitDeviceQueue {
     std::uint64_t writable = 0;
   };
   std::vector<Held> held_;  // by head
+
+  // VIRTIO_F_IN_ORDER state.
+  bool in_order_ = false;
+  bool expect_known_ = false;         // expect_head_ is meaningful
+  std::uint16_t expect_head_ = 0;     // where the driver's next chain must start (2.7.5)
+  std::vector<std::uint16_t> order_;  // heads popped, not pushed, oldest at order_first_ (ring of size_)
+  std::uint16_t order_first_ = 0;
+  std::uint16_t batch_count_ = 0;  // chains push_deferred() since the last publish_used()
+  std::uint16_t batch_head_ = 0;   // the last of them, and its length
+  std::uint32_t batch_len_ = 0;
 };
 
 // Copies `data` into a chain's writable buffers (Request::writable) from
