@@ -249,6 +249,11 @@ Result<std::optional<Completion>> SplitQueue::poll() {
     used_cache_ = used_idx;
     // The used entries must be read after the index that covers them (2.7.14).
     barrier_consume();
+    // Their cache lines (8 entries each) on their way at once, not one miss
+    // after the other.
+    auto* entries = reinterpret_cast<VirtqUsedElem*>(used_ + 4);
+    for (std::uint16_t k = 8; k < ahead && k <= 64; k = static_cast<std::uint16_t>(k + 8))
+      __builtin_prefetch(&entries[(last_used_ + k) & (size_ - 1u)]);
   }
   auto* ring = reinterpret_cast<VirtqUsedElem*>(used_ + 4);
   VirtqUsedElem& e = ring[last_used_ & (size_ - 1u)];

@@ -30,6 +30,7 @@ constexpr std::size_t kIdx = 1;
 constexpr std::size_t kRing = 2;
 constexpr const char* kPop = "pop available ring";
 constexpr std::uint64_t kMaxChainBytes = std::uint64_t{1} << 32;  // 2.7.5.1
+constexpr std::uint16_t kPrefetchAhead = 4;  // chains whose descriptor pop_into() prefetches ahead
 
 le16* words(std::uint8_t* area) noexcept { return reinterpret_cast<le16*>(area); }
 
@@ -119,6 +120,13 @@ Result<bool> SplitDeviceQueue::pop_into(Request& req) {
     avail_cache_ = aidx;
     // The ring entry and descriptors are read after the index that covers them.
     barrier_consume();
+    // The first chains of the batch, whose descriptors the look-ahead below
+    // does not cover.
+    for (std::uint16_t k = 1; k < kPrefetchAhead && k < ahead; ++k) {
+      const std::uint16_t h =
+          load(words(avail_)[kRing + ((last_avail_ + k) & (size_ - 1u))], std::memory_order_relaxed);
+      __builtin_prefetch(&desc_[h & (size_ - 1u)]);
+    }
   }
   const std::uint16_t head =
       load(words(avail_)[kRing + (last_avail_ & (size_ - 1u))], std::memory_order_relaxed);
@@ -129,12 +137,12 @@ Result<bool> SplitDeviceQueue::pop_into(Request& req) {
                 ", the next in ring order (VIRTIO_F_IN_ORDER, 2.7.5)")
         .error();
   }
-  if (static_cast<std::uint16_t>(last_avail_ + 1) != avail_cache_) {
-    // Start the next chain's descriptor on its way while this one is walked
-    // (a hint only: the index is masked, and the value is read again, and
-    // checked, when that chain is popped).
-    const std::uint16_t next =
-        load(words(avail_)[kRing + ((last_avail_ + 1u) & (size_ - 1u))], std::memory_order_relaxed);
+  if (static_cast<std::uint16_t>(avail_cache_ - last_avail_) > kPrefetchAhead) {
+    // Start a later chain's descriptor on its way while this one is walked,
+    // so the misses of a batch overlap (a hint only: the index is masked,
+    // and the value is read again, and checked, when that chain is popped).
+    const std::uint16_t next = load(words(avail_)[kRing + ((last_avail_ + kPrefetchAhead) & (size_ - 1u))],
+                                    std::memory_order_relaxed);
     __builtin_prefetch(&desc_[next & (size_ - 1u)]);
   }
   req.head = head;
