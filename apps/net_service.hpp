@@ -303,6 +303,7 @@ class NetDevice {
         }
       }
       if (auto r = q->push_deferred(req.head, 0); !r) {
+        q->publish_used();  // what was completed before stays completed
         ring_error(kTx, r.error());
         return n;
       }
@@ -317,13 +318,13 @@ class NetDevice {
     if (q == nullptr || q->broken()) return;
     bool pushed = false;
     while (!backlog_.empty()) {
-      auto popped = q->pop();
+      auto popped = q->pop_into(req_);
       if (!popped) {
         ring_error(kRx, popped.error());
         return;
       }
-      if (!popped->has_value()) break;  // no buffer yet: wait for the next rx kick
-      const auto& req = **popped;
+      if (!*popped) break;  // no buffer yet: wait for the next rx kick
+      const auto& req = req_;
       const auto& frame = backlog_.front();
       const std::size_t hl = hdr_len();
       std::uint32_t written = 0;
@@ -340,13 +341,17 @@ class NetDevice {
         ++c_.rx_no_buffer;  // a buffer too small for the frame: returned empty
       }
       backlog_.pop_front();
-      if (auto r = q->push(req.head, written); !r) {
+      if (auto r = q->push_deferred(req.head, written); !r) {
+        q->publish_used();  // what was completed before stays completed
         ring_error(kRx, r.error());
         return;
       }
       pushed = true;
     }
-    if (pushed) interrupt(kRx);
+    if (pushed) {
+      q->publish_used();  // the replies of this call at once
+      interrupt(kRx);
+    }
   }
 
   Port& port_;
