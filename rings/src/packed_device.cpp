@@ -52,32 +52,21 @@ bool aligned(const void* p, std::size_t a) noexcept { return reinterpret_cast<st
 
 Result<PackedDeviceQueue> PackedDeviceQueue::create(std::uint16_t size, void* desc_ring, void* driver_event,
                                                     void* device_event, std::string name,
-                                                    Translate translate) {
+                                                    BufferTranslation translate) {
   const char* op = "create packed device queue";
   UV_TRY_VOID(PackedLayout::check(size, desc_ring, driver_event, device_event, name, op));
-  if (!translate) return Error(Errc::invalid_argument, std::move(name), op, "no translation callback");
+  if (translate.empty())
+    return Error(Errc::invalid_argument, std::move(name), op,
+                 "no translation: neither a callback nor memory regions");
   PackedDeviceQueue q;
   q.size_ = size;
   q.desc_ = static_cast<PvirtqDesc*>(desc_ring);
   q.driver_event_ = static_cast<PvirtqEventSuppress*>(driver_event);
   q.device_event_ = static_cast<PvirtqEventSuppress*>(device_event);
   q.name_ = std::move(name);
-  q.translate_ = std::move(translate);
+  q.xlate_ = std::move(translate);
   q.max_indirect_ = size;
   q.held_small_.assign(size, Held{});
-  return q;
-}
-
-Result<PackedDeviceQueue> PackedDeviceQueue::create(std::uint16_t size, void* desc_ring, void* driver_event,
-                                                    void* device_event, std::string name, MemoryMap map) {
-  if (map.empty())
-    return Error(Errc::invalid_argument, std::move(name), "create packed device queue", "empty memory map");
-  // translate_ is never called while map_ holds regions.
-  auto none = [](std::uint64_t, std::uint32_t, bool) -> std::optional<std::span<std::uint8_t>> {
-    return std::nullopt;
-  };
-  UV_TRY(PackedDeviceQueue q, create(size, desc_ring, driver_event, device_event, std::move(name), none));
-  q.map_ = std::move(map);
   return q;
 }
 
@@ -129,7 +118,7 @@ Result<bool> PackedDeviceQueue::pop_into(Request& req) {
     PvirtqDesc& d = desc_[pos];
     const std::uint32_t len = load(d.len, std::memory_order_relaxed);
     const bool write = (head_flags & VIRTQ_DESC_F_WRITE) != 0;
-    const auto one = len != 0 ? xlate(load(d.addr, std::memory_order_relaxed), len, write) : std::nullopt;
+    const auto one = len != 0 ? xlate_(load(d.addr, std::memory_order_relaxed), len, write) : std::nullopt;
     if (one && one->size() >= len) {
       (write ? req.writable_bytes : req.readable_bytes) = len;
       if (write) {
@@ -247,7 +236,7 @@ Result<void> PackedDeviceQueue::walk_indirect(std::uint16_t at, std::uint64_t ad
                 std::to_string(std::uint64_t{max_indirect_} * sizeof(PvirtqDesc)) + ")");
   }
   // The device only reads a table (2.8.7: "read-only by the device").
-  const auto table = xlate(addr, len, false);
+  const auto table = xlate_(addr, len, false);
   if (!table || table->size() < len) {
     return fail("indirect table of descriptor " + std::to_string(at) + " at " + hex(addr) + " (" +
                 std::to_string(len) + " bytes) is not mapped");
@@ -291,7 +280,7 @@ Result<void> PackedDeviceQueue::add_buffer(std::uint64_t addr, std::uint32_t len
   }
   std::span<std::uint8_t> s;
   if (len != 0) {
-    const auto t = xlate(addr, len, write);
+    const auto t = xlate_(addr, len, write);
     if (!t || t->size() < len) {
       return fail(std::string(write ? "writable" : "readable") + " buffer of " + where(pos, entry) + " at " +
                   hex(addr) + " (" + std::to_string(len) + " bytes) is not mapped");

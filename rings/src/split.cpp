@@ -306,7 +306,7 @@ Result<std::optional<Completion>> SplitQueue::poll_in_order() {
   VirtqUsedElem& e = ring[last_used_ & (size_ - 1u)];
   const std::uint32_t id = read_once(e.id);
   const std::uint32_t len = read_once(e.len);
-  if (id >= size_) return fail("used id " + std::to_string(id) + " out of range").error();
+  if (id >= size_) return used_entry_error(id, len);
   const Extra& x = extra_[id];
   if (x.chain_len == 0) {
     return fail("used id " + std::to_string(id) + " is not the head of an in-flight chain (in-order)")
@@ -323,11 +323,7 @@ Result<std::optional<Completion>> SplitQueue::poll_in_order() {
                 ") but the used index moved by only " + std::to_string(ahead))
         .error();
   }
-  if (len > x.writable) {
-    return fail("used len " + std::to_string(len) + " exceeds the " + std::to_string(x.writable) +
-                " device-writable bytes of chain " + std::to_string(id))
-        .error();
-  }
+  if (len > x.writable) return used_entry_error(id, len);
 
   // Valid: consume the batch's used ring positions now, hand the chains out one by one.
   last_used_ = static_cast<std::uint16_t>(last_used_ + batch);

@@ -60,33 +60,23 @@ bool aligned(const void* p, std::size_t a) noexcept { return reinterpret_cast<st
 }  // namespace
 
 Result<SplitDeviceQueue> SplitDeviceQueue::create(std::uint16_t size, void* desc, void* avail, void* used,
-                                                  std::string name, Translate translate, std::uint16_t base) {
+                                                  std::string name, BufferTranslation translate,
+                                                  std::uint16_t base) {
   const char* op = "create split device queue";
   UV_TRY_VOID(SplitLayout::check(size, desc, avail, used, name, op));
-  if (!translate) return Error(Errc::invalid_argument, std::move(name), op, "no translation callback");
+  if (translate.empty())
+    return Error(Errc::invalid_argument, std::move(name), op,
+                 "no translation: neither a callback nor memory regions");
   SplitDeviceQueue q;
   q.size_ = size;
   q.desc_ = static_cast<VirtqDesc*>(desc);
   q.avail_ = static_cast<std::uint8_t*>(avail);
   q.used_ = static_cast<std::uint8_t*>(used);
   q.name_ = std::move(name);
-  q.translate_ = std::move(translate);
+  q.xlate_ = std::move(translate);
   q.held_.assign(size, Held{});
   q.max_indirect_ = size;
   q.last_avail_ = q.avail_cache_ = q.used_idx_ = q.published_used_ = q.signalled_used_ = base;
-  return q;
-}
-
-Result<SplitDeviceQueue> SplitDeviceQueue::create(std::uint16_t size, void* desc, void* avail, void* used,
-                                                  std::string name, MemoryMap map, std::uint16_t base) {
-  if (map.empty())
-    return Error(Errc::invalid_argument, std::move(name), "create split device queue", "empty memory map");
-  // translate_ is never called while map_ holds regions.
-  auto none = [](std::uint64_t, std::uint32_t, bool) -> std::optional<std::span<std::uint8_t>> {
-    return std::nullopt;
-  };
-  UV_TRY(SplitDeviceQueue q, create(size, desc, avail, used, std::move(name), none, base));
-  q.map_ = std::move(map);
   return q;
 }
 
@@ -156,7 +146,7 @@ Result<bool> SplitDeviceQueue::pop_into(Request& req) {
   const Desc d = read_desc(desc_[head]);
   std::optional<std::span<std::uint8_t>> one;
   if ((d.flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT)) == 0 && d.len != 0)
-    one = xlate(d.addr, d.len, (d.flags & VIRTQ_DESC_F_WRITE) != 0);
+    one = xlate_(d.addr, d.len, (d.flags & VIRTQ_DESC_F_WRITE) != 0);
   if (one && one->size() >= d.len) {
     if ((d.flags & VIRTQ_DESC_F_WRITE) != 0) {
       req.writable.push_back(one->subspan(0, d.len));
@@ -221,7 +211,7 @@ Result<void> SplitDeviceQueue::walk_indirect(std::uint16_t at, std::uint64_t add
   if (len == 0 || len % sizeof(VirtqDesc) != 0 || len / sizeof(VirtqDesc) > max_indirect_) {
     return fail(where + " has bad length " + std::to_string(len));
   }
-  const auto table = xlate(addr, len, false);
+  const auto table = xlate_(addr, len, false);
   if (!table || table->size() < len) {
     return fail(where + " at " + hex(addr) + " (" + std::to_string(len) + " bytes) is not mapped");
   }
@@ -258,7 +248,7 @@ Result<void> SplitDeviceQueue::add_buffer(std::uint64_t addr, std::uint32_t len,
   }
   std::span<std::uint8_t> s;
   if (len != 0) {
-    const auto t = xlate(addr, len, write);
+    const auto t = xlate_(addr, len, write);
     if (!t || t->size() < len) {
       return fail(std::string(write ? "writable" : "readable") + " buffer at " + hex(addr) + " (" +
                   std::to_string(len) + " bytes) is not mapped");

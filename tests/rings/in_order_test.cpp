@@ -27,6 +27,7 @@
 #include <random>
 #include <vector>
 
+#include "support/ring_bytes.hpp"
 #include "uvirtio/rings/packed.hpp"
 #include "uvirtio/rings/packed_device.hpp"
 #include "uvirtio/rings/split.hpp"
@@ -40,20 +41,10 @@ constexpr const char* kDev = "peer 3 queue 1";
 constexpr std::uint64_t kBus = 0x2'0000'0000ull;
 constexpr std::size_t kSlot = 16;  // data bytes per descriptor
 
-std::size_t align_up(std::size_t v, std::size_t a) { return (v + a - 1) / a * a; }
-std::uint16_t load16(const std::uint8_t* p) {
-  std::uint16_t v;
-  std::memcpy(&v, p, 2);
-  return le16::from_raw(v);
-}
-void store16(std::uint8_t* p, std::uint16_t v) {
-  v = le16::to_raw(v);
-  std::memcpy(p, &v, 2);
-}
-void store32(std::uint8_t* p, std::uint32_t v) {
-  v = le32::to_raw(v);
-  std::memcpy(p, &v, 4);
-}
+using test::align_up;
+using test::load16;
+using test::store16;
+using test::store32;
 
 // Everything in one heap region: ring areas, an indirect pool, then one data
 // slot per descriptor. The device reaches the region through bus addresses

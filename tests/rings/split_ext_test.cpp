@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "support/ring_bytes.hpp"
 #include "uvirtio/rings/split.hpp"
 #include "uvirtio/rings/split_device.hpp"
 
@@ -31,16 +32,9 @@ constexpr const char* kDrv = "0000:00:04.0 queue 2";
 constexpr const char* kDev = "peer 7 queue 2";
 constexpr std::uint64_t kBus = 0x100000000ull;
 
-std::size_t align_up(std::size_t v, std::size_t a) { return (v + a - 1) / a * a; }
-std::uint16_t load16(const std::uint8_t* p) {
-  std::uint16_t v;
-  std::memcpy(&v, p, 2);
-  return le16::from_raw(v);
-}
-void store16(std::uint8_t* p, std::uint16_t v) {
-  v = le16::to_raw(v);
-  std::memcpy(p, &v, 2);
-}
+using test::align_up;
+using test::load16;
+using test::store16;
 
 // Offsets of the ring areas, an indirect pool and a data area.
 struct Layout {
@@ -825,7 +819,7 @@ TEST(SplitDevice, CreateValidates) {
             Errc::invalid_argument);
   EXPECT_EQ(SplitDeviceQueue::create(8, a.at(8), a.avail(), a.used(), kDev, xl).error().code(),
             Errc::invalid_argument);
-  auto e = SplitDeviceQueue::create(8, a.desc(), a.avail(), a.used(), kDev, SplitDeviceQueue::Translate{});
+  auto e = SplitDeviceQueue::create(8, a.desc(), a.avail(), a.used(), kDev, {});
   ASSERT_FALSE(e.ok());
   EXPECT_EQ(e.error().device(), kDev);
   // create() leaves the driver's memory alone.

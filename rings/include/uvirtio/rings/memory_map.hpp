@@ -16,9 +16,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "uvirtio/base/result.hpp"
@@ -67,6 +70,38 @@ class MemoryMap {
 
   std::vector<MemoryRegion> regions_;  // sorted by addr, disjoint
   mutable std::size_t hint_ = 0;       // the region of the last hit
+};
+
+// How a device-role queue reaches the other side's buffers: through a
+// MemoryMap (fast), or through a callback where the table can change under
+// running rings (the vhost-user back-end's SET_MEM_TABLE). Either converts
+// implicitly, so create() takes a map, a lambda or a std::function.
+class BufferTranslation {
+ public:
+  // A span of exactly `len` bytes of ours, or nullopt when [addr, addr+len)
+  // is not (entirely) mapped or not allowed for the access (`writable`: the
+  // device will write it).
+  using Callback = std::function<std::optional<std::span<std::uint8_t>>(std::uint64_t addr, std::uint32_t len,
+                                                                        bool writable)>;
+
+  BufferTranslation() = default;
+  BufferTranslation(MemoryMap map) : map_(std::move(map)) {}  // NOLINT: implicit by design
+  template <class F>
+  requires std::is_invocable_r_v<std::optional<std::span<std::uint8_t>>, F&, std::uint64_t, std::uint32_t,
+                                 bool>
+  BufferTranslation(F fn) : fn_(std::move(fn)) {}  // NOLINT: implicit by design
+
+  // Neither a non-empty map nor a callback: nothing would translate.
+  bool empty() const noexcept { return map_.empty() && !fn_; }
+
+  std::optional<std::span<std::uint8_t>> operator()(std::uint64_t addr, std::uint32_t len, bool write) const {
+    if (!map_.empty()) return map_.translate(addr, len, write);
+    return fn_(addr, len, write);
+  }
+
+ private:
+  Callback fn_;
+  MemoryMap map_;
 };
 
 }  // namespace uvirtio::rings

@@ -62,14 +62,12 @@ class PackedDeviceQueue {
 
   // `desc_ring` (16-byte aligned), `driver_event` and `device_event` (4-byte
   // aligned) are our mappings of the three areas (PackedLayout); `size` is in
-  // [1, 32768]. `name` appears in errors.
+  // [1, 32768]. `name` appears in errors. Every buffer is translated
+  // through `translate`: a MemoryMap, or a callback (BufferTranslation);
+  // invalid_argument when it is neither.
   //   auto q = PackedDeviceQueue::create(256, d, drv, dev, "peer 1 queue 0", xlate);
   static Result<PackedDeviceQueue> create(std::uint16_t size, void* desc_ring, void* driver_event,
-                                          void* device_event, std::string name, Translate translate);
-  // The same, translating through a region table (faster: no indirect call
-  // per buffer). invalid_argument for an empty map.
-  static Result<PackedDeviceQueue> create(std::uint16_t size, void* desc_ring, void* driver_event,
-                                          void* device_event, std::string name, MemoryMap map);
+                                          void* device_event, std::string name, BufferTranslation translate);
 
   PackedDeviceQueue(PackedDeviceQueue&&) noexcept = default;
   PackedDeviceQueue& operator=(PackedDeviceQueue&&) noexcept = default;
@@ -165,12 +163,7 @@ class PackedDeviceQueue {
   PvirtqEventSuppress* driver_event_ = nullptr;  // written by the driver
   PvirtqEventSuppress* device_event_ = nullptr;  // written by us
   std::string name_;
-  Translate translate_;  // used when map_ is empty
-  MemoryMap map_;
-  std::optional<std::span<std::uint8_t>> xlate(std::uint64_t addr, std::uint32_t len, bool write) const {
-    if (!map_.empty()) return map_.translate(addr, len, write);
-    return translate_(addr, len, write);
-  }
+  BufferTranslation xlate_;
   bool broken_ = false;
   bool event_idx_ = false;
   bool indirect_ = false;

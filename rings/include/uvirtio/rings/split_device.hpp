@@ -45,11 +45,8 @@ namespace uvirtio::rings {
 
 class SplitDeviceQueue {
  public:
-  // Maps a driver address range into our memory: a span of at least `len`
-  // bytes, or nullopt when [addr, addr+len) is not (entirely) mapped or not
-  // allowed for the access (`writable`: the device will write it).
-  using Translate = std::function<std::optional<std::span<std::uint8_t>>(std::uint64_t addr,
-                                                                         std::uint32_t len, bool writable)>;
+  // Maps a driver address range into our memory (BufferTranslation::Callback).
+  using Translate = BufferTranslation::Callback;
 
   // One chain as validated and translated; spans are in our memory, readable
   // ones first, each exactly as long as its descriptor said.
@@ -62,18 +59,17 @@ class SplitDeviceQueue {
   };
 
   // `desc`, `avail`, `used` are our mappings of the three areas (SplitLayout;
-  // size a power of two in [1, 32768]). `name` appears in errors.
+  // size a power of two in [1, 32768]). `name` appears in errors. Every buffer is translated
+  // through `translate`: a MemoryMap, or a callback (BufferTranslation);
+  // invalid_argument when it is neither.
   //   auto q = SplitDeviceQueue::create(256, d, a, u, "peer 1 queue 0", xlate);
   // `base` resumes a ring where an earlier device left it (vhost-user
   // SET_VRING_BASE, vhost-pci last_avail_idx): the next chain taken is the
   // available entry at index `base`, and used entries are written from
   // index `base` on (the earlier device completed everything before it).
   static Result<SplitDeviceQueue> create(std::uint16_t size, void* desc, void* avail, void* used,
-                                         std::string name, Translate translate, std::uint16_t base = 0);
-  // The same, translating through a region table (faster: no indirect call
-  // per buffer). invalid_argument for an empty map.
-  static Result<SplitDeviceQueue> create(std::uint16_t size, void* desc, void* avail, void* used,
-                                         std::string name, MemoryMap map, std::uint16_t base = 0);
+                                         std::string name, BufferTranslation translate,
+                                         std::uint16_t base = 0);
 
   SplitDeviceQueue(SplitDeviceQueue&&) noexcept = default;
   SplitDeviceQueue& operator=(SplitDeviceQueue&&) noexcept = default;
@@ -148,12 +144,7 @@ class SplitDeviceQueue {
   std::uint8_t* avail_ = nullptr;
   std::uint8_t* used_ = nullptr;
   std::string name_;
-  Translate translate_;  // used when map_ is empty
-  MemoryMap map_;
-  std::optional<std::span<std::uint8_t>> xlate(std::uint64_t addr, std::uint32_t len, bool write) const {
-    if (!map_.empty()) return map_.translate(addr, len, write);
-    return translate_(addr, len, write);
-  }
+  BufferTranslation xlate_;
   bool broken_ = false;
   bool event_idx_ = false;
   bool indirect_ = false;
