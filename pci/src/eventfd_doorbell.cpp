@@ -2,7 +2,7 @@
 #include "uvirtio/pci/eventfd_doorbell.hpp"
 
 #include <fcntl.h>
-#include <poll.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -54,18 +54,16 @@ Result<void> EventfdDoorbell::ring(std::uint32_t /*peer_id*/) {
   }
 }
 
-// The counter is cleared lazily: a wake-up returns as soon as ppoll says
-// the eventfd is readable, and the read that clears it happens at the start
-// of the next wait, off the critical path of whoever we answer. If that read
-// finds the counter set, we report a wake-up at once (maybe one we already
-// reported: spurious wake-ups are allowed), so none is ever lost.
 Result<bool> EventfdDoorbell::wait(std::chrono::nanoseconds timeout) {
-  if (readable_) {
-    readable_ = false;
-    std::uint64_t count = 0;
-    if (::read(wait_.get(), &count, sizeof count) == static_cast<ssize_t>(sizeof count)) return true;
-    if (errno != EAGAIN && errno != EINTR)
-      return Error::from_errno(errno, name_, "wait for doorbell", "read eventfd");
+  if (!epoll_.valid()) {
+    const int ep = ::epoll_create1(EPOLL_CLOEXEC);
+    if (ep < 0) return Error::from_errno(errno, name_, "wait for doorbell", "epoll_create1");
+    Fd owned(Os::system(), ep);
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLET;
+    if (::epoll_ctl(ep, EPOLL_CTL_ADD, wait_.get(), &ev) != 0)
+      return Error::from_errno(errno, name_, "wait for doorbell", "add the eventfd to epoll");
+    epoll_ = std::move(owned);
   }
   const auto deadline = Clock::now() + std::max(timeout, std::chrono::nanoseconds(0));
   for (;;) {
@@ -75,16 +73,15 @@ Result<bool> EventfdDoorbell::wait(std::chrono::nanoseconds timeout) {
     timespec ts{};
     ts.tv_sec = static_cast<time_t>(secs.count());
     ts.tv_nsec = static_cast<long>((left - secs).count());
-    pollfd p{wait_.get(), POLLIN, 0};
-    const int rc = ::ppoll(&p, 1, &ts, nullptr);
+    epoll_event ev{};
+    const int rc = ::epoll_pwait2(epoll_.get(), &ev, 1, &ts, nullptr);
     if (rc < 0) {
       if (errno == EINTR) continue;
-      return Error::from_errno(errno, name_, "wait for doorbell", "ppoll eventfd");
+      return Error::from_errno(errno, name_, "wait for doorbell", "epoll_pwait2 on the eventfd");
     }
     if (rc == 0) return false;
-    if (p.revents & (POLLERR | POLLNVAL))
-      return Error(Errc::io, name_, "wait for doorbell", "eventfd descriptor is not pollable");
-    readable_ = true;
+    if (ev.events & (EPOLLERR | EPOLLHUP))
+      return Error(Errc::io, name_, "wait for doorbell", "the eventfd reports an error condition");
     return true;
   }
 }

@@ -1,14 +1,19 @@
 // Channel: see channel.hpp for the interface and doc/channel.md for the
 // window layout and protocol.
 //
-// Fast path. Each direction keeps private shadow state: the producer its own
-// position and the peer's consumer index as last validated, the consumer its
-// own position and the peer's producer index as last validated. The peer's
-// index is re-read (and validated) only when the shadow says the ring is
-// full or empty, so a streaming sender and receiver mostly touch the record
-// bytes and their own index line. Flush::later lets either side publish its
-// index once per batch. The common case of each data-path call is inline in
-// the header; this file has the slow paths, which repeat every check.
+// Fast path. The consumer finds records by their headers: the next header
+// word carries the tag of the lap the consumer is in once the producer has
+// stored it (release, after the payload), so a receive costs one cache-line
+// transfer, not two (an index, then the record). The producer zeroes the
+// header word after each record before publishing it, whenever those bytes
+// are free, so the word at the consumer's position is always this lap's
+// record, a zero, or a header of the previous lap (when the ring was full):
+// stale payload bytes are never read as a header. The producer keeps its
+// own position and the peer's consumer index as last validated, and
+// re-reads that index only when the ring looks full. The producer index is
+// still published (Flush::now, flush_sent, a full ring): a rejoining
+// consumer starts there. The common case of each data-path call is inline
+// in the header; this file has the slow paths, which repeat every check.
 //
 // Wake-up (Dekker-style): a consumer that found nothing for `spin` stores a
 // fresh ticket in its recv_ticket, issues a full fence, checks the ring once
@@ -19,8 +24,8 @@
 // consumer's index. Without a doorbell, waiting is polling with short sleeps.
 //
 // Untrusted peer: indices are compared as distances from our own position
-// (wrap-safe modulo 2^64) and bounded by the ring's capacity; a record is
-// checked (kind, length against max_message, the bytes published and the
+// (wrap-safe modulo 2^64) and bounded by the ring's capacity; a record of
+// the current lap is checked (kind, length against max_message and the
 // ring's end) before its payload is handed out. Any violation latches the
 // channel broken; after that the window is not touched again, except our
 // own session word on detach.
@@ -111,6 +116,9 @@ Result<void> format(Control* ctl, std::size_t size, const Options& o) {
   for (unsigned r = 0; r < 2; ++r) {
     h.ring[r].offset.set(kControlBytes + r * cap);
     h.ring[r].capacity.set(cap);
+    // Position 0 holds no record yet; every later header word is zeroed by
+    // the producer before the consumer can reach it.
+    std::memset(reinterpret_cast<std::byte*>(ctl) + kControlBytes + r * cap, 0, kRecordHeader);
   }
   store64(h.magic, kMagic, std::memory_order_release);
   return ok();
@@ -228,6 +236,7 @@ Result<std::unique_ptr<Channel>> Channel::attach(void* window, std::size_t size,
     ring.data = ch->base_ + g.offset[r];
     ring.cap = g.capacity[r];
     ring.mask = g.capacity[r] - 1;
+    ring.shift = static_cast<unsigned>(std::countr_zero(g.capacity[r]));
     ring.producer = &ctl->ring[r].producer.value;
     ring.consumer = &ctl->ring[r].consumer.value;
   };
@@ -249,7 +258,7 @@ Result<void> Channel::join(const Options& o) {
     return Error(Errc::bad_device_data, name_, op,
                  "peer producer index " + hex(p) + " is not a multiple of 8");
   store64(*rx_.consumer, p, std::memory_order_release);
-  rx_.cons = rx_.published = rx_.prod_cache = p;
+  rx_.cons = rx_.published = p;
 
   // Our producer index: records our previous incarnation published are
   // complete messages, and the peer may be reading them right now, so we
@@ -262,10 +271,11 @@ Result<void> Channel::join(const Options& o) {
   if (cons % 8 != 0)
     return Error(Errc::bad_device_data, name_, op,
                  "peer consumer index " + hex(cons) + " is not a multiple of 8");
-  if (prod % 8 != 0 || prod - cons > tx_.cap) {
-    prod = cons;
-    store64(*tx_.producer, prod, std::memory_order_release);
-  }
+  if (prod % 8 != 0 || prod - cons > tx_.cap) prod = cons;
+  // Records our previous incarnation committed past the index it published
+  // are visible to the peer already (by their tags): continue after them.
+  prod = end_of_records(prod, cons);
+  store64(*tx_.producer, prod, std::memory_order_release);
   tx_.prod = tx_.published = prod;
   tx_.cons_cache = cons;
 
@@ -277,6 +287,26 @@ Result<void> Channel::join(const Options& o) {
   store64(self_->session, session_, std::memory_order_seq_cst);
   last_beat_ns_.store(ns_of(Clock::now()), std::memory_order_relaxed);
   return ok();
+}
+
+std::uint64_t Channel::end_of_records(std::uint64_t prod, std::uint64_t cons) const {
+  // Each step moves forward, and prod stays within one capacity of cons.
+  for (;;) {
+    const std::uint64_t off = prod & tx_.mask, to_end = tx_.cap - off;
+    const std::uint64_t word = load64(record_at(tx_.data, off), std::memory_order_acquire);
+    const auto len = static_cast<std::uint32_t>(word);
+    const std::uint32_t kind = record_kind(word);
+    if (kind == 0 || (word >> kTagShift) != lap_tag(prod, tx_.shift)) return prod;
+    std::uint64_t step = 0;
+    if (kind == kKindPadding && to_end < max_record_ && len == to_end - kRecordHeader)
+      step = to_end;
+    else if (kind == kKindMessage && len <= max_message_ && record_bytes(len) <= to_end)
+      step = record_bytes(len);
+    else
+      return prod;
+    if (prod + step - cons > tx_.cap) return prod;
+    prod += step;
+  }
 }
 
 Channel::~Channel() {
@@ -323,12 +353,14 @@ Error Channel::broken_error(const char* op) const {
 
 Result<bool> Channel::refresh_consumer(const char* op) {
   const std::uint64_t c = load64(*tx_.consumer, std::memory_order_acquire);
-  const std::uint64_t behind = tx_.published - c, known = tx_.published - tx_.cons_cache;
+  // Committed records are visible at once, so the consumer may be anywhere
+  // up to our position.
+  const std::uint64_t behind = tx_.prod - c, known = tx_.prod - tx_.cons_cache;
   if (c % 8 != 0) return violation(op, "peer consumer index " + hex(c) + " is not a multiple of 8");
   if (behind > known) {
-    if (c - tx_.published <= tx_.cap)
-      return violation(op, "peer consumer index " + hex(c) + " is " + hex(c - tx_.published) +
-                               " bytes past our producer index " + hex(tx_.published));
+    if (c - tx_.prod <= tx_.cap)
+      return violation(op, "peer consumer index " + hex(c) + " is " + hex(c - tx_.prod) +
+                               " bytes past our producer index " + hex(tx_.prod));
     return violation(op, "peer consumer index moved backwards from " + hex(tx_.cons_cache) + " to " + hex(c));
   }
   tx_.cons_cache = c;
@@ -349,6 +381,12 @@ Result<void> Channel::ring_if_armed(const le32& ticket, std::uint32_t& last_rung
 
 Result<void> Channel::publish_producer() {
   if (tx_.published == tx_.prod) return ok();
+  if (tx_.batch_open) {
+    // The batch's first header, last: the consumer takes the whole batch.
+    std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(tx_.data + tx_.head_off))
+        .store(tx_.head_word, std::memory_order_release);
+    tx_.batch_open = false;
+  }
   // Record bytes before the index that covers them (release store).
   store64(*tx_.producer, tx_.prod, std::memory_order_release);
   tx_.published = tx_.prod;
@@ -377,7 +415,12 @@ Result<std::optional<std::span<std::byte>>> Channel::reserve_slow(std::size_t le
   }
   std::uint64_t at = off;
   if (rec > to_end) {
-    store64(record_at(tx_.data, off), (std::uint64_t{kKindPadding} << 32) | (to_end - kRecordHeader));
+    // Offset 0 of the next lap holds a header of this lap (every lap starts
+    // a record there), so it needs no zeroing.
+    store64(
+        record_at(tx_.data, off),
+        record_word(static_cast<std::uint32_t>(to_end - kRecordHeader), kKindPadding, tx_.prod, tx_.shift),
+        std::memory_order_release);
     tx_.prod += to_end;
     at = 0;
   }
@@ -393,8 +436,19 @@ Result<void> Channel::commit_slow(std::size_t len, Flush flush) {
   if (len > tx_.reserved_len)
     return Error(Errc::invalid_argument, name_, op,
                  std::to_string(len) + " bytes committed, " + std::to_string(tx_.reserved_len) + " reserved");
-  store64(record_at(tx_.data, tx_.prod & tx_.mask), (std::uint64_t{kKindMessage} << 32) | len);
-  tx_.prod += record_bytes(len);
+  const std::uint64_t next = tx_.prod + record_bytes(len);
+  if (next + kRecordHeader - tx_.cons_cache <= tx_.cap) store64(record_at(tx_.data, next & tx_.mask), 0);
+  const std::uint64_t off = tx_.prod & tx_.mask;
+  const std::uint64_t word = record_word(static_cast<std::uint32_t>(len), kKindMessage, tx_.prod, tx_.shift);
+  tx_.prod = next;
+  if (flush == Flush::later && !tx_.batch_open) {
+    tx_.batch_open = true;
+    tx_.head_off = off;
+    tx_.head_word = le64::to_raw(word);
+    tx_.reserved = false;
+    return ok();
+  }
+  store64(record_at(tx_.data, off), word, std::memory_order_release);
   tx_.reserved = false;
   if (flush == Flush::later) return ok();
   return publish_producer();
@@ -420,24 +474,6 @@ Result<void> Channel::send_wait(std::span<const std::byte> msg, std::chrono::nan
 
 // --- receiving ---
 
-Result<bool> Channel::refresh_producer(const char* op) {
-  const std::uint64_t p = load64(*rx_.producer, std::memory_order_acquire);
-  const std::uint64_t ahead = p - rx_.cons, known = rx_.prod_cache - rx_.cons;
-  if (p % 8 != 0) return violation(op, "peer producer index " + hex(p) + " is not a multiple of 8");
-  if (ahead > rx_.cap) {
-    if (rx_.prod_cache - p <= rx_.cap)
-      return violation(op,
-                       "peer producer index moved backwards from " + hex(rx_.prod_cache) + " to " + hex(p));
-    return violation(op, "peer producer index " + hex(p) + " is " + hex(ahead) +
-                             " bytes ahead of our consumer index " + hex(rx_.cons) + " (capacity " +
-                             hex(rx_.cap) + ")");
-  }
-  if (ahead < known)
-    return violation(op, "peer producer index moved backwards from " + hex(rx_.prod_cache) + " to " + hex(p));
-  rx_.prod_cache = p;
-  return ahead > known;
-}
-
 Result<void> Channel::publish_consumer() {
   if (rx_.published == rx_.cons) return ok();
   // We are done reading the records before handing their room back (release).
@@ -455,20 +491,16 @@ Result<std::optional<std::span<const std::byte>>> Channel::peek_slow() {
   // At most a padding record, then a message: after padding we are at
   // offset 0, where padding is never valid.
   for (int step = 0; step < 2; ++step) {
-    std::uint64_t avail = rx_.prod_cache - rx_.cons;
-    if (avail == 0) {
-      UV_TRY(const bool more, refresh_producer(op));
-      if (!more) {
-        UV_TRY_VOID(publish_consumer());  // before the caller waits: the peer may wait for room
-        return Msg{};
-      }
-      avail = rx_.prod_cache - rx_.cons;
-    }
-    // The acquire load of the producer index that covered this record
-    // ordered its bytes before these loads.
     const std::uint64_t off = rx_.cons & rx_.mask, to_end = rx_.cap - off;
-    const std::uint64_t word = load64(record_at(rx_.data, off));
-    const auto len = static_cast<std::uint32_t>(word), kind = static_cast<std::uint32_t>(word >> 32);
+    const std::uint64_t word = load64(record_at(rx_.data, off), std::memory_order_acquire);
+    const auto len = static_cast<std::uint32_t>(word);
+    const std::uint32_t kind = record_kind(word);
+    const std::uint64_t tag = word >> kTagShift, lap = lap_tag(rx_.cons, rx_.shift);
+    if (kind == 0 || tag != lap) {
+      // Nothing yet: a zeroed word, or a header of an earlier lap.
+      UV_TRY_VOID(publish_consumer());  // before the caller waits: the peer may wait for room
+      return Msg{};
+    }
     if (kind == kKindPadding) {
       if (to_end >= max_record_)
         return violation(op, "padding record at ring offset " + hex(off) +
@@ -476,9 +508,6 @@ Result<std::optional<std::span<const std::byte>>> Channel::peek_slow() {
       if (len != to_end - kRecordHeader)
         return violation(op, "padding record at ring offset " + hex(off) + " has length " + hex(len) + ", " +
                                  hex(to_end - kRecordHeader) + " expected");
-      if (to_end > avail)
-        return violation(op, "padding record at ring offset " + hex(off) + " runs past the " + hex(avail) +
-                                 " bytes published");
       rx_.cons += to_end;
       continue;
     }
@@ -489,9 +518,6 @@ Result<std::optional<std::span<const std::byte>>> Channel::peek_slow() {
       return violation(op, "record at ring offset " + hex(off) + " has length " + hex(len) +
                                ", larger than the max message " + hex(max_message_));
     const std::uint64_t rec = record_bytes(len);
-    if (rec > avail)
-      return violation(op, "message of " + hex(len) + " bytes at ring offset " + hex(off) +
-                               " runs past the " + hex(avail) + " bytes published");
     if (rec > to_end)
       return violation(op, "message of " + hex(len) + " bytes at ring offset " + hex(off) +
                                " straddles the ring's end (capacity " + hex(rx_.cap) + ")");
@@ -551,16 +577,27 @@ Result<void> Channel::block(const char* op, Wait what, std::chrono::nanoseconds 
   const auto deadline = start + timeout;
   const auto spin = std::min(std::chrono::nanoseconds(spin_ns_.load(std::memory_order_relaxed)), timeout);
   if (spin > std::chrono::nanoseconds(0)) {
-    // Spin on the one word that can change the answer (the peer's index),
-    // and run the full, validating ready() only when it moved: a spin
+    // Spin on the one word that can change the answer and run the full,
+    // validating ready() only when it says something is there: a spin
     // iteration is then a load and a pause, and the round trip does not
-    // wait for result objects or the clock.
-    const le64& word = what == Wait::data ? *rx_.producer : *tx_.consumer;
-    const std::uint64_t& seen = what == Wait::data ? rx_.prod_cache : tx_.cons_cache;
+    // wait for result objects or the clock. Waiting for data, the word is
+    // the next record's header: anything of the current lap (ready() then
+    // returns it, skips padding, or reports the violation). Waiting for
+    // room, it is the peer's consumer index, moved from our copy.
     const auto spin_end = start + spin;
     for (unsigned i = 1;; ++i) {
       cpu_relax();
-      if (load64(word) != seen) {
+      bool look;
+      if (what == Wait::data) {
+        // The next record's second line too: a small message's payload
+        // runs into it, and fetching it now saves a serial miss later.
+        __builtin_prefetch(rx_.data + ((rx_.cons + 64) & rx_.mask));
+        const std::uint64_t w = load64(record_at(rx_.data, rx_.cons & rx_.mask));
+        look = record_kind(w) != 0 && (w >> kTagShift) == lap_tag(rx_.cons, rx_.shift);
+      } else {
+        look = load64(*tx_.consumer) != tx_.cons_cache;
+      }
+      if (look) {
         UV_TRY(const bool r, ready());
         if (r) return ok();
       }

@@ -25,7 +25,7 @@
 //   6 flush_sent / flush_released   7 heartbeat, peer_present, peer ids
 //   8 hostile: 8-byte word at an 8-aligned offset of the window
 //   9 hostile: a ring index moved by a signed delta or set raw
-//  10 hostile: a record header at a ring offset
+//  10 hostile: a record header (kind, lap tag) at a ring offset
 //  11 pair: detach and rejoin that side (raw: detach and re-attach)
 #include <algorithm>
 #include <bit>
@@ -250,12 +250,14 @@ struct Fuzz {
         const unsigned r = in.u8() & 1;
         const std::uint64_t off = ctl->header.ring[r].offset.get(), cap = ctl->header.ring[r].capacity.get();
         const std::uint32_t len = in.u32();
-        const std::uint32_t kind = in.u8() % 4;
+        const std::uint8_t kind_lap = in.u8();
         const std::uint16_t where = in.u16();
         // The header may have been scribbled on too: stay inside the block.
         if (cap < 8 || off >= w.n || cap > w.n - off) break;
         const std::uint64_t at = (where % cap) & ~std::uint64_t{7};
-        const std::uint64_t word = (std::uint64_t{kind} << 32) | len;
+        // Kind 0-3, lap tag 0-63 (the laps a run reaches in these windows).
+        const std::uint64_t word = (static_cast<std::uint64_t>(kind_lap >> 2u) << layout::kTagShift) |
+                                   (static_cast<std::uint64_t>(kind_lap & 3u) << 32) | len;
         std::memcpy(w.p + off + at, &word, 8);
         hostile = true;
         break;

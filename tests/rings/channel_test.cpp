@@ -131,7 +131,7 @@ TEST(ChannelAttach, Side0FormatsAndSide1Joins) {
   ASSERT_TRUE(a);
   const auto& h = w.ctl()->header;
   EXPECT_EQ(h.magic.get(), layout::kMagic);
-  EXPECT_EQ(h.version.get(), 1u);
+  EXPECT_EQ(h.version.get(), 2u);
   EXPECT_EQ(h.header_bytes.get(), 64u);
   EXPECT_EQ(h.window_bytes.get(), w.size());
   // (64 KiB - 448) / 2 rounds down to 16 KiB per ring.
@@ -251,7 +251,7 @@ TEST(ChannelAttach, RefusesEachCorruptedHeaderField) {
     const char* text;
   };
   const std::vector<Case> cases = {
-      {"version", [](auto& h) { h.version.set(2); }, Errc::unsupported, "version 2"},
+      {"version", [](auto& h) { h.version.set(1); }, Errc::unsupported, "version 1, we speak 2"},
       {"flags", [](auto& h) { h.flags.set(1); }, Errc::unsupported, "unknown flags"},
       {"header size", [](auto& h) { h.header_bytes.set(128); }, Errc::bad_device_data, "header size 128"},
       {"window too big", [](auto& h) { h.window_bytes.set(h.window_bytes.get() + 64); },
@@ -443,8 +443,13 @@ TEST(Channel, DeferredPublicationIsFlushedWhenNeeded) {
     std::memcpy((*s)->data(), msg.data(), msg.size());
     ASSERT_TRUE(p.a->commit(msg.size(), Flush::later).ok());
   }
-  EXPECT_FALSE(p.b->try_peek()->has_value()) << "published before flush";
+  // Deferred: the batch's first header is held back, so nothing is visible,
+  // and the producer index (where a rejoining consumer starts) is not
+  // published either.
+  EXPECT_FALSE(p.b->try_peek()->has_value()) << "visible before flush";
+  EXPECT_EQ(p.w.ctl()->ring[0].producer.value.get(), 0u) << "producer index published before flush";
   ASSERT_TRUE(p.a->flush_sent().ok());
+  EXPECT_EQ(p.w.ctl()->ring[0].producer.value.get(), 3 * 32u);
   for (int i = 0; i < 3; ++i) {
     auto m = p.b->try_peek();
     ASSERT_TRUE(m.ok() && m->has_value());
@@ -751,6 +756,43 @@ TEST(Channel, RejoinAfterACleanRestart) {
   EXPECT_TRUE(w.guards_intact());
 }
 
+// A producer that died after storing a record's header but before its
+// index store: the record is visible to the consumer already, so the next
+// incarnation continues after it instead of overwriting it under the reader.
+// An unflushed batch is invisible (its first header is held back) and is
+// overwritten.
+TEST(Channel, RejoinContinuesAfterRecordsVisibleBeyondTheIndex) {
+  Window w(8192);
+  auto a = must_attach(w, opts(0));
+  auto b = must_attach(w, opts(1));
+  ASSERT_TRUE(a && b);
+  for (std::uint64_t i = 0; i < 3; ++i) ASSERT_TRUE(a->try_send(pattern(24, i)).value());
+  for (std::uint64_t i = 0; i < 2; ++i) {  // an open batch: never flushed
+    auto s = a->try_reserve(24);
+    ASSERT_TRUE(s.ok() && s->has_value());
+    ASSERT_TRUE(a->commit(24, Flush::later).ok());
+  }
+  a.reset();
+  w.ctl()->ring[0].producer.value.set(32);  // as if the last two index stores never happened
+  a = must_attach(w, opts(0));
+  ASSERT_TRUE(a);
+  EXPECT_EQ(w.ctl()->ring[0].producer.value.get(), 3 * 32u);
+  ASSERT_TRUE(a->try_send(pattern(40, 9)).value());
+  std::vector<std::byte> in(64);
+  for (std::uint64_t i = 0; i < 3; ++i) {
+    auto n = b->recv(in, 0ns);
+    ASSERT_TRUE(n.ok()) << n.error().message();
+    EXPECT_EQ(std::vector<std::byte>(in.begin(), in.begin() + static_cast<std::ptrdiff_t>(*n)),
+              pattern(24, i));
+  }
+  auto n = b->recv(in, 0ns);
+  ASSERT_TRUE(n.ok()) << n.error().message();
+  EXPECT_EQ(std::vector<std::byte>(in.begin(), in.begin() + static_cast<std::ptrdiff_t>(*n)), pattern(40, 9));
+  EXPECT_FALSE(b->try_peek()->has_value());
+  EXPECT_FALSE(a->broken() || b->broken());
+  EXPECT_TRUE(w.guards_intact());
+}
+
 // The peer is a child process that dies without detaching (its session
 // stays in the window); a new incarnation rejoins and the survivor, which
 // kept its channel, goes on working. Messages the dead child had published
@@ -830,10 +872,13 @@ struct Hostile : ::testing::Test {
   }
   Control& c() { return *w.ctl(); }
   std::uint8_t* rx_data() { return w.bytes() + c().header.ring[1].offset.get(); }  // ring 1: b -> a
-  void write_record(std::uint64_t off, std::uint32_t len, std::uint32_t kind) {
+  // A record header at ring position `pos` (offset pos mod 1024), tagged
+  // with pos's lap unless `lap` says otherwise.
+  void write_record(std::uint64_t pos, std::uint32_t len, std::uint32_t kind, std::int64_t lap = -1) {
     le64 word;
-    word.set((std::uint64_t{kind} << 32) | len);
-    std::memcpy(rx_data() + off, &word, 8);
+    const std::uint64_t tag = lap < 0 ? pos / 1024 : static_cast<std::uint64_t>(lap);
+    word.set((tag << layout::kTagShift) | (std::uint64_t{kind} << 32) | len);
+    std::memcpy(rx_data() + pos % 1024, &word, 8);
   }
   // b sends and a receives 8-byte messages (16-byte records) until both are
   // at ring offset `pos`.
@@ -870,43 +915,45 @@ struct Hostile : ::testing::Test {
   std::unique_ptr<Channel> a, b;
 };
 
-TEST_F(Hostile, ProducerIndexTooFarAhead) {
-  poke(c().ring[1].producer.value, 1024 + 8);
-  expect_violation(
-      a->try_peek(),
-      "peer producer index 0x408 is 0x408 bytes ahead of our consumer index 0x0 (capacity 0x400)");
-}
-
-TEST_F(Hostile, ProducerIndexBackwards) {
-  advance_to(64);
-  ASSERT_TRUE(b->try_send(pattern(8, 0)).value());
-  ASSERT_TRUE(a->try_peek()->has_value());  // a caches producer 80
-  ASSERT_TRUE(a->release().ok());
-  poke(c().ring[1].producer.value, 48);
-  expect_violation(a->try_peek(), "peer producer index moved backwards from 0x50 to 0x30");
-}
-
-TEST_F(Hostile, ProducerIndexNotAMultipleOf8) {
+// The consumer finds records by their headers: the peer's producer index is
+// only where a rejoining consumer starts. Garbage in it changes nothing on
+// the data path.
+TEST_F(Hostile, ProducerIndexIsNotTrustedOnTheDataPath) {
+  for (const std::uint64_t v :
+       {std::uint64_t{1024 + 8}, std::uint64_t{12}, ~std::uint64_t{0} - 7, std::uint64_t{0}}) {
+    poke(c().ring[1].producer.value, v);
+    auto m = a->try_peek();
+    ASSERT_TRUE(m.ok()) << m.error().message();
+    EXPECT_FALSE(m->has_value()) << "a message out of nothing, producer index " << v;
+  }
+  ASSERT_TRUE(b->try_send(pattern(8, 3)).value());
   poke(c().ring[1].producer.value, 12);
-  expect_violation(a->try_peek(), "not a multiple of 8");
+  std::vector<std::byte> in(8);
+  auto n = a->recv(in, 0ns);
+  ASSERT_TRUE(n.ok()) << n.error().message();
+  EXPECT_EQ(in, pattern(8, 3));
+  EXPECT_FALSE(a->broken());
 }
 
-TEST_F(Hostile, ProducerIndexNearWrapOfTheCounter) {
-  // A huge value is just "too far ahead", never an overflow.
-  poke(c().ring[1].producer.value, ~0ull - 7);
-  expect_violation(a->try_peek(), "moved backwards");
+// A header of an earlier lap, or of a later one, at the consumer's position
+// is "nothing yet": never read as a record.
+TEST_F(Hostile, RecordOfAnotherLapIsNotThere) {
+  advance_to(1024 - 16);
+  write_record(1024 - 16, 8, layout::kKindMessage, 1);  // lap 1 at a lap-0 position
+  EXPECT_FALSE(a->try_peek()->has_value());
+  write_record(1024 - 16, 8, layout::kKindMessage, 0xffffff);  // the lap "before" 0
+  EXPECT_FALSE(a->try_peek()->has_value());
+  write_record(1024 - 16, 8, layout::kKindMessage);  // this lap: there
+  auto m = a->try_peek();
+  ASSERT_TRUE(m.ok() && m->has_value());
+  EXPECT_EQ((*m)->size(), 8u);
+  EXPECT_FALSE(a->broken());
 }
 
 TEST_F(Hostile, RecordLengthAboveMaxMessage) {
   ASSERT_TRUE(b->try_send(pattern(8, 0)).value());
   write_record(0, 257, layout::kKindMessage);
   expect_violation(a->try_peek(), "has length 0x101, larger than the max message 0x100");
-}
-
-TEST_F(Hostile, RecordLengthPastPublishedBytes) {
-  ASSERT_TRUE(b->try_send(pattern(8, 0)).value());  // 16 bytes published
-  write_record(0, 64, layout::kKindMessage);
-  expect_violation(a->try_peek(), "runs past the 0x10 bytes published");
 }
 
 TEST_F(Hostile, HugeRecordLength) {
@@ -921,44 +968,35 @@ TEST_F(Hostile, BadRecordKind) {
   expect_violation(a->try_peek(), "has kind 0x7");
 }
 
-TEST_F(Hostile, ZeroedRecord) {
-  poke(c().ring[1].producer.value, 64);  // published bytes that hold zeros
+TEST_F(Hostile, ZeroedRecordIsNothingYet) {
+  ASSERT_TRUE(b->try_send(pattern(8, 0)).value());
   std::memset(rx_data(), 0, 64);
-  expect_violation(a->try_peek(), "has kind 0x0");
+  EXPECT_FALSE(a->try_peek()->has_value());
+  EXPECT_FALSE(a->broken());
 }
 
 TEST_F(Hostile, MessageStraddlingTheEnd) {
   advance_to(1024 - 16);
   write_record(1024 - 16, 32, layout::kKindMessage);
-  poke(c().ring[1].producer.value, 1024 - 16 + 40);
   expect_violation(a->try_peek(), "straddles the ring's end");
 }
 
 TEST_F(Hostile, PaddingWhereTheLargestMessageFits) {
   write_record(0, 1024 - 8, layout::kKindPadding);
-  poke(c().ring[1].producer.value, 1024);
   expect_violation(a->try_peek(), "padding record at ring offset 0x0 where the largest message fits");
 }
 
 TEST_F(Hostile, PaddingWithTheWrongLength) {
   advance_to(1024 - 16);
   write_record(1024 - 16, 4, layout::kKindPadding);
-  poke(c().ring[1].producer.value, 1024 + 16);
   expect_violation(a->try_peek(), "has length 0x4, 0x8 expected");
-}
-
-TEST_F(Hostile, PaddingPastPublishedBytes) {
-  advance_to(1024 - 16);
-  write_record(1024 - 16, 8, layout::kKindPadding);
-  poke(c().ring[1].producer.value, 1024 - 8);
-  expect_violation(a->try_peek(), "runs past the 0x8 bytes published");
 }
 
 TEST_F(Hostile, ValidPaddingIsSkipped) {
   advance_to(1024 - 16);
   write_record(1024 - 16, 8, layout::kKindPadding);
-  write_record(0, 3, layout::kKindMessage);
-  poke(c().ring[1].producer.value, 1024 + 16);
+  EXPECT_FALSE(a->try_peek()->has_value());  // offset 0 still holds lap 0's first header
+  write_record(1024, 3, layout::kKindMessage);
   auto m = a->try_peek();
   ASSERT_TRUE(m.ok() && m->has_value()) << (m.ok() ? "" : m.error().message());
   EXPECT_EQ((*m)->size(), 3u);

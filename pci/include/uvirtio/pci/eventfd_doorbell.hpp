@@ -11,9 +11,17 @@
 //   if (fork() == 0) { o.side = 1; o.doorbell = &bells.second; ... }
 //   else             { o.side = 0; o.doorbell = &bells.first; ... }
 //
-// The eventfds are used directly (eventfd, read, write, ppoll), not through
-// pci::Os: they need no privilege, so tests use real ones, and Os has no
-// read or poll call to route them through. Fd only owns them.
+// Waiting is one epoll_pwait2 on an edge-triggered epoll instance watching
+// our eventfd, which is never read: every ring() is a new edge and wakes one
+// wait, so a wake-up costs the ringer's write and the sleeper's return from
+// epoll and nothing else (no read to clear a counter, no poll table set up
+// per wait). The counter only grows, by one per ring; at one ring per
+// nanosecond it would take five centuries to saturate, and ring() treats a
+// saturated counter as a pending wake-up anyway.
+//
+// The eventfds and the epoll instance are used directly (eventfd, write,
+// epoll), not through pci::Os: they need no privilege, so tests use real
+// ones, and Os has no such calls to route them through. Fd only owns them.
 #pragma once
 
 #include <chrono>
@@ -44,9 +52,10 @@ class EventfdDoorbell final : public channel::Doorbell {
   // Adds 1 to the peer's eventfd (a counter already at its maximum means a
   // wake-up is pending anyway: not an error).
   Result<void> ring(std::uint32_t peer_id) override;
-  // Waits until our eventfd is readable. The read that clears it is done at
-  // the start of the next wait (off the wake-up's critical path); a counter
-  // found set then counts as a wake-up.
+  // Waits until the peer rings (true) or `timeout` passes (false). Rings
+  // that landed since the last wait collapse into one wake-up. The epoll
+  // instance is made by the first wait, in the process that waits (so a
+  // pair made before fork() shares none).
   Result<bool> wait(std::chrono::nanoseconds timeout) override;
 
   int ring_fd() const noexcept { return ring_.get(); }
@@ -57,7 +66,7 @@ class EventfdDoorbell final : public channel::Doorbell {
   Fd ring_;
   Fd wait_;
   std::string name_;
-  bool readable_ = false;  // the last wait saw the eventfd readable and did not clear it
+  Fd epoll_;  // edge-triggered, watching wait_; made by the first wait()
 };
 
 }  // namespace uvirtio::pci

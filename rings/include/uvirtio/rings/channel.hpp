@@ -4,9 +4,11 @@
 //
 // The window holds a header, one control line per side, and one ring per
 // direction: side s produces ring s and consumes ring 1-s. Records in a ring
-// are an 8-byte header (length, kind) and the payload padded to 8 bytes; a
-// message never straddles the ring's end (a padding record fills the tail).
-// Producer and consumer positions are free-running 64-bit byte counters.
+// are an 8-byte header (length, kind, lap tag) and the payload padded to 8
+// bytes; a message never straddles the ring's end (a padding record fills
+// the tail). Producer and consumer positions are free-running 64-bit byte
+// counters. A record is there when its header carries the tag of the lap
+// the consumer is in: the consumer polls the next header, not an index.
 //
 // The peer is not trusted. Everything it writes (header fields at attach,
 // its indices, record headers) is validated before we use it; a violation
@@ -63,12 +65,12 @@ class Doorbell {
   virtual Result<bool> wait(std::chrono::nanoseconds timeout) = 0;
 };
 
-// Window layout, version 1. All fields little-endian, offsets from the
+// Window layout, version 2. All fields little-endian, offsets from the
 // window's start (which must be 64-byte aligned).
 namespace layout {
 
-inline constexpr std::uint64_t kMagic = 0x312d6e6168637675;  // "uvchan-1"
-inline constexpr std::uint32_t kVersion = 1;
+inline constexpr std::uint64_t kMagic = 0x322d6e6168637675;  // "uvchan-2"
+inline constexpr std::uint32_t kVersion = 2;
 
 // Written once by the formatter (side 0), magic last.
 struct Header {
@@ -77,7 +79,7 @@ struct Header {
   le32 header_bytes;  // sizeof(Header)
   le64 window_bytes;  // <= the mapping each side has
   le32 max_message;   // largest payload, <= capacity/2 - 8 of each ring
-  le32 flags;         // 0 in version 1
+  le32 flags;         // 0 in version 2
   struct Ring {
     le64 offset;    // of the data area: 64-aligned, past the control area
     le64 capacity;  // bytes, a power of two >= 64
@@ -127,12 +129,27 @@ inline constexpr std::size_t kControlBytes = sizeof(Control);
 inline constexpr std::size_t kMinCapacity = 64;
 inline constexpr std::size_t kMinWindow = kControlBytes + 2 * kMinCapacity;
 
-// Record header: low 32 bits payload length, high 32 bits kind.
+// Record header, one 64-bit word: bits 0-31 payload length, bits 32-39
+// kind, bits 40-63 the lap tag: (position / capacity) mod 2^24 of the
+// record's first byte. Kind 0 (a zeroed word) means "no record yet".
 inline constexpr std::uint32_t kKindMessage = 1;
 inline constexpr std::uint32_t kKindPadding = 2;  // fills the ring's tail; length = bytes to the end - 8
 inline constexpr std::size_t kRecordHeader = 8;
+inline constexpr unsigned kTagShift = 40;
+inline constexpr std::uint64_t kTagMask = (std::uint64_t{1} << 24) - 1;
 inline constexpr std::uint64_t record_bytes(std::uint64_t len) noexcept {
   return kRecordHeader + ((len + 7) & ~std::uint64_t{7});
+}
+// The tag of position `pos` in a ring of 2^cap_shift bytes.
+inline constexpr std::uint64_t lap_tag(std::uint64_t pos, unsigned cap_shift) noexcept {
+  return (pos >> cap_shift) & kTagMask;
+}
+inline constexpr std::uint64_t record_word(std::uint32_t len, std::uint32_t kind, std::uint64_t pos,
+                                           unsigned cap_shift) noexcept {
+  return std::uint64_t{len} | (std::uint64_t{kind & 0xff} << 32) | (lap_tag(pos, cap_shift) << kTagShift);
+}
+inline constexpr std::uint32_t record_kind(std::uint64_t word) noexcept {
+  return static_cast<std::uint32_t>(word >> 32) & 0xff;
 }
 
 }  // namespace layout
@@ -237,6 +254,7 @@ class Channel {
     std::byte* data = nullptr;
     std::uint64_t cap = 0;
     std::uint64_t mask = 0;
+    unsigned shift = 0;  // log2(cap)
     le64* producer = nullptr;
     le64* consumer = nullptr;
   };
@@ -253,10 +271,12 @@ class Channel {
   Result<std::span<const std::byte>> peek_wait(std::chrono::nanoseconds timeout);
   Result<std::size_t> recv_copy(std::span<const std::byte> msg, std::span<std::byte> out);
   Result<void> join(const Options& options);
+  // Past the complete records of the current lap that start at `prod` in
+  // our own ring (written by an earlier incarnation), bounded by capacity.
+  std::uint64_t end_of_records(std::uint64_t prod, std::uint64_t cons) const;
   Error violation(const char* op, std::string cause);
   Error broken_error(const char* op) const;
   Result<bool> refresh_consumer(const char* op);  // re-reads the peer's consumer index
-  Result<bool> refresh_producer(const char* op);  // re-reads the peer's producer index
   Result<void> publish_producer();
   Result<void> publish_consumer();
   Result<void> ring_if_armed(const le32& ticket, std::uint32_t& last_rung, const char* op);
@@ -290,13 +310,19 @@ class Channel {
     std::uint64_t cons_cache = 0;  // the peer's consumer index, as last validated
     std::size_t reserved_len = 0;
     bool reserved = false;
+    // Flush::later: the first record of the batch has its header word held
+    // back (head_word, for ring offset head_off) until the flush, so the
+    // consumer stops there and later takes the batch in one sweep instead
+    // of chasing our stores line by line.
+    bool batch_open = false;
+    std::uint64_t head_off = 0;
+    std::uint64_t head_word = 0;
     std::uint32_t last_rung = 0;  // the peer's recv ticket we last rang for
     std::uint32_t ticket = 0;     // our send ticket counter
   } tx_;
   struct alignas(64) Rx : Ring {
     std::uint64_t cons = 0;        // next record position (released or not)
     std::uint64_t published = 0;   // consumer index in the window
-    std::uint64_t prod_cache = 0;  // the peer's producer index, as last validated
     std::uint64_t peek_bytes = 0;  // record bytes of the peeked message (0: none)
     std::span<const std::byte> peeked;
     std::uint32_t last_rung = 0;  // the peer's send ticket we last rang for
@@ -337,11 +363,28 @@ inline Result<std::optional<std::span<std::byte>>> Channel::try_reserve(std::siz
 
 inline Result<void> Channel::commit(std::size_t len, Flush flush) {
   if (tx_.reserved && len <= tx_.reserved_len && !broken()) [[likely]] {
-    // The record header, one word (the payload was written by the caller).
-    std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(tx_.data + (tx_.prod & tx_.mask)))
-        .store(le64::to_raw((std::uint64_t{layout::kKindMessage} << 32) | len), std::memory_order_relaxed);
-    tx_.prod += layout::record_bytes(len);
+    // The payload was written by the caller. Zero the next record's header
+    // word when it is ours to write (so the consumer finds "nothing yet"
+    // there, never stale bytes), then store this record's header: release,
+    // so whoever sees it sees the payload and the zero. The first record of
+    // a deferred batch keeps its header back until the flush.
+    const std::uint64_t next = tx_.prod + layout::record_bytes(len);
+    if (next + layout::kRecordHeader - tx_.cons_cache <= tx_.cap)
+      std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(tx_.data + (next & tx_.mask)))
+          .store(0, std::memory_order_relaxed);
+    const std::uint64_t off = tx_.prod & tx_.mask;
+    const std::uint64_t word = le64::to_raw(
+        layout::record_word(static_cast<std::uint32_t>(len), layout::kKindMessage, tx_.prod, tx_.shift));
+    tx_.prod = next;
     tx_.reserved = false;
+    if (flush == Flush::later && !tx_.batch_open) {
+      tx_.batch_open = true;
+      tx_.head_off = off;
+      tx_.head_word = word;
+      return {};
+    }
+    std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(tx_.data + off))
+        .store(word, std::memory_order_release);
     if (flush == Flush::later) return {};
     return publish_producer();
   }
@@ -350,34 +393,21 @@ inline Result<void> Channel::commit(std::size_t len, Flush flush) {
 
 inline Result<std::optional<std::span<const std::byte>>> Channel::try_peek() {
   using Msg = std::optional<std::span<const std::byte>>;
-  std::uint64_t avail = rx_.prod_cache - rx_.cons;
-  if (avail == 0 && rx_.peek_bytes == 0 && !broken()) {
-    // Everything we knew of is consumed: look at the peer's producer index.
-    // A plain step forward (8-aligned, within capacity) is taken here; no
-    // change, or anything odd, goes to the slow path (which publishes our
-    // consumer index before reporting "empty", and validates).
-    const std::uint64_t p =
-        le64::from_raw(std::atomic_ref<std::uint64_t>(rx_.producer->raw()).load(std::memory_order_acquire));
-    const std::uint64_t ahead = p - rx_.cons;
-    if (ahead != 0 && ahead <= rx_.cap && p % 8 == 0) {
-      rx_.prod_cache = p;
-      avail = ahead;
-    }
-  }
-  if (rx_.peek_bytes == 0 && avail != 0 && !broken()) [[likely]] {
+  if (rx_.peek_bytes == 0 && !broken()) [[likely]] {
     const std::uint64_t off = rx_.cons & rx_.mask;
-    // One read of the peer-written header word; validated before use.
+    // One read of the peer-written header word (acquire: the payload after
+    // it): a message of this lap, checked before use. Anything else (no
+    // record yet, padding, a bad record) goes to the slow path.
     const std::uint64_t word =
         le64::from_raw(std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(rx_.data + off))
-                           .load(std::memory_order_relaxed));
+                           .load(std::memory_order_acquire));
     const auto len = static_cast<std::uint32_t>(word);
-    const std::uint64_t rec = layout::record_bytes(len);
-    if ((word >> 32) == layout::kKindMessage && len <= max_message_ && rec <= avail && rec <= rx_.cap - off)
-        [[likely]] {
+    if ((word >> 32) == ((layout::lap_tag(rx_.cons, rx_.shift) << 8) | layout::kKindMessage) &&
+        len <= max_message_ && layout::record_bytes(len) <= rx_.cap - off) [[likely]] {
       // Built from registers, not read back from rx_ (a wide load of what
       // was just stored in halves stalls store forwarding, ~10 ns here).
       const std::byte* at = rx_.data + off + layout::kRecordHeader;
-      rx_.peek_bytes = rec;
+      rx_.peek_bytes = layout::record_bytes(len);
       rx_.peeked = std::span<const std::byte>(at, len);
       return Msg(std::in_place, at, len);
     }
