@@ -71,8 +71,28 @@ Result<void> Blk::check_range(std::uint64_t sector, std::size_t bytes, const cha
   return ok();
 }
 
+Result<std::size_t> Blk::recover() {
+  UV_TRY_VOID(dev_->reinitialize(opt_.open.reset_deadline));
+  UV_TRY(const std::vector<std::uint64_t> dropped, vq_->restart());
+  UV_TRY_VOID(dev_->driver_ok());
+  UV_TRY_VOID(dev_->transport().check_healthy("recover block device"));
+  ++recoveries_;
+  return dropped.size();
+}
+
 Result<void> Blk::request(std::uint32_t type, std::uint64_t sector, std::size_t bytes,
                           bool device_writes_data, const char* op) {
+  auto r = request_once(type, sector, bytes, device_writes_data, op);
+  if (r || r.error().code() != Errc::needs_reset || !opt_.recover_on_reset) return r;
+  // The device dropped the request: bring it back and send it again (the
+  // data is still in the bounce buffer).
+  UV_TRY(const std::size_t dropped, recover());
+  (void)dropped;
+  return request_once(type, sector, bytes, device_writes_data, op);
+}
+
+Result<void> Blk::request_once(std::uint32_t type, std::uint64_t sector, std::size_t bytes,
+                               bool device_writes_data, const char* op) {
   auto& t = dev_->transport();
   UV_TRY_VOID(t.check_healthy(op));
   auto* h = static_cast<BlkReqHeader*>(hdr_.va);

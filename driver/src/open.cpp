@@ -8,6 +8,22 @@ Device::~Device() {
   if (transport_) (void)transport_->reset(std::chrono::milliseconds(100));
 }
 
+Result<void> Device::reinitialize(std::chrono::milliseconds reset_deadline) {
+  VirtioPci& t = *transport_;
+  const FeatureSet accepted = t.features();
+  UV_TRY_VOID(t.reset(reset_deadline));
+  UV_TRY_VOID(t.add_status(status::kAcknowledge));
+  UV_TRY_VOID(t.add_status(status::kDriver));
+  UV_TRY(const FeatureSet offered, t.device_features());
+  if (!offered.contains(accepted)) {
+    (void)t.add_status(status::kFailed);
+    return Error(Errc::unsupported, t.name(), "reinitialize after reset",
+                 "the device no longer offers features it accepted before: " +
+                     FeatureSet(accepted.bits() & ~offered.bits()).describe());
+  }
+  return t.accept_features(accepted);
+}
+
 Result<std::unique_ptr<Device>> bring_up(std::unique_ptr<pci::Function> fn, std::uint16_t expected_type,
                                          const FeaturePolicy& policy, const OpenOptions& options) {
   UV_TRY(std::unique_ptr<VirtioPci> t, VirtioPci::create(*fn, options.irq, options.extra_msix_vectors));

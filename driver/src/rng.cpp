@@ -1,6 +1,7 @@
 // virtio-rng driver (spec 5.4).
 #include "uvirtio/driver/rng.hpp"
 
+#include <algorithm>
 #include <cstring>
 
 namespace uvirtio::driver {
@@ -30,10 +31,30 @@ Result<std::unique_ptr<Rng>> Rng::attach(std::unique_ptr<Device> dev, const RngO
   return std::unique_ptr<Rng>(new Rng(std::move(dev), std::move(vq), std::move(bufs), options));
 }
 
+Result<std::size_t> Rng::recover() {
+  UV_TRY_VOID(dev_->reinitialize(opt_.open.reset_deadline));
+  UV_TRY(const std::vector<std::uint64_t> dropped, vq_->restart());
+  std::fill(busy_.begin(), busy_.end(), false);
+  UV_TRY_VOID(dev_->driver_ok());
+  UV_TRY_VOID(dev_->transport().check_healthy("recover entropy device"));
+  ++recoveries_;
+  return dropped.size();
+}
+
 Result<void> Rng::read(std::span<std::uint8_t> out) {
   const std::string op = "read entropy";
   std::size_t done = 0;
   int empty_answers = 0;
+  bool recovered = false;
+  // A request the device dropped by going NEEDS_RESET is resubmitted after
+  // recovery (entropy requests are idempotent), once per call.
+  auto may_recover = [&](const Error& e) -> Result<bool> {
+    if (e.code() != Errc::needs_reset || !opt_.recover_on_reset || recovered) return false;
+    recovered = true;
+    UV_TRY(const std::size_t dropped, recover());
+    (void)dropped;
+    return true;
+  };
   while (done < out.size()) {
     std::size_t slot = 0;
     while (slot < busy_.size() && busy_[slot]) ++slot;
@@ -49,7 +70,13 @@ Result<void> Rng::read(std::span<std::uint8_t> out) {
     busy_[slot] = true;
     const auto until = std::chrono::steady_clock::now() + opt_.timeout;
     for (;;) {
-      UV_TRY(rings::Completion c, vq_->wait_until(until, opt_.timeout));
+      auto waited = vq_->wait_until(until, opt_.timeout);
+      if (!waited) {
+        UV_TRY(const bool again, may_recover(waited.error()));
+        if (!again) return std::move(waited).error();
+        break;  // recovered: the loop submits the rest, this request included
+      }
+      const rings::Completion c = *waited;
       // Tokens come from the ring's shadow state (it validated the id), so
       // the slot is one we handed out.
       busy_[c.token & 0xff] = false;

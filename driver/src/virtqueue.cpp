@@ -83,9 +83,23 @@ Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t
   UV_TRY_VOID(t.setup_queue(index, size, addr, mode != CompletionMode::polling));
   if (mode != CompletionMode::polling && !t.queue_eventfd(index))
     return Error(Errc::unsupported, t.name(), op, "no interrupt eventfd for the queue");
-  auto vq = std::unique_ptr<Virtqueue>(new Virtqueue(t, index, std::move(*ring), mode));
+  auto vq = std::unique_ptr<Virtqueue>(new Virtqueue(t, index, std::move(*ring), mode, addr));
   vq->indirect_ = indirect;
   return vq;
+}
+
+Result<std::vector<std::uint64_t>> Virtqueue::restart() {
+  std::vector<std::uint64_t> dropped = ring_.outstanding_tokens();
+  UV_TRY_VOID(ring_.reset_ring());
+  ring_.set_interrupts(mode_ != CompletionMode::polling);
+  UV_TRY_VOID(t_.setup_queue(index_, ring_.size(), addr_, mode_ != CompletionMode::polling));
+  // A wake-up left from before the reset would only cost a spurious poll,
+  // but drain it so counts stay meaningful.
+  if (mode_ != CompletionMode::polling) {
+    UV_TRY(const bool stale, take_interrupt(0));
+    (void)stale;
+  }
+  return dropped;
 }
 
 Result<std::uint16_t> Virtqueue::submit(std::span<const rings::Buffer> out, std::span<const rings::Buffer> in,

@@ -357,6 +357,25 @@ void PackedQueue::set_event_idx(bool enabled) noexcept {
   write_driver_event();
 }
 
+Result<void> PackedQueue::reset_ring() {
+  std::memset(static_cast<void*>(desc_), 0, PackedLayout::desc_bytes(size_));
+  std::memset(static_cast<void*>(driver_event_), 0, PackedLayout::event_bytes());
+  std::memset(static_cast<void*>(device_event_), 0, PackedLayout::event_bytes());
+  for (std::uint16_t i = 0; i < size_; ++i) extra_[i] = Extra{static_cast<std::uint16_t>(i + 1), 0, 0, 0, 0};
+  num_free_ = size_;
+  next_avail_ = 0;
+  avail_wrap_ = true;
+  last_used_ = 0;
+  used_wrap_ = true;
+  free_id_ = 0;
+  moved_ = 0;
+  batch_left_ = batch_pos_ = 0;
+  batch_len_ = 0;
+  broken_ = false;
+  write_driver_event();  // the zeroed area says "enabled"; restore what was asked
+  return ok();
+}
+
 Result<void> PackedQueue::set_in_order(bool enabled) {
   if (in_flight() > 0) {
     return Error(Errc::busy, name_, "set in-order",

@@ -56,13 +56,14 @@ FakeVirtioOptions entropy(unsigned msix_vectors = 2) {
 
 // bring_up() and Rng::attach() on the fake; `dev` must outlive the result.
 std::unique_ptr<Rng> attach(FakeVirtioDevice& dev, CompletionMode mode,
-                            std::chrono::milliseconds timeout = 2s) {
+                            std::chrono::milliseconds timeout = 2s, bool recover_on_reset = false) {
   auto d = bring_up(dev.take_function(), kVirtioRngType, {});
   EXPECT_TRUE(d.ok()) << d.error().message();
   if (!d.ok()) return nullptr;
   RngOptions opt;
   opt.completion = mode;
   opt.timeout = timeout;
+  opt.recover_on_reset = recover_on_reset;
   auto rng = Rng::attach(std::move(d).value(), opt);
   EXPECT_TRUE(rng.ok()) << rng.error().message();
   return rng.ok() ? std::move(rng).value() : nullptr;
@@ -324,6 +325,77 @@ TEST(Rng, NeedsResetWakesAnInterruptWaiterThroughTheConfigVector) {
   expect_error(r, Errc::needs_reset, "DEVICE_NEEDS_RESET");
   EXPECT_LT(took, 900ms) << "woken by the config interrupt, not by a timeout";
   EXPECT_EQ(rng->queue().config_interrupts(), 1u);
+}
+
+// Recovery (spec 2.1.2): the device goes NEEDS_RESET with a request in
+// flight; read() resets it, brings it back with the same features, restarts
+// the ring in the same memory and resubmits. Both completion modes (the fake
+// serves split rings without event index; the packed ring's reset is tested
+// against the packed device role in tests/rings); the counter shows exactly
+// the bytes of the resubmitted request.
+TEST(Rng, RecoversFromNeedsResetAndResubmits) {
+  for (CompletionMode mode : {CompletionMode::polling, CompletionMode::interrupt}) {
+    SCOPED_TRACE(completion_mode_name(mode));
+    FakeVirtioOptions o = entropy();
+    FakeVirtioDevice dev(o);
+    Counter counter;
+    dev.set_handler(counter.handler());
+    auto rng = attach(dev, mode, 2s, /*recover_on_reset=*/true);
+    ASSERT_TRUE(rng);
+    std::vector<std::uint8_t> out(16);
+    ASSERT_TRUE(rng->read(out).ok());
+    expect_counter(out, 0);
+    // The next notify finds the device broken: the request is dropped.
+    dev.faults.needs_reset_on_notify = true;
+    dev.set_status_hook([&](std::uint8_t st) {
+      if (st == 0) dev.faults.needs_reset_on_notify = false;  // a reset repairs it
+    });
+    const std::size_t writes_before = dev.status_writes().size();
+    auto r = rng->read(out);
+    ASSERT_TRUE(r.ok()) << r.error().message();
+    expect_counter(out, 16);  // served once, after the recovery
+    EXPECT_EQ(rng->recoveries(), 1u);
+    EXPECT_EQ(counter.sizes.size(), 2u);
+    const auto writes = dev.status_writes();
+    ASSERT_GT(writes.size(), writes_before);
+    EXPECT_EQ(writes[writes_before], 0) << "recovery starts with a reset";
+    EXPECT_EQ(dev.status() & (status::kDriverOk | status::kNeedsReset), status::kDriverOk);
+    // And it keeps working, across many ring wraps.
+    for (int i = 0; i < 300; ++i) ASSERT_TRUE(rng->read(out).ok()) << i;
+    EXPECT_EQ(dev.violations(), kNone);
+  }
+}
+
+TEST(Rng, NeedsResetThatResetDoesNotCureFailsAfterOneRecovery) {
+  FakeVirtioDevice dev(entropy());
+  dev.faults.needs_reset_on_notify = true;
+  auto rng = attach(dev, CompletionMode::polling, 1s, /*recover_on_reset=*/true);
+  ASSERT_TRUE(rng);
+  std::vector<std::uint8_t> out(16);
+  expect_error(rng->read(out), Errc::needs_reset, "DEVICE_NEEDS_RESET");
+  EXPECT_EQ(rng->recoveries(), 1u);
+}
+
+// recover() on request: requests abandoned at their deadline are dropped
+// and their buffers are free again, so no late completion can arrive.
+TEST(Rng, RecoverReclaimsAbandonedRequests) {
+  FakeVirtioDevice dev(entropy());
+  Counter counter;
+  dev.set_handler(counter.handler());
+  dev.faults.swallow = true;
+  auto rng = attach(dev, CompletionMode::polling, 5ms);
+  ASSERT_TRUE(rng);
+  std::vector<std::uint8_t> out(16);
+  for (int i = 0; i < 3; ++i) expect_error(rng->read(out), Errc::timeout, "no completion");
+  dev.faults.swallow = false;
+  auto dropped = rng->recover();
+  ASSERT_TRUE(dropped.ok()) << dropped.error().message();
+  EXPECT_EQ(*dropped, 3u);
+  EXPECT_TRUE(rng->queue().ring().outstanding_tokens().empty());
+  ASSERT_TRUE(rng->read(out).ok());
+  expect_counter(out, 0);
+  EXPECT_EQ(rng->stale_completions(), 0u);
+  EXPECT_EQ(dev.violations(), kNone);
 }
 
 TEST(Rng, UsedLenBeyondBufferBreaksTheQueue) {

@@ -167,6 +167,58 @@ TEST(PackedDevice, RoundTripMultiDescriptorChainsAcrossTheRingEnd) {
   EXPECT_FALSE(drv.broken());
 }
 
+// A device reset with requests in flight: the driver lists them, resets
+// the ring in place (both wrap counters back to 1, ids free) and a fresh
+// device role (what the device is after its reset) serves it again, across
+// several wraps. A driver that kept its old wrap counter or free ids would
+// stall or be refused here.
+TEST(PackedDevice, ResetRingWithRequestsInFlightThenServeAgain) {
+  Mem m(5);
+  auto drv = m.driver().value();
+  {
+    auto dev = m.device().value();
+    for (std::uint64_t t = 0; t < 7; ++t) {  // past the end once: wrap counter 0
+      const Buffer in[] = {{m.bus(0), 8}};
+      ASSERT_TRUE(drv.add({}, in, t).ok());
+      drv.publish();
+      auto r = dev.pop().value();
+      ASSERT_TRUE(r.has_value());
+      ASSERT_TRUE(dev.push(r->head, 8).ok());
+      ASSERT_TRUE(drv.poll().value().has_value());
+    }
+    for (std::uint64_t t = 100; t < 103; ++t) {  // in flight when the device resets
+      const Buffer in[] = {{m.bus(8 * (t - 99)), 8}};
+      ASSERT_TRUE(drv.add({}, in, t).ok());
+    }
+    drv.publish();
+    ASSERT_TRUE(dev.pop().value().has_value());  // the device took one, never answered
+  }
+  EXPECT_EQ(drv.outstanding_tokens(), (std::vector<std::uint64_t>{100, 101, 102}));
+  ASSERT_TRUE(drv.reset_ring().ok());
+  EXPECT_TRUE(drv.outstanding_tokens().empty());
+  EXPECT_EQ(drv.free_count(), 5);
+  EXPECT_EQ(drv.in_flight(), 0);
+  for (std::size_t i = 0; i < 5; ++i)
+    EXPECT_EQ(m.ring()[i].flags.get(), 0) << "descriptor " << i << " not cleared";
+  auto dev = m.device().value();
+  for (std::uint64_t t = 200; t < 230; ++t) {
+    const Buffer in[] = {{m.bus(0), 8}};
+    auto id = drv.add({}, in, t);
+    ASSERT_TRUE(id.ok()) << id.error().message();
+    drv.publish();
+    auto r = dev.pop();
+    ASSERT_TRUE(r.ok()) << r.error().message();
+    ASSERT_TRUE(r->has_value()) << "request " << t << " not seen by the fresh device";
+    ASSERT_TRUE(dev.push((*r)->head, 4).ok());
+    auto c = drv.poll();
+    ASSERT_TRUE(c.ok()) << c.error().message();
+    ASSERT_TRUE(c->has_value());
+    EXPECT_EQ((*c)->token, t);
+  }
+  EXPECT_FALSE(drv.broken());
+  EXPECT_FALSE(dev.broken());
+}
+
 TEST(PackedDevice, UsedDescriptorHasBothWrapBitsAndWriteOnlyWithWritableBuffers) {
   Mem m(2);
   auto drv = m.driver().value();

@@ -36,6 +36,10 @@ struct BlkOptions {
   std::chrono::milliseconds timeout{10000};
   OpenOptions open;
   FeatureSet extra_features;  // transport features to accept if offered (e.g. INDIRECT_DESC)
+  // When the device reports DEVICE_NEEDS_RESET during a request: recover()
+  // and resubmit that request, once (reads, writes and flushes are
+  // idempotent). Off: the error is returned and the caller may recover().
+  bool recover_on_reset = false;
 };
 
 class Blk {
@@ -57,12 +61,20 @@ class Blk {
   // when the device did not offer VIRTIO_BLK_F_FLUSH (write-through).
   Result<void> flush();
 
+  // Resets the device and brings it back with the same features and queue
+  // (after DEVICE_NEEDS_RESET). Returns how many requests were in flight:
+  // the device dropped them.
+  Result<std::size_t> recover();
+  std::uint64_t recoveries() const { return recoveries_; }
+
  private:
   Blk(std::unique_ptr<Device> dev, std::unique_ptr<Virtqueue> vq, pci::DmaRegion hdr, pci::DmaRegion data,
       BlkOptions opt)
       : dev_(std::move(dev)), vq_(std::move(vq)), hdr_(hdr), data_(data), opt_(opt) {}
   Result<void> request(std::uint32_t type, std::uint64_t sector, std::size_t bytes, bool device_writes_data,
                        const char* op);
+  Result<void> request_once(std::uint32_t type, std::uint64_t sector, std::size_t bytes,
+                            bool device_writes_data, const char* op);
   Result<void> check_range(std::uint64_t sector, std::size_t bytes, const char* op) const;
 
   std::unique_ptr<Device> dev_;
@@ -73,6 +85,7 @@ class Blk {
   std::uint64_t capacity_ = 0;
   bool read_only_ = false;
   std::uint64_t next_token_ = 1;
+  std::uint64_t recoveries_ = 0;
 };
 
 }  // namespace uvirtio::driver

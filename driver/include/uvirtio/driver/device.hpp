@@ -34,6 +34,13 @@ class Device {
   VirtioPci& transport() { return *transport_; }
   // Sets DRIVER_OK after queues are set up (spec 3.1.1 step 8).
   Result<void> driver_ok() { return transport_->add_status(status::kDriverOk); }
+  // Recovery from DEVICE_NEEDS_RESET (spec 2.1.2): resets the device and
+  // runs the initialization again up to FEATURES_OK with the features
+  // negotiated before (unsupported, and FAILED set, if the device no longer
+  // offers them all). The driver then restarts its queues
+  // (Virtqueue::restart), resubmits or fails what was in flight, and sets
+  // DRIVER_OK.
+  Result<void> reinitialize(std::chrono::milliseconds reset_deadline);
   // Best-effort reset so the device stops DMA before our memory goes away.
   ~Device();
   Device(std::unique_ptr<pci::Function> fn, std::unique_ptr<VirtioPci> t)

@@ -24,6 +24,10 @@ struct RngOptions {
   CompletionMode completion = CompletionMode::interrupt;
   std::chrono::milliseconds timeout{5000};  // per request
   OpenOptions open;
+  // When the device reports DEVICE_NEEDS_RESET during read(): recover()
+  // and resubmit the request, once per read() call. Off: the error is
+  // returned and the caller may recover() itself.
+  bool recover_on_reset = false;
 };
 
 class Rng {
@@ -40,6 +44,13 @@ class Rng {
   // Completions of requests an earlier read() abandoned at its deadline.
   std::uint64_t stale_completions() const { return stale_completions_; }
 
+  // Resets the device and brings it back with the same features and queue
+  // (after DEVICE_NEEDS_RESET, or to reclaim requests abandoned at their
+  // deadline). Returns how many requests were in flight: the device dropped
+  // them, and their buffers are free again.
+  Result<std::size_t> recover();
+  std::uint64_t recoveries() const { return recoveries_; }
+
  private:
   Rng(std::unique_ptr<Device> dev, std::unique_ptr<Virtqueue> vq, std::vector<pci::DmaRegion> bufs,
       RngOptions opt)
@@ -55,6 +66,7 @@ class Rng {
   RngOptions opt_;
   std::uint64_t next_seq_ = 1;
   std::uint64_t stale_completions_ = 0;
+  std::uint64_t recoveries_ = 0;
 };
 
 }  // namespace uvirtio::driver

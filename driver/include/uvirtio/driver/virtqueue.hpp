@@ -16,6 +16,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <vector>
 
 #include "uvirtio/driver/transport.hpp"
 #include "uvirtio/rings/ring.hpp"
@@ -58,6 +59,14 @@ class Virtqueue {
   Result<rings::Completion> wait_until(std::chrono::steady_clock::time_point until,
                                        std::chrono::milliseconds timeout);
 
+  // After the device was reset and its features accepted again (Device::
+  // reinitialize), before DRIVER_OK: forgets everything in flight, returns
+  // the ring to its initial state in the same memory and programs the queue
+  // again. Returns the tokens of the requests that were in flight, in
+  // submission order: the device dropped them, the caller resubmits or
+  // fails each.
+  Result<std::vector<std::uint64_t>> restart();
+
   std::uint64_t notifications() const { return notifications_; }
   std::uint64_t interrupts() const { return interrupts_; }
   // Hybrid mode: how long a wait spins before it sleeps (default 2 ms).
@@ -69,8 +78,8 @@ class Virtqueue {
   std::uint64_t config_interrupts() const { return config_interrupts_; }
 
  private:
-  Virtqueue(Transport& t, std::uint16_t index, rings::Ring ring, CompletionMode mode)
-      : t_(t), index_(index), ring_(std::move(ring)), mode_(mode) {}
+  Virtqueue(Transport& t, std::uint16_t index, rings::Ring ring, CompletionMode mode, QueueAddresses addr)
+      : t_(t), index_(index), ring_(std::move(ring)), mode_(mode), addr_(addr) {}
   // Waits up to timeout_ms for the queue's eventfd; on a signal, counts it and
   // acknowledges the interrupt. Returns whether one was taken.
   Result<bool> take_interrupt(int timeout_ms);
@@ -79,6 +88,7 @@ class Virtqueue {
   std::uint16_t index_;
   rings::Ring ring_;
   CompletionMode mode_;
+  QueueAddresses addr_;  // of the ring memory, for restart()
   std::uint64_t notifications_ = 0;
   std::uint64_t interrupts_ = 0;
   std::chrono::microseconds spin_budget_{2000};

@@ -245,6 +245,13 @@ class PackedQueue {
   // (for resubmission after a device reset).
   std::vector<std::uint64_t> outstanding_tokens() const;
 
+  // Forgets everything in flight and returns the queue to its just-created
+  // state: ring and event areas zeroed, all descriptors and ids free, both
+  // wrap counters 1, not broken. Keeps the event_idx / indirect / in_order
+  // settings, the indirect pool and the interrupt setting. Only call it
+  // when the device no longer uses the ring (after a device or queue reset).
+  Result<void> reset_ring();
+
   // One read of the flags word the device last wrote in its event
   // suppression area (diagnostics and conformance checks: whether the device
   // really asks for RING_EVENT_FLAGS_DESC). Unvalidated; 0 when broken.

@@ -64,6 +64,10 @@ class Ring {
   std::vector<std::uint64_t> outstanding_tokens() const {
     return std::visit([](const auto& q) { return q.outstanding_tokens(); }, q_);
   }
+  // After a device or queue reset: see SplitQueue/PackedQueue::reset_ring().
+  Result<void> reset_ring() {
+    return std::visit([](auto& q) { return q.reset_ring(); }, q_);
+  }
 
  private:
   std::variant<SplitQueue, PackedQueue> q_;
