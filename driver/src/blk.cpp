@@ -72,10 +72,7 @@ Result<void> Blk::check_range(std::uint64_t sector, std::size_t bytes, const cha
 }
 
 Result<std::size_t> Blk::recover() {
-  UV_TRY_VOID(dev_->reinitialize(opt_.open.reset_deadline));
-  UV_TRY(const std::vector<std::uint64_t> dropped, vq_->restart());
-  UV_TRY_VOID(dev_->driver_ok());
-  UV_TRY_VOID(dev_->transport().check_healthy("recover block device"));
+  UV_TRY(const std::vector<std::uint64_t> dropped, dev_->recover(*vq_, opt_.open.reset_deadline));
   ++recoveries_;
   return dropped.size();
 }

@@ -24,6 +24,14 @@ Result<void> Device::reinitialize(std::chrono::milliseconds reset_deadline) {
   return t.accept_features(accepted);
 }
 
+Result<std::vector<std::uint64_t>> Device::recover(Virtqueue& vq, std::chrono::milliseconds reset_deadline) {
+  UV_TRY_VOID(reinitialize(reset_deadline));
+  UV_TRY(std::vector<std::uint64_t> dropped, vq.restart());
+  UV_TRY_VOID(driver_ok());
+  UV_TRY_VOID(transport_->check_healthy("recover after reset"));
+  return dropped;
+}
+
 Result<std::unique_ptr<Device>> bring_up(std::unique_ptr<pci::Function> fn, std::uint16_t expected_type,
                                          const FeaturePolicy& policy, const OpenOptions& options) {
   UV_TRY(std::unique_ptr<VirtioPci> t, VirtioPci::create(*fn, options.irq, options.extra_msix_vectors));

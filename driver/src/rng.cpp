@@ -32,11 +32,8 @@ Result<std::unique_ptr<Rng>> Rng::attach(std::unique_ptr<Device> dev, const RngO
 }
 
 Result<std::size_t> Rng::recover() {
-  UV_TRY_VOID(dev_->reinitialize(opt_.open.reset_deadline));
-  UV_TRY(const std::vector<std::uint64_t> dropped, vq_->restart());
+  UV_TRY(const std::vector<std::uint64_t> dropped, dev_->recover(*vq_, opt_.open.reset_deadline));
   std::fill(busy_.begin(), busy_.end(), false);
-  UV_TRY_VOID(dev_->driver_ok());
-  UV_TRY_VOID(dev_->transport().check_healthy("recover entropy device"));
   ++recoveries_;
   return dropped.size();
 }

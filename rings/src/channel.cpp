@@ -296,7 +296,7 @@ std::uint64_t Channel::end_of_records(std::uint64_t prod, std::uint64_t cons) co
     const std::uint64_t word = load64(record_at(tx_.data, off), std::memory_order_acquire);
     const auto len = static_cast<std::uint32_t>(word);
     const std::uint32_t kind = record_kind(word);
-    if (kind == 0 || (word >> kTagShift) != lap_tag(prod, tx_.shift)) return prod;
+    if (!record_here(word, prod, tx_.shift)) return prod;
     std::uint64_t step = 0;
     if (kind == kKindPadding && to_end < max_record_ && len == to_end - kRecordHeader)
       step = to_end;
@@ -436,22 +436,7 @@ Result<void> Channel::commit_slow(std::size_t len, Flush flush) {
   if (len > tx_.reserved_len)
     return Error(Errc::invalid_argument, name_, op,
                  std::to_string(len) + " bytes committed, " + std::to_string(tx_.reserved_len) + " reserved");
-  const std::uint64_t next = tx_.prod + record_bytes(len);
-  if (next + kRecordHeader - tx_.cons_cache <= tx_.cap) store64(record_at(tx_.data, next & tx_.mask), 0);
-  const std::uint64_t off = tx_.prod & tx_.mask;
-  const std::uint64_t word = record_word(static_cast<std::uint32_t>(len), kKindMessage, tx_.prod, tx_.shift);
-  tx_.prod = next;
-  if (flush == Flush::later && !tx_.batch_open) {
-    tx_.batch_open = true;
-    tx_.head_off = off;
-    tx_.head_word = le64::to_raw(word);
-    tx_.reserved = false;
-    return ok();
-  }
-  store64(record_at(tx_.data, off), word, std::memory_order_release);
-  tx_.reserved = false;
-  if (flush == Flush::later) return ok();
-  return publish_producer();
+  return store_record(len, flush);
 }
 
 Result<void> Channel::flush_sent() {
@@ -495,8 +480,7 @@ Result<std::optional<std::span<const std::byte>>> Channel::peek_slow() {
     const std::uint64_t word = load64(record_at(rx_.data, off), std::memory_order_acquire);
     const auto len = static_cast<std::uint32_t>(word);
     const std::uint32_t kind = record_kind(word);
-    const std::uint64_t tag = word >> kTagShift, lap = lap_tag(rx_.cons, rx_.shift);
-    if (kind == 0 || tag != lap) {
+    if (!record_here(word, rx_.cons, rx_.shift)) {
       // Nothing yet: a zeroed word, or a header of an earlier lap.
       UV_TRY_VOID(publish_consumer());  // before the caller waits: the peer may wait for room
       return Msg{};
@@ -592,8 +576,7 @@ Result<void> Channel::block(const char* op, Wait what, std::chrono::nanoseconds 
         // The next record's second line too: a small message's payload
         // runs into it, and fetching it now saves a serial miss later.
         __builtin_prefetch(rx_.data + ((rx_.cons + 64) & rx_.mask));
-        const std::uint64_t w = load64(record_at(rx_.data, rx_.cons & rx_.mask));
-        look = record_kind(w) != 0 && (w >> kTagShift) == lap_tag(rx_.cons, rx_.shift);
+        look = record_here(load64(record_at(rx_.data, rx_.cons & rx_.mask)), rx_.cons, rx_.shift);
       } else {
         look = load64(*tx_.consumer) != tx_.cons_cache;
       }

@@ -66,22 +66,35 @@ Result<PackedQueue> PackedQueue::create(std::uint16_t size, void* desc_ring, voi
                                         void* device_event, std::string name) {
   const char* op = "create packed queue";
   UV_TRY_VOID(PackedLayout::check(size, desc_ring, driver_event, device_event, name, op));
-  // All zero: no descriptor looks available or used for wrap counter 1, and
-  // both event areas say RING_EVENT_FLAGS_ENABLE.
-  std::memset(desc_ring, 0, PackedLayout::desc_bytes(size));
-  std::memset(driver_event, 0, PackedLayout::event_bytes());
-  std::memset(device_event, 0, PackedLayout::event_bytes());
-
   PackedQueue q;
   q.size_ = size;
   q.desc_ = static_cast<PvirtqDesc*>(desc_ring);
   q.driver_event_ = static_cast<PvirtqEventSuppress*>(driver_event);
   q.device_event_ = static_cast<PvirtqEventSuppress*>(device_event);
   q.name_ = std::move(name);
-  q.extra_.resize(size);
-  for (std::uint16_t i = 0; i < size; ++i) q.extra_[i].next_free = static_cast<std::uint16_t>(i + 1);
-  q.num_free_ = size;
+  q.init_state();
   return q;
+}
+
+void PackedQueue::init_state() {
+  // All zero: no descriptor looks available or used for wrap counter 1, and
+  // both event areas say RING_EVENT_FLAGS_ENABLE.
+  std::memset(static_cast<void*>(desc_), 0, PackedLayout::desc_bytes(size_));
+  std::memset(static_cast<void*>(driver_event_), 0, PackedLayout::event_bytes());
+  std::memset(static_cast<void*>(device_event_), 0, PackedLayout::event_bytes());
+  extra_.assign(size_, Extra{});
+  for (std::uint16_t i = 0; i < size_; ++i) extra_[i].next_free = static_cast<std::uint16_t>(i + 1);
+  num_free_ = size_;
+  next_avail_ = 0;
+  avail_wrap_ = true;
+  last_used_ = 0;
+  used_wrap_ = true;
+  free_id_ = 0;
+  add_seq_ = 0;
+  moved_ = 0;
+  batch_left_ = batch_pos_ = 0;
+  batch_len_ = 0;
+  broken_ = false;
 }
 
 std::size_t PackedQueue::indirect_limit() const noexcept {
@@ -358,20 +371,7 @@ void PackedQueue::set_event_idx(bool enabled) noexcept {
 }
 
 Result<void> PackedQueue::reset_ring() {
-  std::memset(static_cast<void*>(desc_), 0, PackedLayout::desc_bytes(size_));
-  std::memset(static_cast<void*>(driver_event_), 0, PackedLayout::event_bytes());
-  std::memset(static_cast<void*>(device_event_), 0, PackedLayout::event_bytes());
-  for (std::uint16_t i = 0; i < size_; ++i) extra_[i] = Extra{static_cast<std::uint16_t>(i + 1), 0, 0, 0, 0};
-  num_free_ = size_;
-  next_avail_ = 0;
-  avail_wrap_ = true;
-  last_used_ = 0;
-  used_wrap_ = true;
-  free_id_ = 0;
-  moved_ = 0;
-  batch_left_ = batch_pos_ = 0;
-  batch_len_ = 0;
-  broken_ = false;
+  init_state();
   write_driver_event();  // the zeroed area says "enabled"; restore what was asked
   return ok();
 }

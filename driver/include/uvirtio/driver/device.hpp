@@ -7,8 +7,10 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "uvirtio/driver/virtio_pci.hpp"
+#include "uvirtio/driver/virtqueue.hpp"
 #include "uvirtio/pci/bdf.hpp"
 #include "uvirtio/pci/vfio.hpp"
 
@@ -41,6 +43,10 @@ class Device {
   // (Virtqueue::restart), resubmits or fails what was in flight, and sets
   // DRIVER_OK.
   Result<void> reinitialize(std::chrono::milliseconds reset_deadline);
+  // The whole recovery for a driver with one queue: reinitialize, restart
+  // `vq`, DRIVER_OK, and check the device took it. Returns the tokens the
+  // device dropped (Virtqueue::restart).
+  Result<std::vector<std::uint64_t>> recover(Virtqueue& vq, std::chrono::milliseconds reset_deadline);
   // Best-effort reset so the device stops DMA before our memory goes away.
   ~Device();
   Device(std::unique_ptr<pci::Function> fn, std::unique_ptr<VirtioPci> t)

@@ -151,6 +151,11 @@ inline constexpr std::uint64_t record_word(std::uint32_t len, std::uint32_t kind
 inline constexpr std::uint32_t record_kind(std::uint64_t word) noexcept {
   return static_cast<std::uint32_t>(word >> 32) & 0xff;
 }
+// The word at position `pos` is a record of pos's lap (of any kind but 0);
+// anything else means "nothing there yet".
+inline constexpr bool record_here(std::uint64_t word, std::uint64_t pos, unsigned cap_shift) noexcept {
+  return record_kind(word) != 0 && (word >> kTagShift) == lap_tag(pos, cap_shift);
+}
 
 }  // namespace layout
 
@@ -265,6 +270,9 @@ class Channel {
   // peer's index, padding, errors, publication) is out of line.
   Result<std::optional<std::span<std::byte>>> reserve_slow(std::size_t len);
   Result<void> commit_slow(std::size_t len, Flush flush);
+  // The part of commit() after its checks: writes the record's header (or
+  // holds it back as a deferred batch's first) and publishes on Flush::now.
+  Result<void> store_record(std::size_t len, Flush flush);
   Result<std::optional<std::span<const std::byte>>> peek_slow();
   Result<void> release_slow(Flush flush);
   Result<void> send_wait(std::span<const std::byte> msg, std::chrono::nanoseconds timeout);
@@ -362,33 +370,36 @@ inline Result<std::optional<std::span<std::byte>>> Channel::try_reserve(std::siz
 }
 
 inline Result<void> Channel::commit(std::size_t len, Flush flush) {
-  if (tx_.reserved && len <= tx_.reserved_len && !broken()) [[likely]] {
-    // The payload was written by the caller. Zero the next record's header
-    // word when it is ours to write (so the consumer finds "nothing yet"
-    // there, never stale bytes), then store this record's header: release,
-    // so whoever sees it sees the payload and the zero. The first record of
-    // a deferred batch keeps its header back until the flush.
-    const std::uint64_t next = tx_.prod + layout::record_bytes(len);
-    if (next + layout::kRecordHeader - tx_.cons_cache <= tx_.cap)
-      std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(tx_.data + (next & tx_.mask)))
-          .store(0, std::memory_order_relaxed);
-    const std::uint64_t off = tx_.prod & tx_.mask;
-    const std::uint64_t word = le64::to_raw(
-        layout::record_word(static_cast<std::uint32_t>(len), layout::kKindMessage, tx_.prod, tx_.shift));
-    tx_.prod = next;
-    tx_.reserved = false;
-    if (flush == Flush::later && !tx_.batch_open) {
-      tx_.batch_open = true;
-      tx_.head_off = off;
-      tx_.head_word = word;
-      return {};
-    }
-    std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(tx_.data + off))
-        .store(word, std::memory_order_release);
-    if (flush == Flush::later) return {};
-    return publish_producer();
-  }
+  if (tx_.reserved && len <= tx_.reserved_len && !broken()) [[likely]]
+    return store_record(len, flush);
   return commit_slow(len, flush);
+}
+
+inline Result<void> Channel::store_record(std::size_t len, Flush flush) {
+  // The payload was written by the caller. Zero the next record's header
+  // word when it is ours to write (so the consumer finds "nothing yet"
+  // there, never stale bytes), then store this record's header: release,
+  // so whoever sees it sees the payload and the zero. The first record of
+  // a deferred batch keeps its header back until the flush.
+  const std::uint64_t next = tx_.prod + layout::record_bytes(len);
+  if (next + layout::kRecordHeader - tx_.cons_cache <= tx_.cap)
+    std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(tx_.data + (next & tx_.mask)))
+        .store(0, std::memory_order_relaxed);
+  const std::uint64_t off = tx_.prod & tx_.mask;
+  const std::uint64_t word = le64::to_raw(
+      layout::record_word(static_cast<std::uint32_t>(len), layout::kKindMessage, tx_.prod, tx_.shift));
+  tx_.prod = next;
+  tx_.reserved = false;
+  if (flush == Flush::later && !tx_.batch_open) {
+    tx_.batch_open = true;
+    tx_.head_off = off;
+    tx_.head_word = word;
+    return {};
+  }
+  std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(tx_.data + off))
+      .store(word, std::memory_order_release);
+  if (flush == Flush::later) return {};
+  return publish_producer();
 }
 
 inline Result<std::optional<std::span<const std::byte>>> Channel::try_peek() {

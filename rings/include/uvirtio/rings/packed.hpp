@@ -259,6 +259,9 @@ class PackedQueue {
 
  private:
   PackedQueue() = default;
+  // Zeroes the ring and event areas and sets every shadow field to its
+  // just-created value (settings such as event_idx are kept).
+  void init_state();
   Result<void> fail(std::string cause);
   std::size_t indirect_limit() const noexcept;
   void write_driver_event() noexcept;
