@@ -38,11 +38,18 @@ Result<void> Transport::check_healthy(const std::string& op) {
   if (s == 0xff)
     return Error(Errc::not_found, name(), op,
                  "device status reads 0xff: the device is gone (surprise removal?)");
-  if (s & status::kNeedsReset)
-    return Error(Errc::needs_reset, name(), op,
-                 "the device set DEVICE_NEEDS_RESET: it must be reset before further use");
+  if (s & status::kNeedsReset) {
+    needs_reset_seen_ = true;
+    return check_not_known_broken(op);
+  }
   if (s & status::kFailed) return Error(Errc::broken, name(), op, "device status has FAILED set");
   return ok();
+}
+
+Result<void> Transport::check_not_known_broken(const std::string& op) const {
+  if (!needs_reset_seen_) return ok();
+  return Error(Errc::needs_reset, name(), op,
+               "the device set DEVICE_NEEDS_RESET: it must be reset before further use");
 }
 
 Result<std::unique_ptr<VirtioPci>> VirtioPci::create(pci::Function& fn, IrqPreference irq,
@@ -115,6 +122,7 @@ Result<void> VirtioPci::reset(std::chrono::milliseconds deadline) {
           "device_status still " + std::to_string(s) + " after " + std::to_string(deadline.count()) + " ms");
     std::this_thread::sleep_for(std::chrono::microseconds(100));
   }
+  needs_reset_seen_ = false;
   accepted_ = FeatureSet();
   queues_.clear();
   if (irqs_ready_) {

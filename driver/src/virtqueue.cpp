@@ -104,6 +104,8 @@ Result<std::vector<std::uint64_t>> Virtqueue::restart() {
 
 Result<std::uint16_t> Virtqueue::submit(std::span<const rings::Buffer> out, std::span<const rings::Buffer> in,
                                         std::uint64_t token) {
+  if (t_.needs_reset_seen()) [[unlikely]]
+    return t_.check_not_known_broken("submit to queue " + std::to_string(index_)).error();
   UV_TRY(std::uint16_t head, ring_.add(out, in, token));
   if (ring_.publish()) {
     UV_TRY_VOID(t_.notify(index_));

@@ -305,26 +305,62 @@ TEST(Rng, DeviceGoesNeedsResetBetweenReads) {
       << "polling must notice NEEDS_RESET long before the timeout";
 }
 
+// A device that swallows requests, with an Rng on it in interrupt mode, and
+// NEEDS_RESET set after `delay` by another thread (joined on destruction).
+struct SwallowThenNeedsReset {
+  explicit SwallowThenNeedsReset(std::chrono::milliseconds delay) : dev(entropy()) {
+    dev.faults.swallow = true;
+    rng = attach(dev, CompletionMode::interrupt, 5s);
+    later = std::thread([this, delay] {
+      std::this_thread::sleep_for(delay);
+      dev.set_needs_reset();
+    });
+  }
+  ~SwallowThenNeedsReset() { later.join(); }
+  FakeVirtioDevice dev;
+  std::unique_ptr<Rng> rng;
+  std::thread later;
+};
+
 TEST(Rng, NeedsResetWakesAnInterruptWaiterThroughTheConfigVector) {
   // The device swallows the request, then sets NEEDS_RESET and raises the
   // config MSI-X vector: the waiter must learn it from that interrupt, long
   // before its own deadline.
-  FakeVirtioDevice dev(entropy());
-  dev.faults.swallow = true;
-  auto rng = attach(dev, CompletionMode::interrupt, 5s);
+  SwallowThenNeedsReset rig(50ms);
+  auto& rng = rig.rng;
   ASSERT_TRUE(rng);
-  std::thread later([&] {
-    std::this_thread::sleep_for(50ms);
-    dev.set_needs_reset();
-  });
   std::vector<std::uint8_t> out(16);
   const auto start = std::chrono::steady_clock::now();
   auto r = rng->read(out);
   const auto took = std::chrono::steady_clock::now() - start;
-  later.join();
   expect_error(r, Errc::needs_reset, "DEVICE_NEEDS_RESET");
   EXPECT_LT(took, 900ms) << "woken by the config interrupt, not by a timeout";
   EXPECT_EQ(rng->queue().config_interrupts(), 1u);
+}
+
+TEST(Rng, RequestAfterNeedsResetIsRefusedAtOnceUntilRecovered) {
+  // Once NEEDS_RESET was seen the device ignores its queues until a reset:
+  // a new request must fail at once (not at its deadline, which in interrupt
+  // mode has no config interrupt left to cut it short) and reach nothing.
+  SwallowThenNeedsReset rig(20ms);
+  auto& rng = rig.rng;
+  auto& dev = rig.dev;
+  ASSERT_TRUE(rng);
+  std::vector<std::uint8_t> out(16);
+  expect_error(rng->read(out), Errc::needs_reset, "DEVICE_NEEDS_RESET");
+  const std::uint64_t kicks = rng->queue().notifications();
+  const auto start = std::chrono::steady_clock::now();
+  expect_error(rng->read(out), Errc::needs_reset, "submit to queue 0");
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 900ms);
+  EXPECT_EQ(rng->queue().notifications(), kicks) << "a request was sent to a device that needs a reset";
+  EXPECT_EQ(rng->queue().ring().in_flight(), 1u) << "only the swallowed request is outstanding";
+  dev.faults.swallow = false;
+  Counter counter;
+  dev.set_handler(counter.handler());
+  auto n = rng->recover();
+  ASSERT_TRUE(n) << n.error().message();
+  EXPECT_EQ(*n, 1u);
+  EXPECT_TRUE(rng->read(out).ok());
 }
 
 // Recovery (spec 2.1.2): the device goes NEEDS_RESET with a request in

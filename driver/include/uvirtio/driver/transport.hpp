@@ -70,6 +70,15 @@ class Transport {
 
   // DEVICE_NEEDS_RESET (or FAILED) as an error naming the device; ok otherwise.
   Result<void> check_healthy(const std::string& op);
+  // The same error without touching the device once check_healthy() has
+  // seen DEVICE_NEEDS_RESET, until the next reset(): the device ignores
+  // its queues until then, so a new request could only run into its
+  // deadline.
+  Result<void> check_not_known_broken(const std::string& op) const;
+  bool needs_reset_seen() const noexcept { return needs_reset_seen_; }
+
+ protected:
+  bool needs_reset_seen_ = false;  // cleared by a successful reset()
 };
 
 }  // namespace uvirtio::driver
