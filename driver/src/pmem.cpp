@@ -60,6 +60,30 @@ Result<PmemRange> map_devmem(const std::string& device, std::uint64_t start, std
   return PmemRange{data, size, [data, size] { ::munmap(data, size); }};
 }
 
+namespace {
+
+struct PmemConfig {
+  std::uint64_t start = 0, size = 0;
+};
+
+// struct virtio_pmem_config { le64 start; le64 size; } (5.19.4), read as
+// 32-bit halves under config_generation, and checked.
+Result<PmemConfig> read_pmem_config(Transport& t, const std::string& op) {
+  std::uint8_t cfg[16];
+  UV_TRY_VOID(t.read_device_config(0, cfg, 4));
+  const std::uint64_t start =
+      static_cast<std::uint64_t>(load_le32(cfg)) | (static_cast<std::uint64_t>(load_le32(cfg + 4)) << 32);
+  const std::uint64_t size = static_cast<std::uint64_t>(load_le32(cfg + 8)) |
+                             (static_cast<std::uint64_t>(load_le32(cfg + 12)) << 32);
+  if (size == 0 || size % kPage != 0 || start % kPage != 0 || start + size < start)
+    return Error(Errc::bad_device_data, t.name(), op,
+                 "device config start " + std::to_string(start) + " size " + std::to_string(size) +
+                     " is not a non-empty page-aligned range");
+  return PmemConfig{start, size};
+}
+
+}  // namespace
+
 Pmem::Pmem(std::unique_ptr<Device> dev, std::unique_ptr<Virtqueue> vq, std::vector<pci::DmaRegion> slots,
            PmemOptions opt)
     : dev_(std::move(dev)),
@@ -83,18 +107,8 @@ Result<std::unique_ptr<Pmem>> Pmem::open(const pci::Bdf& bdf, const PmemOptions&
 Result<std::unique_ptr<Pmem>> Pmem::attach(std::unique_ptr<Device> dev, const PmemOptions& options) {
   auto& t = dev->transport();
   const std::string op = "open pmem device";
-  // struct virtio_pmem_config { le64 start; le64 size; } (5.19.4), read as
-  // 32-bit halves under config_generation.
-  std::uint8_t cfg[16];
-  UV_TRY_VOID(t.read_device_config(0, cfg, 4));
-  const std::uint64_t start =
-      static_cast<std::uint64_t>(load_le32(cfg)) | (static_cast<std::uint64_t>(load_le32(cfg + 4)) << 32);
-  const std::uint64_t size = static_cast<std::uint64_t>(load_le32(cfg + 8)) |
-                             (static_cast<std::uint64_t>(load_le32(cfg + 12)) << 32);
-  if (size == 0 || size % kPage != 0 || start % kPage != 0 || start + size < start)
-    return Error(Errc::bad_device_data, t.name(), op,
-                 "device config start " + std::to_string(start) + " size " + std::to_string(size) +
-                     " is not a non-empty page-aligned range");
+  UV_TRY(const PmemConfig cfg, read_pmem_config(t, op));
+  const std::uint64_t start = cfg.start, size = cfg.size;
 
   UV_TRY(std::unique_ptr<Virtqueue> vq, Virtqueue::create(t, 0, 64, options.completion));
   std::vector<pci::DmaRegion> slots;
@@ -153,6 +167,41 @@ Result<std::unique_ptr<Pmem>> Pmem::attach(std::unique_ptr<Device> dev, const Pm
 
 Result<void> Pmem::device_flush() {
   std::lock_guard lk(request_mutex_);
+  auto r = device_flush_locked();
+  if (r.ok() || r.error().code() != Errc::needs_reset || !opt_.recover_on_reset) return r;
+  UV_TRY(const std::size_t dropped, recover_locked());
+  (void)dropped;
+  return device_flush_locked();
+}
+
+Result<std::size_t> Pmem::recover() {
+  std::lock_guard lk(request_mutex_);
+  return recover_locked();
+}
+
+Result<std::size_t> Pmem::recover_locked() {
+  const std::string op = "recover pmem device";
+  UV_TRY(const std::vector<std::uint64_t> dropped, dev_->recover(*vq_, opt_.open.reset_deadline));
+  std::fill(busy_.begin(), busy_.end(), false);
+  ++recoveries_;
+  // The mapping was made for the range the device described at attach; a
+  // device that now describes another must not be flushed for it.
+  auto& t = dev_->transport();
+  auto cfg = read_pmem_config(t, op);
+  if (cfg.ok() && (cfg->start != start_ || cfg->size != size_)) {
+    cfg = Error(Errc::bad_device_data, t.name(), op,
+                "after the reset the device describes start " + std::to_string(cfg->start) + " size " +
+                    std::to_string(cfg->size) + " instead of the mapped start " + std::to_string(start_) +
+                    " size " + std::to_string(size_));
+  }
+  if (!cfg.ok()) {
+    (void)t.add_status(status::kFailed);
+    return std::move(cfg).error();
+  }
+  return dropped.size();
+}
+
+Result<void> Pmem::device_flush_locked() {
   const std::string op = "flush";
   auto& t = dev_->transport();
   UV_TRY_VOID(t.check_healthy(op));

@@ -29,8 +29,10 @@ int to_errno(const uvirtio::Error& e) {
       return -EBUSY;
     case Errc::unsupported:
       return -EOPNOTSUPP;
+    case Errc::needs_reset:
+      return -ERESTART;  // uvirtio_pmem_recover() may bring the device back
     default:
-      return -EIO;  // device_error (host fsync failed), needs_reset, broken, bad device data, io
+      return -EIO;  // device_error (host fsync failed), broken, bad device data, io
   }
 }
 
@@ -75,6 +77,13 @@ int uvirtio_pmem_flush(uvirtio_pmem* pm) { return result(pm, pm->pm->flush()); }
 
 int uvirtio_pmem_memcpy_persist(uvirtio_pmem* pm, void* dst, const void* src, size_t n) {
   return result(pm, pm->pm->memcpy_persist(dst, src, n));
+}
+
+int uvirtio_pmem_recover(uvirtio_pmem* pm) {
+  auto r = pm->pm->recover();
+  if (!r) return result(pm, uvirtio::Result<void>(r.error()));
+  pm->last_error.clear();
+  return static_cast<int>(*r);
 }
 
 void uvirtio_pmem_drain(void) { uvirtio::driver::Pmem::drain(); }

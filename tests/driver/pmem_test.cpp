@@ -172,6 +172,7 @@ struct PmemSetup {
   CompletionMode completion = PmemOptions{}.completion;  // the library's default
   std::chrono::milliseconds timeout = 2s;
   bool map = true;
+  bool recover_on_reset = false;
 };
 
 // bring_up() on `fn` (default: the fake's function) and Pmem::attach().
@@ -185,6 +186,7 @@ Result<std::unique_ptr<Pmem>> try_attach(FakeVirtioDevice& dev, Backing& backing
   opt.completion = s.completion;
   opt.timeout = s.timeout;
   opt.map = s.map;
+  opt.recover_on_reset = s.recover_on_reset;
   opt.map_range = backing.hook();
   return Pmem::attach(std::move(d).value(), opt);
 }
@@ -572,6 +574,122 @@ TEST(Pmem, NeedsResetWithTheCompletionIsNotASuccess) {
   raised = false;  // lets the reset in ~Device read status 0 at once
 }
 
+// `threads` threads each persist `calls` one-byte updates (byte i = i + 1)
+// in a page of their own; returns how many calls failed.
+int persist_from_threads(Pmem& pm, int threads, int calls) {
+  std::atomic<int> failed{0};
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t)
+    workers.emplace_back([&, t] {
+      std::uint8_t* mine = pm.data() + 4096 * t;
+      for (int i = 0; i < calls; ++i) {
+        mine[i] = static_cast<std::uint8_t>(i + 1);
+        if (auto r = pm.persist(mine, 64); !r.ok()) {
+          ADD_FAILURE() << r.error().message();
+          ++failed;
+        }
+      }
+    });
+  for (auto& w : workers) w.join();
+  return failed.load();
+}
+
+// ------------------------------------------------------------------ recovery
+
+// Makes `dev` go NEEDS_RESET on its next notify (dropping that request) until
+// the driver resets it.
+void break_until_reset(FakeVirtioDevice& dev) {
+  dev.set_status_hook([&dev](std::uint8_t st) {
+    if (st == 0) dev.faults.needs_reset_on_notify = false;
+  });
+  dev.faults.needs_reset_on_notify = true;
+}
+
+// With recover_on_reset the dropped flush is sent again after the reset, in
+// every completion set-up, and the device keeps working.
+TEST(Pmem, RecoversFromNeedsResetAndResendsTheFlush) {
+  for (const Mode& m : kModes) {
+    SCOPED_TRACE(m.name);
+    FakeVirtioDevice dev(pmem_device(m.msix_vectors));
+    FlushDevice device;
+    dev.set_handler(device.handler());
+    if (m.device_thread) dev.start_worker();
+    Backing backing;
+    PmemSetup s;
+    s.completion = m.completion;
+    s.recover_on_reset = true;
+    auto pm = attach(dev, backing, s);
+    ASSERT_TRUE(pm);
+    ASSERT_TRUE(pm->persist(pm->data(), 8).ok());
+    break_until_reset(dev);
+    const std::size_t writes_before = dev.status_writes().size();
+    std::memcpy(pm->data() + 64, "after", 5);
+    auto r = pm->persist(pm->data() + 64, 5);
+    ASSERT_TRUE(r.ok()) << r.error().message();
+    EXPECT_EQ(pm->recoveries(), 1u);
+    EXPECT_EQ(device.seen().size(), 2u) << "the dropped flush was not served; its resend was";
+    const auto writes = dev.status_writes();
+    ASSERT_GT(writes.size(), writes_before);
+    EXPECT_EQ(writes[writes_before], 0) << "recovery starts with a reset";
+    EXPECT_EQ(std::memcmp(backing.mem.data() + 64, "after", 5), 0);
+    for (int i = 0; i < 100; ++i) ASSERT_TRUE(pm->persist(pm->data(), 8).ok()) << i;
+    EXPECT_EQ(pm->recoveries(), 1u);
+    EXPECT_EQ(dev.violations(), kNone);
+  }
+}
+
+// Callers sharing a flush the device dropped all get the resent flush's
+// result; one recovery serves them all.
+TEST(Pmem, ConcurrentPersistsAcrossARecovery) {
+  FakeVirtioDevice dev(pmem_device());
+  FlushDevice device;
+  device.work_us = 300;
+  dev.set_handler(device.handler());
+  dev.start_worker();
+  Backing backing;
+  PmemSetup s;
+  s.recover_on_reset = true;
+  auto pm = attach(dev, backing, s);
+  ASSERT_TRUE(pm);
+  constexpr int kThreads = 4, kCalls = 25;
+  std::thread breaker([&] {
+    if (eventually([&] { return dev.requests() >= 10; })) break_until_reset(dev);
+  });
+  const int failed = persist_from_threads(*pm, kThreads, kCalls);
+  breaker.join();
+  EXPECT_EQ(failed, 0);
+  EXPECT_EQ(pm->recoveries(), 1u);
+  EXPECT_EQ(pm->persist_calls(), std::uint64_t{kThreads} * kCalls);
+  for (int t = 0; t < kThreads; ++t) EXPECT_EQ(backing.mem[4096 * t + kCalls - 1], kCalls);  // i + 1
+  EXPECT_EQ(dev.violations(), kNone);
+}
+
+// Without recover_on_reset the caller recovers; a device that describes
+// another range after the reset is refused and marked FAILED, since the
+// mapping was made for the old one.
+TEST(Pmem, ExplicitRecoverChecksTheRangeAgain) {
+  FakeVirtioDevice dev(pmem_device());
+  FlushDevice device;
+  dev.set_handler(device.handler());
+  Backing backing;
+  auto pm = attach(dev, backing);
+  ASSERT_TRUE(pm);
+  dev.set_needs_reset();
+  expect_error(pm->flush(), Errc::needs_reset, "DEVICE_NEEDS_RESET");
+  auto n = pm->recover();
+  ASSERT_TRUE(n.ok()) << n.error().message();
+  EXPECT_EQ(*n, 0u) << "nothing was in flight";
+  ASSERT_TRUE(pm->flush().ok());
+
+  const auto moved = pmem_config(kStart + kSize, kSize);
+  dev.set_device_config(0, moved);
+  dev.set_needs_reset();
+  expect_error(pm->recover(), Errc::bad_device_data, "instead of the mapped");
+  EXPECT_NE(dev.status() & status::kFailed, 0) << "a device that moved its range is marked FAILED";
+  expect_error(pm->flush(), Errc::broken, "FAILED");
+  EXPECT_EQ(device.seen().size(), 1u);
+}
+
 // ------------------------------------------------------------------ stuck devices
 
 TEST(Pmem, RequestThatNeverCompletesTimesOutThenRecovers) {
@@ -766,21 +884,8 @@ TEST(Pmem, ConcurrentPersistsShareDeviceFlushes) {
   auto pm = attach(dev, backing);
   ASSERT_TRUE(pm);
   constexpr int kThreads = 6, kCalls = 25;
-  std::atomic<int> failed{0};
-  std::vector<std::thread> threads;
-  for (int t = 0; t < kThreads; ++t)
-    threads.emplace_back([&, t] {
-      std::uint8_t* mine = pm->data() + 4096 * t;
-      for (int i = 0; i < kCalls; ++i) {
-        mine[i] = static_cast<std::uint8_t>(i);
-        if (auto r = pm->persist(mine, 64); !r.ok()) {
-          ADD_FAILURE() << r.error().message();
-          ++failed;
-        }
-      }
-    });
-  for (auto& t : threads) t.join();
-  EXPECT_EQ(failed.load(), 0);
+  const int failed = persist_from_threads(*pm, kThreads, kCalls);
+  EXPECT_EQ(failed, 0);
   EXPECT_EQ(pm->persist_calls(), std::uint64_t{kThreads} * kCalls);
   EXPECT_LT(pm->device_flushes(), pm->persist_calls());
   EXPECT_GE(pm->device_flushes(), std::uint64_t{kCalls});
@@ -817,7 +922,7 @@ TEST(Pmem, PersistFutureAndAsyncComplete) {
   // A synchronous persist alongside them.
   ASSERT_TRUE(pm->persist(pm->data(), 1).ok());
   ASSERT_TRUE(done.wait_for_count(kAsync));
-  EXPECT_EQ(failed.load(), 0);
+  EXPECT_EQ(failed, 0);
   EXPECT_EQ(pm->persist_calls(), 1u + kAsync + 1u);
   EXPECT_LE(pm->device_flushes(), pm->persist_calls());
 

@@ -2,8 +2,10 @@
  *
  * A thin layer over uvirtio::driver::Pmem for C programs. Calls return 0 on
  * success or a negative errno value: -EIO when the host failed to fsync the
- * backing file or the device needs a reset, -EINVAL for a range outside the
- * mapping, -ETIMEDOUT when the device did not answer in time. The message of
+ * backing file or the device is broken, -ERESTART when the device set
+ * DEVICE_NEEDS_RESET (uvirtio_pmem_recover() brings it back), -EINVAL for a
+ * range outside the mapping, -ETIMEDOUT when the device did not answer in
+ * time. The message of
  * the last failure (naming the device, the operation and the cause) is kept
  * per handle.
  *
@@ -39,6 +41,11 @@ int uvirtio_pmem_persist(uvirtio_pmem *pm, const void *addr, size_t len);
 /* A coalesced device flush only. */
 int uvirtio_pmem_flush(uvirtio_pmem *pm);
 int uvirtio_pmem_memcpy_persist(uvirtio_pmem *pm, void *dst, const void *src, size_t n);
+/* After an error of -ERESTART (the device set DEVICE_NEEDS_RESET): resets
+ * the device and brings it back with the same features and queue. Returns
+ * how many flush requests the device dropped (>= 0; a persist that failed
+ * must be repeated), or a negative errno. The mapped data is untouched. */
+int uvirtio_pmem_recover(uvirtio_pmem *pm);
 /* Orders cache write-backs issued so far (SFENCE). */
 void uvirtio_pmem_drain(void);
 

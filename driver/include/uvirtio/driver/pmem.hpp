@@ -58,6 +58,12 @@ struct PmemOptions {
   // default: /dev/mem. Tests substitute their own.
   std::function<Result<PmemRange>(const std::string& device, std::uint64_t start, std::uint64_t size)>
       map_range;
+  // When the device reports DEVICE_NEEDS_RESET during a device flush:
+  // recover() and send the flush again, once per device flush. That is
+  // safe: a flush covers every write made before it started, and the new
+  // one starts later still, so it covers every caller that shared the
+  // dropped one. Off: the error reaches every such caller; any may recover().
+  bool recover_on_reset = false;
 };
 
 class Pmem {
@@ -100,10 +106,21 @@ class Pmem {
   std::uint64_t device_requests() const { return requests_done_.load(); }
   Virtqueue& queue() { return *vq_; }
 
+  // Resets the device and brings it back with the same features and queue
+  // (after DEVICE_NEEDS_RESET, or to reclaim flushes abandoned at their
+  // deadline); waits for a flush in progress. Fails, leaving the device
+  // FAILED, if the device now describes another range than the one mapped.
+  // Returns how many requests were in flight: the device dropped them.
+  // The mapped data is untouched: it lives in the host's backing file.
+  Result<std::size_t> recover();
+  std::uint64_t recoveries() const { return recoveries_.load(); }
+
  private:
   Pmem(std::unique_ptr<Device> dev, std::unique_ptr<Virtqueue> vq, std::vector<pci::DmaRegion> slots,
        PmemOptions opt);
   Result<void> check_range(const void* addr, std::size_t len, const char* op) const;
+  Result<void> device_flush_locked();
+  Result<std::size_t> recover_locked();
 
   std::unique_ptr<Device> dev_;
   std::unique_ptr<Virtqueue> vq_;
@@ -116,6 +133,7 @@ class Pmem {
   std::mutex request_mutex_;  // one device request at a time
   std::uint64_t next_seq_ = 1;
   std::atomic<std::uint64_t> requests_done_{0};
+  std::atomic<std::uint64_t> recoveries_{0};
   FlushCoalescer coalescer_;
 };
 
