@@ -79,13 +79,11 @@ Result<std::size_t> Blk::recover() {
 
 Result<void> Blk::request(std::uint32_t type, std::uint64_t sector, std::size_t bytes,
                           bool device_writes_data, const char* op) {
-  auto r = request_once(type, sector, bytes, device_writes_data, op);
-  if (r || r.error().code() != Errc::needs_reset || !opt_.recover_on_reset) return r;
-  // The device dropped the request: bring it back and send it again (the
-  // data is still in the bounce buffer).
-  UV_TRY(const std::size_t dropped, recover());
-  (void)dropped;
-  return request_once(type, sector, bytes, device_writes_data, op);
+  // A request the device dropped is sent again after recovery: the data is
+  // still in the bounce buffer.
+  return retry_once_after_recovery(
+      opt_.recover_on_reset, [&] { return request_once(type, sector, bytes, device_writes_data, op); },
+      [this] { return recover(); });
 }
 
 Result<void> Blk::request_once(std::uint32_t type, std::uint64_t sector, std::size_t bytes,

@@ -167,11 +167,8 @@ Result<std::unique_ptr<Pmem>> Pmem::attach(std::unique_ptr<Device> dev, const Pm
 
 Result<void> Pmem::device_flush() {
   std::lock_guard lk(request_mutex_);
-  auto r = device_flush_locked();
-  if (r.ok() || r.error().code() != Errc::needs_reset || !opt_.recover_on_reset) return r;
-  UV_TRY(const std::size_t dropped, recover_locked());
-  (void)dropped;
-  return device_flush_locked();
+  return retry_once_after_recovery(
+      opt_.recover_on_reset, [this] { return device_flush_locked(); }, [this] { return recover_locked(); });
 }
 
 Result<std::size_t> Pmem::recover() {

@@ -68,4 +68,17 @@ Result<std::unique_ptr<Device>> bring_up(std::unique_ptr<pci::Function> fn, std:
 Result<std::unique_ptr<Device>> open_device(const pci::Bdf& bdf, std::uint16_t expected_type,
                                             const FeaturePolicy& policy, const OpenOptions& options = {});
 
+// The `recover_on_reset` policy of the drivers whose requests are
+// idempotent: runs attempt(); if it failed because the device set
+// DEVICE_NEEDS_RESET and `enabled`, runs recover() (which returns how many
+// requests the device dropped) and attempt() once more.
+template <class Attempt, class Recover>
+Result<void> retry_once_after_recovery(bool enabled, Attempt&& attempt, Recover&& recover) {
+  auto r = attempt();
+  if (r.ok() || r.error().code() != Errc::needs_reset || !enabled) return r;
+  UV_TRY(const std::size_t dropped, recover());
+  (void)dropped;
+  return attempt();
+}
+
 }  // namespace uvirtio::driver
