@@ -9,7 +9,9 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <thread>
+#include <utility>
 
 #include "cli_common.hpp"
 #include "uvirtio/driver/cache.hpp"
@@ -26,6 +28,7 @@ const char* kPmemUsage =
     "       uvirtio pmem write BDF --offset O (--data S | --file F) [--persist]\n"
     "       uvirtio pmem read BDF --offset O --length L [--hex]\n"
     "       uvirtio pmem flush BDF\n"
+    "       uvirtio pmem repersist BDF --offset O --length L   (after a failed flush: write back again)\n"
     "       uvirtio pmem bench BDF [--threads T]... [--seconds S] [--json] [--rng BDF]\n"
     "                          [--kernel-file PATH] [--host-fsync-us US]\n";
 
@@ -138,6 +141,18 @@ int pmem_write(const std::vector<std::string>& args) {
   return 0;
 }
 
+// --offset and --length, both required, length in 1..max_length.
+std::pair<std::uint64_t, std::uint64_t> offset_and_length(const po::variables_map& vm, const std::string& cmd,
+                                                          std::uint64_t max_length) {
+  if (!vm.count("offset") || !vm.count("length"))
+    throw UsageError{cmd + ": --offset and --length are required"};
+  const std::uint64_t offset = parse_u64(vm["offset"].as<std::string>(), "--offset");
+  const std::uint64_t length = parse_u64(vm["length"].as<std::string>(), "--length");
+  if (length == 0 || length > max_length)
+    throw UsageError{cmd + ": --length must be 1.." + std::to_string(max_length)};
+  return {offset, length};
+}
+
 int pmem_read(const std::vector<std::string>& args) {
   po::options_description desc("uvirtio pmem read BDF --offset O --length L [--hex]");
   add_common(desc);
@@ -151,11 +166,7 @@ int pmem_read(const std::vector<std::string>& args) {
     std::cout << desc;
     return 0;
   }
-  if (!vm.count("offset") || !vm.count("length"))
-    throw UsageError{"pmem read: --offset and --length are required"};
-  const std::uint64_t offset = parse_u64(vm["offset"].as<std::string>(), "--offset");
-  const std::uint64_t length = parse_u64(vm["length"].as<std::string>(), "--length");
-  if (length == 0 || length > (64u << 20)) throw UsageError{"pmem read: --length must be 1..67108864"};
+  const auto [offset, length] = offset_and_length(vm, "pmem read", 64u << 20);
   auto pm = driver::Pmem::open(bdf_of(vm, "read"), options_from(vm));
   if (!pm) return fail(pm.error());
   std::vector<std::uint8_t> buf(length);
@@ -188,6 +199,31 @@ int pmem_flush(const std::vector<std::string>& args) {
   if (auto r = (*pm)->flush(); !r) return fail(r.error());
   const double us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
   std::printf("%s: flushed (%.0f us)\n", (*pm)->name().c_str(), us);
+  return 0;
+}
+
+// After a failed flush, writes made before it are not durable even when a
+// later flush succeeds: the host marked their pages clean. This makes the
+// host write [O, O+L) back again and persists it.
+int pmem_repersist(const std::vector<std::string>& args) {
+  po::options_description desc("uvirtio pmem repersist BDF --offset O --length L");
+  add_common(desc);
+  desc.add_options()("offset", po::value<std::string>(), "byte offset")("length", po::value<std::string>(),
+                                                                        "bytes to write back again");
+  po::positional_options_description pos;
+  pos.add("bdf", 1);
+  auto vm = parse(args, desc, pos);
+  if (vm.count("help")) {
+    std::cout << desc;
+    return 0;
+  }
+  const auto [offset, length] =
+      offset_and_length(vm, "pmem repersist", std::numeric_limits<std::uint64_t>::max());
+  auto pm = driver::Pmem::open(bdf_of(vm, "repersist"), options_from(vm));
+  if (!pm) return fail(pm.error());
+  if (auto r = (*pm)->repersist_at(offset, length); !r) return fail(r.error());
+  std::printf("%s: wrote back and persisted %llu bytes at offset %llu\n", (*pm)->name().c_str(),
+              static_cast<unsigned long long>(length), static_cast<unsigned long long>(offset));
   return 0;
 }
 
@@ -491,8 +527,9 @@ int cmd_pmem(const std::vector<std::string>& args) {
   if (args[0] == "write") return pmem_write(rest);
   if (args[0] == "read") return pmem_read(rest);
   if (args[0] == "flush") return pmem_flush(rest);
+  if (args[0] == "repersist") return pmem_repersist(rest);
   if (args[0] == "bench") return pmem_bench(rest);
-  throw UsageError{"pmem: unknown subcommand '" + args[0] + "' (info, write, read, flush, bench)"};
+  throw UsageError{"pmem: unknown subcommand '" + args[0] + "' (info, write, read, flush, repersist, bench)"};
 }
 
 }  // namespace uvirtio::apps

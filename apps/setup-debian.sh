@@ -13,6 +13,7 @@ packages=(
   libpci-dev libboost-program-options-dev nlohmann-json3-dev googletest libgtest-dev zlib1g-dev
   qemu-system-x86 busybox-static cpio kmod    # the guest harness
   strace xz-utils e2fsprogs                   # strace: fsync counting; mkfs.ext4: pmem benchmark
+  libfuse3-dev                                # uvirtio-failfs: a backing file whose host fsync fails
   dpdk dpdk-dev                               # testpmd: vhost-pci front-end and baseline
 )
 

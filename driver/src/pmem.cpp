@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 
@@ -297,6 +298,33 @@ Result<void> Pmem::write(std::uint64_t offset, std::span<const std::uint8_t> byt
   std::memcpy(range_.data + offset, bytes.data(), bytes.size());
   if (!persist_now) return ok();
   return persist(range_.data + offset, bytes.size());
+}
+
+Result<void> Pmem::repersist(const void* addr, std::size_t len) {
+  UV_TRY_VOID(check_range(addr, len, "repersist"));
+  // One byte per host page, the first of the range and then each page start
+  // in it (the mapping is page-aligned). An atomic OR of zero stores without
+  // changing anything, whatever other threads write meanwhile; the compiler
+  // may not drop it (an atomic read-modify-write is never elided).
+  constexpr std::uintptr_t kPage = 4096;
+  auto* p = static_cast<std::uint8_t*>(const_cast<void*>(addr));
+  std::uint8_t* const end = p + len;
+  while (p < end) {
+    std::atomic_ref<std::uint8_t>(*p).fetch_or(0, std::memory_order_relaxed);
+    p = reinterpret_cast<std::uint8_t*>((reinterpret_cast<std::uintptr_t>(p) | (kPage - 1)) + 1);
+  }
+  return persist(addr, len);
+}
+
+Result<void> Pmem::repersist_at(std::uint64_t offset, std::uint64_t len) {
+  if (len == 0) return Error(Errc::invalid_argument, name(), "repersist", "length 0");
+  if (offset > size_ || len > size_ - offset)
+    return Error(Errc::invalid_argument, name(), "repersist",
+                 "offset " + std::to_string(offset) + " + length " + std::to_string(len) + " is beyond the " +
+                     std::to_string(size_) + "-byte pmem range");
+  if (range_.data == nullptr)
+    return Error(Errc::invalid_argument, name(), "repersist", "the pmem range is not mapped");
+  return repersist(range_.data + offset, len);
 }
 
 Result<void> Pmem::read(std::uint64_t offset, std::span<std::uint8_t> out) const {

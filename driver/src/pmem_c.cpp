@@ -79,6 +79,10 @@ int uvirtio_pmem_memcpy_persist(uvirtio_pmem* pm, void* dst, const void* src, si
   return result(pm, pm->pm->memcpy_persist(dst, src, n));
 }
 
+int uvirtio_pmem_repersist(uvirtio_pmem* pm, const void* addr, size_t len) {
+  return result(pm, pm->pm->repersist(addr, len));
+}
+
 int uvirtio_pmem_recover(uvirtio_pmem* pm) {
   auto r = pm->pm->recover();
   if (!r) return result(pm, uvirtio::Result<void>(r.error()));

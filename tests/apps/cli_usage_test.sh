@@ -43,6 +43,9 @@ check 2 "exactly one of --data or --file" "$u" pmem write 00:03.0 --offset 0
 check 2 "'-5' is not a non-negative integer" "$u" pmem write 00:03.0 --offset -5 --data x
 check 2 "'12abc' is not a non-negative integer" "$u" pmem read 00:03.0 --offset 12abc --length 1
 check 2 "--length must be 1..67108864" "$u" pmem read 00:03.0 --offset 0 --length 0
+check 2 "pmem repersist: --offset and --length are required" "$u" pmem repersist 00:03.0 --offset 0
+check 2 "pmem repersist: --length must be 1.." "$u" pmem repersist 00:03.0 --offset 0 --length 0
+check 1 "0000:7f:1f.7: describe function: no such PCI function" "$u" pmem repersist 0000:7f:1f.7 --offset 0 --length 1
 check 2 "--completion must be hybrid, interrupt or poll" "$u" pmem flush 00:03.0 --completion sometimes
 check 2 "--threads values must be 1..64" "$u" pmem bench 00:03.0 --threads 0
 check 1 "0000:7f:1f.7: describe function: no such PCI function" "$u" pmem info 0000:7f:1f.7

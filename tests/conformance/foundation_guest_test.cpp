@@ -549,6 +549,12 @@ TEST(PmemCApi, PersistFlushAndErrors) {
   // device works on.
   EXPECT_EQ(uvirtio_pmem_recover(pm), 0) << uvirtio_pmem_last_error(pm);
   EXPECT_EQ(uvirtio_pmem_memcpy_persist(pm, data + 8192, "again", 5), 0) << uvirtio_pmem_last_error(pm);
+  // repersist: succeeds on a healthy host, changes nothing, checks its range.
+  EXPECT_EQ(uvirtio_pmem_repersist(pm, data + 8190, 4096), 0) << uvirtio_pmem_last_error(pm);
+  EXPECT_EQ(std::memcmp(data + 8192, "again", 5), 0);
+  EXPECT_EQ(uvirtio_pmem_repersist(pm, data + (16u << 20) - 4, 8), -EINVAL);
+  EXPECT_NE(std::string(uvirtio_pmem_last_error(pm)).find("repersist"), std::string::npos)
+      << uvirtio_pmem_last_error(pm);
   uvirtio_pmem_close(pm);
 }
 

@@ -8,7 +8,10 @@
 // dead device must give its error within the configured (small) timeout.
 #include "uvirtio/driver/pmem.hpp"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -454,12 +457,83 @@ TEST(Pmem, HostFsyncFailureIsDeviceError) {
     EXPECT_NE(r.error().message().find("ret=1"), std::string::npos) << r.error().message();
     EXPECT_EQ(r.error().sys_errno(), EIO);
     expect_error(pm->flush(), Errc::device_error, "EIO");
-    // Not sticky: the next flush the host answers with 0 succeeds.
+    expect_error(pm->repersist(pm->data(), 64), Errc::device_error, "EIO");
+    // Not sticky: the next flush the host answers with 0 succeeds (and
+    // repersist, which the caller needs after such a failure, see below).
     device.ret = 0;
     auto again = pm->persist(pm->data(), 64);
     EXPECT_TRUE(again.ok()) << again.error().message();
-    EXPECT_EQ(pm->device_flushes(), 3u);
+    EXPECT_TRUE(pm->repersist(pm->data(), 64).ok());
+    EXPECT_EQ(pm->device_flushes(), 5u);
   }
+}
+
+// After a failed host fsync the host may hold our pages clean (Linux marks
+// pages whose write-back failed clean), so repersist() must make every page
+// of the range dirty again in the kernel's eyes, change no byte, and flush.
+// The range here is a MAP_SHARED mapping of a file on a disk filesystem:
+// msync() cleans its pages, and the kernel's own page flags
+// (/proc/kpageflags bit 4, DIRTY, found through /proc/self/pagemap; root
+// only) then show which pages were written again, the same state a host's
+// fsync relies on to know what to write back.
+TEST(Pmem, RepersistWritesEveryPageOfTheRangeAgainAndNothingElse) {
+  constexpr std::size_t kPage = 4096, kPages = 8;
+  char path[] = "/var/tmp/uvirtio-pmem-test.XXXXXX";
+  const int fd = mkstemp(path);
+  ASSERT_GE(fd, 0) << std::strerror(errno);
+  unlink(path);
+  ASSERT_EQ(ftruncate(fd, kSize), 0);
+  void* map = mmap(nullptr, kSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  ASSERT_NE(map, MAP_FAILED);
+  auto* mem = static_cast<std::uint8_t*>(map);
+  for (std::size_t i = 0; i < kSize; ++i) mem[i] = static_cast<std::uint8_t>(i * 13 + 1);
+  const std::vector<std::uint8_t> before(mem, mem + kSize);
+
+  FakeVirtioDevice dev(pmem_device());
+  FlushDevice device;
+  dev.set_handler(device.handler());
+  FeaturePolicy policy;
+  auto d = bring_up(dev.take_function(), kVirtioPmemType, policy);
+  ASSERT_TRUE(d.ok()) << d.error().message();
+  PmemOptions opt;
+  opt.map_range = [&](const std::string&, std::uint64_t, std::uint64_t n) -> Result<PmemRange> {
+    return PmemRange{mem, n, [mem] { munmap(mem, kSize); }};
+  };
+  auto pm = Pmem::attach(std::move(d).value(), opt);
+  ASSERT_TRUE(pm.ok()) << pm.error().message();
+
+  // 1 dirty, 0 clean, -1 unknown (not root, no kpageflags, page absent).
+  auto dirty = [&](std::size_t page) -> int {
+    std::uint64_t entry = 0, flags = 0;
+    const int pm_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (pm_fd < 0) return -1;
+    const auto vpn = reinterpret_cast<std::uintptr_t>(mem) / kPage + page;
+    const ssize_t n = pread(pm_fd, &entry, sizeof entry, static_cast<off_t>(vpn * sizeof entry));
+    close(pm_fd);
+    const std::uint64_t pfn = entry & ((std::uint64_t{1} << 55) - 1);
+    if (n != sizeof entry || (entry >> 63) == 0 || pfn == 0) return -1;
+    const int kf = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
+    if (kf < 0) return -1;
+    const ssize_t m = pread(kf, &flags, sizeof flags, static_cast<off_t>(pfn * sizeof flags));
+    close(kf);
+    return m == sizeof flags ? static_cast<int>((flags >> 4) & 1) : -1;
+  };
+  if (dirty(0) != 1) GTEST_SKIP() << "page flags not readable here (/proc/kpageflags needs root)";
+  ASSERT_EQ(msync(mem, kSize, MS_SYNC), 0) << std::strerror(errno);
+  for (std::size_t p = 0; p < kPages; ++p)
+    if (dirty(p) != 0) GTEST_SKIP() << "msync left page " << p << " dirty: /var/tmp is not a disk filesystem";
+
+  // Pages 2..5: a range starting mid-page 2 and ending mid-page 5.
+  ASSERT_TRUE(pm.value()->repersist(mem + 2 * kPage + 100, 3 * kPage + 50).ok());
+  for (std::size_t p = 0; p < kPages; ++p) EXPECT_EQ(dirty(p), p >= 2 && p <= 5 ? 1 : 0) << "page " << p;
+  EXPECT_TRUE(std::equal(before.begin(), before.end(), mem)) << "repersist changed a byte";
+  EXPECT_EQ(device.seen().size(), 1u) << "one device flush";
+  // The offset form, one byte at the end of page 7.
+  ASSERT_TRUE(pm.value()->repersist_at(8 * kPage - 1, 1).ok());
+  EXPECT_EQ(dirty(7), 1);
+  EXPECT_EQ(dirty(6), 0);
+  EXPECT_EQ(device.seen().size(), 2u);
 }
 
 TEST(Pmem, ShortResponseIsBadDeviceData) {
@@ -812,6 +886,7 @@ TEST(Pmem, OutOfRangeArgumentsAreRefusedAndWriteNothing) {
     auto f = pm->persist_future(c.addr, c.len);
     ASSERT_EQ(f.wait_for(0s), std::future_status::ready) << "an invalid range is refused at once";
     expect_error(f.get(), Errc::invalid_argument, c.needle);
+    expect_error(pm->repersist(c.addr, c.len), Errc::invalid_argument, c.needle);
     // memcpy_persist must not copy anything (len capped: src holds 16 bytes).
     if (c.len <= sizeof src)
       expect_error(pm->memcpy_persist(c.addr, src, c.len), Errc::invalid_argument, c.needle);
@@ -840,6 +915,7 @@ TEST(Pmem, OutOfRangeArgumentsAreRefusedAndWriteNothing) {
     expect_error(pm->write(c.offset, std::span(src, c.len), true), Errc::invalid_argument, c.needle);
     expect_error(pm->write(c.offset, std::span(src, c.len), false), Errc::invalid_argument, c.needle);
     expect_error(pm->read(c.offset, std::span(out.data(), c.len)), Errc::invalid_argument, c.needle);
+    expect_error(pm->repersist_at(c.offset, c.len), Errc::invalid_argument, c.needle);
     EXPECT_EQ(out, std::vector<std::uint8_t>(16, 0x5a)) << "a refused read must not fill the buffer";
   }
 

@@ -41,6 +41,12 @@ int uvirtio_pmem_persist(uvirtio_pmem *pm, const void *addr, size_t len);
 /* A coalesced device flush only. */
 int uvirtio_pmem_flush(uvirtio_pmem *pm);
 int uvirtio_pmem_memcpy_persist(uvirtio_pmem *pm, void *dst, const void *src, size_t n);
+/* After a persist or flush failed with -EIO (the host's fsync failed), a
+ * later successful flush does not make the writes made before it durable:
+ * the host may have marked their pages clean. This stores to every page of
+ * [addr, addr+len) again (an atomic no-op) so the host writes them back, and
+ * persists the range. */
+int uvirtio_pmem_repersist(uvirtio_pmem *pm, const void *addr, size_t len);
 /* After an error of -ERESTART (the device set DEVICE_NEEDS_RESET): resets
  * the device and brings it back with the same features and queue. Returns
  * how many flush requests the device dropped (>= 0; a persist that failed

@@ -90,12 +90,21 @@ class Pmem {
   std::future<Result<void>> persist_future(const void* addr, std::size_t len);
   // Copies n bytes to dst (inside the mapping) and persists them.
   Result<void> memcpy_persist(void* dst, const void* src, std::size_t n);
+  // After a flush failed (the host's fsync failed: device_error, EIO): a
+  // later successful flush does not make the writes made before the failure
+  // durable. Linux on the host marks pages whose write-back failed clean,
+  // so no later fsync writes them again, although they keep our data in
+  // its page cache until evicted. repersist() makes the host see every page
+  // of [addr, addr+len) written again (one atomic no-op store per 4 KiB
+  // page: safe while other threads write there), then persists the range.
+  Result<void> repersist(const void* addr, std::size_t len);
   // Orders cache write-backs issued so far (SFENCE).
   static void drain();
 
   // Offset-based helpers with full bounds checks (the CLI uses them).
   Result<void> write(std::uint64_t offset, std::span<const std::uint8_t> bytes, bool persist_now);
   Result<void> read(std::uint64_t offset, std::span<std::uint8_t> out) const;
+  Result<void> repersist_at(std::uint64_t offset, std::uint64_t len);
 
   // One device flush request, not coalesced (benchmarks use it as the floor).
   Result<void> device_flush();

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# A host fsync that really fails, end to end: QEMU's virtio-pmem backing file
+# lives on uvirtio-failfs, a FUSE pass-through whose fsync calls 4 and 5 fail
+# with EIO and drop the writes they should have written, as a disk whose
+# write-back failed leaves Linux: the pages stay in the page cache, clean.
+#  - a persist before the failure succeeds and its data reaches the backing file;
+#  - `uvirtio pmem flush` and a `uvirtio-pmlog append` during the failure exit
+#    non-zero, naming the device, the operation and the host fsync failure (EIO);
+#  - the device keeps working: the next flush succeeds, the next append is
+#    acknowledged, the log verifies and holds it but not the failed record;
+#  - data written before the failed flush is NOT in the backing file although
+#    later flushes succeeded (the host holds its page clean), while the guest
+#    still reads it; `uvirtio pmem repersist` writes it back for real;
+#  - the host's log shows exactly the fsyncs the guest asked for, with those results.
+#   pmem_fsync_error_test.sh BIN_DIR FAILFS   (exit 77: QEMU, kernel or FUSE missing)
+set -euo pipefail
+bin=$1
+failfs=${2:-}
+kernel_dir=${UVIRTIO_KERNEL_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/uvirtio/kernel}
+qemu=${UVIRTIO_QEMU:-qemu-system-x86_64}
+command -v "$qemu" >/dev/null || { echo "SKIP: QEMU not installed"; exit 77; }
+[ -f "$kernel_dir/current/vmlinuz" ] || { echo "SKIP: no guest kernel in $kernel_dir"; exit 77; }
+[ -x "$failfs" ] || { echo "SKIP: uvirtio-failfs not built (libfuse3-dev missing at configure time)"; exit 77; }
+[ -c /dev/fuse ] || { echo "SKIP: no /dev/fuse on this machine"; exit 77; }
+
+work=$(mktemp -d)
+fs_pid=
+cleanup() {
+  if mountpoint -q "$work/mnt" 2>/dev/null; then umount "$work/mnt" 2>/dev/null || fusermount3 -u "$work/mnt" 2>/dev/null || true; fi
+  [ -n "$fs_pid" ] && kill "$fs_pid" 2>/dev/null || true
+  [ -n "$fs_pid" ] && wait "$fs_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+mkdir "$work/mnt"
+truncate -s 16M "$work/pmem.img"
+"$failfs" "$work/pmem.img" "$work/mnt" --fail 4:2 --lose-failed-writes --log "$work/fsync.log" -f -s 2>"$work/failfs.err" &
+fs_pid=$!
+for _ in $(seq 50); do
+  mountpoint -q "$work/mnt" && break
+  kill -0 "$fs_pid" 2>/dev/null || break
+  sleep 0.1
+done
+if ! mountpoint -q "$work/mnt"; then
+  echo "SKIP: cannot mount a FUSE filesystem here: $(head -c 300 "$work/failfs.err")"
+  exit 77
+fi
+source "$(dirname "$0")/../support/tap.sh"
+
+# Each step prints a marker line the host checks; stderr goes to the console.
+# Host fsyncs: 1-2 pmlog init, 3 the first persist, 4-5 fail, then 6-9.
+M8=8388608 M9=9437184 M10=10485760
+"$bin/uvirtio-vm" --pmem "$work/mnt/pmem.img:16M" -- sh -c "
+    P=\$(uvirtio list --type pmem -q)
+    echo BDF=\$P
+    uvirtio-pmlog \$P init 2>&1; echo step0 rc=\$?
+    uvirtio pmem write \$P --offset $M8 --data before-failure --persist 2>&1; echo step1 rc=\$?
+    uvirtio pmem write \$P --offset $M9 --data lost-write >/dev/null 2>&1
+    uvirtio pmem write \$P --offset $M10 --data lost-too >/dev/null 2>&1
+    uvirtio pmem flush \$P 2>&1; echo step2 rc=\$?
+    uvirtio-pmlog \$P append lost-record 2>&1; echo step3 rc=\$?
+    uvirtio pmem flush \$P 2>&1; echo step4 rc=\$?
+    uvirtio-pmlog \$P append after-failure 2>&1; echo step5 rc=\$?
+    uvirtio-pmlog \$P verify --expect-at-least 1 2>&1; echo step6 rc=\$?
+    uvirtio-pmlog \$P list 2>&1; echo step7 rc=\$?
+    echo guest-reads=\$(uvirtio pmem read \$P --offset $M9 --length 10),\$(uvirtio pmem read \$P --offset $M10 --length 8)
+    uvirtio pmem repersist \$P --offset $M9 --length 10 2>&1; echo step8 rc=\$?
+  " 2>&1 | tr -d '\r' >"$work/guest.out" || true
+
+out=$work/guest.out
+bdf=$(sed -n 's/^BDF=\([0-9a-f:.]*\).*/\1/p' "$out" | head -n 1)
+rc() { sed -n "s/^step$1 rc=\([0-9]*\).*/\1/p" "$out" | head -n 1; }
+# The error line of a step: the line before its rc marker.
+err_of() { grep -B1 "^step$1 rc=" "$out" | head -n 1; }
+names_all() { # LINE: names the BDF, the operation and the host fsync failure
+  grep -q "$bdf" <<<"$1" && grep -q "flush" <<<"$1" && grep -q "fsync" <<<"$1" && grep -q "EIO" <<<"$1"
+}
+list=$(sed -n '/^step6 rc=/,/^step7 rc=/p' "$out")
+check "the guest found the pmem function ($bdf)" [ -n "$bdf" ]
+check "pmlog init and a persist before the failure succeed (rc $(rc 0), $(rc 1))" [ "$(rc 0)" = 0 -a "$(rc 1)" = 0 ]
+check "flush during the failure exits non-zero (rc $(rc 2))" [ -n "$(rc 2)" -a "$(rc 2)" != 0 ]
+check "its error names the device, the operation and the fsync failure: $(err_of 2)" names_all "$(err_of 2)"
+check "a log append during the failure exits non-zero (rc $(rc 3))" [ -n "$(rc 3)" -a "$(rc 3)" != 0 ]
+check "its error names the device, the operation and the fsync failure: $(err_of 3)" names_all "$(err_of 3)"
+check "the device keeps working: the next flush succeeds (rc $(rc 4))" [ "$(rc 4)" = 0 ]
+check "the next append is acknowledged as record 1 (rc $(rc 5): $(err_of 5))" [ "$(rc 5)" = 0 -a "$(err_of 5)" = "acked 1" ]
+check "the log verifies (rc $(rc 6))" [ "$(rc 6)" = 0 ]
+check "the log holds the acknowledged record and not the failed one" \
+  [ "$(grep -c after-failure <<<"$list")" = 1 -a "$(grep -c lost-record <<<"$list")" = 0 ]
+check "the guest still reads what the failed flush lost ($(grep '^guest-reads=' "$out"))" \
+  grep -q "^guest-reads=lost-write,lost-too$" "$out"
+check "repersist succeeds (rc $(rc 8))" [ "$(rc 8)" = 0 ]
+umount "$work/mnt" 2>/dev/null || fusermount3 -u "$work/mnt"
+wait "$fs_pid" || true
+fs_pid=
+expected=$(printf 'fsync %s\n' "1 ok" "2 ok" "3 ok" "4 EIO" "5 EIO" "6 ok" "7 ok" "8 ok" "9 ok")
+check "the host saw fsyncs 1-3 ok, 4-5 EIO, 6-9 ok: $(tr '\n' ',' <"$work/fsync.log")" \
+  [ "$(cat "$work/fsync.log")" = "$expected" ]
+at() { dd if="$work/pmem.img" bs=1M skip="$1" count=1 status=none | head -c "$2" | tr -d '\0'; }
+check "the data persisted before the failure is in the backing file" [ "$(at 8 14)" = before-failure ]
+check "a write lost by the failed flush stays lost although 4 later flushes succeeded" [ -z "$(at 10 8)" ]
+check "repersist wrote the other lost write back to the backing file" [ "$(at 9 10)" = lost-write ]
+[ "$fail" = 0 ] || { echo "guest output:"; cat "$out"; }
+finish
