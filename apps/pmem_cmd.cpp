@@ -30,7 +30,7 @@ const char* kPmemUsage =
     "       uvirtio pmem flush BDF\n"
     "       uvirtio pmem repersist BDF --offset O --length L   (after a failed flush: write back again)\n"
     "       uvirtio pmem bench BDF [--threads T]... [--seconds S] [--json] [--rng BDF]\n"
-    "                          [--kernel-file PATH] [--host-fsync-us US]\n";
+    "                          [--kernel-file PATH] [--host-fsync-us US] [--gather-us US]\n";
 
 void add_common(po::options_description& d) {
   d.add_options()("help,h", "show help")("bdf", po::value<std::string>(), "PCI address of the pmem function")(
@@ -312,7 +312,8 @@ int pmem_bench(const std::vector<std::string>& args) {
       "kernel-file", po::value<std::string>(),
       "a file on an ext4 -o dax mount over the kernel's virtio_pmem: measure 4 KiB pwrite + fsync there")(
       "host-fsync-us", po::value<double>(), "host fsync latency of the backing file (measured on the host)")(
-      "rounds", po::value<unsigned>()->default_value(5), "interleaved slices per point");
+      "rounds", po::value<unsigned>()->default_value(5), "interleaved slices per point")(
+      "gather-us", po::value<unsigned>(), "group-commit wait limit in microseconds (0: off; default 500)");
   po::positional_options_description pos;
   pos.add("bdf", 1);
   auto vm = parse(args, desc, pos);
@@ -327,7 +328,13 @@ int pmem_bench(const std::vector<std::string>& args) {
   if (threads.empty()) throw UsageError{"pmem bench: --threads needs at least one value"};
   const double seconds = vm["seconds"].as<double>();
   if (!(seconds > 0 && seconds <= 600)) throw UsageError{"pmem bench: --seconds must be in (0, 600]"};
-  auto pm = driver::Pmem::open(bdf_of(vm, "bench"), options_from(vm));
+  auto opt = options_from(vm);
+  if (vm.count("gather-us")) {
+    const unsigned g = vm["gather-us"].as<unsigned>();
+    if (g > 1000000) throw UsageError{"pmem bench: --gather-us must be 0..1000000"};
+    opt.gather_limit = std::chrono::microseconds(g);
+  }
+  auto pm = driver::Pmem::open(bdf_of(vm, "bench"), opt);
   if (!pm) return fail(pm.error());
   auto& p = **pm;
   if (p.size() < 64u * 4096) {
@@ -338,6 +345,7 @@ int pmem_bench(const std::vector<std::string>& args) {
   out["bdf"] = p.name();
   out["cache_writeback"] = driver::cache::name(driver::cache::instruction());
   out["seconds_per_point"] = seconds;
+  out["gather_limit_us"] = opt.gather_limit.count();
 
   // Warm-up (not measured): touch every page the workers use and persist
   // once, so first-touch faults and the host's block allocation are not in

@@ -14,6 +14,7 @@ FlushCoalescer::~FlushCoalescer() {
     stop_ = true;
   }
   cv_.notify_all();
+  gather_cv_.notify_all();
   if (worker_.joinable()) worker_.join();
   // Async waiters that nobody served: tell them.
   for (auto& p : pending_)
@@ -33,13 +34,18 @@ Result<void> FlushCoalescer::result_for(std::uint64_t ticket) const {
 void FlushCoalescer::lead(std::unique_lock<std::mutex>& lk, std::uint64_t want, bool serve_async) {
   leader_ = true;
   while (done_ < want) {
+    gather(lk);
     // Everything ticketed so far is covered by a flush that starts now.
     const std::uint64_t covered = next_ticket_;
     covering_ = covered;
     lk.unlock();
+    const auto t0 = std::chrono::steady_clock::now();
     Result<void> r = fn_();
+    const auto took = std::chrono::steady_clock::now() - t0;
     lk.lock();
     ++flushes_;
+    flush_avg_ = flush_avg_.count() == 0 ? took : (flush_avg_ * 7 + took) / 8;
+    last_round_ = covered - done_;
     if (!r) {
       failures_.push_back(Failure{done_, covered, r.error()});
       if (failures_.size() > kFailureMemory) {
@@ -70,9 +76,29 @@ void FlushCoalescer::lead(std::unique_lock<std::mutex>& lk, std::uint64_t want, 
   cv_.notify_all();
 }
 
+void FlushCoalescer::gather(std::unique_lock<std::mutex>& lk) {
+  // Group commit: the last flush covered several callers, and they come
+  // back once it woke them. Waiting a little for them (at most half a flush,
+  // and at most the limit) lets the next flush cover them all, instead of
+  // only the first to return while the rest wait a whole extra flush.
+  if (last_round_ < 2 || gather_limit_.count() <= 0) return;
+  const auto wait = std::min<std::chrono::nanoseconds>(gather_limit_, flush_avg_ / 2);
+  const auto until = std::chrono::steady_clock::now() + wait;
+  gathering_ = true;
+  while (next_ticket_ - done_ < last_round_ && !stop_)
+    if (gather_cv_.wait_until(lk, until) == std::cv_status::timeout) break;
+  gathering_ = false;
+}
+
+void FlushCoalescer::set_gather_limit(std::chrono::nanoseconds limit) {
+  std::unique_lock lk(m_);
+  gather_limit_ = limit;
+}
+
 Result<void> FlushCoalescer::flush() {
   std::unique_lock lk(m_);
   const std::uint64_t ticket = ++next_ticket_;
+  if (gathering_) gather_cv_.notify_one();
   for (;;) {
     if (done_ >= ticket) return result_for(ticket);
     if (!leader_) {
@@ -87,6 +113,7 @@ void FlushCoalescer::flush_async(Callback done) {
   std::unique_lock lk(m_);
   const std::uint64_t ticket = ++next_ticket_;
   pending_.push_back(Pending{ticket, std::move(done)});
+  if (gathering_) gather_cv_.notify_one();
   if (!worker_.joinable()) worker_ = std::thread([this] { worker_loop(); });
   cv_.notify_all();
 }

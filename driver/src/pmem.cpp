@@ -157,6 +157,7 @@ Result<std::unique_ptr<Pmem>> Pmem::attach(std::unique_ptr<Device> dev, const Pm
   std::unique_ptr<Pmem> pm(new Pmem(std::move(dev), std::move(vq), std::move(slots), options));
   // Hybrid completion spins only while no other caller waits for the next
   // flush: they need the CPU more than the leader needs a fast wake-up.
+  pm->coalescer_.set_gather_limit(options.gather_limit);
   Pmem* self = pm.get();
   pm->vq_->set_spin_while([self] { return !self->coalescer_.contended(); });
   pm->start_ = start;

@@ -691,3 +691,73 @@ TEST(FlushCoalescer, ContendedOnlyWhileSomebodyWaitsForTheNextFlush) {
 
 }  // namespace
 }  // namespace uvirtio::driver
+
+namespace uvirtio::driver {
+namespace {
+
+// Group commit, step by step. A's flush (round 1) is held on a gate while B
+// and C ask, so round 2 covers B and C together. Then B asks again at once
+// and C only `c_delay` later: with gathering, B's flush waits for C and
+// round 3 covers both; without, round 3 covers B alone and C needs round 4.
+// Every flush takes `work`, so the wait may be up to half of that.
+struct GatherRun {
+  std::uint64_t flushes = 0;
+  std::chrono::milliseconds b_third_call{0};  // how long B's second flush() took
+};
+
+GatherRun run_gather(std::chrono::nanoseconds limit, std::chrono::milliseconds c_delay,
+                     std::chrono::milliseconds work = 60ms) {
+  Gate gate;
+  FakeFlush fake;
+  fake.first_gate = &gate;
+  fake.work = work;
+  FlushCoalescer c(fake.fn());
+  c.set_gather_limit(limit);
+  GatherRun out;
+  std::thread a([&] { EXPECT_TRUE(c.flush().ok()); });
+  EXPECT_TRUE(eventually([&] { return fake.calls.load() == 1; }));
+  std::atomic<bool> b_back{false};
+  std::thread b([&] {
+    EXPECT_TRUE(c.flush().ok());  // round 2, with C
+    b_back = true;
+    const auto t0 = std::chrono::steady_clock::now();
+    EXPECT_TRUE(c.flush().ok());  // round 3
+    out.b_third_call =
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0);
+  });
+  std::thread cc([&] {
+    EXPECT_TRUE(c.flush().ok());  // round 2, with B
+    EXPECT_TRUE(eventually([&] { return b_back.load(); }));
+    std::this_thread::sleep_for(c_delay);
+    EXPECT_TRUE(c.flush().ok());  // round 3 if gathered, else 4
+  });
+  EXPECT_TRUE(eventually([&] { return c.requests() == 3; }));
+  gate.open();
+  a.join();
+  b.join();
+  cc.join();
+  out.flushes = c.device_flushes();
+  return out;
+}
+
+TEST(FlushCoalescer, GroupCommitWaitsForTheCallersOfTheLastRound) {
+  const GatherRun on = run_gather(500ms, 5ms);
+  EXPECT_EQ(on.flushes, 3u) << "B's flush should have waited for C (5 ms behind) and covered both";
+  const GatherRun off = run_gather(0ns, 5ms);
+  EXPECT_EQ(off.flushes, 4u) << "without gathering C needs a flush of its own";
+}
+
+TEST(FlushCoalescer, GroupCommitWaitIsBoundedByHalfAFlushAndTheLimit) {
+  // Flushes of 200 ms; C comes back 400 ms late. B's flush must not wait
+  // for it beyond half a flush (100 ms) with a 1 s limit, nor beyond a 5 ms
+  // limit: B's call then takes about 300 ms and 205 ms.
+  const GatherRun half = run_gather(1s, 400ms, 200ms);
+  EXPECT_EQ(half.flushes, 4u) << "waited for C beyond half a flush";
+  EXPECT_LT(half.b_third_call, 200ms + 100ms + 50ms);
+  const GatherRun limited = run_gather(5ms, 400ms, 200ms);
+  EXPECT_EQ(limited.flushes, 4u);
+  EXPECT_LT(limited.b_third_call, 200ms + 5ms + 50ms) << "waited longer than the limit";
+}
+
+}  // namespace
+}  // namespace uvirtio::driver

@@ -11,6 +11,11 @@
 //
 // The caller whose ticket is not yet covered and who finds no flush running
 // becomes the leader and issues it on its own thread (no hand-off latency).
+// When the previous flush covered several callers, the leader first waits
+// (group commit) until as many have asked again, for at most half the
+// average flush time and at most the gather limit: they were all woken by
+// that flush and are on their way back, and one flush for all of them beats
+// one for the fastest plus another for the rest.
 // Asynchronous requests are served by the current leader or, when nobody is
 // flushing, by a helper thread started on first use.
 //
@@ -19,6 +24,7 @@
 //   c.flush_async([](Result<void> r) { ... });
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -50,6 +56,9 @@ class FlushCoalescer {
   void flush_async(Callback done);
   std::future<Result<void>> flush_future();
 
+  // The group-commit wait's upper bound (default 500 us; 0 turns it off).
+  void set_gather_limit(std::chrono::nanoseconds limit);
+
   std::uint64_t requests() const;  // flush() + flush_async() calls
   // True when callers are waiting for a flush other than the running one
   // (the leader may then prefer to sleep rather than spin).
@@ -70,6 +79,9 @@ class FlushCoalescer {
   // held and leader_ false; returns with lk held.
   void lead(std::unique_lock<std::mutex>& lk, std::uint64_t want, bool serve_async);
   Result<void> result_for(std::uint64_t ticket) const;
+  // Group commit: waits (lk held, leader_ set) for the callers of the last
+  // round to ask again, within the limits above.
+  void gather(std::unique_lock<std::mutex>& lk);
   void worker_loop();
 
   FlushFn fn_;
@@ -80,6 +92,14 @@ class FlushCoalescer {
   std::uint64_t covering_ = 0;     // tickets the running flush covers
   bool leader_ = false;
   std::uint64_t flushes_ = 0;
+  // Group commit (gather()): how many callers the last flush covered, the
+  // flushes' moving average duration, the longest a leader waits, and the
+  // leader's wake-up when a caller arrives while it waits.
+  std::uint64_t last_round_ = 0;
+  std::chrono::nanoseconds flush_avg_{0};
+  std::chrono::nanoseconds gather_limit_{std::chrono::microseconds(500)};
+  bool gathering_ = false;
+  std::condition_variable gather_cv_;
   std::deque<Failure> failures_;  // recent failed rounds (bounded)
   std::uint64_t forgotten_upto_ = 0;
   std::vector<Pending> pending_;  // asynchronous waiters
