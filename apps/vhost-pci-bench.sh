@@ -74,4 +74,21 @@ nvm=$(median "${nv_runs[@]}")
 ratio=$(awk -v a="$vpm" -v b="$nvm" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}')
 echo "median of $rounds rounds of ${secs} s, 64-byte packets, burst 32:"
 echo "  vhost-pci (uvirtio) $vpm pps | net_vhost (DPDK) $nvm pps | ratio $ratio (goal >= 1.0)"
-echo "{\"vhost_pci_pps\": $vpm, \"net_vhost_pps\": $nvm, \"ratio_vs_net_vhost\": $ratio, \"rounds\": $rounds, \"seconds\": $secs}"
+# The host moves this machine's two vCPUs between placements where both
+# receivers run at 13-17 Mpps and placements where both drop to 4-6 Mpps
+# (doc/benchmarks.md). Like with like: the rounds at or above half the run's
+# best figure ("fast placement"), counted and compared on their own.
+best=$(printf '%s\n' "${vp_runs[@]}" "${nv_runs[@]}" | sort -n | tail -n 1)
+fast() { for v in "$@"; do [ $((v * 2)) -ge "$best" ] && echo "$v"; done; }
+mapfile -t vp_fast < <(fast "${vp_runs[@]}")
+mapfile -t nv_fast < <(fast "${nv_runs[@]}")
+vpf=0 nvf=0 fratio=null
+if [ ${#vp_fast[@]} -gt 0 ] && [ ${#nv_fast[@]} -gt 0 ]; then
+  vpf=$(median "${vp_fast[@]}")
+  nvf=$(median "${nv_fast[@]}")
+  fratio=$(awk -v a="$vpf" -v b="$nvf" 'BEGIN {printf "%.2f", a / b}')
+  echo "  fast-placement rounds only: vhost-pci $vpf pps (${#vp_fast[@]} of $rounds) | net_vhost $nvf pps (${#nv_fast[@]} of $rounds) | ratio $fratio"
+else
+  echo "  fast-placement rounds only: too few (vhost-pci ${#vp_fast[@]}, net_vhost ${#nv_fast[@]} of $rounds)"
+fi
+echo "{\"vhost_pci_pps\": $vpm, \"net_vhost_pps\": $nvm, \"ratio_vs_net_vhost\": $ratio, \"rounds\": $rounds, \"seconds\": $secs, \"fast_rounds\": {\"vhost_pci\": ${#vp_fast[@]}, \"net_vhost\": ${#nv_fast[@]}, \"vhost_pci_pps\": $vpf, \"net_vhost_pps\": $nvf, \"ratio\": $fratio}}"
