@@ -103,8 +103,11 @@ Result<void> Blk::request_once(std::uint32_t type, std::uint64_t sector, std::si
                                            ? std::span<const rings::Buffer>(in, 2)
                                            : std::span<const rings::Buffer>(in + 1, 1);
   const std::uint64_t token = next_token_++;
-  if (auto s = vq_->submit(outs, ins, token); !s) return std::move(s).error();
-  UV_TRY(rings::Completion c, vq_->wait(opt_.timeout));
+  // Queue errors carry the queue's own operation; ours goes in front.
+  if (auto s = vq_->submit(outs, ins, token); !s) return std::move(s).error().within(op);
+  auto waited = vq_->wait(opt_.timeout);
+  if (!waited) return std::move(waited).error().within(op);
+  const rings::Completion c = *waited;
   if (c.token != token) return Error(Errc::bad_device_data, name(), op, "completion for another request");
   UV_TRY_VOID(t.check_healthy(op));
   // The status byte is the last device-writable byte: a used length that

@@ -216,12 +216,15 @@ Result<void> Pmem::device_flush_locked() {
   const rings::Buffer out{slots_[slot].iova + offsetof(PmemRequest, type), sizeof(le32)};
   const rings::Buffer in{slots_[slot].iova + offsetof(PmemRequest, ret), sizeof(le32)};
   const std::uint64_t token = (next_seq_++ << 8) | slot;
+  // Queue errors carry the queue's own operation; ours goes in front.
   if (auto sub = vq_->submit(std::span(&out, 1), std::span(&in, 1), token); !sub)
-    return std::move(sub).error();
+    return std::move(sub).error().within(op);
   busy_[slot] = true;
   const auto until = std::chrono::steady_clock::now() + opt_.timeout;
   for (;;) {
-    UV_TRY(rings::Completion c, vq_->wait_until(until, opt_.timeout));
+    auto waited = vq_->wait_until(until, opt_.timeout);
+    if (!waited) return std::move(waited).error().within(op);
+    const rings::Completion c = *waited;
     busy_[c.token & 0xff] = false;
     ++requests_done_;
     if (c.token != token) continue;  // a request an earlier flush gave up on

@@ -63,14 +63,14 @@ Result<void> Rng::read(std::span<std::uint8_t> out) {
     const rings::Buffer in{bufs_[slot].iova, want};
     const std::uint64_t token = (next_seq_++ << 8) | slot;
     auto submitted = vq_->submit({}, std::span(&in, 1), token);
-    if (!submitted) return std::move(submitted).error();
+    if (!submitted) return std::move(submitted).error().within(op);
     busy_[slot] = true;
     const auto until = std::chrono::steady_clock::now() + opt_.timeout;
     for (;;) {
       auto waited = vq_->wait_until(until, opt_.timeout);
       if (!waited) {
         UV_TRY(const bool again, may_recover(waited.error()));
-        if (!again) return std::move(waited).error();
+        if (!again) return std::move(waited).error().within(op);
         break;  // recovered: the loop submits the rest, this request included
       }
       const rings::Completion c = *waited;

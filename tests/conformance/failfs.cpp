@@ -4,12 +4,14 @@
 // back through our write handler) and virtio-pmem's flush fsyncs it, so a
 // guest flush meets a real host fsync failure, as on a failing disk.
 //
-//   uvirtio-failfs BACKING MOUNTPOINT --fail FIRST:COUNT --log FILE
-//                  [--lose-failed-writes] [FUSE options]
+//   uvirtio-failfs BACKING MOUNTPOINT --log FILE [--fail FIRST:COUNT]
+//                  [--lose-failed-writes] [--stall N:MS] [FUSE options]
 //
 // The mount shows BACKING's name. fsync calls are numbered from 1; calls
 // FIRST .. FIRST+COUNT-1 return EIO without syncing, the others fsync the
 // backing file. Each call is appended to the log as "fsync N ok|EIO".
+// --stall N:MS makes fsync call N take MS milliseconds longer (a host whose
+// disk hangs for a while); it then succeeds (log: "fsync N ok, stalled").
 //
 // --lose-failed-writes models a disk whose write-back failed, as Linux
 // leaves it: writes are held until the next fsync; a successful fsync
@@ -26,11 +28,13 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -40,6 +44,7 @@ struct State {
   std::string name;     // "/" + its base name
   int fd = -1;          // the backing file, opened once
   unsigned long first_fail = 0, fail_count = 0;
+  unsigned long stall_call = 0, stall_ms = 0;
   unsigned long fsyncs = 0;
   FILE* log = nullptr;
   bool lose = false;  // --lose-failed-writes
@@ -129,8 +134,14 @@ int fs_truncate(const char* path, off_t size, fuse_file_info*) {
 int fs_fsync(const char* path, int datasync, fuse_file_info*) {
   State& s = state();
   if (path != s.name) return -ENOENT;
-  std::lock_guard lk(s.m);
+  std::unique_lock lk(s.m);
   const unsigned long n = ++s.fsyncs;
+  const bool stall = n == s.stall_call;
+  if (stall) {
+    lk.unlock();  // reads and writes go on meanwhile
+    std::this_thread::sleep_for(std::chrono::milliseconds(s.stall_ms));
+    lk.lock();
+  }
   int r = 0;
   if (n >= s.first_fail && n - s.first_fail < s.fail_count) {
     r = -EIO;
@@ -138,7 +149,11 @@ int fs_fsync(const char* path, int datasync, fuse_file_info*) {
   } else if ((r = apply_held(s)) == 0 && (datasync ? fdatasync(s.fd) : fsync(s.fd)) != 0) {
     r = -errno;
   }
-  std::fprintf(s.log, "fsync %lu %s\n", n, r == 0 ? "ok" : r == -EIO ? "EIO" : std::strerror(-r));
+  std::fprintf(s.log, "fsync %lu %s%s\n", n,
+               r == 0      ? "ok"
+               : r == -EIO ? "EIO"
+                           : std::strerror(-r),
+               stall ? ", stalled" : "");
   std::fflush(s.log);
   return r;
 }
@@ -146,8 +161,8 @@ int fs_fsync(const char* path, int datasync, fuse_file_info*) {
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr,
                "uvirtio-failfs: %s\n"
-               "usage: uvirtio-failfs BACKING MOUNTPOINT --fail FIRST:COUNT --log FILE\n"
-               "                      [--lose-failed-writes] [FUSE options]\n",
+               "usage: uvirtio-failfs BACKING MOUNTPOINT --log FILE [--fail FIRST:COUNT]\n"
+               "                      [--lose-failed-writes] [--stall N:MS] [FUSE options]\n",
                why);
   std::exit(2);
 }
@@ -163,7 +178,6 @@ int main(int argc, char** argv) {
   if (s.name == "/") usage("BACKING has no file name");
   std::vector<char*> fuse_args{argv[0], argv[2]};
   const char* log_path = nullptr;
-  bool have_fail = false;
   for (int i = 3; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--fail" && i + 1 < argc) {
@@ -173,7 +187,13 @@ int main(int argc, char** argv) {
       const char* count = end + 1;
       s.fail_count = std::strtoul(count, &end, 10);
       if (end == count || *end != '\0') usage("--fail wants FIRST:COUNT");
-      have_fail = true;
+    } else if (a == "--stall" && i + 1 < argc) {
+      char* end = nullptr;
+      s.stall_call = std::strtoul(argv[++i], &end, 10);
+      if (end == argv[i] || *end != ':' || s.stall_call == 0) usage("--stall wants N:MS, N >= 1");
+      const char* ms = end + 1;
+      s.stall_ms = std::strtoul(ms, &end, 10);
+      if (end == ms || *end != '\0') usage("--stall wants N:MS");
     } else if (a == "--lose-failed-writes") {
       s.lose = true;
     } else if (a == "--log" && i + 1 < argc) {
@@ -182,7 +202,6 @@ int main(int argc, char** argv) {
       fuse_args.push_back(argv[i]);
     }
   }
-  if (!have_fail) usage("--fail is required");
   if (log_path == nullptr) usage("--log is required");
   s.fd = open(s.backing.c_str(), O_RDWR | O_CLOEXEC);
   if (s.fd < 0) {

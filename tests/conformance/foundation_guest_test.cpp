@@ -10,6 +10,7 @@
 
 #include <array>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -17,6 +18,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <thread>
 
 #include "uvirtio/driver/blk.hpp"
 #include "uvirtio/driver/pmem.hpp"
@@ -441,6 +443,42 @@ TEST(Pmem, PollingInterruptAndHybridFlushAllWork) {
       EXPECT_GT((*pm)->queue().interrupts(), 0u);
     }
   }
+}
+
+// A host whose fsync hangs (conformance.pmem_fsync_error stalls the host's
+// first fsync of the backing file for UVIRTIO_PMEM_STALL_MS through
+// uvirtio-failfs): the persist gives a timeout naming the device at its
+// deadline instead of hanging; QEMU answers the abandoned flush once the
+// fsync returns, the driver drops that late answer, and the next persist
+// works. The host checks the data and the fsync log afterwards.
+TEST(PmemStalledHost, PersistTimesOutThenTheDeviceWorksOn) {
+  const char* stall = std::getenv("UVIRTIO_PMEM_STALL_MS");
+  if (stall == nullptr)
+    GTEST_SKIP() << "needs a host fsync that stalls: runs in conformance.pmem_fsync_error";
+  const auto stall_ms = std::chrono::milliseconds(std::atoi(stall));
+  auto f = find_function(0x105b);
+  ASSERT_TRUE(f);
+  driver::PmemOptions opt;
+  opt.timeout = std::chrono::milliseconds(1000);
+  auto pm = driver::Pmem::open(f->bdf, opt);
+  ASSERT_TRUE(pm) << pm.error().message();
+  const std::string bdf = (*pm)->name();
+  const std::uint8_t text[] = {'s', 't', 'a', 'l', 'l', 'e', 'd'};
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = (*pm)->write(12u << 20, text, true);
+  const auto took = std::chrono::steady_clock::now() - t0;
+  ASSERT_FALSE(r) << "a persist returned while the host's fsync hung";
+  EXPECT_EQ(r.error().code(), Errc::timeout) << r.error().message();
+  EXPECT_NE(r.error().message().find(bdf), std::string::npos) << r.error().message();
+  EXPECT_NE(r.error().message().find("flush"), std::string::npos) << r.error().message();
+  EXPECT_GE(took, std::chrono::milliseconds(900));
+  EXPECT_LT(took, stall_ms) << "the deadline did not end the wait before the host did";
+  // Let the host's fsync end and QEMU answer the abandoned request.
+  std::this_thread::sleep_for(stall_ms - took + std::chrono::milliseconds(1500));
+  auto again = (*pm)->persist((*pm)->data() + (12u << 20), sizeof text);
+  ASSERT_TRUE(again) << again.error().message();
+  EXPECT_EQ((*pm)->device_requests(), 2u) << "the late answer and the new flush's";
+  EXPECT_EQ((*pm)->queue().ring().in_flight(), 0u);
 }
 
 // QEMU's virtio-pmem goes NEEDS_RESET on a request it cannot map (see
