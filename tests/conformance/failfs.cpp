@@ -167,6 +167,16 @@ int fs_fsync(const char* path, int datasync, fuse_file_info*) {
   std::exit(2);
 }
 
+// "A:B" with A >= 1 and B >= 0, both decimal; anything else is a usage error.
+void parse_pair(const char* arg, unsigned long& a, unsigned long& b, const char* what) {
+  char* end = nullptr;
+  a = std::strtoul(arg, &end, 10);
+  if (end == arg || *end != ':' || a == 0) usage(what);
+  const char* second = end + 1;
+  b = std::strtoul(second, &end, 10);
+  if (end == second || *end != '\0') usage(what);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -181,19 +191,9 @@ int main(int argc, char** argv) {
   for (int i = 3; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--fail" && i + 1 < argc) {
-      char* end = nullptr;
-      s.first_fail = std::strtoul(argv[++i], &end, 10);
-      if (end == argv[i] || *end != ':' || s.first_fail == 0) usage("--fail wants FIRST:COUNT, FIRST >= 1");
-      const char* count = end + 1;
-      s.fail_count = std::strtoul(count, &end, 10);
-      if (end == count || *end != '\0') usage("--fail wants FIRST:COUNT");
+      parse_pair(argv[++i], s.first_fail, s.fail_count, "--fail wants FIRST:COUNT, FIRST >= 1");
     } else if (a == "--stall" && i + 1 < argc) {
-      char* end = nullptr;
-      s.stall_call = std::strtoul(argv[++i], &end, 10);
-      if (end == argv[i] || *end != ':' || s.stall_call == 0) usage("--stall wants N:MS, N >= 1");
-      const char* ms = end + 1;
-      s.stall_ms = std::strtoul(ms, &end, 10);
-      if (end == ms || *end != '\0') usage("--stall wants N:MS");
+      parse_pair(argv[++i], s.stall_call, s.stall_ms, "--stall wants N:MS, N >= 1");
     } else if (a == "--lose-failed-writes") {
       s.lose = true;
     } else if (a == "--log" && i + 1 < argc) {
