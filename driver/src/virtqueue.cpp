@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <random>
 
 #include "uvirtio/base/barrier.hpp"
 
@@ -78,6 +79,15 @@ Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t
     }
     ring.emplace(std::move(q));
     addr = QueueAddresses{desc.iova, avail.iova, used.iova};
+  }
+  // Ids from a random start: a device that completes a request of an earlier
+  // owner of this queue after its reset (QEMU 7.2's virtio-pmem does, for a
+  // flush still running in its thread pool) then names an id that is not in
+  // flight here, which breaks the ring with an error, rather than the id of
+  // our first request, which would complete it before the device ran it.
+  if (!f.has(feature::kInOrder)) {
+    std::random_device rd;
+    UV_TRY_VOID(ring->start_ids_at(static_cast<std::uint16_t>(rd() % size)));
   }
   if (mode == CompletionMode::polling) ring->set_interrupts(false);
   UV_TRY_VOID(t.setup_queue(index, size, addr, mode != CompletionMode::polling));

@@ -22,6 +22,7 @@
 #include <limits>
 #include <utility>
 
+#include "free_ids.hpp"
 #include "indirect_pool.hpp"
 #include "uvirtio/base/barrier.hpp"
 
@@ -371,8 +372,19 @@ void PackedQueue::set_event_idx(bool enabled) noexcept {
 }
 
 Result<void> PackedQueue::reset_ring() {
+  // Buffer ids in flight now are handed out last (see SplitQueue::reset_ring).
+  const std::uint16_t after = detail::after_ids_in_flight(extra_, size_);
   init_state();
-  write_driver_event();  // the zeroed area says "enabled"; restore what was asked
+  write_driver_event();        // the zeroed area says "enabled"; restore what was asked
+  if (in_order_) return ok();  // ids follow ring positions there
+  return start_ids_at(after);
+}
+
+Result<void> PackedQueue::start_ids_at(std::uint16_t first) {
+  if (in_flight() > 0 || in_order_ || first >= size_)
+    return Error(Errc::invalid_argument, name_, "start ids",
+                 "needs an idle queue without in-order and an id below " + std::to_string(size_));
+  free_id_ = detail::link_free_ids(extra_, size_, first, &Extra::next_free);
   return ok();
 }
 

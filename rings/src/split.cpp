@@ -21,6 +21,7 @@
 #include <limits>
 #include <utility>
 
+#include "free_ids.hpp"
 #include "indirect_pool.hpp"
 #include "uvirtio/base/barrier.hpp"
 
@@ -436,10 +437,24 @@ std::vector<std::uint64_t> SplitQueue::outstanding_tokens() const {
 }
 
 Result<void> SplitQueue::reset_ring() {
+  // Heads in flight now: the device was reset, but a device that still
+  // completes one of them afterwards (QEMU 7.2's virtio-pmem does, for a
+  // flush it was running) must not be taken for a new request with the same
+  // id. Allocation restarts past the highest of them, so they come last.
+  const std::uint16_t after = detail::after_ids_in_flight(extra_, size_);
   std::memset(static_cast<void*>(desc_), 0, SplitLayout::desc_bytes(size_));
   std::memset(avail_, 0, SplitLayout::avail_bytes(size_));
   std::memset(used_, 0, SplitLayout::used_bytes(size_));
   init_shadow();
+  if (in_order_) return ok();  // ids follow ring positions there
+  return start_ids_at(after);
+}
+
+Result<void> SplitQueue::start_ids_at(std::uint16_t first) {
+  if (in_flight() > 0 || in_order_ || first >= size_)
+    return Error(Errc::invalid_argument, name_, "start ids",
+                 "needs an idle queue without in-order and an id below " + std::to_string(size_));
+  free_head_ = detail::link_free_ids(extra_, size_, first, &Extra::next);
   return ok();
 }
 

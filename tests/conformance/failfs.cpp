@@ -10,8 +10,9 @@
 // The mount shows BACKING's name. fsync calls are numbered from 1; calls
 // FIRST .. FIRST+COUNT-1 return EIO without syncing, the others fsync the
 // backing file. Each call is appended to the log as "fsync N ok|EIO".
-// --stall N:MS makes fsync call N take MS milliseconds longer (a host whose
-// disk hangs for a while); it then succeeds (log: "fsync N ok, stalled").
+// --stall N:MS (repeatable) makes fsync call N take MS milliseconds longer
+// (a host whose disk hangs for a while); it then succeeds (log: "fsync N
+// ok, stalled").
 //
 // --lose-failed-writes models a disk whose write-back failed, as Linux
 // leaves it: writes are held until the next fsync; a successful fsync
@@ -32,6 +33,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -44,7 +46,7 @@ struct State {
   std::string name;     // "/" + its base name
   int fd = -1;          // the backing file, opened once
   unsigned long first_fail = 0, fail_count = 0;
-  unsigned long stall_call = 0, stall_ms = 0;
+  std::map<unsigned long, unsigned long> stalls;  // fsync call -> extra ms
   unsigned long fsyncs = 0;
   FILE* log = nullptr;
   bool lose = false;  // --lose-failed-writes
@@ -136,10 +138,11 @@ int fs_fsync(const char* path, int datasync, fuse_file_info*) {
   if (path != s.name) return -ENOENT;
   std::unique_lock lk(s.m);
   const unsigned long n = ++s.fsyncs;
-  const bool stall = n == s.stall_call;
+  const auto st = s.stalls.find(n);
+  const bool stall = st != s.stalls.end();
   if (stall) {
     lk.unlock();  // reads and writes go on meanwhile
-    std::this_thread::sleep_for(std::chrono::milliseconds(s.stall_ms));
+    std::this_thread::sleep_for(std::chrono::milliseconds(st->second));
     lk.lock();
   }
   int r = 0;
@@ -193,7 +196,9 @@ int main(int argc, char** argv) {
     if (a == "--fail" && i + 1 < argc) {
       parse_pair(argv[++i], s.first_fail, s.fail_count, "--fail wants FIRST:COUNT, FIRST >= 1");
     } else if (a == "--stall" && i + 1 < argc) {
-      parse_pair(argv[++i], s.stall_call, s.stall_ms, "--stall wants N:MS, N >= 1");
+      unsigned long call = 0, ms = 0;
+      parse_pair(argv[++i], call, ms, "--stall wants N:MS, N >= 1");
+      s.stalls[call] = ms;
     } else if (a == "--lose-failed-writes") {
       s.lose = true;
     } else if (a == "--log" && i + 1 < argc) {

@@ -12,10 +12,12 @@
 #    later flushes succeeded (the host holds its page clean), while the guest
 #    still reads it; `uvirtio pmem repersist` writes it back for real;
 #  - the host's log shows exactly the fsyncs the guest asked for, with those results.
-# Then a host whose fsync hangs: failfs stalls the first fsync for 3 s, and
-# uvirtio-conformance's PmemStalledHost case in a new guest expects a timeout
+# Then a host whose fsync hangs: failfs stalls fsyncs 1 and 3 for 3 s, and
+# uvirtio-conformance's PmemStalledHost cases in a new guest expect a timeout
 # naming the device at its 1 s deadline, then a working persist once QEMU
-# answered the abandoned flush; the host finds that persist's data.
+# answered the abandoned flush (the host finds that persist's data); and,
+# after a reset with a flush stuck in QEMU, that QEMU's late completion of it
+# is refused as "not in flight" instead of completing the new owner's flush.
 #   pmem_fsync_error_test.sh BIN_DIR FAILFS CONFORMANCE_BINARY   (exit 77: QEMU, kernel or FUSE missing)
 set -euo pipefail
 bin=$1
@@ -107,8 +109,8 @@ check "a write lost by the failed flush stays lost although 4 later flushes succ
 check "repersist wrote the other lost write back to the backing file" [ "$(at 9 10)" = lost-write ]
 [ "$fail" = 0 ] || { echo "guest output:"; cat "$out"; }
 
-# A host whose fsync hangs for 3 s.
-"$failfs" "$work/pmem.img" "$work/mnt" --stall 1:3000 --log "$work/stall.log" -f -s 2>"$work/failfs.err" &
+# A host whose fsync hangs for 3 s, twice.
+"$failfs" "$work/pmem.img" "$work/mnt" --stall 1:3000 --stall 3:3000 --log "$work/stall.log" -f -s 2>"$work/failfs.err" &
 fs_pid=$!
 for _ in $(seq 50); do mountpoint -q "$work/mnt" && break; sleep 0.1; done
 check "failfs mounted again, stalling its first fsync" mountpoint -q "$work/mnt"
@@ -116,12 +118,14 @@ check "failfs mounted again, stalling its first fsync" mountpoint -q "$work/mnt"
   env UVIRTIO_PMEM_STALL_MS=3000 uvirtio-conformance --gtest_color=no --gtest_filter='PmemStalledHost.*' \
   2>&1 | tr -d '\r' >"$work/stall.out" || true
 check "in the guest, the stalled persist timed out naming the device and the next one worked" \
-  grep -q '^\[  PASSED  \] 1 test' "$work/stall.out"
+  grep -q '^\[       OK \] PmemStalledHost.PersistTimesOutThenTheDeviceWorksOn' "$work/stall.out"
+check "a completion QEMU delivered after a reset was not taken for the new owner's flush" \
+  grep -q '^\[       OK \] PmemStalledHost.StaleCompletionAfterAResetIsNeverTakenForANewFlush' "$work/stall.out"
 umount "$work/mnt" 2>/dev/null || fusermount3 -u "$work/mnt"
 wait "$fs_pid" || true
 fs_pid=
-check "the host saw the stalled fsync, then the next one: $(tr '\n' ',' <"$work/stall.log")" \
-  [ "$(cat "$work/stall.log")" = "$(printf 'fsync 1 ok, stalled\nfsync 2 ok')" ]
+check "the host saw each stalled fsync, then the next ones: $(tr '\n' ',' <"$work/stall.log")" \
+  [ "$(cat "$work/stall.log")" = "$(printf 'fsync %s\n' '1 ok, stalled' '2 ok' '3 ok, stalled' '4 ok' '5 ok')" ]
 check "the data of the persist after the stall is in the backing file" [ "$(at 12 7)" = stalled ]
-grep -q '^\[  PASSED  \] 1 test' "$work/stall.out" || { echo "guest output:"; cat "$work/stall.out"; }
+grep -q '^\[  PASSED  \] 2 tests' "$work/stall.out" || { echo "guest output:"; cat "$work/stall.out"; }
 finish

@@ -175,6 +175,7 @@ TEST(PackedDevice, RoundTripMultiDescriptorChainsAcrossTheRingEnd) {
 TEST(PackedDevice, ResetRingWithRequestsInFlightThenServeAgain) {
   Mem m(5);
   auto drv = m.driver().value();
+  std::vector<std::uint16_t> dropped_ids;
   {
     auto dev = m.device().value();
     for (std::uint64_t t = 0; t < 7; ++t) {  // past the end once: wrap counter 0
@@ -188,7 +189,9 @@ TEST(PackedDevice, ResetRingWithRequestsInFlightThenServeAgain) {
     }
     for (std::uint64_t t = 100; t < 103; ++t) {  // in flight when the device resets
       const Buffer in[] = {{m.bus(8 * (t - 99)), 8}};
-      ASSERT_TRUE(drv.add({}, in, t).ok());
+      auto id = drv.add({}, in, t);
+      ASSERT_TRUE(id.ok());
+      dropped_ids.push_back(*id);
     }
     drv.publish();
     ASSERT_TRUE(dev.pop().value().has_value());  // the device took one, never answered
@@ -205,6 +208,11 @@ TEST(PackedDevice, ResetRingWithRequestsInFlightThenServeAgain) {
     const Buffer in[] = {{m.bus(0), 8}};
     auto id = drv.add({}, in, t);
     ASSERT_TRUE(id.ok()) << id.error().message();
+    // A late completion of a dropped request must not match a new one.
+    if (t == 200) {
+      EXPECT_EQ(std::count(dropped_ids.begin(), dropped_ids.end(), *id), 0)
+          << "id " << *id << " reused first";
+    }
     drv.publish();
     auto r = dev.pop();
     ASSERT_TRUE(r.ok()) << r.error().message();

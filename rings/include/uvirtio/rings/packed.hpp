@@ -250,7 +250,10 @@ class PackedQueue {
   // wrap counters 1, not broken. Keeps the event_idx / indirect / in_order
   // settings, the indirect pool and the interrupt setting. Only call it
   // when the device no longer uses the ring (after a device or queue reset).
+  // Buffer ids that were in flight are handed out last (see SplitQueue).
   Result<void> reset_ring();
+  // Idle queue, not in-order: buffer ids are handed out from `first` on.
+  Result<void> start_ids_at(std::uint16_t first);
 
   // One read of the flags word the device last wrote in its event
   // suppression area (diagnostics and conformance checks: whether the device

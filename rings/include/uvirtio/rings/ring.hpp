@@ -64,6 +64,9 @@ class Ring {
   std::vector<std::uint64_t> outstanding_tokens() const {
     return std::visit([](const auto& q) { return q.outstanding_tokens(); }, q_);
   }
+  Result<void> start_ids_at(std::uint16_t first) {
+    return std::visit([first](auto& q) { return q.start_ids_at(first); }, q_);
+  }
   // After a device or queue reset: see SplitQueue/PackedQueue::reset_ring().
   Result<void> reset_ring() {
     return std::visit([](auto& q) { return q.reset_ring(); }, q_);

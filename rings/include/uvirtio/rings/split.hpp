@@ -237,8 +237,15 @@ class SplitQueue {
   // no batch pending. Keeps the event_idx / indirect / in_order settings and
   // the indirect pool. Only
   // call it when the device no longer uses the ring (after a device reset or
-  // a queue reset, spec 2.6.1).
+  // a queue reset, spec 2.6.1). Descriptor ids that were in flight are
+  // handed out last, so a late completion of one of them (a device that
+  // still finishes work from before its reset) names an id not in flight
+  // and breaks the ring instead of completing a new request.
   Result<void> reset_ring();
+  // Idle queue, not in-order: descriptor ids are handed out from `first`
+  // on (wrapping), e.g. a random start so a device's late completion from an
+  // earlier owner of the queue cannot match this one's first request.
+  Result<void> start_ids_at(std::uint16_t first);
 
  private:
   SplitQueue() = default;
