@@ -310,7 +310,6 @@ Result<void> Pmem::repersist(const void* addr, std::size_t len) {
   // in it (the mapping is page-aligned). An atomic OR of zero stores without
   // changing anything, whatever other threads write meanwhile; the compiler
   // may not drop it (an atomic read-modify-write is never elided).
-  constexpr std::uintptr_t kPage = 4096;
   auto* p = static_cast<std::uint8_t*>(const_cast<void*>(addr));
   std::uint8_t* const end = p + len;
   while (p < end) {
