@@ -90,6 +90,7 @@ Result<SplitQueue> SplitQueue::create(std::uint16_t size, void* desc, void* avai
   q.used_ = static_cast<std::uint8_t*>(used);
   q.name_ = std::move(name);
   q.init_shadow();
+  q.stale_.assign(size, false);
   return q;
 }
 
@@ -186,6 +187,8 @@ Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<con
     extra_[head].seq = next_seq_++;
     words(avail_)[kRing + (avail_idx_shadow_ & (size_ - 1u))].set(head);
     ++avail_idx_shadow_;
+    if (stale_count_ != 0) [[unlikely]]
+      unmark_stale(head, 1);
     return head;
   }
 
@@ -210,6 +213,8 @@ Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<con
   extra_[head].writable = writable;
   extra_[head].token = token;
   extra_[head].seq = next_seq_++;
+  if (stale_count_ != 0) [[unlikely]]
+    unmark_stale(head, static_cast<std::uint16_t>(n));
 
   // Spec 2.7.13.2: the head goes into the next available ring slot; the
   // index itself is stored by publish().
@@ -260,8 +265,11 @@ Result<std::optional<Completion>> SplitQueue::poll() {
   VirtqUsedElem& e = ring[last_used_ & (size_ - 1u)];
   const std::uint32_t id = read_once(e.id);
   const std::uint32_t len = read_once(e.len);
-  if (id >= size_ || extra_[id].chain_len == 0 || len > extra_[id].writable) [[unlikely]]
+  if (id >= size_ || extra_[id].chain_len == 0 || len > extra_[id].writable) [[unlikely]] {
+    if (id < size_ && extra_[id].chain_len == 0 && stale_count_ != 0 && stale_[id])
+      return drop_stale(static_cast<std::uint16_t>(id));
     return used_entry_error(id, len);
+  }
   Extra& x = extra_[id];
 
   // Valid: return the chain to the free list through our own links.
@@ -440,14 +448,46 @@ Result<void> SplitQueue::reset_ring() {
   // Heads in flight now: the device was reset, but a device that still
   // completes one of them afterwards (QEMU 7.2's virtio-pmem does, for a
   // flush it was running) must not be taken for a new request with the same
-  // id. Allocation restarts past the highest of them, so they come last.
+  // id. Allocation restarts past the highest of them, so they come last,
+  // and such a late completion is dropped once per head (not in order mode,
+  // whose used entries name ring positions).
   const std::uint16_t after = detail::after_ids_in_flight(extra_, size_);
+  if (!in_order_)
+    for (std::uint16_t i = 0; i < size_; ++i)
+      if (extra_[i].chain_len != 0 && !stale_[i]) {
+        stale_[i] = true;
+        ++stale_count_;
+      }
   std::memset(static_cast<void*>(desc_), 0, SplitLayout::desc_bytes(size_));
   std::memset(avail_, 0, SplitLayout::avail_bytes(size_));
   std::memset(used_, 0, SplitLayout::used_bytes(size_));
   init_shadow();
   if (in_order_) return ok();  // ids follow ring positions there
   return start_ids_at(after);
+}
+
+void SplitQueue::unmark_stale(std::uint16_t head, std::uint16_t descs) noexcept {
+  // Handed out again: a used entry naming one of them is this chain's now.
+  std::uint16_t i = head;
+  for (std::uint16_t k = 0; k < descs && stale_count_ != 0; ++k) {
+    if (stale_[i]) {
+      stale_[i] = false;
+      --stale_count_;
+    }
+    i = extra_[i].next;
+  }
+}
+
+Result<std::optional<Completion>> SplitQueue::drop_stale(std::uint16_t id) {
+  stale_[id] = false;
+  --stale_count_;
+  ++stale_dropped_;
+  ++last_used_;
+  if (event_idx_ && (avail_flags_shadow_ & VIRTQ_AVAIL_F_NO_INTERRUPT) == 0) {
+    store_release(used_event(avail_, size_), last_used_);
+    barrier_store_load();
+  }
+  return poll();  // the entries after it, if any (bounded: one per stale head)
 }
 
 Result<void> SplitQueue::start_ids_at(std::uint16_t first) {

@@ -12,12 +12,13 @@
 #    later flushes succeeded (the host holds its page clean), while the guest
 #    still reads it; `uvirtio pmem repersist` writes it back for real;
 #  - the host's log shows exactly the fsyncs the guest asked for, with those results.
-# Then a host whose fsync hangs: failfs stalls fsyncs 1 and 3 for 3 s, and
+# Then a host whose fsync hangs: failfs stalls fsyncs 1, 3 and 6 for 3, 5 and 1.5 s, and
 # uvirtio-conformance's PmemStalledHost cases in a new guest expect a timeout
 # naming the device at its 1 s deadline, then a working persist once QEMU
 # answered the abandoned flush (the host finds that persist's data); and,
 # after a reset with a flush stuck in QEMU, that QEMU's late completion of it
-# is refused as "not in flight" instead of completing the new owner's flush.
+# is refused as "not in flight" instead of completing the new owner's flush;
+# and after recover() within one owner, it is dropped and the next flush works.
 #   pmem_fsync_error_test.sh BIN_DIR FAILFS CONFORMANCE_BINARY   (exit 77: QEMU, kernel or FUSE missing)
 set -euo pipefail
 bin=$1
@@ -110,7 +111,7 @@ check "repersist wrote the other lost write back to the backing file" [ "$(at 9 
 [ "$fail" = 0 ] || { echo "guest output:"; cat "$out"; }
 
 # A host whose fsync hangs for 3 s, twice.
-"$failfs" "$work/pmem.img" "$work/mnt" --stall 1:3000 --stall 3:3000 --log "$work/stall.log" -f -s 2>"$work/failfs.err" &
+"$failfs" "$work/pmem.img" "$work/mnt" --stall 1:3000 --stall 3:5000 --stall 6:1500 --log "$work/stall.log" -f -s 2>"$work/failfs.err" &
 fs_pid=$!
 for _ in $(seq 50); do mountpoint -q "$work/mnt" && break; sleep 0.1; done
 check "failfs mounted again, stalling its first fsync" mountpoint -q "$work/mnt"
@@ -121,11 +122,14 @@ check "in the guest, the stalled persist timed out naming the device and the nex
   grep -q '^\[       OK \] PmemStalledHost.PersistTimesOutThenTheDeviceWorksOn' "$work/stall.out"
 check "a completion QEMU delivered after a reset was not taken for the new owner's flush" \
   grep -q '^\[       OK \] PmemStalledHost.StaleCompletionAfterAResetIsNeverTakenForANewFlush' "$work/stall.out"
+check "after recover() with a flush stuck in QEMU, its late answer was dropped and the next flush worked" \
+  grep -q '^\[       OK \] PmemStalledHost.RecoverWithAFlushStuckInQemuThenFlushWorks' "$work/stall.out"
 umount "$work/mnt" 2>/dev/null || fusermount3 -u "$work/mnt"
 wait "$fs_pid" || true
 fs_pid=
 check "the host saw each stalled fsync, then the next ones: $(tr '\n' ',' <"$work/stall.log")" \
-  [ "$(cat "$work/stall.log")" = "$(printf 'fsync %s\n' '1 ok, stalled' '2 ok' '3 ok, stalled' '4 ok' '5 ok')" ]
+  [ "$(cat "$work/stall.log")" = "$(printf 'fsync %s\n' '1 ok, stalled' '2 ok' '3 ok, stalled' '4 ok' '5 ok' '6 ok, stalled' '7 ok')" ]
 check "the data of the persist after the stall is in the backing file" [ "$(at 12 7)" = stalled ]
-grep -q '^\[  PASSED  \] 2 tests' "$work/stall.out" || { echo "guest output:"; cat "$work/stall.out"; }
+grep -h 'stale completions dropped' "$work/stall.out" || true
+grep -q '^\[  PASSED  \] 3 tests' "$work/stall.out" || { echo "guest output:"; cat "$work/stall.out"; }
 finish

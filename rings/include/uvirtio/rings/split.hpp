@@ -246,6 +246,10 @@ class SplitQueue {
   // on (wrapping), e.g. a random start so a device's late completion from an
   // earlier owner of the queue cannot match this one's first request.
   Result<void> start_ids_at(std::uint16_t first);
+  // Used entries dropped because they completed a chain that was in flight
+  // at the last reset_ring() (each such id once, until it is handed out
+  // again; any other id not in flight is still an error).
+  std::uint64_t stale_dropped() const noexcept { return stale_dropped_; }
 
  private:
   SplitQueue() = default;
@@ -297,6 +301,13 @@ class SplitQueue {
     std::uint64_t seq = 0;  // submission order
   };
   std::vector<Extra> extra_;
+  // Heads in flight at a reset_ring() whose late completion is dropped once
+  // (cold paths only: poll's error path, add() while any is marked).
+  std::vector<bool> stale_;
+  std::uint16_t stale_count_ = 0;
+  std::uint64_t stale_dropped_ = 0;
+  [[gnu::cold]] void unmark_stale(std::uint16_t head, std::uint16_t descs) noexcept;
+  [[gnu::cold]] Result<std::optional<Completion>> drop_stale(std::uint16_t id);
 };
 
 }  // namespace uvirtio::rings
