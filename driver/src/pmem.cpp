@@ -155,9 +155,9 @@ Result<std::unique_ptr<Pmem>> Pmem::attach(std::unique_ptr<Device> dev, const Pm
     }
   }
   std::unique_ptr<Pmem> pm(new Pmem(std::move(dev), std::move(vq), std::move(slots), options));
+  pm->coalescer_.set_gather_limit(options.gather_limit);
   // Hybrid completion spins only while no other caller waits for the next
   // flush: they need the CPU more than the leader needs a fast wake-up.
-  pm->coalescer_.set_gather_limit(options.gather_limit);
   Pmem* self = pm.get();
   pm->vq_->set_spin_while([self] { return !self->coalescer_.contended(); });
   pm->start_ = start;
@@ -293,15 +293,10 @@ void Pmem::drain() { cache::drain(); }
 
 Result<void> Pmem::write(std::uint64_t offset, std::span<const std::uint8_t> bytes, bool persist_now) {
   if (bytes.empty()) return Error(Errc::invalid_argument, name(), "write", "nothing to write (length 0)");
-  if (offset > size_ || bytes.size() > size_ - offset)
-    return Error(Errc::invalid_argument, name(), "write",
-                 "offset " + std::to_string(offset) + " + length " + std::to_string(bytes.size()) +
-                     " is beyond the " + std::to_string(size_) + "-byte pmem range");
-  if (range_.data == nullptr)
-    return Error(Errc::invalid_argument, name(), "write", "the pmem range is not mapped");
-  std::memcpy(range_.data + offset, bytes.data(), bytes.size());
+  UV_TRY(std::uint8_t* const at, at_offset(offset, bytes.size(), "write"));
+  std::memcpy(at, bytes.data(), bytes.size());
   if (!persist_now) return ok();
-  return persist(range_.data + offset, bytes.size());
+  return persist(at, bytes.size());
 }
 
 Result<void> Pmem::repersist(const void* addr, std::size_t len) {
@@ -321,24 +316,24 @@ Result<void> Pmem::repersist(const void* addr, std::size_t len) {
 
 Result<void> Pmem::repersist_at(std::uint64_t offset, std::uint64_t len) {
   if (len == 0) return Error(Errc::invalid_argument, name(), "repersist", "length 0");
+  UV_TRY(std::uint8_t* const at, at_offset(offset, len, "repersist"));
+  return repersist(at, len);
+}
+
+Result<std::uint8_t*> Pmem::at_offset(std::uint64_t offset, std::uint64_t len, const char* op) const {
   if (offset > size_ || len > size_ - offset)
-    return Error(Errc::invalid_argument, name(), "repersist",
+    return Error(Errc::invalid_argument, name(), op,
                  "offset " + std::to_string(offset) + " + length " + std::to_string(len) + " is beyond the " +
                      std::to_string(size_) + "-byte pmem range");
   if (range_.data == nullptr)
-    return Error(Errc::invalid_argument, name(), "repersist", "the pmem range is not mapped");
-  return repersist(range_.data + offset, len);
+    return Error(Errc::invalid_argument, name(), op, "the pmem range is not mapped");
+  return range_.data + offset;
 }
 
 Result<void> Pmem::read(std::uint64_t offset, std::span<std::uint8_t> out) const {
   if (out.empty()) return Error(Errc::invalid_argument, name(), "read", "nothing to read (length 0)");
-  if (offset > size_ || out.size() > size_ - offset)
-    return Error(Errc::invalid_argument, name(), "read",
-                 "offset " + std::to_string(offset) + " + length " + std::to_string(out.size()) +
-                     " is beyond the " + std::to_string(size_) + "-byte pmem range");
-  if (range_.data == nullptr)
-    return Error(Errc::invalid_argument, name(), "read", "the pmem range is not mapped");
-  std::memcpy(out.data(), range_.data + offset, out.size());
+  UV_TRY(const std::uint8_t* const at, at_offset(offset, out.size(), "read"));
+  std::memcpy(out.data(), at, out.size());
   return ok();
 }
 

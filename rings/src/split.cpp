@@ -240,6 +240,17 @@ bool SplitQueue::publish() {
   return (load_acquire(words(used_)[kFlags]) & VIRTQ_USED_F_NO_NOTIFY) == 0;
 }
 
+inline void SplitQueue::step_past_used_entry() noexcept {
+  ++last_used_;
+  if (event_idx_ && (avail_flags_shadow_ & VIRTQ_AVAIL_F_NO_INTERRUPT) == 0) {
+    // Interrupts on: ask for one at the next entry (2.7.7.2), and order that
+    // store before our next read of the used index, so an entry the device
+    // adds meanwhile is either seen by us or interrupts us.
+    store_release(used_event(avail_, size_), last_used_);
+    barrier_store_load();
+  }
+}
+
 Result<std::optional<Completion>> SplitQueue::poll() {
   if (broken_) [[unlikely]]
     return broken_error("poll used ring");
@@ -279,14 +290,7 @@ Result<std::optional<Completion>> SplitQueue::poll() {
   free_head_ = static_cast<std::uint16_t>(id);
   num_free_ = static_cast<std::uint16_t>(num_free_ + x.chain_len);
   x.chain_len = 0;
-  ++last_used_;
-  if (event_idx_ && (avail_flags_shadow_ & VIRTQ_AVAIL_F_NO_INTERRUPT) == 0) {
-    // Interrupts on: ask for one at the next entry (2.7.7.2), and order that
-    // store before our next read of the used index, so an entry the device
-    // adds meanwhile is either seen by us or interrupts us.
-    store_release(used_event(avail_, size_), last_used_);
-    barrier_store_load();
-  }
+  step_past_used_entry();
   return std::optional<Completion>{Completion{x.token, len}};
 }
 
@@ -482,11 +486,7 @@ Result<std::optional<Completion>> SplitQueue::drop_stale(std::uint16_t id) {
   stale_[id] = false;
   --stale_count_;
   ++stale_dropped_;
-  ++last_used_;
-  if (event_idx_ && (avail_flags_shadow_ & VIRTQ_AVAIL_F_NO_INTERRUPT) == 0) {
-    store_release(used_event(avail_, size_), last_used_);
-    barrier_store_load();
-  }
+  step_past_used_entry();
   return poll();  // the entries after it, if any (bounded: one per stale head)
 }
 

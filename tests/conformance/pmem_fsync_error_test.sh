@@ -114,7 +114,7 @@ check "repersist wrote the other lost write back to the backing file" [ "$(at 9 
 "$failfs" "$work/pmem.img" "$work/mnt" --stall 1:3000 --stall 3:5000 --stall 6:1500 --log "$work/stall.log" -f -s 2>"$work/failfs.err" &
 fs_pid=$!
 for _ in $(seq 50); do mountpoint -q "$work/mnt" && break; sleep 0.1; done
-check "failfs mounted again, stalling its first fsync" mountpoint -q "$work/mnt"
+check "failfs mounted again, stalling fsyncs 1, 3 and 6" mountpoint -q "$work/mnt"
 "$bin/uvirtio-vm" --pmem "$work/mnt/pmem.img:16M" --add "$conf" -- \
   env UVIRTIO_PMEM_STALL_MS=3000 uvirtio-conformance --gtest_color=no --gtest_filter='PmemStalledHost.*' \
   2>&1 | tr -d '\r' >"$work/stall.out" || true

@@ -238,9 +238,10 @@ class SplitQueue {
   // the indirect pool. Only
   // call it when the device no longer uses the ring (after a device reset or
   // a queue reset, spec 2.6.1). Descriptor ids that were in flight are
-  // handed out last, so a late completion of one of them (a device that
-  // still finishes work from before its reset) names an id not in flight
-  // and breaks the ring instead of completing a new request.
+  // handed out last, and one late completion of each (a device that still
+  // finishes work from before its reset) is dropped instead of completing
+  // a new request (stale_dropped()). Not in in-order mode, whose used
+  // entries name ring positions.
   Result<void> reset_ring();
   // Idle queue, not in-order: descriptor ids are handed out from `first`
   // on (wrapping), e.g. a random start so a device's late completion from an
@@ -306,6 +307,9 @@ class SplitQueue {
   std::vector<bool> stale_;
   std::uint16_t stale_count_ = 0;
   std::uint64_t stale_dropped_ = 0;
+  // Past the used entry at last_used_, asking for the next interrupt there
+  // when event-index suppression is on.
+  void step_past_used_entry() noexcept;
   [[gnu::cold]] void unmark_stale(std::uint16_t head, std::uint16_t descs) noexcept;
   [[gnu::cold]] Result<std::optional<Completion>> drop_stale(std::uint16_t id);
 };
