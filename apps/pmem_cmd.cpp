@@ -87,17 +87,33 @@ int pmem_info(const std::vector<std::string>& args) {
             {"mapping", shm ? "shared-memory-region" : "devmem"},
             {"completion", driver::completion_mode_name(p.queue().mode())},
             {"cache_writeback", driver::cache::name(driver::cache::instruction())}};
+  // Where the queue's in-flight ids are kept for the next owner, and what the
+  // previous one left (doc/protocols.md, "Completions from before a reset").
+  const driver::InflightLedger* ledger = p.queue().ledger();
+  std::string ledger_line;
+  if (ledger != nullptr) {
+    j["inflight_ledger"] = {{"path", ledger->path()}, {"left_over", ledger->left_over()}};
+    if (!ledger->discarded().empty()) j["inflight_ledger"]["discarded"] = ledger->discarded();
+    ledger_line =
+        ledger->path() + " (" + std::to_string(ledger->left_over().size()) +
+        " ids left in flight by an earlier owner" +
+        (ledger->discarded().empty() ? "" : "; an invalid file was discarded: " + ledger->discarded()) + ")";
+  } else {
+    j["inflight_ledger"] = nullptr;
+    if (!p.queue().ledger_error().empty()) j["inflight_ledger_error"] = p.queue().ledger_error();
+    ledger_line = p.queue().ledger_error().empty() ? "none" : "none: " + p.queue().ledger_error();
+  }
   if (vm.count("json")) {
     std::cout << j.dump(2) << "\n";
     return 0;
   }
   std::printf(
       "%s: virtio-pmem\n  features  %s\n  start     0x%llx\n  size      %llu bytes (%llu MiB)\n"
-      "  mapping   %s\n  cache     %s\n",
+      "  mapping   %s\n  cache     %s\n  ledger    %s\n",
       p.name().c_str(), p.features().describe().c_str(), static_cast<unsigned long long>(p.start()),
       static_cast<unsigned long long>(p.size()), static_cast<unsigned long long>(p.size() >> 20),
       shm ? "shared memory region 0 (BAR)" : "/dev/mem (device does not offer SHMEM_REGION)",
-      driver::cache::name(driver::cache::instruction()));
+      driver::cache::name(driver::cache::instruction()), ledger_line.c_str());
   return 0;
 }
 

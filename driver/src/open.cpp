@@ -73,7 +73,9 @@ Result<std::unique_ptr<Device>> open_device(const pci::Bdf& bdf, std::uint16_t e
   pci::VfioOptions vopts;
   vopts.mode = options.iommu;
   UV_TRY(std::unique_ptr<pci::VfioDevice> vfio, pci::VfioDevice::open(bdf, vopts));
-  return bring_up(std::move(vfio), expected_type, policy, options);
+  UV_TRY(std::unique_ptr<Device> dev, bring_up(std::move(vfio), expected_type, policy, options));
+  dev->transport().set_inflight_dir(options.inflight_dir);
+  return dev;
 }
 
 }  // namespace uvirtio::driver

@@ -80,14 +80,32 @@ Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t
     ring.emplace(std::move(q));
     addr = QueueAddresses{desc.iova, avail.iova, used.iova};
   }
-  // Ids from a random start: a device that completes a request of an earlier
-  // owner of this queue after its reset (QEMU 7.2's virtio-pmem does, for a
-  // flush still running in its thread pool) then names an id that is not in
-  // flight here, which breaks the ring with an error, rather than the id of
-  // our first request, which would complete it before the device ran it.
+  // A device may complete a request of an earlier owner of this queue after
+  // its reset (QEMU 7.2's virtio-pmem does, for a flush still running in its
+  // thread pool). The in-flight ledger says which ids that owner left in
+  // flight: they are handed out last and one late completion of each is
+  // dropped (split) or breaks the ring (packed), never taken for one of our
+  // requests. Without a ledger, ids start at a random point, so such a
+  // completion most likely names an id not in flight here (an error, not a
+  // request completed before the device ran it).
+  std::optional<InflightLedger> ledger;
+  std::string ledger_error;
   if (!f.has(feature::kInOrder)) {
     std::random_device rd;
-    UV_TRY_VOID(ring->start_ids_at(static_cast<std::uint16_t>(rd() % size)));
+    const auto first = static_cast<std::uint16_t>(rd() % size);
+    if (!t.inflight_dir().empty()) {
+      auto l = InflightLedger::open(t.inflight_dir(), t.name(), index, size);
+      if (l) {
+        ledger.emplace(std::move(*l));
+      } else {
+        ledger_error = l.error().message();
+      }
+    }
+    if (ledger) {
+      UV_TRY_VOID(ring->adopt_stale(first, ledger->left_over()));
+    } else {
+      UV_TRY_VOID(ring->start_ids_at(first));
+    }
   }
   if (mode == CompletionMode::polling) ring->set_interrupts(false);
   UV_TRY_VOID(t.setup_queue(index, size, addr, mode != CompletionMode::polling));
@@ -95,6 +113,8 @@ Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t
     return Error(Errc::unsupported, t.name(), op, "no interrupt eventfd for the queue");
   auto vq = std::unique_ptr<Virtqueue>(new Virtqueue(t, index, std::move(*ring), mode, addr));
   vq->indirect_ = indirect;
+  vq->ledger_ = std::move(ledger);
+  vq->ledger_error_ = std::move(ledger_error);
   return vq;
 }
 
@@ -117,6 +137,9 @@ Result<std::uint16_t> Virtqueue::submit(std::span<const rings::Buffer> out, std:
   if (t_.needs_reset_seen()) [[unlikely]]
     return t_.check_not_known_broken("submit to queue " + std::to_string(index_)).error();
   UV_TRY(std::uint16_t head, ring_.add(out, in, token));
+  // Marked before the device can see the chain: the ledger never misses a
+  // request the device may complete.
+  if (ledger_) ledger_->mark(head);
   if (ring_.publish()) {
     UV_TRY_VOID(t_.notify(index_));
     ++notifications_;
@@ -124,7 +147,11 @@ Result<std::uint16_t> Virtqueue::submit(std::span<const rings::Buffer> out, std:
   return head;
 }
 
-Result<std::optional<rings::Completion>> Virtqueue::poll() { return ring_.poll(); }
+Result<std::optional<rings::Completion>> Virtqueue::poll() {
+  UV_TRY(std::optional<rings::Completion> c, ring_.poll());
+  if (c) completed(*c);
+  return c;
+}
 
 Result<rings::Completion> Virtqueue::wait(std::chrono::milliseconds timeout) {
   return wait_until(std::chrono::steady_clock::now() + timeout, timeout);
@@ -142,6 +169,7 @@ Result<rings::Completion> Virtqueue::wait_until(std::chrono::steady_clock::time_
   for (;;) {
     UV_TRY(std::optional<rings::Completion> c, ring_.poll());
     if (c) {
+      completed(*c);
       // The device may have completed before we slept: take its interrupt
       // now, so INTx is acknowledged and unmasked and no stale wake-up is
       // left for the next wait.

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
+#include <string>
 #include <vector>
 
 namespace uvirtio::rings::detail {
@@ -29,6 +31,40 @@ std::uint16_t link_free_ids(std::vector<Extra>& extra, std::uint16_t size, std::
     extra[first - 1].*next = size;
   }
   return first;
+}
+
+// Links every id free, from `first` on (wrapping), except that the ids
+// marked in `last` come after all the others; returns the list's head.
+// first < size == last.size().
+template <class Extra, class Link>
+std::uint16_t link_free_ids_last(std::vector<Extra>& extra, std::uint16_t size, std::uint16_t first,
+                                 Link Extra::*next, const std::vector<bool>& last) {
+  std::uint16_t head = size, tail = size;
+  for (const bool marked : {false, true}) {
+    for (std::uint32_t k = 0; k < size; ++k) {
+      const auto i = static_cast<std::uint16_t>((first + k) % size);
+      if (last[i] != marked) continue;
+      if (tail == size) {
+        head = i;
+      } else {
+        extra[tail].*next = static_cast<Link>(i);
+      }
+      tail = i;
+    }
+  }
+  extra[tail].*next = static_cast<Link>(size);
+  return head;
+}
+
+// The checks of adopt_stale() on both rings; empty when fine.
+inline std::string adopt_stale_problem(bool idle, bool in_order, std::uint16_t size, std::uint16_t first,
+                                       std::span<const std::uint16_t> ids) {
+  if (!idle || in_order || first >= size)
+    return "needs an idle queue without in-order and a first id below " + std::to_string(size);
+  for (const std::uint16_t id : ids)
+    if (id >= size)
+      return "id " + std::to_string(id) + " is not below the queue size " + std::to_string(size);
+  return {};
 }
 
 }  // namespace uvirtio::rings::detail

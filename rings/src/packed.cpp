@@ -309,19 +309,20 @@ Result<std::optional<Completion>> PackedQueue::poll() {
     store_release(driver_event_->desc, packed_off_wrap(last_used_, used_wrap_));
     barrier_store_load();
   }
-  return std::optional<Completion>{Completion{x.token, len}};
+  return std::optional<Completion>{Completion{x.token, len, false, id}};
 }
 
 // Frees the oldest chain in flight (in_order, a batch pending). Only the
 // batch's last chain carries the device's length.
 Completion PackedQueue::take_oldest() noexcept {
-  Extra& x = extra_[batch_pos_];
+  const std::uint16_t id = batch_pos_;
+  Extra& x = extra_[id];
   batch_pos_ = static_cast<std::uint16_t>((std::uint32_t{batch_pos_} + x.chain_len) % size_);
   num_free_ = static_cast<std::uint16_t>(num_free_ + x.chain_len);
   x.chain_len = 0;
   --batch_left_;
-  if (batch_left_ == 0) return Completion{x.token, batch_len_};
-  return Completion{x.token, 0, true};
+  if (batch_left_ == 0) return Completion{x.token, batch_len_, false, id};
+  return Completion{x.token, 0, true, id};
 }
 
 bool PackedQueue::has_used() const noexcept {
@@ -385,6 +386,15 @@ Result<void> PackedQueue::start_ids_at(std::uint16_t first) {
     return Error(Errc::invalid_argument, name_, "start ids",
                  "needs an idle queue without in-order and an id below " + std::to_string(size_));
   free_id_ = detail::link_free_ids(extra_, size_, first, &Extra::next_free);
+  return ok();
+}
+
+Result<void> PackedQueue::adopt_stale(std::uint16_t first, std::span<const std::uint16_t> ids) {
+  if (auto why = detail::adopt_stale_problem(in_flight() == 0, in_order_, size_, first, ids); !why.empty())
+    return Error(Errc::invalid_argument, name_, "adopt stale ids", why);
+  std::vector<bool> last(size_, false);
+  for (const std::uint16_t id : ids) last[id] = true;
+  free_id_ = detail::link_free_ids_last(extra_, size_, first, &Extra::next_free, last);
   return ok();
 }
 

@@ -291,7 +291,7 @@ Result<std::optional<Completion>> SplitQueue::poll() {
   num_free_ = static_cast<std::uint16_t>(num_free_ + x.chain_len);
   x.chain_len = 0;
   step_past_used_entry();
-  return std::optional<Completion>{Completion{x.token, len}};
+  return std::optional<Completion>{Completion{x.token, len, false, static_cast<std::uint16_t>(id)}};
 }
 
 // VIRTIO_F_IN_ORDER (2.7.9): the entry at last_used_ stands for every chain
@@ -359,8 +359,8 @@ Completion SplitQueue::take_oldest() noexcept {
   num_free_ = static_cast<std::uint16_t>(num_free_ + x.chain_len);
   x.chain_len = 0;
   --batch_left_;
-  if (batch_left_ == 0) return Completion{x.token, batch_len_};
-  return Completion{x.token, 0, true};
+  if (batch_left_ == 0) return Completion{x.token, batch_len_, false, oldest};
+  return Completion{x.token, 0, true, oldest};
 }
 
 bool SplitQueue::has_used() const noexcept {
@@ -494,7 +494,20 @@ Result<void> SplitQueue::start_ids_at(std::uint16_t first) {
   if (in_flight() > 0 || in_order_ || first >= size_)
     return Error(Errc::invalid_argument, name_, "start ids",
                  "needs an idle queue without in-order and an id below " + std::to_string(size_));
-  free_head_ = detail::link_free_ids(extra_, size_, first, &Extra::next);
+  // Ids still marked stale (reset_ring, adopt_stale) stay last.
+  free_head_ = detail::link_free_ids_last(extra_, size_, first, &Extra::next, stale_);
+  return ok();
+}
+
+Result<void> SplitQueue::adopt_stale(std::uint16_t first, std::span<const std::uint16_t> ids) {
+  if (auto why = detail::adopt_stale_problem(in_flight() == 0, in_order_, size_, first, ids); !why.empty())
+    return Error(Errc::invalid_argument, name_, "adopt stale ids", why);
+  for (const std::uint16_t id : ids)
+    if (!stale_[id]) {
+      stale_[id] = true;
+      ++stale_count_;
+    }
+  free_head_ = detail::link_free_ids_last(extra_, size_, first, &Extra::next, stale_);
   return ok();
 }
 

@@ -17,8 +17,9 @@
 # naming the device at its 1 s deadline, then a working persist once QEMU
 # answered the abandoned flush (the host finds that persist's data); and,
 # after a reset with a flush stuck in QEMU, that QEMU's late completion of it
-# is refused as "not in flight" instead of completing the new owner's flush;
-# and after recover() within one owner, it is dropped and the next flush works.
+# is dropped by the new owner (the queue's in-flight ledger names the old
+# owner's id) instead of completing the new owner's flush; and after
+# recover() within one owner, it is dropped and the next flush works.
 #   pmem_fsync_error_test.sh BIN_DIR FAILFS CONFORMANCE_BINARY   (exit 77: QEMU, kernel or FUSE missing)
 set -euo pipefail
 bin=$1

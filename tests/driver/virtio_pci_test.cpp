@@ -8,7 +8,9 @@
 #include <poll.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -473,6 +475,84 @@ TEST(Virtqueue, BufferOutsideDmaMemoryGivesNeedsReset) {
     expect_error((*vq)->wait(50ms), Errc::needs_reset, "wait for queue 0");
     EXPECT_EQ(dev.violations(), std::vector<std::string>{"descriptor address outside DMA memory"});
   }
+}
+
+// The in-flight ledger carries the ids an owner left in flight to the next
+// owner of the queue (another process after a crash, or after a request
+// abandoned at its deadline): the next owner hands them out last and drops
+// one late completion of each, so a device that completes the old request
+// after its reset never completes a new one with it.
+TEST(Virtqueue, InflightLedgerHandsTheIdsAnEarlierOwnerLeftOutLast) {
+  char tmpl[] = "/tmp/uvirtio-vq-ledger-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  std::vector<std::uint16_t> abandoned;
+  {
+    FakeVirtioDevice dev;
+    dev.faults.swallow = true;  // takes the requests, never completes them
+    auto t = open(dev);
+    t->set_inflight_dir(dir);
+    auto vq = Virtqueue::create(*t, 0, 8, CompletionMode::polling);
+    ASSERT_TRUE(vq.ok()) << vq.error().message();
+    ASSERT_NE((*vq)->ledger(), nullptr) << (*vq)->ledger_error();
+    ASSERT_TRUE(t->add_status(status::kDriverOk).ok());
+    auto buf = dev.function().dma().alloc(4096, 4096);
+    ASSERT_TRUE(buf.ok());
+    const rings::Buffer in{buf->iova, 16};
+    for (std::uint64_t k = 0; k < 7; ++k) {
+      auto id = (*vq)->submit({}, std::span(&in, 1), k);
+      ASSERT_TRUE(id.ok()) << id.error().message();
+      abandoned.push_back(*id);
+    }
+    expect_error((*vq)->wait(20ms), Errc::timeout, "wait for queue 0");
+  }  // the owner goes away with seven requests in flight
+  std::sort(abandoned.begin(), abandoned.end());
+  FakeVirtioDevice dev;
+  dev.set_handler([](std::uint16_t, std::span<const Segment> chain) -> std::uint32_t {
+    return chain.empty() ? 0 : chain.back().len;
+  });
+  auto t = open(dev);
+  t->set_inflight_dir(dir);
+  auto vq = Virtqueue::create(*t, 0, 8, CompletionMode::polling);
+  ASSERT_TRUE(vq.ok()) << vq.error().message();
+  const InflightLedger* ledger = (*vq)->ledger();
+  ASSERT_NE(ledger, nullptr) << (*vq)->ledger_error();
+  EXPECT_EQ(ledger->left_over(), abandoned);
+  ASSERT_TRUE(t->add_status(status::kDriverOk).ok());
+  auto buf = dev.function().dma().alloc(4096, 4096);
+  ASSERT_TRUE(buf.ok());
+  const rings::Buffer in{buf->iova, 16};
+  auto id = (*vq)->submit({}, std::span(&in, 1), 100);
+  ASSERT_TRUE(id.ok()) << id.error().message();
+  EXPECT_EQ(std::count(abandoned.begin(), abandoned.end(), *id), 0)
+      << "id " << *id << " of an abandoned request came first";
+  EXPECT_TRUE(ledger->marked(*id));
+  auto c = (*vq)->wait(1000ms);
+  ASSERT_TRUE(c.ok()) << c.error().message();
+  EXPECT_EQ(c->token, 100u);
+  EXPECT_EQ(c->id, *id);
+  EXPECT_FALSE(ledger->marked(*id)) << "a completed request stays in the ledger";
+  for (std::uint16_t a : abandoned) EXPECT_TRUE(ledger->marked(a)) << a;
+  std::filesystem::remove_all(dir);
+}
+
+// A ledger that cannot be opened leaves the queue working without one and
+// says why.
+TEST(Virtqueue, WithoutItsLedgerTheQueueWorksAndSaysWhy) {
+  FakeVirtioDevice dev;
+  auto t = open(dev);
+  t->set_inflight_dir("/proc/uvirtio-no-such-dir");
+  auto vq = Virtqueue::create(*t, 0, 8, CompletionMode::polling);
+  ASSERT_TRUE(vq.ok()) << vq.error().message();
+  EXPECT_EQ((*vq)->ledger(), nullptr);
+  EXPECT_NE((*vq)->ledger_error().find("open in-flight ledger"), std::string::npos) << (*vq)->ledger_error();
+  EXPECT_NE((*vq)->ledger_error().find(kBdf), std::string::npos) << (*vq)->ledger_error();
+  ASSERT_TRUE(t->add_status(status::kDriverOk).ok());
+  auto buf = dev.function().dma().alloc(4096, 4096);
+  ASSERT_TRUE(buf.ok());
+  const rings::Buffer in{buf->iova, 16};
+  ASSERT_TRUE((*vq)->submit({}, std::span(&in, 1), 1).ok());
+  EXPECT_TRUE((*vq)->wait(1000ms).ok());
 }
 
 // ------------------------------------------------------------------ bring_up

@@ -366,7 +366,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             CHECK(batch_of(id, 0, batch, positions));
             want = Completion{live[order.front()].token, batch == 1 ? len : 0, batch > 1};
           } else {
-            want = Completion{live[id].token, len};
+            want = Completion{live[id].token, len, false, id};
           }
           std::vector<std::uint8_t> before = all_areas();
           auto r = q.poll();
@@ -390,6 +390,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           CHECK(r.value().has_value());
           const Completion c = *r.value();
           CHECK(c.token == want->token && c.len == want->len && c.skipped == want->skipped);
+          CHECK(in_order || c.id == want->id);  // the buffer id
           if (in_order) {
             if (batch_left == 0) {  // the ring was read: skip the whole batch
               const std::uint32_t next = std::uint32_t{last_used} + positions;

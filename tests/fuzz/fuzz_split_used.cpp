@@ -237,7 +237,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                      len > live[static_cast<std::uint16_t>(id)].writable) {
             want_err = Errc::bad_device_data;
           } else {
-            want = Completion{live[static_cast<std::uint16_t>(id)].token, len};
+            want = Completion{live[static_cast<std::uint16_t>(id)].token, len, false,
+                              static_cast<std::uint16_t>(id)};
           }
           auto r = q.poll();
           if (want_err) {
@@ -255,6 +256,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           CHECK(r.value().has_value());
           const Completion c = *r.value();
           CHECK(c.token == want->token && c.len == want->len && c.skipped == want->skipped);
+          CHECK(in_order || c.id == want->id);  // the head that add() returned
           if (in_order) {
             if (batch_left == 0) {  // the ring was read: the batch's used entries are consumed
               last_used = static_cast<std::uint16_t>(last_used + batch);

@@ -227,6 +227,56 @@ TEST(PackedDevice, ResetRingWithRequestsInFlightThenServeAgain) {
   EXPECT_FALSE(dev.broken());
 }
 
+// Ids an earlier owner left in flight come last on a fresh packed queue, so
+// a late completion naming one breaks the ring ("not in flight") instead of
+// completing a new request; completions carry the buffer id.
+TEST(PackedDevice, AdoptedStaleIdsComeLastAndTheirLateCompletionIsRefused) {
+  Mem m(4);
+  auto drv = m.driver().value();
+  const std::uint16_t stale[] = {0, 2};
+  const std::uint16_t too_big[] = {4};
+  EXPECT_EQ(drv.adopt_stale(0, too_big).error().code(), Errc::invalid_argument);
+  EXPECT_EQ(drv.adopt_stale(4, stale).error().code(), Errc::invalid_argument);
+  ASSERT_TRUE(drv.adopt_stale(0, stale).ok());
+  const Buffer in[] = {{m.bus(0), 8}};
+  auto id = drv.add({}, in, 7);
+  ASSERT_TRUE(id.ok());
+  EXPECT_EQ(*id, 1);
+  EXPECT_EQ(drv.adopt_stale(0, stale).error().code(), Errc::invalid_argument) << "a request is in flight";
+  drv.publish();
+  {
+    auto dev = m.device().value();
+    auto r = dev.pop().value();
+    ASSERT_TRUE(r.has_value());
+    ASSERT_TRUE(dev.push(r->head, 8).ok());
+  }
+  auto c = drv.poll();
+  ASSERT_TRUE(c.ok() && c->has_value());
+  EXPECT_EQ((*c)->id, 1);
+  EXPECT_EQ((*c)->token, 7u);
+  std::vector<std::uint16_t> order;
+  for (std::uint64_t t = 0; t < 4; ++t) order.push_back(*drv.add({}, in, t));
+  EXPECT_EQ(order, (std::vector<std::uint16_t>{1, 3, 0, 2}));
+
+  // The earlier owner's completion of id 2, where the device writes its
+  // next used descriptor, before id 2 is handed out again.
+  Mem n(4);
+  auto fresh = n.driver().value();
+  const std::uint16_t two[] = {2};
+  ASSERT_TRUE(fresh.adopt_stale(2, two).ok());
+  const Buffer in_n[] = {{n.bus(0), 8}};
+  ASSERT_EQ(*fresh.add({}, in_n, 9), 3);
+  fresh.publish();
+  n.ring()[0].id.set(2);
+  n.ring()[0].len.set(8);
+  n.ring()[0].flags.set(VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED);
+  auto late = fresh.poll();
+  ASSERT_FALSE(late.ok()) << "the stale completion was taken for request 9";
+  EXPECT_EQ(late.error().code(), Errc::bad_device_data);
+  EXPECT_NE(late.error().message().find("used id 2 not in flight"), std::string::npos)
+      << late.error().message();
+}
+
 TEST(PackedDevice, UsedDescriptorHasBothWrapBitsAndWriteOnlyWithWritableBuffers) {
   Mem m(2);
   auto drv = m.driver().value();

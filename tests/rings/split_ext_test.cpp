@@ -859,6 +859,76 @@ TEST(SplitOutstanding, StaleCompletionAfterResetIsNotTakenForANewRequest) {
   EXPECT_EQ(*q->add({}, in, 6), 0);
 }
 
+// Ids an earlier owner of the queue left in flight (Virtqueue reads them from
+// its in-flight ledger): a fresh queue hands them out after every other id,
+// and drops one late completion of each, like reset_ring(). Completions
+// carry the head id that add() returned.
+TEST(SplitOutstanding, AdoptedStaleIdsComeLastAndOneLateCompletionOfEachIsDropped) {
+  Arena a(8);
+  auto q = a.driver();
+  ASSERT_TRUE(q.ok());
+  const std::uint16_t stale[] = {3, 5};
+  EXPECT_EQ(q->adopt_stale(8, stale).error().code(), Errc::invalid_argument) << "first id out of range";
+  const std::uint16_t too_big[] = {8};
+  EXPECT_EQ(q->adopt_stale(0, too_big).error().code(), Errc::invalid_argument) << "id out of range";
+  ASSERT_TRUE(q->adopt_stale(2, stale).ok());
+  const Buffer in[] = {{kBus + a.lay.data, 4}};
+  std::vector<std::uint16_t> order;
+  for (std::uint64_t t = 0; t < 8; ++t) {
+    auto id = q->add({}, in, t);
+    ASSERT_TRUE(id.ok()) << id.error().message();
+    order.push_back(*id);
+  }
+  EXPECT_EQ(order, (std::vector<std::uint16_t>{2, 4, 6, 7, 0, 1, 3, 5}));
+  EXPECT_EQ(q->adopt_stale(0, stale).error().code(), Errc::invalid_argument) << "requests in flight";
+  q->publish();
+  // Handing 3 and 5 out again ended their marks: their used entries now
+  // complete the new requests.
+  auto used_entry = [&](std::uint16_t slot, std::uint32_t id) {
+    test::store32(a.used() + 4 + 8 * slot, id);
+    test::store32(a.used() + 8 + 8 * slot, 4);
+    store16(a.used() + 2, static_cast<std::uint16_t>(slot + 1));
+  };
+  used_entry(0, 3);
+  auto c = q->poll();
+  ASSERT_TRUE(c.ok() && c->has_value()) << (c.ok() ? "nothing" : c.error().message());
+  EXPECT_EQ((**c).token, 6u);
+  EXPECT_EQ((**c).id, 3);
+  EXPECT_EQ(q->stale_dropped(), 0u);
+
+  // A fresh queue whose earlier owner had id 1 in flight: its late
+  // completion is dropped once, then the new request's own arrives.
+  Arena b(4);
+  auto r = b.driver();
+  ASSERT_TRUE(r.ok());
+  const std::uint16_t one[] = {1};
+  ASSERT_TRUE(r->adopt_stale(1, one).ok());
+  const Buffer in_b[] = {{kBus + b.lay.data, 4}};
+  auto head = r->add({}, in_b, 42);
+  ASSERT_TRUE(head.ok());
+  EXPECT_EQ(*head, 2) << "the stale id came first";
+  r->publish();
+  auto used_b = [&](std::uint16_t slot, std::uint32_t id) {
+    test::store32(b.used() + 4 + 8 * slot, id);
+    test::store32(b.used() + 8 + 8 * slot, 4);
+    store16(b.used() + 2, static_cast<std::uint16_t>(slot + 1));
+  };
+  used_b(0, 1);
+  c = r->poll();
+  ASSERT_TRUE(c.ok()) << c.error().message();
+  EXPECT_FALSE(c->has_value()) << "the earlier owner's completion was taken for request " << (**c).token;
+  EXPECT_EQ(r->stale_dropped(), 1u);
+  used_b(1, 2);
+  c = r->poll();
+  ASSERT_TRUE(c.ok() && c->has_value()) << (c.ok() ? "nothing" : c.error().message());
+  EXPECT_EQ((**c).token, 42u);
+  EXPECT_EQ((**c).id, 2);
+  used_b(2, 1);  // not twice
+  c = r->poll();
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.error().message().find("used id 1 not in flight"), std::string::npos) << c.error().message();
+}
+
 // A stale mark ends when its id is handed out again: the used entry then
 // belongs to the new chain.
 TEST(SplitOutstanding, StaleMarkEndsWhenTheIdIsHandedOutAgain) {

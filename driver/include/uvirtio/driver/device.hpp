@@ -27,6 +27,10 @@ struct OpenOptions {
   // and in-order descriptors. Clear bits to force the simpler forms.
   FeatureSet ring_features =
       FeatureSet::of({feature::kRingPacked, feature::kEventIdx, feature::kIndirectDesc, feature::kInOrder});
+  // Directory of the queues' in-flight ledgers (InflightLedger: a device
+  // that completes an earlier owner's request after a reset never completes
+  // one of ours with it). Empty: no ledger. Used by open_device() only.
+  std::string inflight_dir = "/run/uvirtio";
 };
 
 // A function, its transport and its negotiated features. Owns the VFIO device.

@@ -77,8 +77,17 @@ class Transport {
   Result<void> check_not_known_broken(const std::string& op) const;
   bool needs_reset_seen() const noexcept { return needs_reset_seen_; }
 
+  // Where Virtqueue keeps the in-flight ledgers of this device's queues
+  // (InflightLedger); empty: none. open_device() sets it from
+  // OpenOptions::inflight_dir.
+  void set_inflight_dir(std::string dir) { inflight_dir_ = std::move(dir); }
+  const std::string& inflight_dir() const noexcept { return inflight_dir_; }
+
  protected:
   bool needs_reset_seen_ = false;  // cleared by a successful reset()
+
+ private:
+  std::string inflight_dir_;
 };
 
 }  // namespace uvirtio::driver

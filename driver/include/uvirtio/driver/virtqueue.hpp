@@ -18,6 +18,7 @@
 #include <span>
 #include <vector>
 
+#include "uvirtio/driver/inflight_ledger.hpp"
 #include "uvirtio/driver/transport.hpp"
 #include "uvirtio/rings/ring.hpp"
 
@@ -77,7 +78,18 @@ class Virtqueue {
   void set_spin_while(std::function<bool()> keep_spinning) { spin_while_ = std::move(keep_spinning); }
   std::uint64_t config_interrupts() const { return config_interrupts_; }
 
+  // The queue's in-flight ledger (when the transport names a directory and
+  // the ring is not in-order), else null; ledger_error() then says why not
+  // when opening it failed (the queue works without it).
+  const InflightLedger* ledger() const { return ledger_ ? &*ledger_ : nullptr; }
+  const std::string& ledger_error() const { return ledger_error_; }
+
  private:
+  // A completion taken off the ring: its id is no longer in flight.
+  void completed(const rings::Completion& c) noexcept {
+    if (ledger_) ledger_->clear(c.id);
+  }
+
   Virtqueue(Transport& t, std::uint16_t index, rings::Ring ring, CompletionMode mode, QueueAddresses addr)
       : t_(t), index_(index), ring_(std::move(ring)), mode_(mode), addr_(addr) {}
   // Waits up to timeout_ms for the queue's eventfd; on a signal, counts it and
@@ -95,6 +107,8 @@ class Virtqueue {
   std::function<bool()> spin_while_;
   std::uint64_t config_interrupts_ = 0;
   bool indirect_ = false;
+  std::optional<InflightLedger> ledger_;
+  std::string ledger_error_;
 };
 
 }  // namespace uvirtio::driver

@@ -254,6 +254,13 @@ class PackedQueue {
   Result<void> reset_ring();
   // Idle queue, not in-order: buffer ids are handed out from `first` on.
   Result<void> start_ids_at(std::uint16_t first);
+  // Idle queue, not in-order: an earlier owner of the queue had the buffer
+  // ids `ids` in flight when the device was reset. Hands ids out from
+  // `first` on with those last. A late completion naming one of them still
+  // breaks the ring (it sits at a ring position the device will also use
+  // for our next chain, so it cannot be skipped), but it is never taken for
+  // a new request. invalid_argument as SplitQueue::adopt_stale().
+  Result<void> adopt_stale(std::uint16_t first, std::span<const std::uint16_t> ids);
 
   // One read of the flags word the device last wrote in its event
   // suppression area (diagnostics and conformance checks: whether the device

@@ -67,6 +67,10 @@ class Ring {
   Result<void> start_ids_at(std::uint16_t first) {
     return std::visit([first](auto& q) { return q.start_ids_at(first); }, q_);
   }
+  // Ids an earlier owner left in flight: see SplitQueue/PackedQueue::adopt_stale().
+  Result<void> adopt_stale(std::uint16_t first, std::span<const std::uint16_t> ids) {
+    return std::visit([&](auto& q) { return q.adopt_stale(first, ids); }, q_);
+  }
   // After a device or queue reset: see SplitQueue/PackedQueue::reset_ring().
   Result<void> reset_ring() {
     return std::visit([](auto& q) { return q.reset_ring(); }, q_);

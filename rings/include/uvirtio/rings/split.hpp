@@ -115,6 +115,9 @@ struct Completion {
   // 2.7.9 / 2.8.9 say the buffer is "assumed to have been used completely":
   // trusting that is the caller's call (see SplitQueue, PackedQueue).
   bool skipped = false;
+  // The chain's id: SplitQueue's head descriptor index, PackedQueue's buffer
+  // id (what add() returned for it).
+  std::uint16_t id = 0;
 };
 
 // The checks every ring's add() makes on a chain before touching memory: not
@@ -245,8 +248,15 @@ class SplitQueue {
   Result<void> reset_ring();
   // Idle queue, not in-order: descriptor ids are handed out from `first`
   // on (wrapping), e.g. a random start so a device's late completion from an
-  // earlier owner of the queue cannot match this one's first request.
+  // earlier owner of the queue cannot match this one's first request. Ids
+  // marked stale (reset_ring, adopt_stale) still come after all others.
   Result<void> start_ids_at(std::uint16_t first);
+  // Idle queue, not in-order: an earlier owner of the queue (another
+  // process, before the device was reset) had the descriptor ids `ids` in
+  // flight. Hands ids out from `first` on with those last, and drops one late
+  // completion of each, as after reset_ring(). invalid_argument for a busy
+  // or in-order queue, or an id or `first` not below the size.
+  Result<void> adopt_stale(std::uint16_t first, std::span<const std::uint16_t> ids);
   // Used entries dropped because they completed a chain that was in flight
   // at the last reset_ring() (each such id once, until it is handed out
   // again; any other id not in flight is still an error).
