@@ -5,7 +5,9 @@
 //     and one read per direction) and streaming (one write per message, the
 //     receiver reading 64 KiB at a time);
 //   - the bare SPSC ring of 64-byte slots between two threads (ceiling) and
-//     the cache-line round trip (floor), from bench_common.hpp.
+//     the cache-line round trip (floor), from bench_common.hpp;
+//   - the wake-up alone: two processes ping-ponging on blocking eventfds
+//     (no data), what any sleeping round trip pays here.
 // Channel figures:
 //   - streaming: messages of --size bytes, producer and consumer polling,
 //     both publishing their index once per --batch messages;
@@ -24,6 +26,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sched.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -457,6 +460,68 @@ Result<RoundTripResult> socket_pingpong(const std::string& kind, std::size_t siz
   return r;
 }
 
+// The wake-up alone: a ping-pong of two blocking eventfds between two
+// processes, no data and no channel. What a sleeping round trip cannot get
+// below on this machine, whatever carries the data.
+Result<RoundTripResult> eventfd_pingpong(double seconds) {
+  const char* what = "eventfd ping-pong";
+  const int ping = ::eventfd(0, EFD_CLOEXEC), pong = ::eventfd(0, EFD_CLOEXEC);
+  if (ping < 0 || pong < 0) {
+    const int e = errno;
+    if (ping >= 0) ::close(ping);
+    if (pong >= 0) ::close(pong);
+    return Error::from_errno(e, what, "set up", "eventfd");
+  }
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    for (;;) {
+      std::uint64_t v = 0;
+      if (::read(ping, &v, sizeof v) != sizeof v || v != 1) _exit(0);  // 2: stop
+      const std::uint64_t one = 1;
+      if (::write(pong, &one, sizeof one) != sizeof one) _exit(1);
+    }
+  }
+  auto signal_and_wait = [&](std::uint64_t v) {
+    std::uint64_t got = 0;
+    return ::write(ping, &v, sizeof v) == sizeof v &&
+           (v != 1 || ::read(pong, &got, sizeof got) == sizeof got);
+  };
+  Result<RoundTripResult> out = Error(Errc::io, what, "ping-pong", "fork failed");
+  if (pid > 0) {
+    std::vector<double> samples;
+    bool okay = true;
+    for (int i = 0; i < 100 && okay; ++i) okay = signal_and_wait(1);
+    const auto start = Clock::now();
+    const auto until =
+        start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+    while (okay && Clock::now() < until) {
+      const auto t0 = Clock::now();
+      okay = signal_and_wait(1);
+      samples.push_back(std::chrono::duration<double, std::nano>(Clock::now() - t0).count());
+    }
+    if (okay && !samples.empty()) {
+      RoundTripResult r;
+      r.trips = samples.size();
+      r.mean_ns = std::chrono::duration<double, std::nano>(Clock::now() - start).count() /
+                  static_cast<double>(r.trips);
+      std::sort(samples.begin(), samples.end());
+      r.p50_ns = samples[samples.size() / 2];
+      r.p99_ns = samples[std::min(samples.size() - 1, samples.size() * 99 / 100)];
+      out = r;
+    } else {
+      out = Error::from_errno(errno, what, "ping-pong", "write/read");
+    }
+    signal_and_wait(2);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+  } else {
+    out = Error::from_errno(errno, what, "set up", "fork");
+  }
+  ::close(ping);
+  ::close(pong);
+  return out;
+}
+
 // One write per message; the receiver reads 64 KiB at a time and answers
 // the byte count when we shut our side down.
 Result<StreamResult> socket_stream(const std::string& kind, std::size_t size, double seconds) {
@@ -724,6 +789,9 @@ int bench_channel(const std::vector<std::string>& args) {
       r[std::string(key) + "_p50_ns"] = rt->p50_ns;
       r[std::string(key) + "_p99_ns"] = rt->p99_ns;
     }
+    auto wake = eventfd_pingpong(seconds);
+    if (!wake) return fail(wake.error());
+    r["eventfd_rt_ns"] = wake->mean_ns;
     for (auto [kind, key] : {std::pair{"unix socket", "unix_socket"}, std::pair{"tcp loopback", "tcp"}}) {
       auto rt = socket_pingpong(kind, size, seconds);
       if (!rt) return fail(rt.error());
@@ -744,6 +812,10 @@ int bench_channel(const std::vector<std::string>& args) {
         r["channel_rt_polling_ns"].get<double>() / r["cache_line_round_trip_ns"].get<double>();
     r["blocking_rt_vs_unix_socket"] =
         r["channel_rt_doorbell_ns"].get<double>() / r["unix_socket_rt_ns"].get<double>();
+    // How much of the sleeping round trip is the wake-up itself.
+    r["blocking_rt_vs_eventfd"] =
+        r["channel_rt_doorbell_ns"].get<double>() / r["eventfd_rt_ns"].get<double>();
+    r["eventfd_rt_vs_unix_socket"] = r["eventfd_rt_ns"].get<double>() / r["unix_socket_rt_ns"].get<double>();
     r["blocking_rt_vs_unix_socket_one_cpu"] =
         r["channel_rt_doorbell_one_cpu_ns"].get<double>() / r["unix_socket_rt_one_cpu_ns"].get<double>();
     for (auto it = r.begin(); it != r.end(); ++it) m[it.key()].push_back(it.value().get<double>());
@@ -794,6 +866,10 @@ int bench_channel(const std::vector<std::string>& args) {
       "    doorbell RT / unix socket RT  %6.2f (goal < 1; both processes where the scheduler puts them)\n",
       r_bell);
   std::printf("    the same on one CPU           %6.2f (no cross-vCPU wake-up in either)\n", r_bell1);
+  std::printf(
+      "    doorbell RT / bare eventfd RT %6.2f, bare eventfd RT / unix socket RT %.2f (the wake-up alone: "
+      "%.0f ns)\n",
+      g("blocking_rt_vs_eventfd"), g("eventfd_rt_vs_unix_socket"), g("eventfd_rt_ns"));
   return 0;
 }
 
