@@ -122,6 +122,17 @@ struct RoundTripResult {
   double p99_ns = 0;
 };
 
+// Mean over `total_ns`, p50 and p99 of per-trip samples (at least one).
+RoundTripResult summarize(std::vector<double> samples, double total_ns) {
+  RoundTripResult r;
+  r.trips = samples.size();
+  r.mean_ns = total_ns / static_cast<double>(samples.size());
+  std::sort(samples.begin(), samples.end());
+  r.p50_ns = samples[samples.size() / 2];
+  r.p99_ns = samples[std::min(samples.size() - 1, samples.size() * 99 / 100)];
+  return r;
+}
+
 std::array<std::byte, kCmd> command(std::byte tag, Wake wake = Wake::poll, std::uint32_t size = 0,
                                     std::uint64_t value = 0) {
   std::array<std::byte, kCmd> c{};
@@ -329,6 +340,7 @@ namespace {
 
 using chanbench::RoundTripResult;
 using chanbench::StreamResult;
+using chanbench::summarize;
 using Clock = BenchClock;
 
 // ---- socket baselines ----
@@ -450,14 +462,8 @@ Result<RoundTripResult> socket_pingpong(const std::string& kind, std::size_t siz
     if (!trip()) return Error::from_errno(errno, kind, "ping-pong", "write/read");
     samples.push_back(std::chrono::duration<double, std::nano>(Clock::now() - t0).count());
   }
-  const double ns = std::chrono::duration<double, std::nano>(Clock::now() - start).count();
-  RoundTripResult r;
-  r.trips = samples.size();
-  r.mean_ns = ns / static_cast<double>(samples.size());
-  std::sort(samples.begin(), samples.end());
-  r.p50_ns = samples[samples.size() / 2];
-  r.p99_ns = samples[std::min(samples.size() - 1, samples.size() * 99 / 100)];
-  return r;
+  return summarize(std::move(samples),
+                   std::chrono::duration<double, std::nano>(Clock::now() - start).count());
 }
 
 // The wake-up alone: a ping-pong of two blocking eventfds between two
@@ -465,61 +471,45 @@ Result<RoundTripResult> socket_pingpong(const std::string& kind, std::size_t siz
 // below on this machine, whatever carries the data.
 Result<RoundTripResult> eventfd_pingpong(double seconds) {
   const char* what = "eventfd ping-pong";
-  const int ping = ::eventfd(0, EFD_CLOEXEC), pong = ::eventfd(0, EFD_CLOEXEC);
-  if (ping < 0 || pong < 0) {
-    const int e = errno;
-    if (ping >= 0) ::close(ping);
-    if (pong >= 0) ::close(pong);
-    return Error::from_errno(e, what, "set up", "eventfd");
-  }
+  const int ping_fd = ::eventfd(0, EFD_CLOEXEC);
+  if (ping_fd < 0) return Error::from_errno(errno, what, "set up", "eventfd");
+  const pci::Fd ping(pci::Os::system(), ping_fd);
+  const int pong_fd = ::eventfd(0, EFD_CLOEXEC);
+  if (pong_fd < 0) return Error::from_errno(errno, what, "set up", "eventfd");
+  const pci::Fd pong(pci::Os::system(), pong_fd);
   const pid_t pid = ::fork();
+  if (pid < 0) return Error::from_errno(errno, what, "set up", "fork");
   if (pid == 0) {
     for (;;) {
       std::uint64_t v = 0;
-      if (::read(ping, &v, sizeof v) != sizeof v || v != 1) _exit(0);  // 2: stop
+      if (::read(ping_fd, &v, sizeof v) != sizeof v || v != 1) _exit(0);  // 2: stop
       const std::uint64_t one = 1;
-      if (::write(pong, &one, sizeof one) != sizeof one) _exit(1);
+      if (::write(pong_fd, &one, sizeof one) != sizeof one) _exit(1);
     }
   }
   auto signal_and_wait = [&](std::uint64_t v) {
     std::uint64_t got = 0;
-    return ::write(ping, &v, sizeof v) == sizeof v &&
-           (v != 1 || ::read(pong, &got, sizeof got) == sizeof got);
+    return ::write(ping_fd, &v, sizeof v) == sizeof v &&
+           (v != 1 || ::read(pong_fd, &got, sizeof got) == sizeof got);
   };
-  Result<RoundTripResult> out = Error(Errc::io, what, "ping-pong", "fork failed");
-  if (pid > 0) {
-    std::vector<double> samples;
-    bool okay = true;
-    for (int i = 0; i < 100 && okay; ++i) okay = signal_and_wait(1);
-    const auto start = Clock::now();
-    const auto until =
-        start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
-    while (okay && Clock::now() < until) {
-      const auto t0 = Clock::now();
-      okay = signal_and_wait(1);
-      samples.push_back(std::chrono::duration<double, std::nano>(Clock::now() - t0).count());
-    }
-    if (okay && !samples.empty()) {
-      RoundTripResult r;
-      r.trips = samples.size();
-      r.mean_ns = std::chrono::duration<double, std::nano>(Clock::now() - start).count() /
-                  static_cast<double>(r.trips);
-      std::sort(samples.begin(), samples.end());
-      r.p50_ns = samples[samples.size() / 2];
-      r.p99_ns = samples[std::min(samples.size() - 1, samples.size() * 99 / 100)];
-      out = r;
-    } else {
-      out = Error::from_errno(errno, what, "ping-pong", "write/read");
-    }
-    signal_and_wait(2);
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-  } else {
-    out = Error::from_errno(errno, what, "set up", "fork");
+  std::vector<double> samples;
+  bool okay = true;
+  for (int i = 0; i < 100 && okay; ++i) okay = signal_and_wait(1);
+  const auto start = Clock::now();
+  const auto until =
+      start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  while (okay && Clock::now() < until) {
+    const auto t0 = Clock::now();
+    okay = signal_and_wait(1);
+    samples.push_back(std::chrono::duration<double, std::nano>(Clock::now() - t0).count());
   }
-  ::close(ping);
-  ::close(pong);
-  return out;
+  const int e = errno;
+  const double ns = std::chrono::duration<double, std::nano>(Clock::now() - start).count();
+  signal_and_wait(2);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  if (!okay || samples.empty()) return Error::from_errno(e, what, "ping-pong", "write/read");
+  return summarize(std::move(samples), ns);
 }
 
 // One write per message; the receiver reads 64 KiB at a time and answers

@@ -11,7 +11,6 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <utility>
 
 #include "uvirtio/base/le.hpp"
 
@@ -30,8 +29,9 @@ struct Header {
 };
 static_assert(sizeof(Header) == InflightLedger::kHeaderBytes);
 
-// Why `h` and the bitmap after it are not a ledger of this queue; empty when
-// they are. Reads the file's bytes once each.
+// Why a file of `file_bytes` bytes starting with `p` (header and bitmap) is
+// not a ledger of this queue; empty when it is, with its marked ids in `ids`.
+// Reads the bytes only when the size is right, each once.
 std::string check(const std::uint8_t* p, std::size_t file_bytes, std::size_t want_bytes, std::uint16_t size,
                   std::uint16_t queue, std::vector<std::uint16_t>& ids) {
   if (file_bytes != want_bytes)
@@ -77,71 +77,51 @@ Result<InflightLedger> InflightLedger::open(const std::string& dir, const std::s
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) return Error(Errc::io, device, op, "create " + dir + ": " + ec.message());
-  l.fd_ = ::open(l.path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-  if (l.fd_ < 0) return Error::from_errno(errno, device, op, l.path_);
-  if (::flock(l.fd_, LOCK_EX | LOCK_NB) != 0) {
+  const int fd = ::open(l.path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd < 0) return Error::from_errno(errno, device, op, l.path_);
+  l.fd_ = pci::Fd(pci::Os::system(), fd);
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     if (errno == EWOULDBLOCK)
       return Error(Errc::busy, device, op, l.path_ + " is held by another owner of the queue");
     return Error::from_errno(errno, device, op, "lock " + l.path_);
   }
   struct stat st {};
-  if (::fstat(l.fd_, &st) != 0) return Error::from_errno(errno, device, op, "stat " + l.path_);
+  if (::fstat(fd, &st) != 0) return Error::from_errno(errno, device, op, "stat " + l.path_);
   if (!S_ISREG(st.st_mode))
     return Error(Errc::invalid_argument, device, op, l.path_ + " is not a regular file");
-  l.bytes_ = file_bytes(size);
+  const std::size_t bytes = file_bytes(size);
   const auto had = static_cast<std::size_t>(st.st_size);
   if (had != 0) {
     // What an earlier owner left, read through pread so a short or long file
     // is judged by its real size, not by the mapping.
-    std::vector<std::uint8_t> old(std::min(had, l.bytes_));
-    const ssize_t n = ::pread(l.fd_, old.data(), old.size(), 0);
+    std::vector<std::uint8_t> old(std::min(had, bytes));
+    const ssize_t n = ::pread(fd, old.data(), old.size(), 0);
     if (n < 0) return Error::from_errno(errno, device, op, "read " + l.path_);
-    l.discarded_ = had == l.bytes_ && static_cast<std::size_t>(n) == old.size()
-                       ? check(old.data(), had, l.bytes_, size, queue, l.left_over_)
-                       : "size " + std::to_string(had) + " bytes, not " + std::to_string(l.bytes_);
+    const std::size_t seen = static_cast<std::size_t>(n) < old.size() ? static_cast<std::size_t>(n) : had;
+    l.discarded_ = check(old.data(), seen, bytes, size, queue, l.left_over_);
   }
   const bool fresh = had == 0 || !l.discarded_.empty();
-  if (fresh && ::ftruncate(l.fd_, 0) != 0) return Error::from_errno(errno, device, op, "truncate " + l.path_);
-  if (::ftruncate(l.fd_, static_cast<off_t>(l.bytes_)) != 0)
+  if (fresh && ::ftruncate(fd, 0) != 0) return Error::from_errno(errno, device, op, "truncate " + l.path_);
+  if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0)
     return Error::from_errno(errno, device, op, "size " + l.path_);
-  void* m = ::mmap(nullptr, l.bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, l.fd_, 0);
+  void* m = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (m == MAP_FAILED) return Error::from_errno(errno, device, op, "map " + l.path_);
-  l.map_ = m;
+  l.map_ = std::unique_ptr<void, Unmap>(m, Unmap{bytes});
   if (fresh) {
     Header h{};
     std::memcpy(h.magic, kMagic, sizeof kMagic);
     h.version.set(kVersion);
     h.queue_size.set(size);
     h.queue_index.set(queue);
-    std::memcpy(l.map_, &h, sizeof h);
+    std::memcpy(m, &h, sizeof h);
   }
   return l;
 }
 
-InflightLedger::InflightLedger(InflightLedger&& o) noexcept
-    : fd_(std::exchange(o.fd_, -1)),
-      map_(std::exchange(o.map_, nullptr)),
-      bytes_(o.bytes_),
-      size_(o.size_),
-      path_(std::move(o.path_)),
-      left_over_(std::move(o.left_over_)),
-      discarded_(std::move(o.discarded_)) {}
-
-InflightLedger& InflightLedger::operator=(InflightLedger&& o) noexcept {
-  if (this != &o) {
-    this->~InflightLedger();
-    new (this) InflightLedger(std::move(o));
-  }
-  return *this;
-}
-
-InflightLedger::~InflightLedger() {
-  if (map_ != nullptr) ::munmap(map_, bytes_);
-  if (fd_ >= 0) ::close(fd_);  // drops the lock; the file stays for the next owner
-}
+void InflightLedger::Unmap::operator()(void* p) const noexcept { ::munmap(p, bytes); }
 
 std::uint64_t* InflightLedger::words() const noexcept {
-  return reinterpret_cast<std::uint64_t*>(static_cast<std::uint8_t*>(map_) + kHeaderBytes);
+  return reinterpret_cast<std::uint64_t*>(static_cast<std::uint8_t*>(map_.get()) + kHeaderBytes);
 }
 
 // One word per update: whatever moment the process dies at, the file holds

@@ -20,19 +20,6 @@ std::uint16_t after_ids_in_flight(const std::vector<Extra>& extra, std::uint16_t
   return static_cast<std::uint16_t>(after % size);
 }
 
-// Links every id free, in the order first .. size-1, 0 .. first-1 (size
-// ends the list); returns the list's head (first). first < size.
-template <class Extra, class Link>
-std::uint16_t link_free_ids(std::vector<Extra>& extra, std::uint16_t size, std::uint16_t first,
-                            Link Extra::*next) {
-  for (std::uint16_t i = 0; i < size; ++i) extra[i].*next = static_cast<Link>(i + 1);
-  if (first != 0) {
-    extra[size - 1].*next = 0;
-    extra[first - 1].*next = size;
-  }
-  return first;
-}
-
 // Links every id free, from `first` on (wrapping), except that the ids
 // marked in `last` come after all the others; returns the list's head.
 // first < size == last.size().
@@ -56,9 +43,9 @@ std::uint16_t link_free_ids_last(std::vector<Extra>& extra, std::uint16_t size, 
   return head;
 }
 
-// The checks of adopt_stale() on both rings; empty when fine.
-inline std::string adopt_stale_problem(bool idle, bool in_order, std::uint16_t size, std::uint16_t first,
-                                       std::span<const std::uint16_t> ids) {
+// The checks of start_ids_at() and adopt_stale() on both rings; empty when fine.
+inline std::string relink_problem(bool idle, bool in_order, std::uint16_t size, std::uint16_t first,
+                                  std::span<const std::uint16_t> ids) {
   if (!idle || in_order || first >= size)
     return "needs an idle queue without in-order and a first id below " + std::to_string(size);
   for (const std::uint16_t id : ids)

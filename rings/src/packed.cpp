@@ -381,17 +381,16 @@ Result<void> PackedQueue::reset_ring() {
   return start_ids_at(after);
 }
 
-Result<void> PackedQueue::start_ids_at(std::uint16_t first) {
-  if (in_flight() > 0 || in_order_ || first >= size_)
-    return Error(Errc::invalid_argument, name_, "start ids",
-                 "needs an idle queue without in-order and an id below " + std::to_string(size_));
-  free_id_ = detail::link_free_ids(extra_, size_, first, &Extra::next_free);
-  return ok();
-}
+Result<void> PackedQueue::start_ids_at(std::uint16_t first) { return relink_ids("start ids", first, {}); }
 
 Result<void> PackedQueue::adopt_stale(std::uint16_t first, std::span<const std::uint16_t> ids) {
-  if (auto why = detail::adopt_stale_problem(in_flight() == 0, in_order_, size_, first, ids); !why.empty())
-    return Error(Errc::invalid_argument, name_, "adopt stale ids", why);
+  return relink_ids("adopt stale ids", first, ids);
+}
+
+Result<void> PackedQueue::relink_ids(const char* op, std::uint16_t first,
+                                     std::span<const std::uint16_t> ids) {
+  if (auto why = detail::relink_problem(in_flight() == 0, in_order_, size_, first, ids); !why.empty())
+    return Error(Errc::invalid_argument, name_, op, why);
   std::vector<bool> last(size_, false);
   for (const std::uint16_t id : ids) last[id] = true;
   free_id_ = detail::link_free_ids_last(extra_, size_, first, &Extra::next_free, last);

@@ -490,18 +490,16 @@ Result<std::optional<Completion>> SplitQueue::drop_stale(std::uint16_t id) {
   return poll();  // the entries after it, if any (bounded: one per stale head)
 }
 
-Result<void> SplitQueue::start_ids_at(std::uint16_t first) {
-  if (in_flight() > 0 || in_order_ || first >= size_)
-    return Error(Errc::invalid_argument, name_, "start ids",
-                 "needs an idle queue without in-order and an id below " + std::to_string(size_));
-  // Ids still marked stale (reset_ring, adopt_stale) stay last.
-  free_head_ = detail::link_free_ids_last(extra_, size_, first, &Extra::next, stale_);
-  return ok();
-}
+Result<void> SplitQueue::start_ids_at(std::uint16_t first) { return relink_ids("start ids", first, {}); }
 
 Result<void> SplitQueue::adopt_stale(std::uint16_t first, std::span<const std::uint16_t> ids) {
-  if (auto why = detail::adopt_stale_problem(in_flight() == 0, in_order_, size_, first, ids); !why.empty())
-    return Error(Errc::invalid_argument, name_, "adopt stale ids", why);
+  return relink_ids("adopt stale ids", first, ids);
+}
+
+Result<void> SplitQueue::relink_ids(const char* op, std::uint16_t first, std::span<const std::uint16_t> ids) {
+  if (auto why = detail::relink_problem(in_flight() == 0, in_order_, size_, first, ids); !why.empty())
+    return Error(Errc::invalid_argument, name_, op, why);
+  // `ids` and those still marked stale (reset_ring) go last.
   for (const std::uint16_t id : ids)
     if (!stale_[id]) {
       stale_[id] = true;

@@ -89,6 +89,13 @@ struct Arena {
   void set_avail_event(std::uint16_t v) const { store16(used() + SplitLayout::avail_event_offset(size), v); }
   std::uint16_t avail_flags() const { return load16(avail()); }
   std::uint16_t used_flags() const { return load16(used()); }
+  // As the device: used entry `slot` says (id, len), and the used index
+  // covers it.
+  void put_used(std::uint16_t slot, std::uint32_t id, std::uint32_t len) const {
+    test::store32(used() + 4 + 8 * slot, id);
+    test::store32(used() + 8 + 8 * slot, len);
+    store16(used() + 2, static_cast<std::uint16_t>(slot + 1));
+  }
 
   std::uint16_t size;
   Layout lay;
@@ -827,21 +834,16 @@ TEST(SplitOutstanding, StaleCompletionAfterResetIsNotTakenForANewRequest) {
   ASSERT_TRUE(head.ok());
   EXPECT_NE(*head, 0) << "the head of the dropped request came back first";
   q->publish();
-  auto used_entry = [&](std::uint16_t slot, std::uint32_t id, std::uint32_t len) {
-    test::store32(a.used() + 4 + 8 * slot, id);
-    test::store32(a.used() + 8 + 8 * slot, len);
-    store16(a.used() + 2, static_cast<std::uint16_t>(slot + 1));
-  };
-  used_entry(0, 0, 4);  // the old request's completion lands in the new ring
+  a.put_used(0, 0, 4);  // the old request's completion lands in the new ring
   auto c = q->poll();
   ASSERT_TRUE(c.ok()) << c.error().message();
   EXPECT_FALSE(c->has_value()) << "a stale completion was taken for request " << (**c).token;
   EXPECT_EQ(q->stale_dropped(), 1u);
-  used_entry(1, *head, 0);  // the new request's own
+  a.put_used(1, *head, 0);  // the new request's own
   c = q->poll();
   ASSERT_TRUE(c.ok() && c->has_value()) << (c.ok() ? "nothing" : c.error().message());
   EXPECT_EQ((**c).token, 2u);
-  used_entry(2, 0, 4);  // the same stale id again: not once more
+  a.put_used(2, 0, 4);  // the same stale id again: not once more
   c = q->poll();
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.error().code(), Errc::bad_device_data);
@@ -884,12 +886,7 @@ TEST(SplitOutstanding, AdoptedStaleIdsComeLastAndOneLateCompletionOfEachIsDroppe
   q->publish();
   // Handing 3 and 5 out again ended their marks: their used entries now
   // complete the new requests.
-  auto used_entry = [&](std::uint16_t slot, std::uint32_t id) {
-    test::store32(a.used() + 4 + 8 * slot, id);
-    test::store32(a.used() + 8 + 8 * slot, 4);
-    store16(a.used() + 2, static_cast<std::uint16_t>(slot + 1));
-  };
-  used_entry(0, 3);
+  a.put_used(0, 3, 4);
   auto c = q->poll();
   ASSERT_TRUE(c.ok() && c->has_value()) << (c.ok() ? "nothing" : c.error().message());
   EXPECT_EQ((**c).token, 6u);
@@ -908,22 +905,17 @@ TEST(SplitOutstanding, AdoptedStaleIdsComeLastAndOneLateCompletionOfEachIsDroppe
   ASSERT_TRUE(head.ok());
   EXPECT_EQ(*head, 2) << "the stale id came first";
   r->publish();
-  auto used_b = [&](std::uint16_t slot, std::uint32_t id) {
-    test::store32(b.used() + 4 + 8 * slot, id);
-    test::store32(b.used() + 8 + 8 * slot, 4);
-    store16(b.used() + 2, static_cast<std::uint16_t>(slot + 1));
-  };
-  used_b(0, 1);
+  b.put_used(0, 1, 4);
   c = r->poll();
   ASSERT_TRUE(c.ok()) << c.error().message();
   EXPECT_FALSE(c->has_value()) << "the earlier owner's completion was taken for request " << (**c).token;
   EXPECT_EQ(r->stale_dropped(), 1u);
-  used_b(1, 2);
+  b.put_used(1, 2, 4);
   c = r->poll();
   ASSERT_TRUE(c.ok() && c->has_value()) << (c.ok() ? "nothing" : c.error().message());
   EXPECT_EQ((**c).token, 42u);
   EXPECT_EQ((**c).id, 2);
-  used_b(2, 1);  // not twice
+  b.put_used(2, 1, 4);  // not twice
   c = r->poll();
   ASSERT_FALSE(c.ok());
   EXPECT_NE(c.error().message().find("used id 1 not in flight"), std::string::npos) << c.error().message();
@@ -941,9 +933,7 @@ TEST(SplitOutstanding, StaleMarkEndsWhenTheIdIsHandedOutAgain) {
   EXPECT_EQ(*q->add({}, in, 2), 1);
   EXPECT_EQ(*q->add({}, in, 3), 0) << "ring full: the stale id is handed out";
   q->publish();
-  test::store32(a.used() + 4, 0);
-  test::store32(a.used() + 8, 4);
-  store16(a.used() + 2, 1);
+  a.put_used(0, 0, 4);
   auto c = q->poll();
   ASSERT_TRUE(c.ok() && c->has_value()) << (c.ok() ? "nothing" : c.error().message());
   EXPECT_EQ((**c).token, 3u) << "id 0 is request 3's now";

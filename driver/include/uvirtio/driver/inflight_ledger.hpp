@@ -28,11 +28,13 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "uvirtio/base/result.hpp"
+#include "uvirtio/pci/os.hpp"
 
 namespace uvirtio::driver {
 
@@ -44,12 +46,6 @@ class InflightLedger {
   // errno class otherwise; errors name the device and the path.
   static Result<InflightLedger> open(const std::string& dir, const std::string& device, std::uint16_t queue,
                                      std::uint16_t size);
-
-  InflightLedger(InflightLedger&& o) noexcept;
-  InflightLedger& operator=(InflightLedger&& o) noexcept;
-  InflightLedger(const InflightLedger&) = delete;
-  InflightLedger& operator=(const InflightLedger&) = delete;
-  ~InflightLedger();
 
   // The ids marked when the file was opened, ascending: an earlier owner's
   // requests that the device may still complete.
@@ -71,9 +67,12 @@ class InflightLedger {
   InflightLedger() = default;
   std::uint64_t* words() const noexcept;
 
-  int fd_ = -1;
-  void* map_ = nullptr;
-  std::size_t bytes_ = 0;
+  struct Unmap {
+    std::size_t bytes;
+    void operator()(void* p) const noexcept;
+  };
+  pci::Fd fd_;  // holds the lock; closing it lets the next owner in (the file stays)
+  std::unique_ptr<void, Unmap> map_;
   std::uint16_t size_ = 0;
   std::string path_;
   std::vector<std::uint16_t> left_over_;

@@ -276,6 +276,8 @@ class PackedQueue {
   std::size_t indirect_limit() const noexcept;
   void write_driver_event() noexcept;
   Completion take_oldest() noexcept;
+  // start_ids_at / adopt_stale: relinks the free ids from `first` on, `ids` last.
+  Result<void> relink_ids(const char* op, std::uint16_t first, std::span<const std::uint16_t> ids);
 
   std::uint16_t size_ = 0;
   PvirtqDesc* desc_ = nullptr;

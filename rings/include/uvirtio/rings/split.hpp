@@ -320,6 +320,9 @@ class SplitQueue {
   // Past the used entry at last_used_, asking for the next interrupt there
   // when event-index suppression is on.
   void step_past_used_entry() noexcept;
+  // start_ids_at / adopt_stale: marks `ids` stale and relinks the free ids
+  // from `first` on, the stale ones last.
+  Result<void> relink_ids(const char* op, std::uint16_t first, std::span<const std::uint16_t> ids);
   [[gnu::cold]] void unmark_stale(std::uint16_t head, std::uint16_t descs) noexcept;
   [[gnu::cold]] Result<std::optional<Completion>> drop_stale(std::uint16_t id);
 };
