@@ -86,6 +86,10 @@ check "the app reflected every packet it received (reflected=$(counter reflected
 sent=$(counter sent)
 check "session 1's packets all went back (sent=$sent, session 1 sent $tx1)" \
   [ "${sent:-0}" -ge $((tx1 - 256)) -a $((${sent:-0} - tx1)) -le 256 ]
+# DPDK's virtio-user accepts the IN_ORDER the app offers: its in-order
+# transmit and receive paths ran against the device role.
+features=$(counter features)
+check "IN_ORDER negotiated (features=${features:-none})" [ $(((${features:-0} >> 35) & 1)) = 1 ]
 check "no malformed packets, no ring errors" [ "$(counter malformed)" = 0 -a "$(counter ring_errors)" = 0 ]
 check "two front-ends announced and withdrawn" grep -q 'announced=2 withdrawn=2' "$work/app.log"
 if [ $fail -ne 0 ]; then
