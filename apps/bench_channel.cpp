@@ -168,6 +168,7 @@ Result<StreamResult> run_stream_sender(Channel& ch, std::size_t size, double sec
   const auto cmd = command(kStream, Wake::poll, static_cast<std::uint32_t>(size));
   UV_TRY_VOID(ch.send(cmd, kTimeout));
   std::uint64_t count = 0;
+  unsigned to_flush = batch;  // a countdown: count % batch was a 64-bit division per message
   const auto start = Clock::now();
   const auto until =
       start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
@@ -188,7 +189,9 @@ Result<StreamResult> run_stream_sender(Channel& ch, std::size_t size, double sec
         std::memset(slot->data(), static_cast<int>(count), size);
       (*slot)[0] = kData;
       ++count;
-      UV_TRY_VOID(ch.commit(size, count % batch == 0 ? Flush::now : Flush::later));
+      const bool now = --to_flush == 0;
+      if (now) to_flush = batch;
+      UV_TRY_VOID(ch.commit(size, now ? Flush::now : Flush::later));
     }
     if (Clock::now() >= until) break;
   }
@@ -208,6 +211,7 @@ Result<StreamResult> run_stream_sender(Channel& ch, std::size_t size, double sec
 // Counts data messages until the end marker; acknowledges with the count.
 Result<std::uint64_t> run_stream_receiver(Channel& ch, unsigned batch) {
   std::uint64_t count = 0, sum = 0, idle = 0, seen_at_check = 0;
+  unsigned to_flush = batch;  // see run_stream_sender
   for (;;) {
     auto r = ch.try_peek();  // used in place, see run_stream_sender
     if (!r) return std::move(r).error();
@@ -226,7 +230,9 @@ Result<std::uint64_t> run_stream_receiver(Channel& ch, unsigned batch) {
     if (!msg.empty() && msg[0] == kData) {
       sum += static_cast<std::uint8_t>(msg[0]);  // one byte per message, as the bare ring's consumer
       ++count;
-      UV_TRY_VOID(ch.release(count % batch == 0 ? Flush::now : Flush::later));
+      const bool now = --to_flush == 0;
+      if (now) to_flush = batch;
+      UV_TRY_VOID(ch.release(now ? Flush::now : Flush::later));
       continue;
     }
     if (msg.size() < kCmd || msg[0] != kEnd) return protocol_error(ch, "stream", "unexpected message");
