@@ -488,6 +488,20 @@ void SoftVirtioDevice::set_needs_reset() {
   needs_reset_locked();
 }
 
+bool SoftVirtioDevice::complete_late(std::uint16_t qi, std::uint32_t id, std::uint32_t len) {
+  std::lock_guard lock(mu_);
+  Queue& q = queues_.at(qi);
+  if (q.size == 0) return false;
+  auto* used =
+      reinterpret_cast<le16*>(fn_.soft_dma().translate(q.device, rings::SplitLayout::used_bytes(q.size)));
+  if (used == nullptr) return false;
+  rings::VirtqUsedElem& e = reinterpret_cast<rings::VirtqUsedElem*>(used + 2)[q.used_idx & (q.size - 1u)];
+  e.id.set(id);
+  e.len.set(len);
+  store_release(used[1], ++q.used_idx);
+  return true;
+}
+
 void SoftVirtioDevice::set_queue_notify_off(std::uint16_t q, std::uint16_t notify_off) {
   std::lock_guard lock(mu_);
   queues_.at(q).notify_off = notify_off;

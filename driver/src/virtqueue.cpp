@@ -149,6 +149,7 @@ Result<std::uint16_t> Virtqueue::submit(std::span<const rings::Buffer> out, std:
 
 Result<std::optional<rings::Completion>> Virtqueue::poll() {
   UV_TRY(std::optional<rings::Completion> c, ring_.poll());
+  settle_ledger();
   if (c) completed(*c);
   return c;
 }
@@ -168,6 +169,7 @@ Result<rings::Completion> Virtqueue::wait_until(std::chrono::steady_clock::time_
   if (!armed) ring_.set_interrupts(false);
   for (;;) {
     UV_TRY(std::optional<rings::Completion> c, ring_.poll());
+    settle_ledger();
     if (c) {
       completed(*c);
       // The device may have completed before we slept: take its interrupt

@@ -536,6 +536,62 @@ TEST(Virtqueue, InflightLedgerHandsTheIdsAnEarlierOwnerLeftOutLast) {
   std::filesystem::remove_all(dir);
 }
 
+// The device completes one of the earlier owner's ids late (QEMU 7.2 after a
+// reset): the ring drops it, the new request still gets its own completion,
+// and that id leaves the ledger while the others stay.
+TEST(Virtqueue, ALateCompletionOfAnEarlierOwnersIdIsDroppedAndLeavesTheLedger) {
+  char tmpl[] = "/tmp/uvirtio-vq-ledger-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  std::vector<std::uint16_t> abandoned;
+  {
+    FakeVirtioDevice dev;
+    dev.faults.swallow = true;
+    auto t = open(dev);
+    t->set_inflight_dir(dir);
+    auto vq = Virtqueue::create(*t, 0, 8, CompletionMode::polling);
+    ASSERT_TRUE(vq.ok()) << vq.error().message();
+    ASSERT_TRUE(t->add_status(status::kDriverOk).ok());
+    auto buf = dev.function().dma().alloc(4096, 4096);
+    ASSERT_TRUE(buf.ok());
+    const rings::Buffer in{buf->iova, 16};
+    for (std::uint64_t k = 0; k < 3; ++k) {
+      auto id = (*vq)->submit({}, std::span(&in, 1), k);
+      ASSERT_TRUE(id.ok()) << id.error().message();
+      abandoned.push_back(*id);
+    }
+  }
+  std::sort(abandoned.begin(), abandoned.end());
+  FakeVirtioDevice dev;
+  dev.set_handler([](std::uint16_t, std::span<const Segment> chain) -> std::uint32_t {
+    return chain.empty() ? 0 : chain.back().len;
+  });
+  auto t = open(dev);
+  t->set_inflight_dir(dir);
+  auto vq = Virtqueue::create(*t, 0, 8, CompletionMode::polling);
+  ASSERT_TRUE(vq.ok()) << vq.error().message();
+  const InflightLedger* ledger = (*vq)->ledger();
+  ASSERT_NE(ledger, nullptr) << (*vq)->ledger_error();
+  ASSERT_EQ(ledger->left_over(), abandoned);
+  ASSERT_TRUE(t->add_status(status::kDriverOk).ok());
+  const std::uint16_t late = abandoned[1];
+  ASSERT_TRUE(dev.complete_late(0, late, 16));
+  auto buf = dev.function().dma().alloc(4096, 4096);
+  ASSERT_TRUE(buf.ok());
+  const rings::Buffer in{buf->iova, 16};
+  auto id = (*vq)->submit({}, std::span(&in, 1), 100);
+  ASSERT_TRUE(id.ok()) << id.error().message();
+  auto c = (*vq)->wait(1000ms);
+  ASSERT_TRUE(c.ok()) << c.error().message();
+  EXPECT_EQ(c->token, 100u) << "the late completion of id " << late << " was taken for the new request";
+  EXPECT_EQ(c->id, *id);
+  EXPECT_FALSE(ledger->marked(late)) << "id " << late << " stays in the ledger after its late completion";
+  EXPECT_TRUE(ledger->marked(abandoned[0]));
+  EXPECT_TRUE(ledger->marked(abandoned[2]));
+  EXPECT_FALSE(ledger->marked(*id));
+  std::filesystem::remove_all(dir);
+}
+
 // A ledger that cannot be opened leaves the queue working without one and
 // says why.
 TEST(Virtqueue, WithoutItsLedgerTheQueueWorksAndSaysWhy) {

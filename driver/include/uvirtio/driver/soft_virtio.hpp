@@ -120,6 +120,11 @@ class SoftVirtioDevice {
 
   Faults faults;
   void set_needs_reset();  // sets DEVICE_NEEDS_RESET and sends a config interrupt
+  // Writes a used entry naming `id` that no chain on this ring asked for, as
+  // QEMU 7.2's virtio-pmem does when a flush from before a reset finishes
+  // (doc/protocols.md, "Completions from before a reset"). False when queue
+  // q has no ring in DMA memory.
+  bool complete_late(std::uint16_t q, std::uint32_t id, std::uint32_t len);
   void set_queue_notify_off(std::uint16_t q, std::uint16_t notify_off);
   void refuse_vector(std::uint16_t vector);  // the device answers 0xffff when it is written
   void set_device_config(std::uint32_t off, std::span<const std::uint8_t> bytes);  // bumps config_generation

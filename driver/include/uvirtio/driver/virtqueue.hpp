@@ -89,6 +89,17 @@ class Virtqueue {
   void completed(const rings::Completion& c) noexcept {
     if (ledger_) ledger_->clear(c.id);
   }
+  // After a ring poll: a late completion the split ring dropped (an id an
+  // earlier owner, or this one before a reset, left in flight) ends that id's
+  // time in the ledger too; nothing else would clear it.
+  void settle_ledger() noexcept {
+    if (!ledger_) return;
+    const rings::SplitQueue* s = ring_.split();
+    if (s == nullptr || s->stale_dropped() == stale_seen_) return;
+    stale_seen_ = s->stale_dropped();
+    for (std::uint16_t id = 0; id < ring_.size(); ++id)
+      if (ledger_->marked(id) && !s->id_outstanding(id)) ledger_->clear(id);
+  }
 
   Virtqueue(Transport& t, std::uint16_t index, rings::Ring ring, CompletionMode mode, QueueAddresses addr)
       : t_(t), index_(index), ring_(std::move(ring)), mode_(mode), addr_(addr) {}
@@ -109,6 +120,7 @@ class Virtqueue {
   bool indirect_ = false;
   std::optional<InflightLedger> ledger_;
   std::string ledger_error_;
+  std::uint64_t stale_seen_ = 0;  // the ring's stale_dropped() as last settled
 };
 
 }  // namespace uvirtio::driver

@@ -261,6 +261,11 @@ class SplitQueue {
   // at the last reset_ring() (each such id once, until it is handed out
   // again; any other id not in flight is still an error).
   std::uint64_t stale_dropped() const noexcept { return stale_dropped_; }
+  // Whether the device may still name `id` in a used entry: it heads a chain
+  // in flight, or it is stale and its one late completion has not come.
+  bool id_outstanding(std::uint16_t id) const noexcept {
+    return id < size_ && (extra_[id].chain_len != 0 || (stale_count_ != 0 && stale_[id]));
+  }
 
  private:
   SplitQueue() = default;
