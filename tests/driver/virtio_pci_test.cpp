@@ -477,119 +477,115 @@ TEST(Virtqueue, BufferOutsideDmaMemoryGivesNeedsReset) {
   }
 }
 
+// An owner of queue 0 with its ledger in `dir` submits n requests the device
+// takes and never completes, then goes away; returns their ids, ascending.
+std::vector<std::uint16_t> abandon_requests(const std::string& dir, unsigned n) {
+  std::vector<std::uint16_t> ids;
+  FakeVirtioDevice dev;
+  dev.faults.swallow = true;
+  auto t = open(dev);
+  t->set_inflight_dir(dir);
+  auto vq = Virtqueue::create(*t, 0, 8, CompletionMode::polling);
+  EXPECT_TRUE(vq.ok()) << vq.error().message();
+  if (!vq.ok()) return ids;
+  EXPECT_NE((*vq)->ledger(), nullptr) << (*vq)->ledger_error();
+  EXPECT_TRUE(t->add_status(status::kDriverOk).ok());
+  auto buf = dev.function().dma().alloc(4096, 4096);
+  EXPECT_TRUE(buf.ok());
+  const rings::Buffer in{buf->iova, 16};
+  for (std::uint64_t k = 0; k < n; ++k) {
+    auto id = (*vq)->submit({}, std::span(&in, 1), k);
+    EXPECT_TRUE(id.ok()) << id.error().message();
+    if (id.ok()) ids.push_back(*id);
+  }
+  expect_error((*vq)->wait(20ms), Errc::timeout, "wait for queue 0");
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+// The next owner of queue 0, on a device that completes every request, with
+// its ledger in a directory of its own; buf is a 16-byte receive buffer.
+struct NextOwner {
+  NextOwner() {
+    char tmpl[] = "/tmp/uvirtio-vq-ledger-XXXXXX";
+    if (::mkdtemp(tmpl) != nullptr) dir = tmpl;
+    dev.set_handler([](std::uint16_t, std::span<const Segment> chain) -> std::uint32_t {
+      return chain.empty() ? 0 : chain.back().len;
+    });
+  }
+  ~NextOwner() {
+    if (!dir.empty()) std::filesystem::remove_all(dir);
+  }
+  // Lets an earlier owner abandon n requests (abandoned: their ids), then
+  // opens the queue and starts the device.
+  void take_over(unsigned n) {
+    ASSERT_FALSE(dir.empty());
+    abandoned = abandon_requests(dir, n);
+    ASSERT_EQ(abandoned.size(), n);
+    t = open(dev);
+    t->set_inflight_dir(dir);
+    auto q = Virtqueue::create(*t, 0, 8, CompletionMode::polling);
+    ASSERT_TRUE(q.ok()) << q.error().message();
+    vq = std::move(*q);
+    ledger = vq->ledger();
+    ASSERT_NE(ledger, nullptr) << vq->ledger_error();
+    ASSERT_TRUE(t->add_status(status::kDriverOk).ok());
+    auto b = dev.function().dma().alloc(4096, 4096);
+    ASSERT_TRUE(b.ok());
+    buf = rings::Buffer{b->iova, 16};
+  }
+  std::string dir;
+  FakeVirtioDevice dev;
+  std::unique_ptr<VirtioPci> t;
+  std::unique_ptr<Virtqueue> vq;
+  const InflightLedger* ledger = nullptr;
+  rings::Buffer buf{};
+  std::vector<std::uint16_t> abandoned;
+};
+
 // The in-flight ledger carries the ids an owner left in flight to the next
 // owner of the queue (another process after a crash, or after a request
 // abandoned at its deadline): the next owner hands them out last and drops
 // one late completion of each, so a device that completes the old request
 // after its reset never completes a new one with it.
 TEST(Virtqueue, InflightLedgerHandsTheIdsAnEarlierOwnerLeftOutLast) {
-  char tmpl[] = "/tmp/uvirtio-vq-ledger-XXXXXX";
-  ASSERT_NE(::mkdtemp(tmpl), nullptr);
-  const std::string dir = tmpl;
-  std::vector<std::uint16_t> abandoned;
-  {
-    FakeVirtioDevice dev;
-    dev.faults.swallow = true;  // takes the requests, never completes them
-    auto t = open(dev);
-    t->set_inflight_dir(dir);
-    auto vq = Virtqueue::create(*t, 0, 8, CompletionMode::polling);
-    ASSERT_TRUE(vq.ok()) << vq.error().message();
-    ASSERT_NE((*vq)->ledger(), nullptr) << (*vq)->ledger_error();
-    ASSERT_TRUE(t->add_status(status::kDriverOk).ok());
-    auto buf = dev.function().dma().alloc(4096, 4096);
-    ASSERT_TRUE(buf.ok());
-    const rings::Buffer in{buf->iova, 16};
-    for (std::uint64_t k = 0; k < 7; ++k) {
-      auto id = (*vq)->submit({}, std::span(&in, 1), k);
-      ASSERT_TRUE(id.ok()) << id.error().message();
-      abandoned.push_back(*id);
-    }
-    expect_error((*vq)->wait(20ms), Errc::timeout, "wait for queue 0");
-  }  // the owner goes away with seven requests in flight
-  std::sort(abandoned.begin(), abandoned.end());
-  FakeVirtioDevice dev;
-  dev.set_handler([](std::uint16_t, std::span<const Segment> chain) -> std::uint32_t {
-    return chain.empty() ? 0 : chain.back().len;
-  });
-  auto t = open(dev);
-  t->set_inflight_dir(dir);
-  auto vq = Virtqueue::create(*t, 0, 8, CompletionMode::polling);
-  ASSERT_TRUE(vq.ok()) << vq.error().message();
-  const InflightLedger* ledger = (*vq)->ledger();
-  ASSERT_NE(ledger, nullptr) << (*vq)->ledger_error();
-  EXPECT_EQ(ledger->left_over(), abandoned);
-  ASSERT_TRUE(t->add_status(status::kDriverOk).ok());
-  auto buf = dev.function().dma().alloc(4096, 4096);
-  ASSERT_TRUE(buf.ok());
-  const rings::Buffer in{buf->iova, 16};
-  auto id = (*vq)->submit({}, std::span(&in, 1), 100);
+  NextOwner o;
+  ASSERT_NO_FATAL_FAILURE(o.take_over(7));
+  const std::vector<std::uint16_t>& abandoned = o.abandoned;
+  EXPECT_EQ(o.ledger->left_over(), abandoned);
+  auto id = o.vq->submit({}, std::span(&o.buf, 1), 100);
   ASSERT_TRUE(id.ok()) << id.error().message();
   EXPECT_EQ(std::count(abandoned.begin(), abandoned.end(), *id), 0)
       << "id " << *id << " of an abandoned request came first";
-  EXPECT_TRUE(ledger->marked(*id));
-  auto c = (*vq)->wait(1000ms);
+  EXPECT_TRUE(o.ledger->marked(*id));
+  auto c = o.vq->wait(1000ms);
   ASSERT_TRUE(c.ok()) << c.error().message();
   EXPECT_EQ(c->token, 100u);
   EXPECT_EQ(c->id, *id);
-  EXPECT_FALSE(ledger->marked(*id)) << "a completed request stays in the ledger";
-  for (std::uint16_t a : abandoned) EXPECT_TRUE(ledger->marked(a)) << a;
-  std::filesystem::remove_all(dir);
+  EXPECT_FALSE(o.ledger->marked(*id)) << "a completed request stays in the ledger";
+  for (std::uint16_t a : abandoned) EXPECT_TRUE(o.ledger->marked(a)) << a;
 }
 
 // The device completes one of the earlier owner's ids late (QEMU 7.2 after a
 // reset): the ring drops it, the new request still gets its own completion,
 // and that id leaves the ledger while the others stay.
 TEST(Virtqueue, ALateCompletionOfAnEarlierOwnersIdIsDroppedAndLeavesTheLedger) {
-  char tmpl[] = "/tmp/uvirtio-vq-ledger-XXXXXX";
-  ASSERT_NE(::mkdtemp(tmpl), nullptr);
-  const std::string dir = tmpl;
-  std::vector<std::uint16_t> abandoned;
-  {
-    FakeVirtioDevice dev;
-    dev.faults.swallow = true;
-    auto t = open(dev);
-    t->set_inflight_dir(dir);
-    auto vq = Virtqueue::create(*t, 0, 8, CompletionMode::polling);
-    ASSERT_TRUE(vq.ok()) << vq.error().message();
-    ASSERT_TRUE(t->add_status(status::kDriverOk).ok());
-    auto buf = dev.function().dma().alloc(4096, 4096);
-    ASSERT_TRUE(buf.ok());
-    const rings::Buffer in{buf->iova, 16};
-    for (std::uint64_t k = 0; k < 3; ++k) {
-      auto id = (*vq)->submit({}, std::span(&in, 1), k);
-      ASSERT_TRUE(id.ok()) << id.error().message();
-      abandoned.push_back(*id);
-    }
-  }
-  std::sort(abandoned.begin(), abandoned.end());
-  FakeVirtioDevice dev;
-  dev.set_handler([](std::uint16_t, std::span<const Segment> chain) -> std::uint32_t {
-    return chain.empty() ? 0 : chain.back().len;
-  });
-  auto t = open(dev);
-  t->set_inflight_dir(dir);
-  auto vq = Virtqueue::create(*t, 0, 8, CompletionMode::polling);
-  ASSERT_TRUE(vq.ok()) << vq.error().message();
-  const InflightLedger* ledger = (*vq)->ledger();
-  ASSERT_NE(ledger, nullptr) << (*vq)->ledger_error();
-  ASSERT_EQ(ledger->left_over(), abandoned);
-  ASSERT_TRUE(t->add_status(status::kDriverOk).ok());
+  NextOwner o;
+  ASSERT_NO_FATAL_FAILURE(o.take_over(3));
+  const std::vector<std::uint16_t>& abandoned = o.abandoned;
+  ASSERT_EQ(o.ledger->left_over(), abandoned);
   const std::uint16_t late = abandoned[1];
-  ASSERT_TRUE(dev.complete_late(0, late, 16));
-  auto buf = dev.function().dma().alloc(4096, 4096);
-  ASSERT_TRUE(buf.ok());
-  const rings::Buffer in{buf->iova, 16};
-  auto id = (*vq)->submit({}, std::span(&in, 1), 100);
+  ASSERT_TRUE(o.dev.complete_late(0, late, 16));
+  auto id = o.vq->submit({}, std::span(&o.buf, 1), 100);
   ASSERT_TRUE(id.ok()) << id.error().message();
-  auto c = (*vq)->wait(1000ms);
+  auto c = o.vq->wait(1000ms);
   ASSERT_TRUE(c.ok()) << c.error().message();
   EXPECT_EQ(c->token, 100u) << "the late completion of id " << late << " was taken for the new request";
   EXPECT_EQ(c->id, *id);
-  EXPECT_FALSE(ledger->marked(late)) << "id " << late << " stays in the ledger after its late completion";
-  EXPECT_TRUE(ledger->marked(abandoned[0]));
-  EXPECT_TRUE(ledger->marked(abandoned[2]));
-  EXPECT_FALSE(ledger->marked(*id));
-  std::filesystem::remove_all(dir);
+  EXPECT_FALSE(o.ledger->marked(late)) << "id " << late << " stays in the ledger after its late completion";
+  EXPECT_TRUE(o.ledger->marked(abandoned[0]));
+  EXPECT_TRUE(o.ledger->marked(abandoned[2]));
+  EXPECT_FALSE(o.ledger->marked(*id));
 }
 
 // A ledger that cannot be opened leaves the queue working without one and
