@@ -539,6 +539,7 @@ TEST_F(PmemStalledHost, StaleCompletionAfterAResetIsNeverTakenForANewFlush) {
     ASSERT_TRUE(r) << r.error().message();
     EXPECT_EQ(split->stale_dropped(), 1u)
         << "the flush returned without QEMU's stale completion being dropped";
+    EXPECT_FALSE(ledger->marked(0)) << "id 0 stayed in the ledger after its late completion came";
   }
   auto again = (*pm)->flush();
   EXPECT_TRUE(again) << again.error().message();
