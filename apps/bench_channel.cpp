@@ -775,6 +775,8 @@ int bench_channel(const std::vector<std::string>& args) {
     if (!stream) return fail(stream.error());
     r["channel_stream_msgs_per_s"] = stream->msgs_per_s;
     r["cache_line_round_trip_ns"] = cache_line_round_trip_ns(std::min(seconds, 0.5));
+    r["bare_ring_rt_ns"] = bare_ring_round_trip_ns(std::min(seconds, 0.5), false);
+    r["bare_slot_rt_ns"] = bare_ring_round_trip_ns(std::min(seconds, 0.5), true);
     for (auto [wake, key] : {std::pair{chanbench::Wake::poll, "channel_rt_polling"},
                              std::pair{chanbench::Wake::doorbell, "channel_rt_doorbell"},
                              std::pair{chanbench::Wake::hybrid, "channel_rt_hybrid"},
@@ -806,6 +808,13 @@ int bench_channel(const std::vector<std::string>& args) {
         r["channel_stream_msgs_per_s"].get<double>() / r["unix_socket_stream_msgs_per_s"].get<double>();
     r["polling_rt_vs_cache_line"] =
         r["channel_rt_polling_ns"].get<double>() / r["cache_line_round_trip_ns"].get<double>();
+    // What the hardware allows a 64-byte message: the bare rings' round trips.
+    r["bare_ring_rt_vs_cache_line"] =
+        r["bare_ring_rt_ns"].get<double>() / r["cache_line_round_trip_ns"].get<double>();
+    r["polling_rt_vs_bare_ring_rt"] =
+        r["channel_rt_polling_ns"].get<double>() / r["bare_ring_rt_ns"].get<double>();
+    r["polling_rt_vs_bare_slot_rt"] =
+        r["channel_rt_polling_ns"].get<double>() / r["bare_slot_rt_ns"].get<double>();
     r["blocking_rt_vs_unix_socket"] =
         r["channel_rt_doorbell_ns"].get<double>() / r["unix_socket_rt_ns"].get<double>();
     // How much of the sleeping round trip is the wake-up itself.
@@ -858,6 +867,11 @@ int bench_channel(const std::vector<std::string>& args) {
   std::printf("    channel / bare ring rate      %6.2f (goal >= 0.8)\n", r_bare);
   std::printf("    channel / unix socket rate    %6.1f (goal >= 50)\n", r_unix);
   std::printf("    polling RT / cache-line RT    %6.2f (goal <= 3)\n", r_poll);
+  std::printf(
+      "      bare rings' RT (64 B slots): %.0f ns with a tail index (%.2f x the cache line; the channel "
+      "%.2f x it), %.0f ns with the sequence in the slot (the channel %.2f x it)\n",
+      g("bare_ring_rt_ns"), g("bare_ring_rt_vs_cache_line"), g("polling_rt_vs_bare_ring_rt"),
+      g("bare_slot_rt_ns"), g("polling_rt_vs_bare_slot_rt"));
   std::printf(
       "    doorbell RT / unix socket RT  %6.2f (goal < 1; both processes where the scheduler puts them)\n",
       r_bell);

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -52,6 +53,73 @@ inline double cache_line_round_trip_ns(double seconds) {
   stop = true;
   other.join();
   return ns / static_cast<double>(trips);
+}
+
+// Round trip of a 64-byte message through two bare SPSC rings of 64-byte
+// slots between two threads (one ring each way, no validation, no framing):
+// the responder copies each message it sees into the other ring. The
+// polled round trip's ceiling, next to the cache line's floor.
+//   seq_in_slot false: the producer publishes a tail index on a line of its
+//     own (as bare_ring_msgs_per_s), so each way moves the index line and
+//     the slot's line;
+//   seq_in_slot true: the slot's first 8 bytes carry the sequence number and
+//     56 bytes the message, so each way moves one line.
+inline double bare_ring_round_trip_ns(double seconds, bool seq_in_slot) {
+  constexpr std::size_t kSlots = 64;
+  struct alignas(64) Slot {
+    std::uint8_t bytes[64];
+  };
+  struct Ring {
+    Slot slots[kSlots];
+    alignas(64) std::atomic<std::uint64_t> tail{0};
+  };
+  auto there = std::make_unique<Ring>(), back = std::make_unique<Ring>();
+  const std::size_t skip = seq_in_slot ? 8 : 0, len = 64 - skip;
+  auto seq = [](Slot& s) {
+    return std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(s.bytes));
+  };
+  auto publish = [&](Ring& r, std::uint64_t n) {
+    if (seq_in_slot)
+      seq(r.slots[(n - 1) % kSlots]).store(n, std::memory_order_release);
+    else
+      r.tail.store(n, std::memory_order_release);
+  };
+  auto arrived = [&](Ring& r, std::uint64_t n) {
+    return seq_in_slot ? seq(r.slots[(n - 1) % kSlots]).load(std::memory_order_acquire) == n
+                       : r.tail.load(std::memory_order_acquire) == n;
+  };
+  std::atomic<bool> stop{false};
+  std::thread responder([&] {
+    std::uint8_t msg[64];
+    for (std::uint64_t n = 1; !stop.load(std::memory_order_relaxed);) {
+      if (!arrived(*there, n)) {
+        cpu_relax();
+        continue;
+      }
+      std::memcpy(msg, there->slots[(n - 1) % kSlots].bytes + skip, len);
+      std::memcpy(back->slots[(n - 1) % kSlots].bytes + skip, msg, len);
+      publish(*back, n++);
+    }
+  });
+  std::uint8_t msg[64];
+  std::memset(msg, 0x5a, sizeof msg);
+  std::uint64_t n = 0;
+  const auto t0 = BenchClock::now();
+  const auto until =
+      t0 + std::chrono::duration_cast<BenchClock::duration>(std::chrono::duration<double>(seconds));
+  while (BenchClock::now() < until) {
+    for (int i = 0; i < 1000; ++i) {
+      ++n;
+      std::memcpy(there->slots[(n - 1) % kSlots].bytes + skip, msg, len);
+      publish(*there, n);
+      while (!arrived(*back, n)) cpu_relax();
+      std::memcpy(msg, back->slots[(n - 1) % kSlots].bytes + skip, len);
+    }
+  }
+  const double ns = std::chrono::duration<double, std::nano>(BenchClock::now() - t0).count();
+  stop = true;
+  responder.join();
+  return ns / static_cast<double>(n);
 }
 
 // Messages per second through a bare SPSC ring of 64-byte slots between two
