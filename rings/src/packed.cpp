@@ -301,6 +301,14 @@ Result<std::optional<Completion>> PackedQueue::poll() {
   x.chain_len = 0;
   x.next_free = free_id_;
   free_id_ = id;
+  // The descriptors two lines on: a device that used this one has often
+  // used those too (it publishes in batches), and the miss on each new line
+  // of the ring is most of what poll() costs. Only a hint: nothing is read.
+  {
+    std::uint32_t ahead = std::uint32_t{last_used_} + 8;
+    if (ahead >= size_) ahead -= size_;
+    if (ahead < size_) __builtin_prefetch(&desc_[ahead]);
+  }
   if (event_idx_ && interrupts_) {
     // Interrupts on: ask for one at the next used descriptor (2.8.10), and
     // order that store before our next read of the ring, so a descriptor the
