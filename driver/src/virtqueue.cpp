@@ -168,10 +168,8 @@ Result<rings::Completion> Virtqueue::wait_until(std::chrono::steady_clock::time_
   bool armed = mode_ != CompletionMode::hybrid;
   if (!armed) ring_.set_interrupts(false);
   for (;;) {
-    UV_TRY(std::optional<rings::Completion> c, ring_.poll());
-    settle_ledger();
+    UV_TRY(std::optional<rings::Completion> c, poll());
     if (c) {
-      completed(*c);
       // The device may have completed before we slept: take its interrupt
       // now, so INTx is acknowledged and unmasked and no stale wake-up is
       // left for the next wait.
