@@ -47,13 +47,13 @@ struct AlignedBuf {
 template <class Driver, class Device>
 Result<double> ops_per_s(Driver& drv, Device& dev, std::uint64_t base, std::uint16_t size, unsigned batch,
                          double seconds) {
-  std::atomic<bool> stop{false};
+  StopFlag stop;
   std::optional<Error> dev_error;
   std::thread device([&] {
     // Like a real device: take what is available, complete it, publish the
     // used entries once per batch (one store the driver sees per batch).
     typename Device::Request req;
-    while (!stop.load(std::memory_order_relaxed)) {
+    while (!stop.raised()) {
       unsigned got = 0;
       for (;;) {
         auto r = dev.pop_into(req);
@@ -100,7 +100,7 @@ Result<double> ops_per_s(Driver& drv, Device& dev, std::uint64_t base, std::uint
     }
   }
   const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-  stop = true;
+  stop.raise();
   device.join();
   if (drv_error) return *drv_error;
   if (dev_error) return *dev_error;
