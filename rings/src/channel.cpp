@@ -573,9 +573,10 @@ Result<void> Channel::block(const char* op, Wait what, std::chrono::nanoseconds 
       cpu_relax();
       bool look;
       if (what == Wait::data) {
-        // The next record's second line too: a small message's payload
-        // runs into it, and fetching it now saves a serial miss later.
-        __builtin_prefetch(rx_.data + ((rx_.cons + 64) & rx_.mask));
+        // Only the header's line. Prefetching the record's second line in
+        // this loop as well (a 64-byte message runs into it) made the
+        // polled round trip ~10% slower on an Intel host (doc/channel.md):
+        // it takes the line back while the producer is still writing it.
         look = record_here(load64(record_at(rx_.data, rx_.cons & rx_.mask)), rx_.cons, rx_.shift);
       } else {
         look = load64(*tx_.consumer) != tx_.cons_cache;
