@@ -260,11 +260,15 @@ Result<RoundTripResult> run_pingpong_initiator(Channel& ch, std::size_t size, do
   msg[0] = kData;
   std::vector<double> samples;
   const bool timed = wake != Wake::poll;
+  bool holding = false;
   auto trip = [&]() -> Result<void> {
     UV_TRY_VOID(ch.send(msg, kTimeout));
+    if (holding) UV_TRY_VOID(ch.release());
+    holding = false;
     UV_TRY(const auto m, ch.peek(kTimeout));
     if (m.size() != size || m[0] != kData) return protocol_error(ch, "ping", "the echo differs");
-    return ch.release();
+    holding = true;
+    return ok();
   };
   for (int i = 0; i < 100; ++i) UV_TRY_VOID(trip());  // warm up
   std::uint64_t trips = 0;
@@ -280,6 +284,7 @@ Result<RoundTripResult> run_pingpong_initiator(Channel& ch, std::size_t size, do
     }
   }
   const double ns = std::chrono::duration<double, std::nano>(Clock::now() - start).count();
+  if (holding) UV_TRY_VOID(ch.release());
   const auto end = command(kEnd);
   UV_TRY_VOID(ch.send(end, kTimeout));
   ch.set_spin(spin_for(Wake::hybrid));
