@@ -46,6 +46,7 @@
 #include <string>
 #include <thread>
 
+#include "uvirtio/base/barrier.hpp"
 #include "uvirtio/base/le.hpp"
 #include "uvirtio/base/result.hpp"
 
@@ -286,6 +287,16 @@ class Channel {
   Error broken_error(const char* op) const;
   Result<bool> refresh_consumer(const char* op);  // re-reads the peer's consumer index
   Result<void> publish_producer();
+  // A record published alone (store_record): the peer is likely spinning on
+  // it, so its lines go to the shared cache at once (cache_line_demote).
+  // Both lines of a record that spans two; the header's line alone did not
+  // help. Not for batches: a streaming peer is behind, and the hint costs
+  // tens of ns while the record's stores drain.
+  void demote_record(std::uint64_t off, std::size_t len) noexcept {
+    cache_line_demote(tx_.data + off);
+    const std::uint64_t last = off + layout::record_bytes(len) - 1;  // records never wrap
+    if ((last >> 6) != (off >> 6)) cache_line_demote(tx_.data + last);
+  }
   Result<void> publish_consumer();
   Result<void> ring_if_armed(const le32& ticket, std::uint32_t& last_rung, const char* op);
   template <class Ready>
@@ -399,6 +410,7 @@ inline Result<void> Channel::store_record(std::size_t len, Flush flush) {
   std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(tx_.data + off))
       .store(word, std::memory_order_release);
   if (flush == Flush::later) return {};
+  if (!tx_.batch_open) demote_record(off, len);
   return publish_producer();
 }
 
