@@ -807,27 +807,22 @@ int bench_channel(const std::vector<std::string>& args) {
       if (!st) return fail(st.error());
       r[std::string(key) + "_stream_msgs_per_s"] = st->msgs_per_s;
     }
-    r["ratio_vs_bare_ring"] =
-        r["channel_stream_msgs_per_s"].get<double>() / r["bare_ring_msgs_per_s"].get<double>();
-    r["ratio_vs_unix_socket"] =
-        r["channel_stream_msgs_per_s"].get<double>() / r["unix_socket_stream_msgs_per_s"].get<double>();
-    r["polling_rt_vs_cache_line"] =
-        r["channel_rt_polling_ns"].get<double>() / r["cache_line_round_trip_ns"].get<double>();
+    auto ratio = [&r](const char* num, const char* den) {
+      return r[num].get<double>() / r[den].get<double>();
+    };
+    r["ratio_vs_bare_ring"] = ratio("channel_stream_msgs_per_s", "bare_ring_msgs_per_s");
+    r["ratio_vs_unix_socket"] = ratio("channel_stream_msgs_per_s", "unix_socket_stream_msgs_per_s");
+    r["polling_rt_vs_cache_line"] = ratio("channel_rt_polling_ns", "cache_line_round_trip_ns");
     // What the hardware allows a 64-byte message: the bare rings' round trips.
-    r["bare_ring_rt_vs_cache_line"] =
-        r["bare_ring_rt_ns"].get<double>() / r["cache_line_round_trip_ns"].get<double>();
-    r["polling_rt_vs_bare_ring_rt"] =
-        r["channel_rt_polling_ns"].get<double>() / r["bare_ring_rt_ns"].get<double>();
-    r["polling_rt_vs_bare_slot_rt"] =
-        r["channel_rt_polling_ns"].get<double>() / r["bare_slot_rt_ns"].get<double>();
-    r["blocking_rt_vs_unix_socket"] =
-        r["channel_rt_doorbell_ns"].get<double>() / r["unix_socket_rt_ns"].get<double>();
+    r["bare_ring_rt_vs_cache_line"] = ratio("bare_ring_rt_ns", "cache_line_round_trip_ns");
+    r["polling_rt_vs_bare_ring_rt"] = ratio("channel_rt_polling_ns", "bare_ring_rt_ns");
+    r["polling_rt_vs_bare_slot_rt"] = ratio("channel_rt_polling_ns", "bare_slot_rt_ns");
+    r["blocking_rt_vs_unix_socket"] = ratio("channel_rt_doorbell_ns", "unix_socket_rt_ns");
     // How much of the sleeping round trip is the wake-up itself.
-    r["blocking_rt_vs_eventfd"] =
-        r["channel_rt_doorbell_ns"].get<double>() / r["eventfd_rt_ns"].get<double>();
-    r["eventfd_rt_vs_unix_socket"] = r["eventfd_rt_ns"].get<double>() / r["unix_socket_rt_ns"].get<double>();
+    r["blocking_rt_vs_eventfd"] = ratio("channel_rt_doorbell_ns", "eventfd_rt_ns");
+    r["eventfd_rt_vs_unix_socket"] = ratio("eventfd_rt_ns", "unix_socket_rt_ns");
     r["blocking_rt_vs_unix_socket_one_cpu"] =
-        r["channel_rt_doorbell_one_cpu_ns"].get<double>() / r["unix_socket_rt_one_cpu_ns"].get<double>();
+        ratio("channel_rt_doorbell_one_cpu_ns", "unix_socket_rt_one_cpu_ns");
     for (auto it = r.begin(); it != r.end(); ++it) m[it.key()].push_back(it.value().get<double>());
     per_round.push_back(r);
   }
