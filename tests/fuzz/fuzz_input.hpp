@@ -5,6 +5,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <new>
+#include <vector>
 
 #define CHECK(c)                \
   do {                          \
@@ -29,6 +32,20 @@ struct Reader {
   std::uint64_t u64() {
     return static_cast<std::uint64_t>(u32()) | (static_cast<std::uint64_t>(u32()) << 32);
   }
+};
+
+// Zeroed, 16-byte aligned memory standing for a ring area or a guest window.
+struct Area {
+  explicit Area(std::size_t bytes)
+      : n(bytes), p(static_cast<std::uint8_t*>(::operator new (bytes, std::align_val_t{16}))) {
+    std::memset(p, 0, n);
+  }
+  ~Area() { ::operator delete (p, std::align_val_t{16}); }
+  Area(const Area&) = delete;
+  Area& operator=(const Area&) = delete;
+  std::vector<std::uint8_t> bytes() const { return std::vector<std::uint8_t>(p, p + n); }
+  std::size_t n;
+  std::uint8_t* p;
 };
 
 }  // namespace uvirtio::fuzz

@@ -24,11 +24,11 @@
 #include <cstring>
 #include <iterator>
 #include <map>
-#include <new>
 #include <optional>
 #include <vector>
 
 #include "fuzz_input.hpp"
+#include "uvirtio/base/le.hpp"
 #include "uvirtio/rings/split_device.hpp"
 
 namespace {
@@ -36,29 +36,12 @@ namespace {
 using uvirtio::Errc;
 using namespace uvirtio::rings;
 
+using uvirtio::fuzz::Area;
 using uvirtio::fuzz::Reader;
-
-struct Area {
-  explicit Area(std::size_t bytes)
-      : n(bytes), p(static_cast<std::uint8_t*>(::operator new (bytes, std::align_val_t{16}))) {
-    std::memset(p, 0, n);
-  }
-  ~Area() { ::operator delete (p, std::align_val_t{16}); }
-  Area(const Area&) = delete;
-  Area& operator=(const Area&) = delete;
-  std::vector<std::uint8_t> bytes() const { return std::vector<std::uint8_t>(p, p + n); }
-  std::size_t n;
-  std::uint8_t* p;
-};
 
 constexpr const char* kName = "fuzz device queue";
 constexpr std::uint64_t kBus = 0x40000000ull;
 constexpr std::size_t kWindow = 1024;
-
-std::uint16_t get16(const std::uint8_t* p) { return static_cast<std::uint16_t>(p[0] | (p[1] << 8)); }
-std::uint32_t get32(const std::uint8_t* p) {
-  return static_cast<std::uint32_t>(get16(p)) | (static_cast<std::uint32_t>(get16(p + 2)) << 16);
-}
 
 void write_desc(std::uint8_t* p, Reader& in) {
   const std::uint8_t amode = in.u8();
@@ -140,7 +123,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       }
       case 4: {
         const auto used_before = used.bytes();
-        const std::uint16_t aidx = last_avail == avail_cache ? get16(avail.p + 2) : avail_cache;
+        const std::uint16_t aidx = last_avail == avail_cache ? uvirtio::load_le16(avail.p + 2) : avail_cache;
         auto r = q.pop();
         CHECK(used.bytes() == used_before);  // pop never writes
         if (broken) {
@@ -161,7 +144,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         const auto& req = *r.value();
         CHECK(aidx != last_avail && static_cast<std::uint16_t>(aidx - last_avail) <= qsize);
         CHECK(req.head < qsize && held.count(req.head) == 0);
-        CHECK(req.head == get16(avail.p + 4 + 2 * (last_avail & mask)));
+        CHECK(req.head == uvirtio::load_le16(avail.p + 4 + 2 * (last_avail & mask)));
         std::uint64_t rb = 0, wb = 0;
         for (auto s : req.readable) {
           CHECK(s.empty() || in_window(s.data(), s.size()));
@@ -204,7 +187,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         } else {
           CHECK(r.ok());
           const std::uint8_t* e = used.p + 4 + 8 * (used_idx & mask);
-          CHECK(get32(e) == head && get32(e + 4) == written);
+          CHECK(uvirtio::load_le32(e) == head && uvirtio::load_le32(e + 4) == written);
           ++used_idx;
           CHECK(uw[1].get() == used_idx);
           held.erase(it);
@@ -221,7 +204,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             break;
           case 1: {
             const bool more = q.enable_notifications_and_check();
-            CHECK(more == (!broken && get16(avail.p + 2) != last_avail));
+            CHECK(more == (!broken && uvirtio::load_le16(avail.p + 2) != last_avail));
             break;
           }
           case 2:
@@ -231,7 +214,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
               (void)q.should_interrupt();
             break;
           default:
-            CHECK(q.has_avail() == (!broken && get16(avail.p + 2) != last_avail));
+            CHECK(q.has_avail() == (!broken && uvirtio::load_le16(avail.p + 2) != last_avail));
         }
         break;
       }

@@ -48,17 +48,8 @@ namespace {
 using uvirtio::Errc;
 using namespace uvirtio::rings;
 
+using uvirtio::fuzz::Area;
 using uvirtio::fuzz::Reader;
-
-struct Area {
-  explicit Area(std::size_t bytes)
-      : n(bytes), p(static_cast<std::uint8_t*>(::operator new (bytes, std::align_val_t{16}))) {}
-  ~Area() { ::operator delete (p, std::align_val_t{16}); }
-  Area(const Area&) = delete;
-  Area& operator=(const Area&) = delete;
-  std::size_t n;
-  std::uint8_t* p;
-};
 
 struct Live {
   std::uint64_t token;
