@@ -595,11 +595,17 @@ channel::Options channel_options(unsigned side, channel::Doorbell* bell) {
   return o;
 }
 
+// The window the benchmark uses by default: uvirtio-ivshmem-server's default
+// size, formatted with the library's default ring (the largest that fits),
+// which is what two guests get from uvirtio-ivchan out of the box.
+constexpr std::size_t kDefaultWindow = 4u << 20;
+
 // memfd window mapped shared, eventfd doorbells, a forked child attached as
-// side 1 running run_peer(); we attach as side 0.
+// side 1 running run_peer(); we attach as side 0. `ring_bytes` 0: the
+// library's default ring in a kDefaultWindow window.
 Result<void> start_channel(std::size_t ring_bytes, unsigned batch, ChannelPeer& p) {
   const char* op = "set up channel";
-  p.bytes = layout_bytes(ring_bytes);
+  p.bytes = ring_bytes == 0 ? kDefaultWindow : layout_bytes(ring_bytes);
   const int fd = ::memfd_create("uvirtio-bench-channel", MFD_CLOEXEC);
   if (fd < 0) return Error::from_errno(errno, "bench channel", op, "memfd_create");
   if (::ftruncate(fd, static_cast<off_t>(p.bytes)) != 0) {
@@ -731,8 +737,11 @@ int bench_channel(const std::vector<std::string>& args) {
       "rounds", po::value<unsigned>()->default_value(3), "rounds (medians are reported)")(
       "batch", po::value<unsigned>()->default_value(32),
       "streaming: messages per index publication (1..1024)")(
-      "ring-bytes", po::value<unsigned>()->default_value(16 * 1024),
-      "channel data bytes per direction (power of two, 4096..16M)")(
+      "ring-bytes", po::value<unsigned>()->default_value(0),
+      "channel data bytes per direction (power of two, 4096..16M; 0: the library's default ring in a "
+      "4 MiB window, uvirtio-ivshmem-server's default size)")(
+      "small-ring-bytes", po::value<unsigned>()->default_value(16 * 1024),
+      "also stream through a second channel with this ring (the earlier sessions' default; 0: no)")(
       "ivshmem", po::value<std::string>(), "between two guests: this guest's ivshmem device (BDF)")(
       "side", po::value<unsigned>(), "with --ivshmem: 1 serves, 0 measures (start both)")("json",
                                                                                           "print JSON");
@@ -749,10 +758,16 @@ int bench_channel(const std::vector<std::string>& args) {
   if (rounds < 1 || rounds > 100) throw UsageError{"channel: --rounds must be in 1..100"};
   const unsigned batch = vm["batch"].as<unsigned>();
   if (batch < 1 || batch > 1024) throw UsageError{"channel: --batch must be in 1..1024"};
-  const unsigned ring = vm["ring-bytes"].as<unsigned>();
-  if (ring < 4096 || ring > (16u << 20) || (ring & (ring - 1)) != 0)
-    throw UsageError{"channel: --ring-bytes must be a power of two in 4096..16777216"};
-  if (size > ring / 4) throw UsageError{"channel: --size must be at most a quarter of --ring-bytes"};
+  auto ring_option = [&](const char* name) {
+    const unsigned v = vm[name].as<unsigned>();
+    if (v != 0 && (v < 4096 || v > (16u << 20) || (v & (v - 1)) != 0))
+      throw UsageError{std::string("channel: --") + name + " must be 0 or a power of two in 4096..16777216"};
+    if (v != 0 && size > v / 4)
+      throw UsageError{std::string("channel: --size must be at most a quarter of --") + name};
+    return v;
+  };
+  const unsigned ring_arg = ring_option("ring-bytes");
+  const unsigned small_ring = ring_option("small-ring-bytes");
   ::signal(SIGPIPE, SIG_IGN);
   if (vm.count("ivshmem")) {
     if (!vm.count("side") || vm["side"].as<unsigned>() > 1)
@@ -764,8 +779,14 @@ int bench_channel(const std::vector<std::string>& args) {
   if (vm.count("side")) throw UsageError{"channel: --side only goes with --ivshmem"};
 
   ChannelPeer peer;
-  if (auto r = start_channel(ring, batch, peer); !r) return fail(r.error());
+  if (auto r = start_channel(ring_arg, batch, peer); !r) return fail(r.error());
   channel::Channel& ch = *peer.ch;
+  const std::size_t ring = ch.ring_bytes();
+  if (size > ring / 4) throw UsageError{"channel: --size must be at most a quarter of the ring"};
+  ChannelPeer small_peer;
+  if (small_ring != 0) {
+    if (auto r = start_channel(small_ring, batch, small_peer); !r) return fail(r.error());
+  }
 
   // Each ratio is taken within a round from measurements made back to back
   // (the bare ring just before the channel stream, the cache-line round
@@ -779,6 +800,11 @@ int bench_channel(const std::vector<std::string>& args) {
     auto stream = chanbench::run_stream_sender(ch, size, seconds, batch);
     if (!stream) return fail(stream.error());
     r["channel_stream_msgs_per_s"] = stream->msgs_per_s;
+    if (small_peer.ch) {
+      auto small = chanbench::run_stream_sender(*small_peer.ch, size, seconds, batch);
+      if (!small) return fail(small.error());
+      r["small_ring_stream_msgs_per_s"] = small->msgs_per_s;
+    }
     r["cache_line_round_trip_ns"] = cache_line_round_trip_ns(std::min(seconds, 0.5));
     r["bare_ring_rt_ns"] = bare_ring_round_trip_ns(std::min(seconds, 0.5), false);
     r["bare_slot_rt_ns"] = bare_ring_round_trip_ns(std::min(seconds, 0.5), true);
@@ -812,6 +838,11 @@ int bench_channel(const std::vector<std::string>& args) {
     };
     r["ratio_vs_bare_ring"] = ratio("channel_stream_msgs_per_s", "bare_ring_msgs_per_s");
     r["ratio_vs_unix_socket"] = ratio("channel_stream_msgs_per_s", "unix_socket_stream_msgs_per_s");
+    if (small_peer.ch) {
+      r["small_ring_ratio_vs_bare_ring"] = ratio("small_ring_stream_msgs_per_s", "bare_ring_msgs_per_s");
+      r["small_ring_ratio_vs_unix_socket"] =
+          ratio("small_ring_stream_msgs_per_s", "unix_socket_stream_msgs_per_s");
+    }
     r["polling_rt_vs_cache_line"] = ratio("channel_rt_polling_ns", "cache_line_round_trip_ns");
     // What the hardware allows a 64-byte message: the bare rings' round trips.
     r["bare_ring_rt_vs_cache_line"] = ratio("bare_ring_rt_ns", "cache_line_round_trip_ns");
@@ -833,6 +864,7 @@ int bench_channel(const std::vector<std::string>& args) {
   out["rounds"] = rounds;
   out["batch"] = batch;
   out["ring_bytes"] = ring;
+  out["small_ring_bytes"] = small_ring;
   for (auto& [k, v] : m) out[k] = median(v);  // medians; the ratios are medians of per-round ratios
   const double r_bare = out["ratio_vs_bare_ring"], r_unix = out["ratio_vs_unix_socket"];
   const double r_poll = out["polling_rt_vs_cache_line"], r_bell = out["blocking_rt_vs_unix_socket"];
@@ -849,12 +881,18 @@ int bench_channel(const std::vector<std::string>& args) {
   }
   auto g = [&](const char* k) { return out[k].get<double>(); };
   std::printf("channel between two processes (memfd window, eventfd doorbells), %u-byte messages,\n", size);
-  std::printf("%u rounds of %.1f s per point, medians; ring %u bytes per direction, batch %u\n", rounds,
-              seconds, ring, batch);
+  std::printf("%u rounds of %.1f s per point, medians; ring %zu bytes per direction%s, batch %u\n", rounds,
+              seconds, ring, ring_arg == 0 ? " (the library's default in a 4 MiB window)" : "", batch);
   std::printf(
       "  streaming (M msg/s):   channel %7.2f | bare ring (64 B slots) %6.2f | unix %6.3f | tcp %6.3f\n",
       g("channel_stream_msgs_per_s") / 1e6, g("bare_ring_msgs_per_s") / 1e6,
       g("unix_socket_stream_msgs_per_s") / 1e6, g("tcp_stream_msgs_per_s") / 1e6);
+  if (small_ring != 0) {
+    std::printf(
+        "  streaming with a %u-byte ring: %.2f M msg/s, %.2f x the bare ring, %.1f x the unix socket\n",
+        small_ring, g("small_ring_stream_msgs_per_s") / 1e6, g("small_ring_ratio_vs_bare_ring"),
+        g("small_ring_ratio_vs_unix_socket"));
+  }
   std::printf("  round trip, mean (ns): polling %7.0f | doorbell %7.0f | hybrid %7.0f\n",
               g("channel_rt_polling_ns"), g("channel_rt_doorbell_ns"), g("channel_rt_hybrid_ns"));
   std::printf("                         cache line %4.0f | unix %7.0f | tcp %7.0f\n",
