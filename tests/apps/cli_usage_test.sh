@@ -59,6 +59,8 @@ check 1 "/nonexistent/file: open: No such file or directory" "$bin/uvirtio-bench
 check 2 "rings: --size must be a power of two" "$bin/uvirtio-bench" rings --size 100
 check 2 "rings: --batch values must be 1..size" "$bin/uvirtio-bench" rings --batch 0
 check 2 "rings: --seconds must be in (0, 600]" "$bin/uvirtio-bench" rings --seconds -1
+check 2 "channel: --ring-bytes must be 0 or a power of two" "$bin/uvirtio-bench" channel --ring-bytes 1000
+check 2 "channel: --size must be at most a quarter of --small-ring-bytes" "$bin/uvirtio-bench" channel --small-ring-bytes 4096 --size 2048
 check 2 "--dev-opt wants KEY=VALUE" "$vm" --dev-opt nokey
 check 2 "usage: uvirtio blk info" "$u" blk
 check 2 "blk read: --sector is required" "$u" blk read 00:03.0
