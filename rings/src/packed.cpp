@@ -270,7 +270,7 @@ Result<std::optional<Completion>> PackedQueue::poll() {
       skip += n;
       ++batch;
       if (p == id) break;
-      p = static_cast<std::uint16_t>((p + n) % size_);
+      p = ring_advance(p, n, size_);
     }
     batch_pos_ = last_used_;
     batch_left_ = batch;
@@ -325,7 +325,7 @@ Result<std::optional<Completion>> PackedQueue::poll() {
 Completion PackedQueue::take_oldest() noexcept {
   const std::uint16_t id = batch_pos_;
   Extra& x = extra_[id];
-  batch_pos_ = static_cast<std::uint16_t>((std::uint32_t{batch_pos_} + x.chain_len) % size_);
+  batch_pos_ = ring_advance(batch_pos_, x.chain_len, size_);
   num_free_ = static_cast<std::uint16_t>(num_free_ + x.chain_len);
   x.chain_len = 0;
   --batch_left_;

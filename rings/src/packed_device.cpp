@@ -188,7 +188,7 @@ Result<bool> PackedDeviceQueue::pop_into(Request& req) {
   avail_pos_ = pos;
   avail_wrap_ = wrap;
   held_descs_ += count;
-  if (in_order_) order_[(order_first_ + held_count_) % size_] = id;
+  if (in_order_) order_[ring_advance(order_first_, held_count_, size_)] = id;
   add_held(id, Held{static_cast<std::uint16_t>(count), req.writable_bytes});  // count >= 1
   req.head = id;
   if (event_idx_ && notify_enabled_) {
@@ -371,7 +371,7 @@ Result<void> PackedDeviceQueue::push_deferred(std::uint16_t id, std::uint32_t wr
     write_used(id, written, h.writable != 0, h.count, true);
     return ok();
   }
-  order_first_ = static_cast<std::uint16_t>((order_first_ + 1u) % size_);
+  order_first_ = ring_advance(order_first_, 1, size_);
   ++batch_count_;
   batch_descs_ += h.count;  // held_descs_ keeps counting them until written
   batch_id_ = id;
