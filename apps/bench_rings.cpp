@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cstring>
 #include <memory>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -107,6 +108,10 @@ Result<double> ops_per_s(Driver& drv, Device& dev, std::uint64_t base, std::uint
   return static_cast<double>(done) / secs;
 }
 
+// The rings measured: each layout without and with VIRTIO_F_IN_ORDER, which
+// DPDK's pair negotiates (its vhost back-end offers it, its virtio PMD takes it).
+constexpr std::string_view kLayouts[] = {"split", "packed", "split_in_order", "packed_in_order"};
+
 struct Pool {
   explicit Pool(std::uint16_t size)
       : buf(static_cast<std::size_t>(size) * 64), bytes(static_cast<std::uint64_t>(size) * 64) {}
@@ -127,25 +132,33 @@ struct alignas(128) Own {
   T q;
 };
 
-Result<double> split_ops_per_s(std::uint16_t size, unsigned batch, double seconds) {
+Result<double> split_ops_per_s(std::uint16_t size, unsigned batch, double seconds, bool in_order) {
   using L = rings::SplitLayout;
   AlignedBuf desc(L::desc_bytes(size)), avail(L::avail_bytes(size)), used(L::used_bytes(size));
   Pool pool(size);
   UV_TRY(rings::SplitQueue drv, rings::SplitQueue::create(size, desc.p, avail.p, used.p, "bench queue"));
   UV_TRY(rings::SplitDeviceQueue dev,
          rings::SplitDeviceQueue::create(size, desc.p, avail.p, used.p, "bench device", pool.map()));
+  if (in_order) {
+    UV_TRY_VOID(drv.set_in_order(true));
+    UV_TRY_VOID(dev.set_in_order(true));
+  }
   auto d = std::make_unique<Own<rings::SplitQueue>>(std::move(drv));
   auto v = std::make_unique<Own<rings::SplitDeviceQueue>>(std::move(dev));
   return ops_per_s(d->q, v->q, pool.base(), size, batch, seconds);
 }
 
-Result<double> packed_ops_per_s(std::uint16_t size, unsigned batch, double seconds) {
+Result<double> packed_ops_per_s(std::uint16_t size, unsigned batch, double seconds, bool in_order) {
   using L = rings::PackedLayout;
   AlignedBuf desc(L::desc_bytes(size)), drv_ev(L::event_bytes()), dev_ev(L::event_bytes());
   Pool pool(size);
   UV_TRY(rings::PackedQueue drv, rings::PackedQueue::create(size, desc.p, drv_ev.p, dev_ev.p, "bench queue"));
   UV_TRY(rings::PackedDeviceQueue dev,
          rings::PackedDeviceQueue::create(size, desc.p, drv_ev.p, dev_ev.p, "bench device", pool.map()));
+  if (in_order) {
+    UV_TRY_VOID(drv.set_in_order(true));
+    UV_TRY_VOID(dev.set_in_order(true));
+  }
   auto d = std::make_unique<Own<rings::PackedQueue>>(std::move(drv));
   auto v = std::make_unique<Own<rings::PackedDeviceQueue>>(std::move(dev));
   return ops_per_s(d->q, v->q, pool.base(), size, batch, seconds);
@@ -159,6 +172,8 @@ int bench_rings(const std::vector<std::string>& args) {
                                             "batch sizes (default 1 2 4 8 16 32 64)")(
       "seconds", po::value<double>()->default_value(1.0), "duration of each point")(
       "size", po::value<unsigned>()->default_value(256), "queue size (power of two, 2..32768)")(
+      "layouts", po::value<std::vector<std::string>>()->multitoken(),
+      "rings to measure (default split packed split_in_order packed_in_order)")(
       "no-dpdk", "leave out the DPDK testpmd baseline")(
       "dpdk-seconds", po::value<unsigned>()->default_value(5), "duration of each DPDK point (3..600)")(
       "testpmd", po::value<std::string>()->default_value("dpdk-testpmd"), "the testpmd binary")("json",
@@ -177,6 +192,14 @@ int bench_rings(const std::vector<std::string>& args) {
     if (b < 1 || b > size) throw UsageError{"rings: --batch values must be 1..size"};
   const double seconds = vm["seconds"].as<double>();
   if (!(seconds > 0 && seconds <= 600)) throw UsageError{"rings: --seconds must be in (0, 600]"};
+  std::vector<std::string> layouts(std::begin(kLayouts), std::end(kLayouts));
+  if (vm.count("layouts")) {
+    layouts = vm["layouts"].as<std::vector<std::string>>();
+    for (const auto& l : layouts)
+      if (std::find(std::begin(kLayouts), std::end(kLayouts), l) == std::end(kLayouts))
+        throw UsageError{"rings: unknown layout '" + l +
+                         "' (split, packed, split_in_order, packed_in_order)"};
+  }
   const unsigned dpdk_seconds = vm["dpdk-seconds"].as<unsigned>();
   if (dpdk_seconds < 3 || dpdk_seconds > 600) throw UsageError{"rings: --dpdk-seconds must be in 3..600"};
   const std::string testpmd = vm["testpmd"].as<std::string>();
@@ -195,12 +218,14 @@ int bench_rings(const std::vector<std::string>& args) {
   out["cache_line_round_trip_ns"] = cache_line_round_trip_ns(std::min(seconds, 0.5));
   const double bare = bare_ring_msgs_per_s(seconds);
   out["bare_ring_msgs_per_s"] = bare;
-  for (const char* layout : {"split", "packed"}) {
+  for (const std::string& l : layouts) {
+    const char* layout = l.c_str();
     out[layout] = json::array();
+    const bool in_order = l.ends_with("_in_order");
     for (unsigned b : batches) {
-      auto ops = std::string(layout) == "split"
-                     ? split_ops_per_s(static_cast<std::uint16_t>(size), b, seconds)
-                     : packed_ops_per_s(static_cast<std::uint16_t>(size), b, seconds);
+      auto ops = l.starts_with("split")
+                     ? split_ops_per_s(static_cast<std::uint16_t>(size), b, seconds, in_order)
+                     : packed_ops_per_s(static_cast<std::uint16_t>(size), b, seconds, in_order);
       if (!ops) return fail(ops.error());
       out[layout].push_back({{"batch", b},
                              {"ops_per_s", *ops},
@@ -222,8 +247,8 @@ int bench_rings(const std::vector<std::string>& args) {
                     {"packets_per_s", *pps},
                     {"ratio_vs_bare_ring", *pps / bare},
                     {"cache_line_round_trip_ns", cache_line_round_trip_ns(0.1)}};
-      for (const char* layout : {"split", "packed"})
-        point[std::string(layout) + "_vs_dpdk"] = out[layout][i]["ops_per_s"].get<double>() / *pps;
+      for (const std::string& layout : layouts)
+        point[layout + "_vs_dpdk"] = out[layout][i]["ops_per_s"].get<double>() / *pps;
       out["dpdk"].push_back(point);
     }
   }
@@ -233,8 +258,11 @@ int bench_rings(const std::vector<std::string>& args) {
   }
   std::printf("cache-line round trip: %.0f ns; bare SPSC ring (64 B slots): %.2f M msg/s\n",
               out["cache_line_round_trip_ns"].get<double>(), bare / 1e6);
-  for (const char* layout : {"split", "packed"}) {
-    std::printf("%s ring, driver thread <-> device thread, queue size %u, polling:\n", layout, size);
+  for (const std::string& l : layouts) {
+    const char* layout = l.c_str();
+    std::printf("%s ring%s, driver thread <-> device thread, queue size %u, polling:\n",
+                l.substr(0, l.find('_')).c_str(), l.ends_with("_in_order") ? " (VIRTIO_F_IN_ORDER)" : "",
+                size);
     std::printf("  %-6s %14s %10s %10s %14s\n", "batch", "M requests/s", "vs bare", "vs DPDK", "cache RT ns");
     for (std::size_t i = 0; i < out[layout].size(); ++i) {
       const auto& p = out[layout][i];

@@ -17,23 +17,27 @@ command -v dpdk-testpmd >/dev/null || { echo "dpdk-testpmd not installed (Debian
 rows=()
 for ((r = 1; r <= rounds; r++)); do
   out=$("$bin/uvirtio-bench" rings --batch "$batch" --seconds 1 --dpdk-seconds 5)
-  # cache RT, bare, split, packed, dpdk (M/s)
+  # cache RT, bare, split, packed, split in-order, packed in-order, dpdk (M/s)
   row=$(awk -v b="$batch" '
     /^cache-line round trip/ { rt = $4; bare = $(NF-2) }
-    /^split ring/ { sec = "split" } /^packed ring/ { sec = "packed" } /^DPDK testpmd/ { sec = "dpdk" }
+    /^split ring,/ { sec = "split" } /^packed ring,/ { sec = "packed" }
+    /^split ring \(/ { sec = "split_io" } /^packed ring \(/ { sec = "packed_io" } /^DPDK testpmd/ { sec = "dpdk" }
     $1 == b && sec != "" { v[sec] = $2 }
-    END { printf "%s %s %s %s %s", rt, bare, v["split"], v["packed"], v["dpdk"] }' <<<"$out")
-  read -r rt bare split packed dpdk <<<"$row"
-  echo "round $r: cache RT ${rt} ns | bare ${bare} | split ${split} | packed ${packed} | DPDK ${dpdk} (M/s)" \
-    "| split/DPDK $(awk -v a="$split" -v b="$dpdk" 'BEGIN{printf "%.2f", a/b}')" \
-    "packed/DPDK $(awk -v a="$packed" -v b="$dpdk" 'BEGIN{printf "%.2f", a/b}')" \
-    "split/bare $(awk -v a="$split" -v b="$bare" 'BEGIN{printf "%.2f", a/b}')" \
-    "packed/bare $(awk -v a="$packed" -v b="$bare" 'BEGIN{printf "%.2f", a/b}')"
-  rows+=("$rt $bare $split $packed $dpdk")
+    END { printf "%s %s %s %s %s %s %s", rt, bare, v["split"], v["packed"], v["split_io"], v["packed_io"], v["dpdk"] }' <<<"$out")
+  read -r rt bare split packed split_io packed_io dpdk <<<"$row"
+  ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
+  echo "round $r: cache RT ${rt} ns | bare ${bare} | split ${split} | packed ${packed}" \
+    "| in order: split ${split_io} packed ${packed_io} | DPDK ${dpdk} (M/s)" \
+    "| split/DPDK $(ratio "$split" "$dpdk") packed/DPDK $(ratio "$packed" "$dpdk")" \
+    "split/bare $(ratio "$split" "$bare") packed/bare $(ratio "$packed" "$bare")" \
+    "| in order: split/DPDK $(ratio "$split_io" "$dpdk") packed/DPDK $(ratio "$packed_io" "$dpdk")"
+  rows+=("$rt $bare $split $packed $dpdk $split_io $packed_io")
 done
 median() { sort -n | awk '{v[NR]=$1} END {print v[int((NR + 1) / 2)]}'; }
 col() { printf '%s\n' "${rows[@]}" | awk "{printf \"%.3f\\n\", $1}" | median; }
 sd=$(col '$3/$5') pd=$(col '$4/$5') sb=$(col '$3/$2') pb=$(col '$4/$2')
+sid=$(col '$6/$5') pid=$(col '$7/$5')
 echo "median of $rounds rounds, batch $batch: split/DPDK $sd, packed/DPDK $pd (goal >= 2);" \
-  "split/bare $sb, packed/bare $pb (goal >= 0.5)"
-echo "{\"batch\": $batch, \"rounds\": $rounds, \"split_vs_dpdk\": $sd, \"packed_vs_dpdk\": $pd, \"split_vs_bare\": $sb, \"packed_vs_bare\": $pb}"
+  "split/bare $sb, packed/bare $pb (goal >= 0.5);" \
+  "with VIRTIO_F_IN_ORDER (which DPDK's pair negotiates): split/DPDK $sid, packed/DPDK $pid"
+echo "{\"batch\": $batch, \"rounds\": $rounds, \"split_vs_dpdk\": $sd, \"packed_vs_dpdk\": $pd, \"split_vs_bare\": $sb, \"packed_vs_bare\": $pb, \"split_in_order_vs_dpdk\": $sid, \"packed_in_order_vs_dpdk\": $pid}"
