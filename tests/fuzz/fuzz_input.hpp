@@ -48,4 +48,20 @@ struct Area {
   std::uint8_t* p;
 };
 
+// The spans a device queue handed out are exactly the model's buffers (each
+// with addr and len), in `window`, which the device sees at bus address
+// `bus`; a zero-length buffer is an empty span.
+template <class Span, class Buf>
+void check_spans(const std::vector<Span>& got, const std::vector<Buf>& want, const std::uint8_t* window,
+                 std::uint64_t bus) {
+  CHECK(got.size() == want.size());
+  for (std::size_t k = 0; k < got.size(); ++k) {
+    if (want[k].len == 0) {
+      CHECK(got[k].empty());
+    } else {
+      CHECK(got[k].data() == window + (want[k].addr - bus) && got[k].size() == want[k].len);
+    }
+  }
+}
+
 }  // namespace uvirtio::fuzz

@@ -59,6 +59,7 @@ using uvirtio::Errc;
 using namespace uvirtio::rings;
 
 using uvirtio::fuzz::Area;
+using uvirtio::fuzz::check_spans;
 using uvirtio::fuzz::Reader;
 
 constexpr const char* kName = "fuzz packed device queue";
@@ -126,10 +127,6 @@ struct Model {
 };
 
 enum class Kind { none, bad, chain };
-struct Buffer {
-  std::uint64_t addr;
-  std::uint32_t len;
-};
 struct Expect {
   Kind kind = Kind::none;
   std::uint16_t id = 0;
@@ -189,19 +186,6 @@ Expect predict(const Model& m, const std::uint8_t* ring, const std::uint8_t* win
       e.end_pos = pos;
       e.end_wrap = wrap;
       return e;
-    }
-  }
-}
-
-// The spans pop() returned are exactly the buffers the model found.
-template <class Span>
-void check_spans(const std::vector<Span>& got, const std::vector<Buffer>& want, const std::uint8_t* window) {
-  CHECK(got.size() == want.size());
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    if (want[i].len == 0) {
-      CHECK(got[i].empty());
-    } else {
-      CHECK(got[i].data() == window + (want[i].addr - kBus) && got[i].size() == want[i].len);
     }
   }
 }
@@ -373,8 +357,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         CHECK(r.ok() && r.value().has_value());
         const auto& req = *r.value();
         CHECK(req.head == e.id);
-        check_spans(req.readable, e.rd, window.p);
-        check_spans(req.writable, e.wr, window.p);
+        check_spans(req.readable, e.rd, window.p, kBus);
+        check_spans(req.writable, e.wr, window.p, kBus);
         std::uint64_t rb = 0, wb = 0;
         for (const auto& b : e.rd) rb += b.len;
         for (const auto& b : e.wr) wb += b.len;

@@ -1,9 +1,10 @@
 // Fuzz target: SplitDeviceQueue (split virtqueue, device role, virtio spec 1.2
 // 2.7) facing a hostile driver.
 //
-// The input is a script. The first byte picks the queue size (1..16) and the
-// features (EVENT_IDX, INDIRECT_DESC, indirect table limit); then each op
-// byte is followed by its arguments (missing bytes read as 0):
+// The input is a script. The first byte picks the queue size (bits 0-2:
+// 1..16), VIRTIO_F_IN_ORDER (bit 3) and the features (EVENT_IDX, INDIRECT_DESC,
+// indirect table limit); then each op byte is followed by its arguments
+// (missing bytes read as 0):
 //   0 descriptor:   index, addr mode (in-window offset or raw 64-bit), len
 //                   mode, flags, next
 //   1 table entry:  a descriptor written into the data window (indirect tables)
@@ -11,17 +12,23 @@
 //   3 avail idx:    last popped + small, or raw 16-bit (read by the queue
 //                   only once it consumed what it saw before)
 //   4 pop
-//   5 push:         which held head (or a raw one), written mode
+//   5 push:         which held head (bit 7: a raw one; bit 5: the oldest), written mode
 //   6 notify:       set_notifications / enable_notifications_and_check /
 //                   should_interrupt / has_avail
 //   7 driver flags: avail flags and used_event
-// Traps when a returned span lies outside the translated window, when the
-// device writes the descriptor table or available ring, when pop writes
-// anything at all, when used entries or indices differ from the model, or
-// when a broken queue does anything but fail.
+// The model walks the ring itself (2.7.5, 2.7.5.3, 2.7.4.2, 2.7.13: the
+// available index bound, heads and nexts in range, loops, readable before
+// writable, indirect tables, translation, heads in flight, and with IN_ORDER
+// descriptors in table order and chains completed oldest first), so pop()
+// must return exactly nothing, the chain with exactly the model's spans, or
+// bad_device_data. Traps on any mismatch, when the device writes the
+// descriptor table or available ring, when pop writes anything at all, when
+// used entries or indices differ from the model, or when a broken queue does
+// anything but fail.
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <iterator>
 #include <map>
 #include <optional>
@@ -37,11 +44,107 @@ using uvirtio::Errc;
 using namespace uvirtio::rings;
 
 using uvirtio::fuzz::Area;
+using uvirtio::fuzz::check_spans;
 using uvirtio::fuzz::Reader;
 
 constexpr const char* kName = "fuzz device queue";
 constexpr std::uint64_t kBus = 0x40000000ull;
 constexpr std::size_t kWindow = 1024;
+
+enum class Kind { none, bad, chain };
+struct Expect {
+  Kind kind = Kind::none;
+  std::uint16_t head = 0;
+  std::uint16_t descs = 0;  // ring descriptors of the chain
+  std::uint16_t avail_idx = 0;
+  std::vector<Buffer> rd, wr;
+};
+
+std::optional<std::size_t> window_offset(std::uint64_t a, std::uint32_t len) {
+  if (a < kBus || a - kBus > kWindow || len > kWindow - (a - kBus)) return std::nullopt;
+  return static_cast<std::size_t>(a - kBus);
+}
+
+struct Desc {
+  std::uint64_t addr;
+  std::uint32_t len;
+  std::uint16_t flags, next;
+};
+Desc read_desc(const std::uint8_t* p) {
+  return Desc{static_cast<std::uint64_t>(uvirtio::load_le32(p)) |
+                  (static_cast<std::uint64_t>(uvirtio::load_le32(p + 4)) << 32),
+              uvirtio::load_le32(p + 8), uvirtio::load_le16(p + 12), uvirtio::load_le16(p + 14)};
+}
+
+struct Config {
+  std::uint16_t qsize;
+  bool indirect, in_order;
+  std::uint32_t max_indirect;
+};
+
+// The model's own walk of the next chain.
+Expect predict(const Config& c, const std::uint8_t* desc, const std::uint8_t* avail,
+               const std::uint8_t* window, std::uint16_t last_avail, std::uint16_t avail_cache,
+               const std::map<std::uint16_t, std::uint64_t>& held, std::optional<std::uint16_t> expect_head) {
+  Expect e;
+  const auto mask = static_cast<std::uint16_t>(c.qsize - 1);
+  e.avail_idx = avail_cache;
+  if (last_avail == avail_cache) {
+    e.avail_idx = uvirtio::load_le16(avail + 2);
+    if (e.avail_idx == last_avail) return e;
+  }
+  e.kind = Kind::bad;
+  if (static_cast<std::uint16_t>(e.avail_idx - last_avail) > c.qsize) return e;
+  const std::uint16_t head = uvirtio::load_le16(avail + 4 + 2 * (last_avail & mask));
+  if (head >= c.qsize || held.count(head) != 0) return e;
+  if (c.in_order && expect_head && head != *expect_head) return e;
+  bool seen_write = false;
+  std::uint64_t total = 0;
+  auto add = [&](const Desc& d) {
+    const bool write = (d.flags & VIRTQ_DESC_F_WRITE) != 0;
+    if (!write && seen_write) return false;
+    seen_write |= write;
+    total += d.len;
+    if (total > (std::uint64_t{1} << 32)) return false;
+    if (d.len != 0 && !window_offset(d.addr, d.len)) return false;
+    (write ? e.wr : e.rd).push_back(Buffer{d.addr, d.len});
+    return true;
+  };
+  std::uint16_t i = head;
+  for (std::uint32_t count = 0;; ++count) {
+    if (count == c.qsize) return e;
+    const Desc d = read_desc(desc + 16u * i);
+    if ((d.flags & VIRTQ_DESC_F_INDIRECT) != 0) {
+      if (!c.indirect || (d.flags & VIRTQ_DESC_F_NEXT) != 0) return e;
+      if (d.len == 0 || d.len % 16 != 0 || d.len / 16 > c.max_indirect) return e;
+      const auto off = window_offset(d.addr, d.len);
+      if (!off || *off % 8 != 0) return e;
+      const std::uint32_t n = d.len / 16;
+      std::uint32_t j = 0;
+      for (std::uint32_t k = 0;; ++k) {
+        if (k == n) return e;
+        const Desc t = read_desc(window + *off + 16u * j);
+        if ((t.flags & VIRTQ_DESC_F_INDIRECT) != 0 || !add(t)) return e;
+        if ((t.flags & VIRTQ_DESC_F_NEXT) == 0) break;
+        if (t.next >= n) return e;
+        j = t.next;
+      }
+      e.descs = static_cast<std::uint16_t>(count + 1);
+      break;
+    }
+    if (!add(d)) return e;
+    if ((d.flags & VIRTQ_DESC_F_NEXT) == 0) {
+      e.descs = static_cast<std::uint16_t>(count + 1);
+      break;
+    }
+    if (d.next >= c.qsize) return e;
+    if (c.in_order && d.next != ((i + 1u) & mask)) return e;
+    i = d.next;
+  }
+  e.kind = Kind::chain;
+  e.head = head;
+  return e;
+}
 
 void write_desc(std::uint8_t* p, Reader& in) {
   const std::uint8_t amode = in.u8();
@@ -63,14 +166,15 @@ void write_desc(std::uint8_t* p, Reader& in) {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   Reader in{data, size};
   const std::uint8_t cfg = in.u8();
-  const auto qsize = static_cast<std::uint16_t>(1u << (cfg % 5));
+  const auto qsize = static_cast<std::uint16_t>(1u << ((cfg & 7u) % 5));
   const std::uint16_t mask = static_cast<std::uint16_t>(qsize - 1);
   Area desc(SplitLayout::desc_bytes(qsize)), avail(SplitLayout::avail_bytes(qsize)),
       used(SplitLayout::used_bytes(qsize)), window(kWindow);
 
   auto translate = [&](std::uint64_t a, std::uint32_t len, bool) -> std::optional<std::span<std::uint8_t>> {
-    if (a < kBus || a - kBus > kWindow || len > kWindow - (a - kBus)) return std::nullopt;
-    return std::span<std::uint8_t>(window.p + (a - kBus), len);
+    const auto off = window_offset(a, len);
+    if (!off) return std::nullopt;
+    return std::span<std::uint8_t>(window.p + *off, len);
   };
   auto created = SplitDeviceQueue::create(qsize, desc.p, avail.p, used.p, kName, translate);
   CHECK(created.ok());
@@ -78,6 +182,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const bool event_idx = (cfg & 0x20) != 0;
   q.set_event_idx(event_idx);
   if (cfg & 0x40) q.set_indirect(true, (cfg >> 7) ? 4u : 0u);
+  const Config conf{qsize, (cfg & 0x40) != 0, (cfg & 8) != 0, (cfg >> 7) ? 4u : qsize};
+  CHECK(q.set_in_order(conf.in_order).ok());
+  std::deque<std::uint16_t> order;  // in_order: heads popped and not pushed, oldest first
+  // in_order: the head the next chain must have; a fresh ring starts at descriptor 0 (2.7.5)
+  std::optional<std::uint16_t> expect_head;
+  if (conf.in_order) expect_head = 0;
 
   std::map<std::uint16_t, std::uint64_t> held;  // head -> writable bytes
   std::uint16_t last_avail = 0, used_idx = 0;
@@ -123,7 +233,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       }
       case 4: {
         const auto used_before = used.bytes();
-        const std::uint16_t aidx = last_avail == avail_cache ? uvirtio::load_le16(avail.p + 2) : avail_cache;
+        const Expect want =
+            predict(conf, desc.p, avail.p, window.p, last_avail, avail_cache, held, expect_head);
+        const std::uint16_t aidx = want.avail_idx;
         auto r = q.pop();
         CHECK(used.bytes() == used_before);  // pop never writes
         if (broken) {
@@ -131,6 +243,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           break;
         }
         if (!r.ok()) {
+          CHECK(want.kind == Kind::bad);
           CHECK(r.error().code() == Errc::bad_device_data && r.error().device() == kName);
           CHECK(q.broken());
           broken = true;
@@ -138,13 +251,20 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           break;
         }
         if (!r.value().has_value()) {
-          CHECK(aidx == last_avail);
+          CHECK(want.kind == Kind::none && aidx == last_avail);
           break;
         }
+        CHECK(want.kind == Kind::chain);
         const auto& req = *r.value();
         CHECK(aidx != last_avail && static_cast<std::uint16_t>(aidx - last_avail) <= qsize);
-        CHECK(req.head < qsize && held.count(req.head) == 0);
+        CHECK(req.head == want.head && req.head < qsize && held.count(req.head) == 0);
         CHECK(req.head == uvirtio::load_le16(avail.p + 4 + 2 * (last_avail & mask)));
+        check_spans(req.readable, want.rd, window.p, kBus);
+        check_spans(req.writable, want.wr, window.p, kBus);
+        if (conf.in_order) {
+          order.push_back(req.head);
+          expect_head = static_cast<std::uint16_t>((req.head + want.descs) & mask);
+        }
         std::uint64_t rb = 0, wb = 0;
         for (auto s : req.readable) {
           CHECK(s.empty() || in_window(s.data(), s.size()));
@@ -168,6 +288,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         std::uint16_t head;
         if ((sel & 0x80) || held.empty()) {
           head = in.u16();
+        } else if ((sel & 0x20) && !order.empty()) {
+          head = order.front();
         } else {
           head = std::next(held.begin(), static_cast<long>(sel % held.size()))->first;
         }
@@ -181,7 +303,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         auto r = q.push(head, written);
         if (broken) {
           CHECK(!r.ok() && r.error().code() == Errc::broken);
-        } else if (it == held.end() || written > it->second) {
+        } else if (it == held.end() || written > it->second || (conf.in_order && head != order.front())) {
           CHECK(!r.ok() && r.error().code() == Errc::invalid_argument && !q.broken());
           CHECK(used.bytes() == used_before);
         } else {
@@ -191,6 +313,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           ++used_idx;
           CHECK(uw[1].get() == used_idx);
           held.erase(it);
+          if (conf.in_order) order.pop_front();
         }
         break;
       }
