@@ -68,33 +68,63 @@ constexpr std::size_t kCmd = 16;
 // the phase, so a wake-up is a context switch on that CPU rather than the
 // hypervisor waking the other, halted vCPU (~25 us each way here, the same
 // for every mechanism): what is left is the wake-up path's own cost.
-enum class Wake : std::uint8_t { poll = 0, doorbell = 1, hybrid = 2, doorbell_one_cpu = 3 };
+// doorbell_two_cpus: as doorbell, the initiator pinned to one CPU and the
+// responder to another, so every wake-up crosses vCPUs, as between two VMs;
+// without pinning the scheduler sometimes puts both on one CPU for a while,
+// and a round then measures where they were rather than the mechanism.
+enum class Wake : std::uint8_t {
+  poll = 0,
+  doorbell = 1,
+  hybrid = 2,
+  doorbell_one_cpu = 3,
+  doorbell_two_cpus = 4
+};
 
-// Pins the calling thread to the first CPU it may run on, and restores its
-// affinity when destroyed. Inert when `on` is false or the kernel refuses.
-class OneCpu {
+// The index-th CPU (0: the first) the calling thread may run on now, or -1.
+int allowed_cpu(int index) {
+  cpu_set_t set;
+  if (index < 0 || ::sched_getaffinity(0, sizeof set, &set) != 0) return -1;
+  int seen = 0;
+  for (int c = 0; c < CPU_SETSIZE; ++c)
+    if (CPU_ISSET(c, &set) && seen++ == index) return c;
+  return -1;
+}
+
+// Pins the calling thread to CPU `cpu` and restores its affinity when
+// destroyed. Inert when `cpu` is negative or the kernel refuses.
+class PinCpu {
  public:
-  explicit OneCpu(bool on) {
-    if (!on || ::sched_getaffinity(0, sizeof saved_, &saved_) != 0) return;
+  explicit PinCpu(int cpu) {
+    if (cpu < 0 || ::sched_getaffinity(0, sizeof saved_, &saved_) != 0) return;
     cpu_set_t one;
     CPU_ZERO(&one);
-    for (int c = 0; c < CPU_SETSIZE; ++c)
-      if (CPU_ISSET(c, &saved_)) {
-        CPU_SET(c, &one);
-        break;
-      }
+    CPU_SET(cpu, &one);
     pinned_ = ::sched_setaffinity(0, sizeof one, &one) == 0;
   }
-  ~OneCpu() {
+  ~PinCpu() {
     if (pinned_) (void)::sched_setaffinity(0, sizeof saved_, &saved_);
   }
-  OneCpu(const OneCpu&) = delete;
-  OneCpu& operator=(const OneCpu&) = delete;
+  PinCpu(const PinCpu&) = delete;
+  PinCpu& operator=(const PinCpu&) = delete;
 
  private:
   cpu_set_t saved_{};
   bool pinned_ = false;
 };
+
+// Where the two processes of a ping-pong run.
+enum class Placement { scheduler, one_cpu, two_cpus };
+// The CPU the initiator and the responder pin to (-1: none), taken from the
+// calling thread's affinity before either pins.
+int initiator_cpu(Placement p) { return p == Placement::scheduler ? -1 : allowed_cpu(0); }
+int responder_cpu(Placement p) {
+  return p == Placement::scheduler ? -1 : allowed_cpu(p == Placement::one_cpu ? 0 : 1);
+}
+Placement placement_of(Wake w) {
+  return w == Wake::doorbell_one_cpu
+             ? Placement::one_cpu
+             : (w == Wake::doorbell_two_cpus ? Placement::two_cpus : Placement::scheduler);
+}
 
 std::chrono::nanoseconds spin_for(Wake w) {
   switch (w) {
@@ -102,6 +132,7 @@ std::chrono::nanoseconds spin_for(Wake w) {
       return kTimeout;  // never sleeps within a wait
     case Wake::doorbell:
     case Wake::doorbell_one_cpu:
+    case Wake::doorbell_two_cpus:
       return 0ns;
     case Wake::hybrid:
       break;
@@ -252,7 +283,7 @@ Result<std::uint64_t> run_stream_receiver(Channel& ch, unsigned batch) {
 // `wake` says. The mean comes from the total time; p50/p99 from per-trip
 // timestamps (not taken when polling, where they would cost ~10%).
 Result<RoundTripResult> run_pingpong_initiator(Channel& ch, std::size_t size, double seconds, Wake wake) {
-  const OneCpu pin(wake == Wake::doorbell_one_cpu);
+  const PinCpu pin(initiator_cpu(placement_of(wake)));
   const auto cmd = command(kPing, wake, static_cast<std::uint32_t>(size));
   UV_TRY_VOID(ch.send(cmd, kTimeout));
   ch.set_spin(spin_for(wake));
@@ -302,7 +333,7 @@ Result<RoundTripResult> run_pingpong_initiator(Channel& ch, std::size_t size, do
 
 // Echoes every data message until the end marker.
 Result<void> run_pingpong_responder(Channel& ch, Wake wake) {
-  const OneCpu pin(wake == Wake::doorbell_one_cpu);
+  const PinCpu pin(responder_cpu(placement_of(wake)));
   ch.set_spin(spin_for(wake));
   for (;;) {
     UV_TRY(const auto m, ch.peek(kTimeout));
@@ -349,6 +380,7 @@ Result<void> quit_peer(Channel& ch) {
 
 namespace {
 
+using chanbench::Placement;
 using chanbench::RoundTripResult;
 using chanbench::StreamResult;
 using chanbench::summarize;
@@ -449,13 +481,15 @@ Result<void> spawn_socket_peer(const std::string& kind, bool nodelay, const std:
 }
 
 Result<RoundTripResult> socket_pingpong(const std::string& kind, std::size_t size, double seconds,
-                                        bool one_cpu = false) {
-  const chanbench::OneCpu pin(one_cpu);  // before the fork: the echoing child inherits it
+                                        Placement where = Placement::scheduler) {
+  const int child_cpu = where == Placement::two_cpus ? chanbench::responder_cpu(where) : -1;
+  const chanbench::PinCpu pin(chanbench::initiator_cpu(where));  // before the fork: the child inherits it
   std::vector<std::uint8_t> buf(size, 0x5a), echo(size);
   SocketPeer peer;
   UV_TRY_VOID(spawn_socket_peer(
       kind, true,
       [&](int fd) {
+        const chanbench::PinCpu own(child_cpu);
         while (read_full(fd, echo.data(), size))
           if (!write_full(fd, echo.data(), size)) return 1;
         return 0;
@@ -480,7 +514,9 @@ Result<RoundTripResult> socket_pingpong(const std::string& kind, std::size_t siz
 // The wake-up alone: a ping-pong of two blocking eventfds between two
 // processes, no data and no channel. What a sleeping round trip cannot get
 // below on this machine, whatever carries the data.
-Result<RoundTripResult> eventfd_pingpong(double seconds) {
+Result<RoundTripResult> eventfd_pingpong(double seconds, Placement where = Placement::scheduler) {
+  const int child_cpu = where == Placement::two_cpus ? chanbench::responder_cpu(where) : -1;
+  const chanbench::PinCpu pin(chanbench::initiator_cpu(where));  // before the fork: the child inherits it
   const char* what = "eventfd ping-pong";
   const int ping_fd = ::eventfd(0, EFD_CLOEXEC);
   if (ping_fd < 0) return Error::from_errno(errno, what, "set up", "eventfd");
@@ -491,6 +527,7 @@ Result<RoundTripResult> eventfd_pingpong(double seconds) {
   const pid_t pid = ::fork();
   if (pid < 0) return Error::from_errno(errno, what, "set up", "fork");
   if (pid == 0) {
+    const chanbench::PinCpu own(child_cpu);
     for (;;) {
       std::uint64_t v = 0;
       if (::read(ping_fd, &v, sizeof v) != sizeof v || v != 1) _exit(0);  // 2: stop
@@ -811,7 +848,8 @@ int bench_channel(const std::vector<std::string>& args) {
     for (auto [wake, key] : {std::pair{chanbench::Wake::poll, "channel_rt_polling"},
                              std::pair{chanbench::Wake::doorbell, "channel_rt_doorbell"},
                              std::pair{chanbench::Wake::hybrid, "channel_rt_hybrid"},
-                             std::pair{chanbench::Wake::doorbell_one_cpu, "channel_rt_doorbell_one_cpu"}}) {
+                             std::pair{chanbench::Wake::doorbell_one_cpu, "channel_rt_doorbell_one_cpu"},
+                             std::pair{chanbench::Wake::doorbell_two_cpus, "channel_rt_doorbell_two_cpus"}}) {
       auto rt = chanbench::run_pingpong_initiator(ch, size, seconds, wake);
       if (!rt) return fail(rt.error());
       r[std::string(key) + "_ns"] = rt->mean_ns;
@@ -821,14 +859,20 @@ int bench_channel(const std::vector<std::string>& args) {
     auto wake = eventfd_pingpong(seconds);
     if (!wake) return fail(wake.error());
     r["eventfd_rt_ns"] = wake->mean_ns;
+    auto wake2 = eventfd_pingpong(seconds, Placement::two_cpus);
+    if (!wake2) return fail(wake2.error());
+    r["eventfd_rt_two_cpus_ns"] = wake2->mean_ns;
     for (auto [kind, key] : {std::pair{"unix socket", "unix_socket"}, std::pair{"tcp loopback", "tcp"}}) {
       auto rt = socket_pingpong(kind, size, seconds);
       if (!rt) return fail(rt.error());
       r[std::string(key) + "_rt_ns"] = rt->mean_ns;
       r[std::string(key) + "_rt_p50_ns"] = rt->p50_ns;
-      auto one = socket_pingpong(kind, size, seconds, true);
+      auto one = socket_pingpong(kind, size, seconds, Placement::one_cpu);
       if (!one) return fail(one.error());
       r[std::string(key) + "_rt_one_cpu_ns"] = one->mean_ns;
+      auto two = socket_pingpong(kind, size, seconds, Placement::two_cpus);
+      if (!two) return fail(two.error());
+      r[std::string(key) + "_rt_two_cpus_ns"] = two->mean_ns;
       auto st = socket_stream(kind, size, seconds);
       if (!st) return fail(st.error());
       r[std::string(key) + "_stream_msgs_per_s"] = st->msgs_per_s;
@@ -854,6 +898,9 @@ int bench_channel(const std::vector<std::string>& args) {
     r["eventfd_rt_vs_unix_socket"] = ratio("eventfd_rt_ns", "unix_socket_rt_ns");
     r["blocking_rt_vs_unix_socket_one_cpu"] =
         ratio("channel_rt_doorbell_one_cpu_ns", "unix_socket_rt_one_cpu_ns");
+    r["blocking_rt_vs_unix_socket_two_cpus"] =
+        ratio("channel_rt_doorbell_two_cpus_ns", "unix_socket_rt_two_cpus_ns");
+    r["blocking_rt_vs_eventfd_two_cpus"] = ratio("channel_rt_doorbell_two_cpus_ns", "eventfd_rt_two_cpus_ns");
     for (auto it = r.begin(); it != r.end(); ++it) m[it.key()].push_back(it.value().get<double>());
     per_round.push_back(r);
   }
@@ -869,11 +916,13 @@ int bench_channel(const std::vector<std::string>& args) {
   const double r_bare = out["ratio_vs_bare_ring"], r_unix = out["ratio_vs_unix_socket"];
   const double r_poll = out["polling_rt_vs_cache_line"], r_bell = out["blocking_rt_vs_unix_socket"];
   const double r_bell1 = out["blocking_rt_vs_unix_socket_one_cpu"];
+  const double r_bell2 = out["blocking_rt_vs_unix_socket_two_cpus"];
   out["goals"] = {{"ratio_vs_bare_ring >= 0.8", r_bare >= 0.8},
                   {"ratio_vs_unix_socket >= 50", r_unix >= 50},
                   {"polling_rt_vs_cache_line <= 3", r_poll <= 3},
                   {"blocking_rt_vs_unix_socket < 1", r_bell < 1},
-                  {"blocking_rt_vs_unix_socket_one_cpu < 1", r_bell1 < 1}};
+                  {"blocking_rt_vs_unix_socket_one_cpu < 1", r_bell1 < 1},
+                  {"blocking_rt_vs_unix_socket_two_cpus < 1", r_bell2 < 1}};
   out["per_round"] = per_round;
   if (vm.count("json")) {
     std::cout << out.dump(2) << "\n";
@@ -901,6 +950,10 @@ int bench_channel(const std::vector<std::string>& args) {
               g("channel_rt_doorbell_p50_ns"), g("unix_socket_rt_p50_ns"), g("tcp_rt_p50_ns"));
   std::printf("  round trip on one CPU, mean (ns): doorbell %7.0f | unix %7.0f | tcp %7.0f\n",
               g("channel_rt_doorbell_one_cpu_ns"), g("unix_socket_rt_one_cpu_ns"), g("tcp_rt_one_cpu_ns"));
+  std::printf(
+      "  round trip pinned to two CPUs, mean (ns): doorbell %7.0f | unix %7.0f | tcp %7.0f | eventfd %7.0f\n",
+      g("channel_rt_doorbell_two_cpus_ns"), g("unix_socket_rt_two_cpus_ns"), g("tcp_rt_two_cpus_ns"),
+      g("eventfd_rt_two_cpus_ns"));
   std::printf("  ratios (median of per-round ratios):\n");
   std::printf("    channel / bare ring rate      %6.2f (goal >= 0.8)\n", r_bare);
   std::printf("    channel / unix socket rate    %6.1f (goal >= 50)\n", r_unix);
@@ -914,6 +967,9 @@ int bench_channel(const std::vector<std::string>& args) {
       "    doorbell RT / unix socket RT  %6.2f (goal < 1; both processes where the scheduler puts them)\n",
       r_bell);
   std::printf("    the same on one CPU           %6.2f (no cross-vCPU wake-up in either)\n", r_bell1);
+  std::printf(
+      "    the same on two CPUs          %6.2f (every wake-up crosses vCPUs; doorbell / bare eventfd %.2f)\n",
+      r_bell2, g("blocking_rt_vs_eventfd_two_cpus"));
   std::printf(
       "    doorbell RT / bare eventfd RT %6.2f, bare eventfd RT / unix socket RT %.2f (the wake-up alone: "
       "%.0f ns)\n",
