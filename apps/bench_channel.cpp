@@ -37,6 +37,7 @@
 #include <cerrno>
 #include <csignal>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <optional>
@@ -599,6 +600,14 @@ Result<StreamResult> socket_stream(const std::string& kind, std::size_t size, do
 
 // ---- the channel between two processes ----
 
+// The first line of a sysfs file, or "" when it cannot be read.
+std::string sysfs_line(const char* path) {
+  std::ifstream f(path);
+  std::string line;
+  std::getline(f, line);
+  return line;
+}
+
 // Window bytes for two rings of ring_bytes (whole pages).
 std::size_t layout_bytes(std::size_t ring_bytes) {
   return (channel::layout::kControlBytes + 2 * ring_bytes + 4095) / 4096 * 4096;
@@ -911,6 +920,11 @@ int bench_channel(const std::vector<std::string>& args) {
   out["rounds"] = rounds;
   out["batch"] = batch;
   out["ring_bytes"] = ring;
+  // What a sleeping round trip depends on most: whether an idle vCPU polls
+  // before it halts (a halted one costs the hypervisor's wake-up, ~25 us
+  // each way on these machines, whatever the mechanism).
+  out["cpuidle_driver"] = sysfs_line("/sys/devices/system/cpu/cpuidle/current_driver");
+  out["guest_halt_poll_ns"] = sysfs_line("/sys/module/haltpoll/parameters/guest_halt_poll_ns");
   out["small_ring_bytes"] = small_ring;
   for (auto& [k, v] : m) out[k] = median(v);  // medians; the ratios are medians of per-round ratios
   const double r_bare = out["ratio_vs_bare_ring"], r_unix = out["ratio_vs_unix_socket"];
@@ -954,6 +968,10 @@ int bench_channel(const std::vector<std::string>& args) {
       "  round trip pinned to two CPUs, mean (ns): doorbell %7.0f | unix %7.0f | tcp %7.0f | eventfd %7.0f\n",
       g("channel_rt_doorbell_two_cpus_ns"), g("unix_socket_rt_two_cpus_ns"), g("tcp_rt_two_cpus_ns"),
       g("eventfd_rt_two_cpus_ns"));
+  const std::string idle = out["cpuidle_driver"].get<std::string>();
+  const std::string halt_poll = out["guest_halt_poll_ns"].get<std::string>();
+  std::printf("  idle: cpuidle driver %s%s%s\n", idle.empty() ? "unknown" : idle.c_str(),
+              halt_poll.empty() ? "" : ", guest_halt_poll_ns ", halt_poll.c_str());
   std::printf("  ratios (median of per-round ratios):\n");
   std::printf("    channel / bare ring rate      %6.2f (goal >= 0.8)\n", r_bare);
   std::printf("    channel / unix socket rate    %6.1f (goal >= 50)\n", r_unix);
