@@ -483,8 +483,8 @@ Result<void> spawn_socket_peer(const std::string& kind, bool nodelay, const std:
 
 Result<RoundTripResult> socket_pingpong(const std::string& kind, std::size_t size, double seconds,
                                         Placement where = Placement::scheduler) {
-  const int child_cpu = where == Placement::two_cpus ? chanbench::responder_cpu(where) : -1;
-  const chanbench::PinCpu pin(chanbench::initiator_cpu(where));  // before the fork: the child inherits it
+  const int child_cpu = chanbench::responder_cpu(where);
+  const chanbench::PinCpu pin(chanbench::initiator_cpu(where));
   std::vector<std::uint8_t> buf(size, 0x5a), echo(size);
   SocketPeer peer;
   UV_TRY_VOID(spawn_socket_peer(
@@ -516,8 +516,8 @@ Result<RoundTripResult> socket_pingpong(const std::string& kind, std::size_t siz
 // processes, no data and no channel. What a sleeping round trip cannot get
 // below on this machine, whatever carries the data.
 Result<RoundTripResult> eventfd_pingpong(double seconds, Placement where = Placement::scheduler) {
-  const int child_cpu = where == Placement::two_cpus ? chanbench::responder_cpu(where) : -1;
-  const chanbench::PinCpu pin(chanbench::initiator_cpu(where));  // before the fork: the child inherits it
+  const int child_cpu = chanbench::responder_cpu(where);
+  const chanbench::PinCpu pin(chanbench::initiator_cpu(where));
   const char* what = "eventfd ping-pong";
   const int ping_fd = ::eventfd(0, EFD_CLOEXEC);
   if (ping_fd < 0) return Error::from_errno(errno, what, "set up", "eventfd");
@@ -828,7 +828,6 @@ int bench_channel(const std::vector<std::string>& args) {
   if (auto r = start_channel(ring_arg, batch, peer); !r) return fail(r.error());
   channel::Channel& ch = *peer.ch;
   const std::size_t ring = ch.ring_bytes();
-  if (size > ring / 4) throw UsageError{"channel: --size must be at most a quarter of the ring"};
   ChannelPeer small_peer;
   if (small_ring != 0) {
     if (auto r = start_channel(small_ring, batch, small_peer); !r) return fail(r.error());

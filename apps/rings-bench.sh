@@ -15,6 +15,7 @@ batch=${3:-32}
 [ -x "$bin/uvirtio-bench" ] || { echo "no $bin/uvirtio-bench: build first" >&2; exit 2; }
 command -v dpdk-testpmd >/dev/null || { echo "dpdk-testpmd not installed (Debian package dpdk-dev)" >&2; exit 77; }
 rows=()
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
 for ((r = 1; r <= rounds; r++)); do
   out=$("$bin/uvirtio-bench" rings --batch "$batch" --seconds 1 --dpdk-seconds 5)
   # cache RT, bare, split, packed, split in-order, packed in-order, dpdk (M/s)
@@ -25,7 +26,6 @@ for ((r = 1; r <= rounds; r++)); do
     $1 == b && sec != "" { v[sec] = $2 }
     END { printf "%s %s %s %s %s %s %s", rt, bare, v["split"], v["packed"], v["split_io"], v["packed_io"], v["dpdk"] }' <<<"$out")
   read -r rt bare split packed split_io packed_io dpdk <<<"$row"
-  ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
   echo "round $r: cache RT ${rt} ns | bare ${bare} | split ${split} | packed ${packed}" \
     "| in order: split ${split_io} packed ${packed_io} | DPDK ${dpdk} (M/s)" \
     "| split/DPDK $(ratio "$split" "$dpdk") packed/DPDK $(ratio "$packed" "$dpdk")" \
