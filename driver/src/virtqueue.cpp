@@ -119,6 +119,17 @@ Result<std::unique_ptr<Virtqueue>> Virtqueue::create(Transport& t, std::uint16_t
 }
 
 Result<std::vector<std::uint64_t>> Virtqueue::restart() {
+  // The device is reset (its status read back 0), so it writes nothing more
+  // into this ring. Used entries it wrote before the reset are requests that
+  // ran to the end: taken off here, they are not reported as dropped and
+  // their ids are not held back for a late completion that cannot come.
+  // Each entry is validated as usual; at the first bad one the rest count
+  // as dropped.
+  while (ring_.in_flight() != 0) {
+    auto c = poll();
+    if (!c.ok() || !*c) break;
+    ++completed_before_reset_;
+  }
   std::vector<std::uint64_t> dropped = ring_.outstanding_tokens();
   UV_TRY_VOID(ring_.reset_ring());
   ring_.set_interrupts(mode_ != CompletionMode::polling);

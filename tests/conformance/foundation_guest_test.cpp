@@ -556,7 +556,9 @@ TEST_F(PmemStalledHost, StaleCompletionAfterAResetIsNeverTakenForANewFlush) {
 // it makes QEMU set NEEDS_RESET ("Virtqueue size exceeded"): when the
 // next flush reaches QEMU only after the stale push, recover_on_reset
 // recovers and sends it again. Either way it succeeds and is never
-// answered by the stale completion.
+// answered by the stale completion. On a slow host the stall can end
+// between the timeout and the reset: QEMU then completes the flush into the
+// old ring, recover() takes that completion off and nothing stale follows.
 TEST_F(PmemStalledHost, RecoverWithAFlushStuckInQemuThenFlushWorks) {
   opt.map = false;
   opt.recover_on_reset = true;
@@ -570,14 +572,21 @@ TEST_F(PmemStalledHost, RecoverWithAFlushStuckInQemuThenFlushWorks) {
   EXPECT_EQ(r.error().code(), Errc::timeout) << r.error().message();
   auto n = (*pm)->recover();
   ASSERT_TRUE(n) << n.error().message();
-  EXPECT_EQ(*n, 1u) << "the stuck flush was in flight";
+  const std::uint64_t before_reset = (*pm)->queue().completed_before_reset();
+  EXPECT_EQ(*n + before_reset, 1u) << "the stuck flush was in flight or completed before the reset";
   auto again = (*pm)->flush();
   ASSERT_TRUE(again) << again.error().message();
-  std::printf("stale completions dropped: %llu, recoveries: %llu\n",
+  std::printf("stale completions dropped: %llu, recoveries: %llu, completed before the reset: %llu\n",
               static_cast<unsigned long long>(split->stale_dropped()),
-              static_cast<unsigned long long>((*pm)->recoveries()));
-  EXPECT_TRUE(split->stale_dropped() == 1 || (*pm)->recoveries() >= 2)
-      << "the stale completion was neither dropped nor cleared by a reset";
+              static_cast<unsigned long long>((*pm)->recoveries()),
+              static_cast<unsigned long long>(before_reset));
+  if (before_reset == 1) {
+    EXPECT_EQ(split->stale_dropped(), 0u) << "a completion was dropped though none was stale";
+    EXPECT_EQ((*pm)->recoveries(), 1u);
+  } else {
+    EXPECT_TRUE(split->stale_dropped() == 1 || (*pm)->recoveries() >= 2)
+        << "the stale completion was neither dropped nor cleared by a reset";
+  }
 }
 
 // QEMU's virtio-pmem goes NEEDS_RESET on a request it cannot map (see

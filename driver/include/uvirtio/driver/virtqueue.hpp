@@ -65,8 +65,11 @@ class Virtqueue {
   // the ring to its initial state in the same memory and programs the queue
   // again. Returns the tokens of the requests that were in flight, in
   // submission order: the device dropped them, the caller resubmits or
-  // fails each.
+  // fails each. Requests the device completed before the reset (used
+  // entries not yet taken) are taken off first and are not among them.
   Result<std::vector<std::uint64_t>> restart();
+  // Completions restart() found in the ring, over the queue's life.
+  std::uint64_t completed_before_reset() const { return completed_before_reset_; }
 
   std::uint64_t notifications() const { return notifications_; }
   std::uint64_t interrupts() const { return interrupts_; }
@@ -121,6 +124,7 @@ class Virtqueue {
   std::optional<InflightLedger> ledger_;
   std::string ledger_error_;
   std::uint64_t stale_seen_ = 0;  // the ring's stale_dropped() as last settled
+  std::uint64_t completed_before_reset_ = 0;
 };
 
 }  // namespace uvirtio::driver
