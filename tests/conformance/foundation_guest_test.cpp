@@ -567,19 +567,38 @@ TEST_F(PmemStalledHost, RecoverWithAFlushStuckInQemuThenFlushWorks) {
   auto* split = (*pm)->queue().ring().split();
   if (split == nullptr)
     GTEST_SKIP() << "packed ring: its stale completion breaks the ring (doc/protocols.md)";
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto ms = [&t0] {
+    return static_cast<long long>(
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count());
+  };
   auto r = (*pm)->flush();
+  const long long timed_out = ms();
   ASSERT_FALSE(r) << "the host's fsync should hang";
   EXPECT_EQ(r.error().code(), Errc::timeout) << r.error().message();
   auto n = (*pm)->recover();
+  const long long recovered = ms();
   ASSERT_TRUE(n) << n.error().message();
   const std::uint64_t before_reset = (*pm)->queue().completed_before_reset();
   EXPECT_EQ(*n + before_reset, 1u) << "the stuck flush was in flight or completed before the reset";
   auto again = (*pm)->flush();
+  const long long answered = ms();
   ASSERT_TRUE(again) << again.error().message();
-  std::printf("stale completions dropped: %llu, recoveries: %llu, completed before the reset: %llu\n",
-              static_cast<unsigned long long>(split->stale_dropped()),
-              static_cast<unsigned long long>((*pm)->recoveries()),
-              static_cast<unsigned long long>(before_reset));
+  const std::uint64_t answers = (*pm)->device_requests();
+  // Anything QEMU still delivers after the flush was answered (it should not).
+  std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+  auto later = (*pm)->queue().poll();
+  std::printf(
+      "stale completions dropped: %llu, recoveries: %llu, completed before the reset: %llu "
+      "(ms: timed out %lld, recovered %lld, next flush answered %lld; answers %llu; 1 s later: %s, dropped "
+      "%llu)\n",
+      static_cast<unsigned long long>(split->stale_dropped()),
+      static_cast<unsigned long long>((*pm)->recoveries()), static_cast<unsigned long long>(before_reset),
+      timed_out, recovered, answered, static_cast<unsigned long long>(answers),
+      !later   ? later.error().message().c_str()
+      : *later ? "a completion"
+               : "nothing",
+      static_cast<unsigned long long>(split->stale_dropped()));
   if (before_reset == 1) {
     EXPECT_EQ(split->stale_dropped(), 0u) << "a completion was dropped though none was stale";
     EXPECT_EQ((*pm)->recoveries(), 1u);

@@ -442,8 +442,8 @@ TEST(Rng, RecoverTakesOffWhatTheDeviceCompletedBeforeTheReset) {
   FakeVirtioDevice dev(entropy());
   Counter counter;
   dev.set_handler(counter.handler());
-  dev.start_worker(50ms);
-  auto rng = attach(dev, CompletionMode::polling, 5ms);
+  dev.start_worker(600ms);
+  auto rng = attach(dev, CompletionMode::polling, 200ms);
   ASSERT_TRUE(rng);
   std::vector<std::uint8_t> out(16);
   expect_error(rng->read(out), Errc::timeout, "no completion");
