@@ -37,7 +37,6 @@
 #include <cerrno>
 #include <csignal>
 #include <cstring>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <optional>
@@ -49,6 +48,7 @@
 #include "cli_common.hpp"
 #include "uvirtio/driver/ivshmem.hpp"
 #include "uvirtio/pci/eventfd_doorbell.hpp"
+#include "uvirtio/pci/os.hpp"
 #include "uvirtio/rings/channel.hpp"
 
 namespace uvirtio::apps {
@@ -602,10 +602,8 @@ Result<StreamResult> socket_stream(const std::string& kind, std::size_t size, do
 
 // The first line of a sysfs file, or "" when it cannot be read.
 std::string sysfs_line(const char* path) {
-  std::ifstream f(path);
-  std::string line;
-  std::getline(f, line);
-  return line;
+  const std::string text = pci::Os::system().read_file(path).value_or("");
+  return text.substr(0, text.find('\n'));
 }
 
 // Window bytes for two rings of ring_bytes (whole pages).
