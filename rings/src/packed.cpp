@@ -73,6 +73,7 @@ Result<PackedQueue> PackedQueue::create(std::uint16_t size, void* desc_ring, voi
   q.driver_event_ = static_cast<PvirtqEventSuppress*>(driver_event);
   q.device_event_ = static_cast<PvirtqEventSuppress*>(device_event);
   q.name_ = std::move(name);
+  q.held_back_.assign(size, false);
   q.init_state();
   return q;
 }
@@ -126,6 +127,10 @@ Result<std::uint16_t> PackedQueue::add(std::span<const Buffer> out, std::span<co
   const std::uint16_t id = in_order_ ? next_avail_ : free_id_;
   Extra& x = extra_[id];
   if (!in_order_) free_id_ = x.next_free;
+  if (held_count_ != 0 && held_back_[id]) {  // handed out again: a used descriptor naming it is ours now
+    held_back_[id] = false;
+    --held_count_;
+  }
 
   const std::uint16_t head = next_avail_;
   std::uint16_t head_flags = 0;
@@ -383,6 +388,12 @@ void PackedQueue::set_event_idx(bool enabled) noexcept {
 Result<void> PackedQueue::reset_ring() {
   // Buffer ids in flight now are handed out last (see SplitQueue::reset_ring).
   const std::uint16_t after = detail::after_ids_in_flight(extra_, size_);
+  if (!in_order_)
+    for (std::uint16_t i = 0; i < size_; ++i)
+      if (extra_[i].chain_len != 0 && !held_back_[i]) {
+        held_back_[i] = true;
+        ++held_count_;
+      }
   init_state();
   write_driver_event();        // the zeroed area says "enabled"; restore what was asked
   if (in_order_) return ok();  // ids follow ring positions there
@@ -399,9 +410,12 @@ Result<void> PackedQueue::relink_ids(const char* op, std::uint16_t first,
                                      std::span<const std::uint16_t> ids) {
   if (auto why = detail::relink_problem(in_flight() == 0, in_order_, size_, first, ids); !why.empty())
     return Error(Errc::invalid_argument, name_, op, why);
-  std::vector<bool> last(size_, false);
-  for (const std::uint16_t id : ids) last[id] = true;
-  free_id_ = detail::link_free_ids_last(extra_, size_, first, &Extra::next_free, last);
+  for (const std::uint16_t id : ids)
+    if (!held_back_[id]) {
+      held_back_[id] = true;
+      ++held_count_;
+    }
+  free_id_ = detail::link_free_ids_last(extra_, size_, first, &Extra::next_free, held_back_);
   return ok();
 }
 
@@ -411,6 +425,8 @@ Result<void> PackedQueue::set_in_order(bool enabled) {
                  std::to_string(in_flight()) + " descriptors are in flight; set it before use");
   }
   in_order_ = enabled;
+  held_back_.assign(size_, false);  // ids follow ring positions in order mode
+  held_count_ = 0;
   // Everything is free: a fresh id free list, which in_order does not keep.
   for (std::uint16_t i = 0; i < size_; ++i) extra_[i].next_free = static_cast<std::uint16_t>(i + 1);
   free_id_ = 0;

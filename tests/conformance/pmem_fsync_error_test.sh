@@ -19,7 +19,9 @@
 # after a reset with a flush stuck in QEMU, that QEMU's late completion of it
 # is dropped by the new owner (the queue's in-flight ledger names the old
 # owner's id) instead of completing the new owner's flush; and after
-# recover() within one owner, it is dropped and the next flush works.
+# recover() within one owner, it is dropped and the next flush works. Last,
+# the reset case again on a packed ring, where the late completion breaks
+# the ring with a clear error and recover() brings the device back.
 #   pmem_fsync_error_test.sh BIN_DIR FAILFS CONFORMANCE_BINARY   (exit 77: QEMU, kernel or FUSE missing)
 set -euo pipefail
 bin=$1
@@ -43,14 +45,26 @@ cleanup() {
 trap cleanup EXIT
 mkdir "$work/mnt"
 truncate -s 16M "$work/pmem.img"
-"$failfs" "$work/pmem.img" "$work/mnt" --fail 4:2 --lose-failed-writes --log "$work/fsync.log" -f -s 2>"$work/failfs.err" &
-fs_pid=$!
-for _ in $(seq 50); do
-  mountpoint -q "$work/mnt" && break
-  kill -0 "$fs_pid" 2>/dev/null || break
-  sleep 0.1
-done
-if ! mountpoint -q "$work/mnt"; then
+# start_failfs LOG ARGS...: mounts failfs over pmem.img on $work/mnt with
+# ARGS, its fsync log in LOG; fails if it is not mounted within 5 s.
+start_failfs() {
+  local log=$1
+  shift
+  "$failfs" "$work/pmem.img" "$work/mnt" "$@" --log "$log" -f -s 2>"$work/failfs.err" &
+  fs_pid=$!
+  for _ in $(seq 50); do
+    mountpoint -q "$work/mnt" && return 0
+    kill -0 "$fs_pid" 2>/dev/null || return 1
+    sleep 0.1
+  done
+  return 1
+}
+stop_failfs() {
+  umount "$work/mnt" 2>/dev/null || fusermount3 -u "$work/mnt"
+  wait "$fs_pid" || true
+  fs_pid=
+}
+if ! start_failfs "$work/fsync.log" --fail 4:2 --lose-failed-writes; then
   echo "SKIP: cannot mount a FUSE filesystem here: $(head -c 300 "$work/failfs.err")"
   exit 77
 fi
@@ -99,9 +113,7 @@ check "the log holds the acknowledged record and not the failed one" \
 check "the guest still reads what the failed flush lost ($(grep '^guest-reads=' "$out"))" \
   grep -q "^guest-reads=lost-write,lost-too$" "$out"
 check "repersist succeeds (rc $(rc 8))" [ "$(rc 8)" = 0 ]
-umount "$work/mnt" 2>/dev/null || fusermount3 -u "$work/mnt"
-wait "$fs_pid" || true
-fs_pid=
+stop_failfs
 expected=$(printf 'fsync %s\n' "1 ok" "2 ok" "3 ok" "4 EIO" "5 EIO" "6 ok" "7 ok" "8 ok" "9 ok")
 check "the host saw fsyncs 1-3 ok, 4-5 EIO, 6-9 ok: $(tr '\n' ',' <"$work/fsync.log")" \
   [ "$(cat "$work/fsync.log")" = "$expected" ]
@@ -112,9 +124,7 @@ check "repersist wrote the other lost write back to the backing file" [ "$(at 9 
 [ "$fail" = 0 ] || { echo "guest output:"; cat "$out"; }
 
 # A host whose fsync hangs for 3 s, twice.
-"$failfs" "$work/pmem.img" "$work/mnt" --stall 1:3000 --stall 3:5000 --stall 6:1500 --log "$work/stall.log" -f -s 2>"$work/failfs.err" &
-fs_pid=$!
-for _ in $(seq 50); do mountpoint -q "$work/mnt" && break; sleep 0.1; done
+start_failfs "$work/stall.log" --stall 1:3000 --stall 3:5000 --stall 6:1500 || true
 check "failfs mounted again, stalling fsyncs 1, 3 and 6" mountpoint -q "$work/mnt"
 "$bin/uvirtio-vm" --pmem "$work/mnt/pmem.img:16M" --add "$conf" -- \
   env UVIRTIO_PMEM_STALL_MS=3000 uvirtio-conformance --gtest_color=no --gtest_filter='PmemStalledHost.*' \
@@ -125,12 +135,28 @@ check "a completion QEMU delivered after a reset was not taken for the new owner
   grep -q '^\[       OK \] PmemStalledHost.StaleCompletionAfterAResetIsNeverTakenForANewFlush' "$work/stall.out"
 check "after recover() with a flush stuck in QEMU, its late answer was dropped and the next flush worked" \
   grep -q '^\[       OK \] PmemStalledHost.RecoverWithAFlushStuckInQemuThenFlushWorks' "$work/stall.out"
-umount "$work/mnt" 2>/dev/null || fusermount3 -u "$work/mnt"
-wait "$fs_pid" || true
-fs_pid=
+stop_failfs
 check "the host saw each stalled fsync, then the next ones: $(tr '\n' ',' <"$work/stall.log")" \
   [ "$(cat "$work/stall.log")" = "$(printf 'fsync %s\n' '1 ok, stalled' '2 ok' '3 ok, stalled' '4 ok' '5 ok' '6 ok, stalled' '7 ok')" ]
 check "the data of the persist after the stall is in the backing file" [ "$(at 12 7)" = stalled ]
 grep -h 'stale completions dropped' "$work/stall.out" || true
 grep -q '^\[  PASSED  \] 3 tests' "$work/stall.out" || { echo "guest output:"; cat "$work/stall.out"; }
+
+# The same reset with a flush stuck in QEMU, on a packed ring (packed=on): the
+# stale used descriptor cannot be skipped there (QEMU advances its used index
+# past it), so it must break the ring with a clear error whichever of the two
+# completions QEMU delivers first, and recover() must bring the device back.
+start_failfs "$work/packed.log" --stall 1:5000 || true
+check "failfs mounted a third time, stalling fsync 1" mountpoint -q "$work/mnt"
+"$bin/uvirtio-vm" --packed --pmem "$work/mnt/pmem.img:16M" --add "$conf" -- \
+  env UVIRTIO_PMEM_STALL_MS=3000 uvirtio-conformance --gtest_color=no \
+  --gtest_filter='PmemStalledHost.StaleCompletionAfterAResetIsNeverTakenForANewFlush' \
+  2>&1 | tr -d '\r' >"$work/packed.out" || true
+check "packed ring: QEMU's late completion broke the ring with a clear error, never answered the new flush" \
+  grep -q '^\[       OK \] PmemStalledHost.StaleCompletionAfterAResetIsNeverTakenForANewFlush' "$work/packed.out"
+stop_failfs
+check "the host saw the stalled fsync, then the new owner's two: $(tr '\n' ',' <"$work/packed.log")" \
+  [ "$(cat "$work/packed.log")" = "$(printf 'fsync %s\n' '1 ok, stalled' '2 ok' '3 ok')" ]
+grep -h '^packed ring:' "$work/packed.out" || true
+grep -q '^\[  PASSED  \] 1 test' "$work/packed.out" || { echo "guest output:"; cat "$work/packed.out"; }
 finish

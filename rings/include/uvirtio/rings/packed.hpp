@@ -261,7 +261,9 @@ class PackedQueue {
   // when the device no longer uses the ring (after a device or queue reset).
   // Buffer ids that were in flight are handed out last (see SplitQueue).
   Result<void> reset_ring();
-  // Idle queue, not in-order: buffer ids are handed out from `first` on.
+  // Idle queue, not in-order: buffer ids are handed out from `first` on,
+  // except that ids held back by reset_ring() or adopt_stale() and not yet
+  // handed out again still come last.
   Result<void> start_ids_at(std::uint16_t first);
   // Idle queue, not in-order: an earlier owner of the queue had the buffer
   // ids `ids` in flight when the device was reset. Hands ids out from
@@ -323,6 +325,11 @@ class PackedQueue {
     std::uint64_t seq = 0;
   };
   std::vector<Extra> extra_;  // indexed by buffer id
+  // Ids a reset or an earlier owner left in flight, until handed out again:
+  // every relink of the free list puts them last, so a late completion
+  // naming one finds it not in flight. Survives reset_ring().
+  std::vector<bool> held_back_;
+  std::uint16_t held_count_ = 0;
 };
 
 }  // namespace uvirtio::rings
