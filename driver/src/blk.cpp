@@ -81,7 +81,7 @@ Result<void> Blk::request(std::uint32_t type, std::uint64_t sector, std::size_t 
                           bool device_writes_data, const char* op) {
   // A request the device dropped is sent again after recovery: the data is
   // still in the bounce buffer.
-  return retry_once_after_recovery(
+  return retry_after_recovery(
       opt_.recover_on_reset, [&] { return request_once(type, sector, bytes, device_writes_data, op); },
       [this] { return recover(); });
 }

@@ -169,7 +169,7 @@ Result<std::unique_ptr<Pmem>> Pmem::attach(std::unique_ptr<Device> dev, const Pm
 
 Result<void> Pmem::device_flush() {
   std::lock_guard lk(request_mutex_);
-  return retry_once_after_recovery(
+  return retry_after_recovery(
       opt_.recover_on_reset, [this] { return device_flush_locked(); }, [this] { return recover_locked(); });
 }
 

@@ -30,6 +30,7 @@ int to_errno(const uvirtio::Error& e) {
     case Errc::unsupported:
       return -EOPNOTSUPP;
     case Errc::needs_reset:
+    case Errc::stale_completion:
       return -ERESTART;  // uvirtio_pmem_recover() may bring the device back
     default:
       return -EIO;  // device_error (host fsync failed), broken, bad device data, io

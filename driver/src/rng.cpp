@@ -42,12 +42,13 @@ Result<void> Rng::read(std::span<std::uint8_t> out) {
   const std::string op = "read entropy";
   std::size_t done = 0;
   int empty_answers = 0;
-  bool recovered = false;
+  bool reset_done = false;
+  int stale_done = 0;
   // A request the device dropped by going NEEDS_RESET is resubmitted after
-  // recovery (entropy requests are idempotent), once per call.
+  // recovery (entropy requests are idempotent), once per call; the same
+  // after a packed ring's stale completion (recovery_allowed).
   auto may_recover = [&](const Error& e) -> Result<bool> {
-    if (e.code() != Errc::needs_reset || !opt_.recover_on_reset || recovered) return false;
-    recovered = true;
+    if (!opt_.recover_on_reset || !recovery_allowed(e, reset_done, stale_done)) return false;
     UV_TRY(const std::size_t dropped, recover());
     (void)dropped;
     return true;

@@ -97,6 +97,7 @@ void PackedQueue::init_state() {
   batch_left_ = batch_pos_ = 0;
   batch_len_ = 0;
   broken_ = false;
+  stale_broken_ = false;
 }
 
 std::size_t PackedQueue::indirect_limit() const noexcept {
@@ -107,7 +108,7 @@ std::size_t PackedQueue::indirect_limit() const noexcept {
 Result<std::uint16_t> PackedQueue::add(std::span<const Buffer> out, std::span<const Buffer> in,
                                        std::uint64_t token) {
   const char* op = "add buffers";
-  if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
+  if (broken_) return broken_error(op);
   const std::size_t n = out.size() + in.size();
   const std::int64_t checked = detail::chain_writable(out, in);
   if (checked < 0) return detail::chain_fault(checked, name_);
@@ -226,7 +227,7 @@ bool PackedQueue::publish() {
 
 Result<std::optional<Completion>> PackedQueue::poll() {
   const char* op = "poll used ring";
-  if (broken_) return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
+  if (broken_) return broken_error(op);
   if (batch_left_ > 0) return std::optional<Completion>{take_oldest()};
   PvirtqDesc& d = desc_[last_used_];
   const std::uint16_t flags = load_acquire(d.flags);
@@ -253,7 +254,20 @@ Result<std::optional<Completion>> PackedQueue::poll() {
   const std::uint32_t len = read_once(d.len);
   if (id >= size_) return fail("used id " + std::to_string(id) + " out of range").error();
   Extra& x = extra_[id];
-  if (x.chain_len == 0) return fail("used id " + std::to_string(id) + " not in flight").error();
+  if (x.chain_len == 0) {
+    if (held_back_[id]) {
+      // A request a reset abandoned, completed by a device that went on
+      // with it (QEMU 7.2's virtio-pmem). It cannot be skipped: the device
+      // has moved its used position past it too. Only a reset goes on.
+      broken_ = true;
+      stale_broken_ = true;
+      return Error(
+          Errc::stale_completion, name_, op,
+          "used id " + std::to_string(id) +
+              " not in flight: the device completed a request from before the reset; reset the device");
+    }
+    return fail("used id " + std::to_string(id) + " not in flight").error();
+  }
   // 2.8.4 lets a driver ignore len when the used descriptor lacks
   // VIRTQ_DESC_F_WRITE; devices commonly leave that flag clear, so like
   // Linux we take len as written and check it against our own count.
@@ -465,6 +479,13 @@ std::vector<std::uint64_t> PackedQueue::outstanding_tokens() const {
   tokens.reserve(live.size());
   for (const auto& [seq, token] : live) tokens.push_back(token);
   return tokens;
+}
+
+Error PackedQueue::broken_error(const char* op) const {
+  if (stale_broken_)
+    return Error(Errc::stale_completion, name_, op,
+                 "queue is broken by the completion of a request from before the reset; reset the device");
+  return Error(Errc::broken, name_, op, "queue is broken by an earlier device error");
 }
 
 Result<void> PackedQueue::fail(std::string cause) {

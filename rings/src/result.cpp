@@ -29,6 +29,8 @@ const char* errc_name(Errc c) noexcept {
       return "device_error";
     case Errc::peer_gone:
       return "peer_gone";
+    case Errc::stale_completion:
+      return "stale_completion";
   }
   return "unknown";
 }

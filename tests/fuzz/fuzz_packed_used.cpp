@@ -9,6 +9,9 @@
 // nothing, or fail with bad_device_data exactly when the device data is
 // invalid, and never write memory; after a failure every call fails with
 // Errc::broken and the driver-written areas never change. Any mismatch traps.
+// reset_ring() holds the ids in flight back: until handed out again, a used
+// descriptor naming one fails with Errc::stale_completion instead (latched
+// with that code), and reset_ring() ends any broken state.
 //
 // The optional features are part of the model too: with VIRTIO_F_EVENT_IDX
 // publish() must kick exactly when the device's DESC offset/wrap names one of
@@ -27,13 +30,14 @@
 // Input: byte 0 picks the queue size (bits 0-2: 1, 2, 3, 4, 5, 7, 8 or 16),
 // VIRTIO_F_EVENT_IDX (bit 3), indirect tables (bit 4) of 2, 3, 4 or 16
 // entries (bits 5-6) and VIRTIO_F_IN_ORDER (bit 7); then ops, each starting
-// with a byte b, op = b % 7:
+// with a byte b, op = b % 8:
 //   0 add:        n_out%4, n_in%4, one length byte per buffer
 //                 (0: zero length, 255: next 4 bytes raw, else 16*b)
 //   1 publish
 //   2 device:     entry count byte %4, then per entry, written from the
 //                 driver's last-used position on, skipping like a device:
-//                 id selector (bit 7: next 2 bytes raw, else a live id),
+//                 id selector (bit 7: next 2 bytes raw, bit 6: an id held
+//                 back by a reset if any, else a live id),
 //                 len selector (bit 7: 4 bytes raw, else writable+1 / writable
 //                 / half), flags selector (%4: used, used, used for the other
 //                 wrap counter, next 2 bytes raw)
@@ -46,6 +50,8 @@
 //                 bit 7 of that byte, 8 raw bytes at (next 2 bytes) in the
 //                 table pool instead
 //   6 the device writes its event suppression area (4 raw bytes)
+//   7 reset_ring(): the ring and both event areas zeroed, the model's live
+//                 ids held back (not in order), everything free again
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -55,6 +61,7 @@
 #include <map>
 #include <new>
 #include <optional>
+#include <set>
 #include <vector>
 
 #include "fuzz_input.hpp"
@@ -153,6 +160,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   std::uint32_t moved = 0;                                                 // positions since the last publish
   std::uint64_t next_token = 1, seq = 0;
   bool broken = false;
+  bool stale_broken = false;     // broken by a held-back id: Errc::stale_completion
+  std::set<std::uint16_t> held;  // ids in flight at a reset_ring(), not handed out since
   // In order: live ids oldest first, and the batch being handed out.
   std::deque<std::uint16_t> order;
   std::uint16_t batch_left = 0;
@@ -184,7 +193,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     return v;
   };
   auto check_broken_error = [&](const uvirtio::Error& e) {
-    CHECK(e.code() == Errc::broken);
+    CHECK(e.code() == (stale_broken ? Errc::stale_completion : Errc::broken));
     CHECK(e.device() == kName);
   };
   auto is_used = [&](std::uint16_t flags) {
@@ -193,7 +202,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   };
 
   while (!in.empty()) {
-    switch (in.u8() % 7) {
+    switch (in.u8() % 8) {
       case 0: {  // add
         const unsigned n_out = in.u8() % 4, n_in = in.u8() % 4;
         std::vector<Buffer> bufs;
@@ -227,6 +236,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         CHECK(r.ok());
         const std::uint16_t id = r.value();
         CHECK(id < qsize && live.count(id) == 0);
+        held.erase(id);  // handed out again: a used descriptor naming it is this chain's
         if (in_order) {
           CHECK(id == next_avail);  // the buffer id is the chain's first position
           order.push_back(id);
@@ -302,6 +312,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           std::uint16_t id = ids;
           if (ids & 0x80) {
             id = in.u16();
+          } else if ((ids & 0x40) && !held.empty()) {
+            id = *std::next(held.begin(), ids % static_cast<long>(held.size()));
           } else if (!live.empty()) {
             id = std::next(live.begin(), ids % static_cast<long>(live.size()))->first;
           }
@@ -343,7 +355,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           std::uint16_t batch = 1;
           std::uint32_t positions = 0;
           if (broken) {
-            want_err = Errc::broken;
+            want_err = stale_broken ? Errc::stale_completion : Errc::broken;
           } else if (in_order && batch_left > 0) {
             const Live& l = live[order.front()];
             want = Completion{l.token, batch_left == 1 ? batch_len : 0, batch_left > 1};
@@ -351,6 +363,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             // Something in flight: only the driver's own AVAIL/USED pattern
             // for the current lap may sit here besides a used descriptor.
             if (model_free < qsize && avail_bit != used_wrap) want_err = Errc::bad_device_data;
+          } else if (id < qsize && live.count(id) == 0 && held.count(id) != 0) {
+            want_err = Errc::stale_completion;  // a request from before the reset
           } else if (id >= qsize || live.count(id) == 0 || len > live[id].writable) {
             want_err = Errc::bad_device_data;
           } else if (in_order) {
@@ -369,7 +383,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           if (want_err) {
             CHECK(!r.ok() && r.error().code() == *want_err && r.error().device() == kName);
             CHECK(q.broken());
-            if (!broken) frozen = driver_areas();
+            if (!broken) {
+              frozen = driver_areas();
+              stale_broken = *want_err == Errc::stale_completion;
+            }
             broken = true;
             break;
           }
@@ -462,6 +479,26 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       case 6: {  // the device's event suppression area (not part of the frozen check)
         dev_ev->desc.set(in.u16());
         dev_ev->flags.set(in.u16());
+        break;
+      }
+      case 7: {  // reset_ring(): after a device or queue reset
+        CHECK(q.reset_ring().ok());
+        if (!in_order)
+          for (const auto& [id, l] : live) held.insert(id);
+        live.clear();
+        order.clear();
+        model_free = qsize;
+        next_avail = last_used = 0;
+        avail_wrap = used_wrap = true;
+        moved = 0;
+        batch_left = 0;
+        batch_len = 0;
+        broken = stale_broken = false;
+        frozen.clear();
+        drv_flags = !ints ? RING_EVENT_FLAGS_DISABLE : ev ? RING_EVENT_FLAGS_DESC : RING_EVENT_FLAGS_ENABLE;
+        drv_desc = ints && ev ? std::uint16_t{0x8000} : std::uint16_t{0};
+        CHECK(std::all_of(desc.p, desc.p + desc.n, [](std::uint8_t b) { return b == 0; }));
+        CHECK(std::all_of(dev.p, dev.p + dev.n, [](std::uint8_t b) { return b == 0; }));
         break;
       }
     }

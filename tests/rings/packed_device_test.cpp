@@ -272,9 +272,25 @@ TEST(PackedDevice, AdoptedStaleIdsComeLastAndTheirLateCompletionIsRefused) {
   n.ring()[0].flags.set(VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED);
   auto late = fresh.poll();
   ASSERT_FALSE(late.ok()) << "the stale completion was taken for request 9";
-  EXPECT_EQ(late.error().code(), Errc::bad_device_data);
+  EXPECT_EQ(late.error().code(), Errc::stale_completion) << "a held-back id: the queue needs a reset";
   EXPECT_NE(late.error().message().find("used id 2 not in flight"), std::string::npos)
       << late.error().message();
+  EXPECT_TRUE(fresh.broken());
+  // Latched with the same code, so a caller's recovery policy sees it on
+  // every later call, and a reset clears it.
+  EXPECT_EQ(fresh.poll().error().code(), Errc::stale_completion);
+  EXPECT_EQ(fresh.add({}, in_n, 10).error().code(), Errc::stale_completion);
+  ASSERT_TRUE(fresh.reset_ring().ok());
+  EXPECT_FALSE(fresh.broken());
+  ASSERT_TRUE(fresh.add({}, in_n, 11).ok());
+  // An id that was never held back and is not in flight is plain bad data.
+  n.ring()[0].id.set(1);
+  n.ring()[0].len.set(8);
+  n.ring()[0].flags.set(VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED);
+  auto bad = fresh.poll();
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.error().code(), Errc::bad_device_data) << bad.error().message();
+  EXPECT_EQ(fresh.poll().error().code(), Errc::broken);
 }
 
 // A later start_ids_at() keeps the held-back ids last (QEMU's late

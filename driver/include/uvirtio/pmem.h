@@ -3,11 +3,11 @@
  * A thin layer over uvirtio::driver::Pmem for C programs. Calls return 0 on
  * success or a negative errno value: -EIO when the host failed to fsync the
  * backing file or the device is broken, -ERESTART when the device set
- * DEVICE_NEEDS_RESET (uvirtio_pmem_recover() brings it back), -EINVAL for a
- * range outside the mapping, -ETIMEDOUT when the device did not answer in
- * time. The message of
- * the last failure (naming the device, the operation and the cause) is kept
- * per handle.
+ * DEVICE_NEEDS_RESET or completed a request from before a reset on a packed
+ * ring (uvirtio_pmem_recover() brings it back), -EINVAL for a range outside
+ * the mapping, -ETIMEDOUT when the device did not answer in time. The
+ * message of the last failure (naming the device, the operation and the
+ * cause) is kept per handle.
  *
  *   uvirtio_pmem *pm;
  *   char err[256];
@@ -47,7 +47,7 @@ int uvirtio_pmem_memcpy_persist(uvirtio_pmem *pm, void *dst, const void *src, si
  * [addr, addr+len) again (an atomic no-op) so the host writes them back, and
  * persists the range. */
 int uvirtio_pmem_repersist(uvirtio_pmem *pm, const void *addr, size_t len);
-/* After an error of -ERESTART (the device set DEVICE_NEEDS_RESET): resets
+/* After an error of -ERESTART (the device needs a reset): resets
  * the device and brings it back with the same features and queue. Returns
  * how many flush requests the device dropped (>= 0; a persist that failed
  * must be repeated), or a negative errno. The mapped data is untouched. */

@@ -38,7 +38,9 @@ struct BlkOptions {
   FeatureSet extra_features;  // transport features to accept if offered (e.g. INDIRECT_DESC)
   // When the device reports DEVICE_NEEDS_RESET during a request: recover()
   // and resubmit that request, once (reads, writes and flushes are
-  // idempotent). Off: the error is returned and the caller may recover().
+  // idempotent); likewise for a packed ring's Errc::stale_completion (see
+  // retry_after_recovery). Off: the error is returned and the caller may
+  // recover().
   bool recover_on_reset = false;
 };
 

@@ -72,17 +72,36 @@ Result<std::unique_ptr<Device>> bring_up(std::unique_ptr<pci::Function> fn, std:
 Result<std::unique_ptr<Device>> open_device(const pci::Bdf& bdf, std::uint16_t expected_type,
                                             const FeaturePolicy& policy, const OpenOptions& options = {});
 
+// Recoveries one request may run for Errc::stale_completion: each request
+// a reset abandoned while the device still worked on it can come back once
+// after that reset (QEMU 7.2's virtio-pmem, doc/qemu-bugs.md), and on a
+// packed ring each such completion needs a reset of its own.
+inline constexpr int kMaxStaleRecoveries = 3;
+
+// Whether the `recover_on_reset` policy recovers from `e` now, given the
+// recoveries this request has already run; counts this one.
+inline bool recovery_allowed(const Error& e, bool& reset_done, int& stale_done) {
+  if (e.code() == Errc::needs_reset && !reset_done) return reset_done = true;
+  if (e.code() == Errc::stale_completion && stale_done < kMaxStaleRecoveries) return ++stale_done, true;
+  return false;
+}
+
 // The `recover_on_reset` policy of the drivers whose requests are
 // idempotent: runs attempt(); if it failed because the device set
-// DEVICE_NEEDS_RESET and `enabled`, runs recover() (which returns how many
-// requests the device dropped) and attempt() once more.
+// DEVICE_NEEDS_RESET (once) or completed a request from before a reset on a
+// packed ring (up to kMaxStaleRecoveries times) and `enabled`, runs
+// recover() (which returns how many requests the device dropped) and
+// attempt() again.
 template <class Attempt, class Recover>
-Result<void> retry_once_after_recovery(bool enabled, Attempt&& attempt, Recover&& recover) {
-  auto r = attempt();
-  if (r.ok() || r.error().code() != Errc::needs_reset || !enabled) return r;
-  UV_TRY(const std::size_t dropped, recover());
-  (void)dropped;
-  return attempt();
+Result<void> retry_after_recovery(bool enabled, Attempt&& attempt, Recover&& recover) {
+  bool reset_done = false;
+  int stale_done = 0;
+  for (;;) {
+    auto r = attempt();
+    if (r.ok() || !enabled || !recovery_allowed(r.error(), reset_done, stale_done)) return r;
+    UV_TRY(const std::size_t dropped, recover());
+    (void)dropped;
+  }
 }
 
 }  // namespace uvirtio::driver

@@ -59,10 +59,12 @@ struct PmemOptions {
   std::function<Result<PmemRange>(const std::string& device, std::uint64_t start, std::uint64_t size)>
       map_range;
   // When the device reports DEVICE_NEEDS_RESET during a device flush:
-  // recover() and send the flush again, once per device flush. That is
-  // safe: a flush covers every write made before it started, and the new
-  // one starts later still, so it covers every caller that shared the
-  // dropped one. Off: the error reaches every such caller; any may recover().
+  // recover() and send the flush again, once per device flush; likewise, up
+  // to kMaxStaleRecoveries times, when a packed ring meets the completion of
+  // a flush from before a reset (Errc::stale_completion). That is safe: a
+  // flush covers every write made before it started, and the new one starts
+  // later still, so it covers every caller that shared the dropped one.
+  // Off: the error reaches every such caller; any may recover().
   bool recover_on_reset = false;
   // Group commit: after a flush that covered several callers, the next one
   // waits up to this long (and at most half a flush) for them to come back,

@@ -25,8 +25,9 @@ struct RngOptions {
   std::chrono::milliseconds timeout{5000};  // per request
   OpenOptions open;
   // When the device reports DEVICE_NEEDS_RESET during read(): recover()
-  // and resubmit the request, once per read() call. Off: the error is
-  // returned and the caller may recover() itself.
+  // and resubmit the request, once per read() call; likewise for a packed
+  // ring's Errc::stale_completion (see retry_after_recovery). Off: the
+  // error is returned and the caller may recover() itself.
   bool recover_on_reset = false;
 };
 

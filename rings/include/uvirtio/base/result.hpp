@@ -30,6 +30,7 @@ enum class Errc {
   busy,              // the resource is in use by someone else
   device_error,      // the device completed a request with an error status
   peer_gone,         // the other side of a channel detached or stopped heartbeating
+  stale_completion,  // the device completed a request from before a reset; the queue needs a reset
 };
 
 const char* errc_name(Errc c) noexcept;

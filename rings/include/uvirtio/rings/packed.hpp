@@ -284,6 +284,8 @@ class PackedQueue {
   // just-created value (settings such as event_idx are kept).
   void init_state();
   Result<void> fail(std::string cause);
+  // Errc::broken, or Errc::stale_completion when a held-back id broke the ring.
+  Error broken_error(const char* op) const;
   std::size_t indirect_limit() const noexcept;
   void write_driver_event() noexcept;
   Completion take_oldest() noexcept;
@@ -296,6 +298,7 @@ class PackedQueue {
   PvirtqEventSuppress* device_event_ = nullptr;  // written by the device
   std::string name_;
   bool broken_ = false;
+  bool stale_broken_ = false;  // broken by a held-back id's late completion
 
   // Driver-private shadow state: never read back from device-writable memory.
   std::uint16_t num_free_ = 0;    // free descriptors (ring positions)
