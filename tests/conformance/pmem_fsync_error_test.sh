@@ -164,4 +164,28 @@ for case in StaleCompletionAfterAResetIsNeverTakenForANewFlush:5000 RecoverWithA
   grep -h '^packed ring' "$work/packed.out" || true
   grep -q '^\[  PASSED  \] 1 test' "$work/packed.out" || { echo "guest output:"; cat "$work/packed.out"; }
 done
+
+# The CLI across processes on a packed ring: a flush that gives up at its
+# deadline leaves its id in the in-flight ledger; the next command adopts it,
+# and when QEMU's late completion of it reaches that command's ring first it
+# recovers (the default; --no-recover would fail) instead of failing.
+rm -f "$work/packed.log"
+start_failfs "$work/packed.log" --stall 1:3000 || true
+check "failfs mounted for the packed CLI run, stalling fsync 1" mountpoint -q "$work/mnt"
+"$bin/uvirtio-vm" --packed --pmem "$work/mnt/pmem.img:16M" -- sh -c '
+    P=$(uvirtio list --type pmem -q)
+    uvirtio pmem flush $P --timeout 1000 2>&1; echo cli1 rc=$?
+    uvirtio pmem flush $P 2>&1; echo cli2 rc=$?
+    uvirtio pmem flush $P 2>&1; echo cli3 rc=$?
+  ' 2>&1 | tr -d '\r' >"$work/cli.out" || true
+stop_failfs
+cli_rc() { sed -n "s/^cli$1 rc=\([0-9]*\).*/\1/p" "$work/cli.out" | head -n 1; }
+cli_line() { grep -B1 "^cli$1 rc=" "$work/cli.out" | head -n 1; }
+check "a flush whose host fsync hangs fails at its deadline: $(cli_line 1)" \
+  [ -n "$(cli_rc 1)" -a "$(cli_rc 1)" != 0 ]
+check "the next command's flush works whatever QEMU delivers first: $(cli_line 2)" [ "$(cli_rc 2)" = 0 ]
+check "and the one after it: $(cli_line 3)" [ "$(cli_rc 3)" = 0 ]
+check "the host saw the stalled fsync first: $(tr '\n' ',' <"$work/packed.log")" \
+  [ "$(head -n 1 "$work/packed.log")" = "fsync 1 ok, stalled" -a "$(grep -vc ' ok' "$work/packed.log")" = 0 ]
+[ "$(cli_rc 2)" = 0 ] && [ "$(cli_rc 3)" = 0 ] || { echo "guest output:"; cat "$work/cli.out"; }
 finish
