@@ -185,7 +185,9 @@ const char* kUsageText =
     "       uvirtio-pmlog BDF append TEXT...\n"
     "       uvirtio-pmlog BDF append --count N [--size S] [--tag T]\n"
     "       uvirtio-pmlog BDF list [--json]\n"
-    "       uvirtio-pmlog BDF verify [--expect-at-least N]\n";
+    "       uvirtio-pmlog BDF verify [--expect-at-least N]\n"
+    "A flush that meets a device needing a reset recovers and is sent again\n"
+    "(said on stderr); --no-recover fails instead.\n";
 
 int run(int argc, char** argv) {
   if (argc >= 2 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
@@ -203,6 +205,7 @@ int run(int argc, char** argv) {
   desc.add_options()("count", po::value<std::string>(), "records to generate")(
       "size", po::value<std::string>()->default_value("100"), "payload bytes per generated record")(
       "tag", po::value<std::string>()->default_value("rec"), "text at the start of generated payloads")(
+      "no-recover", "fail when the device needs a reset instead of resetting it and sending the flush again")(
       "json", "print JSON")("expect-at-least", po::value<std::string>(),
                             "fail unless this many records are there")(
       "text", po::value<std::vector<std::string>>(), "record text");
@@ -214,8 +217,18 @@ int run(int argc, char** argv) {
   if (cmd == "append" && vm.count("count") == vm.count("text"))
     throw UsageError{"append: give record texts or --count N (one of them)"};
 
-  auto pm = driver::Pmem::open(bdf, {});
+  // Flushes are idempotent, and an earlier process that gave up on one can
+  // leave QEMU to complete it late into our ring, which sets NEEDS_RESET
+  // (split) or breaks the ring (packed): recover and send it again.
+  driver::PmemOptions opt;
+  opt.recover_on_reset = vm.count("no-recover") == 0;
+  auto pm = driver::Pmem::open(bdf, opt);
   if (!pm) return fail(pm.error());
+  const auto note_recoveries = [&pm] {
+    if (const std::uint64_t n = (*pm)->recoveries(); n > 0)
+      std::fprintf(stderr, "uvirtio-pmlog: %s: the device was reset and a flush sent again (%llu %s)\n",
+                   (*pm)->name().c_str(), static_cast<unsigned long long>(n), n == 1 ? "time" : "times");
+  };
   Log log(**pm);
   if (cmd == "init") {
     if (auto r = log.init(); !r) return fail(r.error());
@@ -234,6 +247,7 @@ int run(int argc, char** argv) {
         if (!seq) return fail(seq.error());
         std::printf("acked %llu\n", static_cast<unsigned long long>(*seq));
       }
+      note_recoveries();
       return 0;
     }
     const std::uint64_t count = parse_u64(vm["count"].as<std::string>(), "--count");
@@ -249,6 +263,7 @@ int run(int argc, char** argv) {
       std::printf("acked %llu\n", static_cast<unsigned long long>(*seq));
       std::fflush(stdout);
     }
+    note_recoveries();
     return 0;
   }
   if (cmd == "list") {
