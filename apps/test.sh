@@ -2,7 +2,9 @@
 # The test job: the same set-up as the main job, then the whole suite:
 #   1. release build (-Werror): unit tests, corpus replay, CLI checks and the
 #      QEMU conformance tests (ctest);
-#   2. ASan+UBSan build: unit tests;
+#   2. ASan+UBSan build: unit tests, then the guest checks of
+#      conformance.foundation and conformance.pmem_fsync_error again with
+#      the sanitized uvirtio-conformance;
 #   3. clang libFuzzer build: each fuzz target for a bounded time;
 #   4. clang-format check of every tracked C++ file.
 set -euo pipefail
@@ -22,6 +24,20 @@ fuzz_targets=$(cd tests/fuzz && ls fuzz_*.cpp | sed 's/\.cpp$//')
 # shellcheck disable=SC2086
 cmake --build build-asan -j"$jobs" --target uvirtio_unit_tests $fuzz_targets
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --test-dir build-asan -L unit --output-on-failure -j"$jobs"
+
+echo "== ASan+UBSan conformance binary against QEMU's devices =="
+# The same guest checks with the sanitized uvirtio-conformance: the real
+# VFIO, ring and recovery paths under ASan+UBSan (which abort on a finding).
+# The guest needs more RAM for the larger binary.
+cmake --build build-asan -j"$jobs" --target uvirtio-conformance
+asan_conf=build-asan/tests/conformance/uvirtio-conformance
+in_guest() { # CHECK-SCRIPT ARGS...: exit 77 is a skip, said once; anything else non-zero fails
+  local rc=0
+  UVIRTIO_VM_MEM=1G bash "$@" || rc=$?
+  if [ "$rc" = 77 ]; then echo "skipped $1 (reason above)"; elif [ "$rc" != 0 ]; then exit "$rc"; fi
+}
+in_guest tests/conformance/run_guest_test.sh foundation build/bin "$asan_conf"
+in_guest tests/conformance/pmem_fsync_error_test.sh build/bin build/tests/conformance/uvirtio-failfs "$asan_conf"
 
 echo "== libFuzzer: ${fuzz_seconds}s per target =="
 cmake -S . -B build-fuzz -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo -DUVIRTIO_FUZZ=ON -DUVIRTIO_WERROR=ON \
