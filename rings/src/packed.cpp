@@ -404,10 +404,7 @@ Result<void> PackedQueue::reset_ring() {
   const std::uint16_t after = detail::after_ids_in_flight(extra_, size_);
   if (!in_order_)
     for (std::uint16_t i = 0; i < size_; ++i)
-      if (extra_[i].chain_len != 0 && !held_back_[i]) {
-        held_back_[i] = true;
-        ++held_count_;
-      }
+      if (extra_[i].chain_len != 0) hold_back(i);
   init_state();
   write_driver_event();        // the zeroed area says "enabled"; restore what was asked
   if (in_order_) return ok();  // ids follow ring positions there
@@ -424,11 +421,7 @@ Result<void> PackedQueue::relink_ids(const char* op, std::uint16_t first,
                                      std::span<const std::uint16_t> ids) {
   if (auto why = detail::relink_problem(in_flight() == 0, in_order_, size_, first, ids); !why.empty())
     return Error(Errc::invalid_argument, name_, op, why);
-  for (const std::uint16_t id : ids)
-    if (!held_back_[id]) {
-      held_back_[id] = true;
-      ++held_count_;
-    }
+  for (const std::uint16_t id : ids) hold_back(id);
   free_id_ = detail::link_free_ids_last(extra_, size_, first, &Extra::next_free, held_back_);
   return ok();
 }
@@ -479,6 +472,12 @@ std::vector<std::uint64_t> PackedQueue::outstanding_tokens() const {
   tokens.reserve(live.size());
   for (const auto& [seq, token] : live) tokens.push_back(token);
   return tokens;
+}
+
+void PackedQueue::hold_back(std::uint16_t id) noexcept {
+  if (held_back_[id]) return;
+  held_back_[id] = true;
+  ++held_count_;
 }
 
 Error PackedQueue::broken_error(const char* op) const {

@@ -81,8 +81,14 @@ inline constexpr int kMaxStaleRecoveries = 3;
 // Whether the `recover_on_reset` policy recovers from `e` now, given the
 // recoveries this request has already run; counts this one.
 inline bool recovery_allowed(const Error& e, bool& reset_done, int& stale_done) {
-  if (e.code() == Errc::needs_reset && !reset_done) return reset_done = true;
-  if (e.code() == Errc::stale_completion && stale_done < kMaxStaleRecoveries) return ++stale_done, true;
+  if (e.code() == Errc::needs_reset && !reset_done) {
+    reset_done = true;
+    return true;
+  }
+  if (e.code() == Errc::stale_completion && stale_done < kMaxStaleRecoveries) {
+    ++stale_done;
+    return true;
+  }
   return false;
 }
 

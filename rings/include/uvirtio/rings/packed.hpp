@@ -284,6 +284,8 @@ class PackedQueue {
   // just-created value (settings such as event_idx are kept).
   void init_state();
   Result<void> fail(std::string cause);
+  // Marks `id` (< size) held back, once.
+  void hold_back(std::uint16_t id) noexcept;
   // Errc::broken, or Errc::stale_completion when a held-back id broke the ring.
   Error broken_error(const char* op) const;
   std::size_t indirect_limit() const noexcept;
