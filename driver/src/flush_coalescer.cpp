@@ -18,7 +18,7 @@ FlushCoalescer::~FlushCoalescer() {
   if (worker_.joinable()) worker_.join();
   // Async waiters that nobody served: tell them.
   for (auto& p : pending_)
-    p.done(Error(Errc::broken, "", "flush", "the device was closed before the flush was issued"));
+    p.done(Error(Errc::broken, device_, "flush", "the device was closed before the flush was issued"));
 }
 
 Result<void> FlushCoalescer::result_for(std::uint64_t ticket) const {
@@ -27,7 +27,8 @@ Result<void> FlushCoalescer::result_for(std::uint64_t ticket) const {
   // Conservative: a ticket older than the failures we still remember may
   // have been in a forgotten failed round, so never report it durable.
   if (ticket <= forgotten_upto_)
-    return Error(Errc::broken, "", "flush", "the result is no longer known (over 1024 failed flushes since)");
+    return Error(Errc::broken, device_, "flush",
+                 "the result is no longer known (over 1024 failed flushes since)");
   return ok();
 }
 

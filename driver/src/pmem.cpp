@@ -92,7 +92,7 @@ Pmem::Pmem(std::unique_ptr<Device> dev, std::unique_ptr<Virtqueue> vq, std::vect
       slots_(std::move(slots)),
       busy_(slots_.size(), false),
       opt_(std::move(opt)),
-      coalescer_([this] { return device_flush(); }) {}
+      coalescer_([this] { return device_flush(); }, dev_->transport().name()) {}
 
 Pmem::~Pmem() {
   if (range_.unmap) range_.unmap();

@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <future>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -802,6 +803,32 @@ TEST(PmemCApi, PersistFlushAndErrors) {
   EXPECT_EQ(uvirtio_pmem_repersist(pm, data + (16u << 20) - 4, 8), -EINVAL);
   EXPECT_NE(std::string(uvirtio_pmem_last_error(pm)).find("repersist"), std::string::npos)
       << uvirtio_pmem_last_error(pm);
+  uvirtio_pmem_close(pm);
+
+  // With options: polling, recovery on, and persist_async's callback.
+  uvirtio_pmem_options o;
+  uvirtio_pmem_options_init(&o);
+  o.completion = UVIRTIO_PMEM_POLL;
+  o.recover_on_reset = 1;
+  o.timeout_ms = 5000;
+  ASSERT_EQ(uvirtio_pmem_open_opts(f->bdf.str().c_str(), &o, &pm, err, sizeof err), 0) << err;
+  data = static_cast<char*>(uvirtio_pmem_data(pm));
+  std::memcpy(data + 12288, "async", 5);
+  struct Done {
+    std::promise<std::pair<int, std::string>> p;
+    static void cb(int rc, const char* msg, void* ctx) { static_cast<Done*>(ctx)->p.set_value({rc, msg}); }
+  } done;
+  auto fut = done.p.get_future();
+  ASSERT_EQ(uvirtio_pmem_persist_async(pm, data + 12288, 5, &Done::cb, &done), 0)
+      << uvirtio_pmem_last_error(pm);
+  ASSERT_EQ(fut.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  const auto [rc, msg] = fut.get();
+  EXPECT_EQ(rc, 0) << msg;
+  uvirtio_pmem_stats st{};
+  uvirtio_pmem_get_stats(pm, &st);
+  EXPECT_EQ(st.persist_calls, 1u);
+  EXPECT_EQ(st.device_flushes, 1u);
+  EXPECT_EQ(st.recoveries, 0u);
   uvirtio_pmem_close(pm);
 }
 

@@ -33,6 +33,7 @@
 
 #include "support/fake_virtio.hpp"
 #include "uvirtio/base/le.hpp"
+#include "uvirtio/driver/pmem_c.hpp"
 
 namespace uvirtio::driver {
 namespace {
@@ -1018,6 +1019,260 @@ TEST(Pmem, PersistFutureAndAsyncComplete) {
   ASSERT_TRUE(bad_async.has_value());
   expect_error(*bad_async, Errc::device_error, "EIO");
   EXPECT_EQ(dev.violations(), kNone);
+}
+
+// ------------------------------------------------------------------ C API
+
+// The C handle over a fake device (to_c_handle), so the C calls' errno
+// mapping, per-thread messages and callbacks are checked without a guest.
+struct CHandle {
+  uvirtio_pmem* h = nullptr;
+  ~CHandle() { uvirtio_pmem_close(h); }
+};
+
+// A fake pmem device answering flushes (on its own thread with `worker`).
+struct FakePmem {
+  FakeVirtioDevice dev{pmem_device()};
+  FlushDevice device;
+  Backing backing;
+  explicit FakePmem(bool worker = false) {
+    dev.set_handler(device.handler());
+    if (worker) dev.start_worker();
+  }
+};
+
+TEST(PmemCApi, OptionsInitGivesTheLibraryDefaults) {
+  uvirtio_pmem_options o;
+  std::memset(&o, 0xa5, sizeof o);
+  uvirtio_pmem_options_init(&o);
+  EXPECT_EQ(o.size, sizeof o);
+  auto p = pmem_options_from_c(&o);
+  ASSERT_TRUE(p.ok()) << p.error().message();
+  const PmemOptions d;
+  EXPECT_EQ(p->completion, d.completion);
+  EXPECT_EQ(p->timeout, d.timeout);
+  EXPECT_EQ(p->recover_on_reset, d.recover_on_reset);
+  EXPECT_EQ(p->gather_limit, d.gather_limit);
+  auto none = pmem_options_from_c(nullptr);
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(none->timeout, d.timeout);
+
+  o.completion = UVIRTIO_PMEM_POLL;
+  o.timeout_ms = 250;
+  o.recover_on_reset = 7;  // any nonzero value
+  o.gather_us = 0;
+  p = pmem_options_from_c(&o);
+  ASSERT_TRUE(p.ok()) << p.error().message();
+  EXPECT_EQ(p->completion, CompletionMode::polling);
+  EXPECT_EQ(p->timeout, 250ms);
+  EXPECT_TRUE(p->recover_on_reset);
+  EXPECT_EQ(p->gather_limit, 0us);
+  o.completion = UVIRTIO_PMEM_INTERRUPT;
+  EXPECT_EQ(pmem_options_from_c(&o)->completion, CompletionMode::interrupt);
+}
+
+TEST(PmemCApi, BadOptionsAreRejectedBeforeTheDeviceIsTouched) {
+  auto expect_bad = [](uvirtio_pmem_options o, const std::string& needle) {
+    auto p = pmem_options_from_c(&o);
+    ASSERT_FALSE(p.ok()) << needle;
+    EXPECT_EQ(p.error().code(), Errc::invalid_argument);
+    EXPECT_NE(p.error().message().find(needle), std::string::npos) << p.error().message();
+    // Through open: the BDF names a function that does not exist, so only
+    // the option check can produce -EINVAL with this message.
+    uvirtio_pmem* h = reinterpret_cast<uvirtio_pmem*>(&o);  // must stay untouched
+    char err[256] = "";
+    EXPECT_EQ(uvirtio_pmem_open_opts("0000:7f:1f.7", &o, &h, err, sizeof err), -EINVAL);
+    EXPECT_EQ(h, reinterpret_cast<uvirtio_pmem*>(&o));
+    EXPECT_NE(std::string(err).find("0000:7f:1f.7"), std::string::npos) << err;
+    EXPECT_NE(std::string(err).find(needle), std::string::npos) << err;
+  };
+  uvirtio_pmem_options o;
+  uvirtio_pmem_options_init(&o);
+  auto bad = o;
+  bad.size = sizeof o - 1;  // an older, smaller struct or a forgotten _init
+  expect_bad(bad, "uvirtio_pmem_options_init");
+  bad = o;
+  bad.completion = 3;
+  expect_bad(bad, "completion 3");
+  bad.completion = -1;
+  expect_bad(bad, "completion -1");
+  bad = o;
+  bad.timeout_ms = 0;
+  expect_bad(bad, "timeout_ms");
+
+  char err[64] = "";
+  uvirtio_pmem* h = nullptr;
+  EXPECT_EQ(uvirtio_pmem_open_opts("00:zz.0", &o, &h, err, sizeof err), -EINVAL);
+  EXPECT_NE(std::string(err).find("00:zz.0"), std::string::npos) << err;
+  EXPECT_EQ(uvirtio_pmem_open_opts(nullptr, &o, &h, err, sizeof err), -EINVAL);
+  EXPECT_EQ(h, nullptr);
+}
+
+TEST(PmemCApi, ErrnoValuesAndMessagesNameTheDevice) {
+  FakePmem f;
+  CHandle c{to_c_handle(attach(f.dev, f.backing))};
+  ASSERT_NE(c.h, nullptr);
+  EXPECT_STREQ(uvirtio_pmem_last_error(c.h), "");
+  auto* data = static_cast<std::uint8_t*>(uvirtio_pmem_data(c.h));
+  EXPECT_EQ(data, f.backing.mem.data());
+  EXPECT_EQ(uvirtio_pmem_size(c.h), kSize);
+  EXPECT_EQ(uvirtio_pmem_memcpy_persist(c.h, data + 100, "c", 1), 0) << uvirtio_pmem_last_error(c.h);
+
+  auto expect_msg = [&](const std::string& needle) {
+    const std::string m = uvirtio_pmem_last_error(c.h);
+    EXPECT_NE(m.find(kBdf), std::string::npos) << m;
+    EXPECT_NE(m.find(needle), std::string::npos) << "'" << needle << "' not in: " << m;
+  };
+  const auto before = f.backing.mem;
+  EXPECT_EQ(uvirtio_pmem_memcpy_persist(c.h, data + kSize - 2, "abcd", 4), -EINVAL);
+  expect_msg("memcpy_persist");
+  EXPECT_EQ(f.backing.mem, before) << "a rejected copy must write nothing";
+
+  f.device.ret = 1;  // the host's fsync failed
+  EXPECT_EQ(uvirtio_pmem_persist(c.h, data, 8), -EIO);
+  expect_msg("EIO");
+  EXPECT_EQ(uvirtio_pmem_flush(c.h), -EIO);
+  f.device.ret = 0;
+  EXPECT_EQ(uvirtio_pmem_repersist(c.h, data, 8), 0) << uvirtio_pmem_last_error(c.h);
+  expect_msg("EIO");  // a success leaves the last failure's message
+
+  f.dev.set_needs_reset();
+  EXPECT_EQ(uvirtio_pmem_persist(c.h, data, 8), -ERESTART);
+  expect_msg("DEVICE_NEEDS_RESET");
+  EXPECT_EQ(uvirtio_pmem_recover(c.h), 0) << "nothing was in flight" << uvirtio_pmem_last_error(c.h);
+  EXPECT_EQ(uvirtio_pmem_persist(c.h, data, 8), 0) << uvirtio_pmem_last_error(c.h);
+
+  uvirtio_pmem_stats st{};
+  uvirtio_pmem_get_stats(c.h, &st);
+  EXPECT_EQ(st.persist_calls, 6u);  // memcpy_persist, persist, flush, repersist, persist, persist
+  EXPECT_EQ(st.device_flushes, 6u);
+  EXPECT_EQ(st.recoveries, 1u);
+  EXPECT_EQ(f.dev.violations(), kNone);
+}
+
+TEST(PmemCApi, RecoverOnResetHidesTheResetFromTheCaller) {
+  FakePmem f;
+  uvirtio_pmem_options o;
+  uvirtio_pmem_options_init(&o);
+  o.recover_on_reset = 1;
+  o.timeout_ms = 2000;
+  auto opt = pmem_options_from_c(&o);
+  ASSERT_TRUE(opt.ok());
+  PmemSetup s;
+  s.completion = opt->completion;
+  s.timeout = opt->timeout;
+  s.recover_on_reset = opt->recover_on_reset;
+  CHandle c{to_c_handle(attach(f.dev, f.backing, s))};
+  ASSERT_NE(c.h, nullptr);
+  break_until_reset(f.dev);
+  EXPECT_EQ(uvirtio_pmem_persist(c.h, uvirtio_pmem_data(c.h), 8), 0) << uvirtio_pmem_last_error(c.h);
+  uvirtio_pmem_stats st{};
+  uvirtio_pmem_get_stats(c.h, &st);
+  EXPECT_EQ(st.recoveries, 1u);
+  EXPECT_EQ(f.device.seen().size(), 1u) << "the dropped flush was sent again";
+}
+
+struct AsyncResults {
+  std::mutex m;
+  std::condition_variable cv;
+  std::vector<std::pair<int, std::string>> got;
+  static void done(int rc, const char* msg, void* ctx) {
+    auto* self = static_cast<AsyncResults*>(ctx);
+    std::lock_guard lk(self->m);
+    self->got.emplace_back(rc, msg);
+    self->cv.notify_all();
+  }
+  bool wait_for_count(std::size_t n) {
+    std::unique_lock lk(m);
+    return cv.wait_for(lk, 5s, [&] { return got.size() >= n; });
+  }
+};
+
+TEST(PmemCApi, PersistAsyncCallsBackOnceWithTheResult) {
+  FakePmem f(true);
+  CHandle c{to_c_handle(attach(f.dev, f.backing))};
+  ASSERT_NE(c.h, nullptr);
+  auto* data = static_cast<std::uint8_t*>(uvirtio_pmem_data(c.h));
+  AsyncResults res;
+  ASSERT_EQ(uvirtio_pmem_persist_async(c.h, data, 64, &AsyncResults::done, &res), 0);
+  ASSERT_TRUE(res.wait_for_count(1));
+  f.device.ret = 1;
+  ASSERT_EQ(uvirtio_pmem_persist_async(c.h, data, 64, &AsyncResults::done, &res), 0);
+  ASSERT_TRUE(res.wait_for_count(2));
+  {
+    std::lock_guard lk(res.m);
+    EXPECT_EQ(res.got[0].first, 0);
+    EXPECT_EQ(res.got[0].second, "");
+    EXPECT_EQ(res.got[1].first, -EIO);
+    EXPECT_NE(res.got[1].second.find(kBdf), std::string::npos) << res.got[1].second;
+    EXPECT_NE(res.got[1].second.find("EIO"), std::string::npos) << res.got[1].second;
+  }
+  // Refused at once, without a callback.
+  EXPECT_EQ(uvirtio_pmem_persist_async(c.h, data + kSize, 1, &AsyncResults::done, &res), -EINVAL);
+  EXPECT_NE(std::string(uvirtio_pmem_last_error(c.h)).find("outside"), std::string::npos)
+      << uvirtio_pmem_last_error(c.h);
+  EXPECT_EQ(uvirtio_pmem_persist_async(c.h, data, 1, nullptr, &res), -EINVAL);
+  EXPECT_NE(std::string(uvirtio_pmem_last_error(c.h)).find("NULL"), std::string::npos)
+      << uvirtio_pmem_last_error(c.h);
+  std::this_thread::sleep_for(20ms);
+  std::lock_guard lk(res.m);
+  EXPECT_EQ(res.got.size(), 2u);
+}
+
+TEST(PmemCApi, CloseRunsEveryPendingCallback) {
+  FakePmem f(true);
+  f.device.work_us = 20000;  // a slow host: callbacks are still pending at close
+  AsyncResults res;
+  constexpr int kCalls = 5;
+  {
+    CHandle c{to_c_handle(attach(f.dev, f.backing))};
+    ASSERT_NE(c.h, nullptr);
+    for (int i = 0; i < kCalls; ++i)
+      ASSERT_EQ(uvirtio_pmem_persist_async(c.h, uvirtio_pmem_data(c.h), 8, &AsyncResults::done, &res), 0);
+  }
+  std::lock_guard lk(res.m);
+  ASSERT_EQ(res.got.size(), static_cast<std::size_t>(kCalls)) << "close returned before every callback ran";
+  for (const auto& [rc, msg] : res.got) {
+    if (rc == 0) continue;
+    EXPECT_EQ(rc, -EIO);
+    EXPECT_NE(msg.find("closed before"), std::string::npos) << msg;
+    EXPECT_NE(msg.find(kBdf), std::string::npos) << msg;
+  }
+}
+
+// Threads sharing a handle each read their own last failure, never another
+// thread's (nor a string another thread is overwriting).
+TEST(PmemCApi, LastErrorIsPerThread) {
+  FakePmem f;
+  CHandle c{to_c_handle(attach(f.dev, f.backing))};
+  ASSERT_NE(c.h, nullptr);
+  auto* data = static_cast<std::uint8_t*>(uvirtio_pmem_data(c.h));
+  std::atomic<int> wrong{0};
+  std::string sample_wrong;
+  std::mutex sample_m;
+  std::atomic<int> ready{0};
+  auto worker = [&](bool copy) {
+    const char* mine = copy ? "memcpy_persist" : "repersist";
+    ready.fetch_add(1);
+    while (ready.load() < 2) {
+    }
+    for (int i = 0; i < 20000; ++i) {
+      const int rc = copy ? uvirtio_pmem_memcpy_persist(c.h, data + kSize, "x", 1)
+                          : uvirtio_pmem_repersist(c.h, data + kSize, 1);
+      const std::string m = uvirtio_pmem_last_error(c.h);
+      // "memcpy_persist" contains "persist" but not "repersist" and vice versa.
+      const bool ok = rc == -EINVAL && m.find(mine) != std::string::npos &&
+                      m.find(copy ? "repersist" : "memcpy_persist") == std::string::npos;
+      if (!ok && wrong.fetch_add(1) == 0) {
+        std::lock_guard lk(sample_m);
+        sample_wrong = m;
+      }
+    }
+  };
+  std::thread a(worker, true), b(worker, false);
+  a.join();
+  b.join();
+  EXPECT_EQ(wrong.load(), 0) << "e.g. " << sample_wrong;
 }
 
 }  // namespace

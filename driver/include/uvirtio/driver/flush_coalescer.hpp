@@ -31,6 +31,7 @@
 #include <functional>
 #include <future>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -43,7 +44,9 @@ class FlushCoalescer {
   using FlushFn = std::function<Result<void>()>;
   using Callback = std::function<void(Result<void>)>;
 
-  explicit FlushCoalescer(FlushFn fn) : fn_(std::move(fn)) {}
+  // `device` names the device in the errors the coalescer makes itself.
+  explicit FlushCoalescer(FlushFn fn, std::string device = {})
+      : fn_(std::move(fn)), device_(std::move(device)) {}
   ~FlushCoalescer();
   FlushCoalescer(const FlushCoalescer&) = delete;
   FlushCoalescer& operator=(const FlushCoalescer&) = delete;
@@ -85,6 +88,7 @@ class FlushCoalescer {
   void worker_loop();
 
   FlushFn fn_;
+  std::string device_;
   mutable std::mutex m_;
   std::condition_variable cv_;
   std::uint64_t next_ticket_ = 0;  // last ticket handed out
