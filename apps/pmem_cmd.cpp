@@ -25,21 +25,26 @@ using Clock = std::chrono::steady_clock;
 
 const char* kPmemUsage =
     "usage: uvirtio pmem info BDF [--json]\n"
-    "       uvirtio pmem write BDF --offset O (--data S | --file F) [--persist]\n"
+    "       uvirtio pmem write BDF --offset O (--data S | --file F) [--persist [--no-recover]]\n"
     "       uvirtio pmem read BDF --offset O --length L [--hex]\n"
     "       uvirtio pmem flush BDF [--no-recover]\n"
-    "       uvirtio pmem repersist BDF --offset O --length L   (after a failed flush: write back again)\n"
+    "       uvirtio pmem repersist BDF --offset O --length L [--no-recover]   (after a failed flush)\n"
     "       uvirtio pmem bench BDF [--threads T]... [--seconds S] [--json] [--rng BDF]\n"
     "                          [--kernel-file PATH] [--host-fsync-us US] [--gather-us US]\n";
 
-void add_common(po::options_description& d) {
+enum class Recovery { offered, not_applicable };
+
+// --no-recover only where it changes something: `bench` never recovers, and
+// `info` and `read` send no flush, so there it would be a silent no-op.
+void add_common(po::options_description& d, Recovery recovery = Recovery::not_applicable) {
   d.add_options()("help,h", "show help")("bdf", po::value<std::string>(), "PCI address of the pmem function")(
       "timeout", po::value<long long>()->default_value(10000), "per-flush deadline in ms")(
       "completion", po::value<std::string>()->default_value("hybrid"),
-      "hybrid (spin, then sleep on the interrupt), interrupt, or poll")("poll", "same as --completion poll")(
-      "no-recover",
-      "fail when the device needs a reset (or completes a request from before one) instead of resetting it "
-      "and sending the flush again");
+      "hybrid (spin, then sleep on the interrupt), interrupt, or poll")("poll", "same as --completion poll");
+  if (recovery == Recovery::offered)
+    d.add_options()("no-recover",
+                    "fail when the device needs a reset (or completes a request from before one) instead of "
+                    "resetting it and sending the flush again");
 }
 
 driver::PmemOptions options_from(const po::variables_map& vm) {
@@ -133,7 +138,7 @@ int pmem_info(const std::vector<std::string>& args) {
 
 int pmem_write(const std::vector<std::string>& args) {
   po::options_description desc("uvirtio pmem write BDF --offset O (--data S | --file F) [--persist]");
-  add_common(desc);
+  add_common(desc, Recovery::offered);
   desc.add_options()("offset", po::value<std::string>(), "byte offset in the pmem range")(
       "data", po::value<std::string>(), "bytes to write (the string as given)")(
       "file", po::value<std::string>(), "write this file's contents")("persist", "persist after writing");
@@ -213,7 +218,7 @@ int pmem_read(const std::vector<std::string>& args) {
 
 int pmem_flush(const std::vector<std::string>& args) {
   po::options_description desc("uvirtio pmem flush BDF");
-  add_common(desc);
+  add_common(desc, Recovery::offered);
   po::positional_options_description pos;
   pos.add("bdf", 1);
   auto vm = parse(args, desc, pos);
@@ -237,7 +242,7 @@ int pmem_flush(const std::vector<std::string>& args) {
 // host write [O, O+L) back again and persists it.
 int pmem_repersist(const std::vector<std::string>& args) {
   po::options_description desc("uvirtio pmem repersist BDF --offset O --length L");
-  add_common(desc);
+  add_common(desc, Recovery::offered);
   desc.add_options()("offset", po::value<std::string>(), "byte offset")("length", po::value<std::string>(),
                                                                         "bytes to write back again");
   po::positional_options_description pos;

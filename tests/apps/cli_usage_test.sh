@@ -48,6 +48,10 @@ check 2 "pmem repersist: --length must be 1.." "$u" pmem repersist 00:03.0 --off
 check 1 "0000:7f:1f.7: describe function: no such PCI function" "$u" pmem repersist 0000:7f:1f.7 --offset 0 --length 1
 check 2 "--completion must be hybrid, interrupt or poll" "$u" pmem flush 00:03.0 --completion sometimes
 check 2 "--threads values must be 1..64" "$u" pmem bench 00:03.0 --threads 0
+# --no-recover only where a flush could recover: elsewhere it would do nothing.
+check 2 "unrecognised option '--no-recover'" "$u" pmem bench 00:03.0 --no-recover
+check 2 "unrecognised option '--no-recover'" "$u" pmem read 00:03.0 --offset 0 --length 1 --no-recover
+check 1 "0000:7f:1f.7: describe function: no such PCI function" "$u" pmem flush 0000:7f:1f.7 --no-recover
 check 1 "0000:7f:1f.7: describe function: no such PCI function" "$u" pmem info 0000:7f:1f.7
 check 2 "usage: uvirtio-pmlog" "$bin/uvirtio-pmlog"
 check 2 "unknown command 'frob'" "$bin/uvirtio-pmlog" 00:03.0 frob
