@@ -71,7 +71,7 @@ int uvirtio_pmem_memcpy_persist(uvirtio_pmem *pm, void *dst, const void *src, si
  * `done` runs exactly once, on a thread of the library, with the result as
  * above and, on failure, its message, valid during the call only), or a
  * negative errno without calling `done` (a range outside the mapping). Keep
- * `done` short; it must not call persist or flush on the same handle.
+ * `done` short; it must not call persist, flush or close on the same handle.
  * uvirtio_pmem_close() returns after every callback ran: those whose flush
  * had not started get -EIO ("closed before the flush was issued"). */
 typedef void (*uvirtio_pmem_done_fn)(int result, const char *message, void *ctx);
