@@ -26,6 +26,13 @@ for ((r = 1; r <= rounds; r++)); do
     $1 == b && sec != "" { v[sec] = $2 }
     END { printf "%s %s %s %s %s %s %s", rt, bare, v["split"], v["packed"], v["split_io"], v["packed_io"], v["dpdk"] }' <<<"$out")
   read -r rt bare split packed split_io packed_io dpdk <<<"$row"
+  if [ -z "$dpdk" ]; then
+    # uvirtio-bench said why on stderr; the round still counts for the bare ring.
+    echo "round $r: cache RT ${rt} ns | bare ${bare} | split ${split} | packed ${packed}" \
+      "| DPDK failed this round | split/bare $(ratio "$split" "$bare") packed/bare $(ratio "$packed" "$bare")"
+    rows+=("$rt $bare $split $packed - $split_io $packed_io")
+    continue
+  fi
   echo "round $r: cache RT ${rt} ns | bare ${bare} | split ${split} | packed ${packed}" \
     "| in order: split ${split_io} packed ${packed_io} | DPDK ${dpdk} (M/s)" \
     "| split/DPDK $(ratio "$split" "$dpdk") packed/DPDK $(ratio "$packed" "$dpdk")" \
@@ -33,10 +40,14 @@ for ((r = 1; r <= rounds; r++)); do
     "| in order: split/DPDK $(ratio "$split_io" "$dpdk") packed/DPDK $(ratio "$packed_io" "$dpdk")"
   rows+=("$rt $bare $split $packed $dpdk $split_io $packed_io")
 done
-median() { sort -n | awk '{v[NR]=$1} END {print v[int((NR + 1) / 2)]}'; }
-col() { printf '%s\n' "${rows[@]}" | awk "{printf \"%.3f\\n\", $1}" | median; }
-sd=$(col '$3/$5') pd=$(col '$4/$5') sb=$(col '$3/$2') pb=$(col '$4/$2')
-sid=$(col '$6/$5') pid=$(col '$7/$5')
+median() { sort -n | awk '{v[NR]=$1} END {if (NR == 0) print "null"; else print v[int((NR + 1) / 2)]}'; }
+# The median of EXPR over the rounds; with "dpdk", over those whose DPDK run
+# worked (a failed one has '-' in column 5). "null" when there is none.
+col() {
+  printf '%s\n' "${rows[@]}" | awk -v need="${2:-}" "need == \"\" || \$5 != \"-\" {printf \"%.3f\\n\", $1}" | median
+}
+sd=$(col '$3/$5' dpdk) pd=$(col '$4/$5' dpdk) sb=$(col '$3/$2') pb=$(col '$4/$2')
+sid=$(col '$6/$5' dpdk) pid=$(col '$7/$5' dpdk)
 echo "median of $rounds rounds, batch $batch: split/DPDK $sd, packed/DPDK $pd (goal >= 2);" \
   "split/bare $sb, packed/bare $pb (goal >= 0.5);" \
   "with VIRTIO_F_IN_ORDER (which DPDK's pair negotiates): split/DPDK $sid, packed/DPDK $pid"
