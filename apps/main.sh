@@ -24,6 +24,8 @@ build/bin/uvirtio-vm --rng --pmem "$work/pmem.img:16M" -- sh -c '
   echo; echo "\$ uvirtio pmem info $pmem"; uvirtio pmem info "$pmem"
   echo; echo "\$ uvirtio pmem write $pmem --offset 65536 --data \"hello from the guest\" --persist"
   uvirtio pmem write "$pmem" --offset 65536 --data "hello from the guest" --persist
+  echo; echo "\$ uvirtio-pmem-c $pmem 131072 \"hello from C\"   # the C API (uvirtio/pmem.h) from a C program"
+  uvirtio-pmem-c "$pmem" 131072 "hello from C"
   echo; echo "\$ uvirtio-pmlog $pmem init / append / verify / list"
   uvirtio-pmlog "$pmem" init
   uvirtio-pmlog "$pmem" append "first record" "second record" "third record"
@@ -32,6 +34,7 @@ build/bin/uvirtio-vm --rng --pmem "$work/pmem.img:16M" -- sh -c '
 '
 echo "== back on the host: the persisted bytes are in the backing file =="
 dd if="$work/pmem.img" bs=1 skip=65536 count=20 status=none; echo
+dd if="$work/pmem.img" bs=1 skip=131072 count=12 status=none; echo
 echo "== two guests on one ivshmem server: ping-pong and a checksummed bulk transfer =="
 build/bin/uvirtio-ivshmem-server -S "$work/ivshmem.sock" -l 4M -n 2 -v &
 server=$!

@@ -6,7 +6,7 @@
 #      conformance.foundation and conformance.pmem_fsync_error again with
 #      the sanitized uvirtio-conformance;
 #   3. clang libFuzzer build: each fuzz target for a bounded time;
-#   4. clang-format check of every tracked C++ file.
+#   4. clang-format check of every tracked C and C++ file.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -52,5 +52,5 @@ for t in $fuzz_targets; do
   rm -rf "$scratch"
 done
 echo "== format check (clang-format) =="
-git ls-files '*.cpp' '*.hpp' | xargs clang-format --dry-run --Werror
+git ls-files '*.cpp' '*.hpp' '*.c' '*.h' | xargs clang-format --dry-run --Werror
 echo "== all tests passed =="

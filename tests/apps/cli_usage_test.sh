@@ -53,6 +53,13 @@ check 2 "unrecognised option '--no-recover'" "$u" pmem bench 00:03.0 --no-recove
 check 2 "unrecognised option '--no-recover'" "$u" pmem read 00:03.0 --offset 0 --length 1 --no-recover
 check 1 "0000:7f:1f.7: describe function: no such PCI function" "$u" pmem flush 0000:7f:1f.7 --no-recover
 check 1 "0000:7f:1f.7: describe function: no such PCI function" "$u" pmem info 0000:7f:1f.7
+c=$bin/uvirtio-pmem-c  # the C API from C
+check 2 "usage: uvirtio-pmem-c BDF OFFSET TEXT" "$c"
+check 2 "OFFSET '-1' is not a non-negative integer" "$c" 0000:7f:1f.7 -1 x
+check 2 "OFFSET '12abc' is not a non-negative integer" "$c" 0000:7f:1f.7 12abc x
+check 2 "TEXT is empty" "$c" 0000:7f:1f.7 0 ""
+check 2 "zz: parse PCI address" "$c" zz 0 x
+check 1 "0000:7f:1f.7: describe function: no such PCI function" "$c" 0000:7f:1f.7 0 x
 check 2 "usage: uvirtio-pmlog" "$bin/uvirtio-pmlog"
 check 2 "unknown command 'frob'" "$bin/uvirtio-pmlog" 00:03.0 frob
 check 2 "give record texts or --count N" "$bin/uvirtio-pmlog" 00:03.0 append

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # virtio-pmem end to end against QEMU, checked from the host:
 #  1. the guest writes a random pattern with `uvirtio pmem write --persist` and
-#     exits; the host finds the pattern in the backing file;
+#     exits; the host finds the pattern in the backing file; likewise the
+#     text that the C program uvirtio-pmem-c persists through uvirtio/pmem.h;
 #  2. QEMU runs under strace: every device flush the guest reports is exactly
 #     one fsync of the backing file, and 8 threads' concurrent persist() calls
 #     need far fewer flushes than calls.
@@ -20,6 +21,7 @@ img=$work/pmem.img
 pattern=$work/pattern
 head -c 65536 /dev/urandom >"$pattern"
 offset=1048576
+c_offset=2097152 c_text="written from C through uvirtio/pmem.h"
 source "$(dirname "$0")/../support/tap.sh"
 
 UVIRTIO_QEMU="strace -f -y -qq --seccomp-bpf -e trace=fsync,fdatasync -o $work/strace.log $qemu" \
@@ -29,12 +31,23 @@ UVIRTIO_QEMU="strace -f -y -qq --seccomp-bpf -e trace=fsync,fdatasync -o $work/s
     uvirtio pmem write \$P --offset $offset --file /root/pattern --persist
     uvirtio pmem flush \$P
     uvirtio pmem flush \$P
+    uvirtio-pmem-c \$P $c_offset '$c_text'
+    if uvirtio-pmem-c \$P $((16 * 1024 * 1024 - 4)) 0123456789; then echo 'C demo accepted a write past the end'; fi
     uvirtio pmem bench \$P --threads 8 --seconds 2 --json
   " >"$work/guest.out"
 
 # 1. The pattern is in the backing file.
 check "persisted pattern is in the backing file on the host" \
   cmp -s <(dd if="$img" bs=4096 skip=$((offset / 4096)) count=16 2>/dev/null) "$pattern"
+
+# 1b. The C API, from the C program uvirtio-pmem-c.
+check "the C program's text is in the backing file" \
+  [ "$(dd if="$img" bs=1 skip=$c_offset count=${#c_text} 2>/dev/null)" = "$c_text" ]
+c_flushes=$(sed -n 's/.*persisted (async) and flushed; .* device_flushes=\([0-9]*\).*/\1/p' "$work/guest.out")
+check "the C program reports its device flushes ($c_flushes)" [ "${c_flushes:-0}" -ge 2 ]
+absent() { ! grep -q "$1" "$2"; }
+check "the C program refused a write past the end" absent "accepted a write past the end" "$work/guest.out"
+check "and wrote nothing there" cmp -s <(tail -c 8 "$img") <(head -c 8 /dev/zero)
 
 # 2. fsyncs of the image vs device flushes the guest made.
 fsyncs=$(grep -c "fsync(.*<$img>) = 0" "$work/strace.log" || true)
@@ -43,8 +56,8 @@ num() { sed -n "s/.*\"$1\": \([0-9.]*\).*/\1/p" "$work/guest.out" | head -n "$2"
 calls=$(num persist_calls 1)
 bench_flushes=$(num device_flushes 1)
 bench_total=$(num device_requests_total 1)
-expected=$((1 + 2 + bench_total))
-echo "host fsyncs of the image: $fsyncs; guest device flushes: $expected (1 write, 2 flush, $bench_total in the bench); persist calls from 8 threads: $calls, $bench_flushes device flushes"
+expected=$((1 + 2 + ${c_flushes:-0} + bench_total))
+echo "host fsyncs of the image: $fsyncs; guest device flushes: $expected (1 write, 2 flush, ${c_flushes:-0} C program, $bench_total in the bench); persist calls from 8 threads: $calls, $bench_flushes device flushes"
 check "no fsync of the image failed" [ "$failed" = 0 ]
 check "one host fsync per device flush ($fsyncs = $expected)" [ "$fsyncs" = "$expected" ]
 check "8 threads coalesce: $bench_flushes device flushes for $calls persist calls (at most half)" \
