@@ -43,4 +43,10 @@ int run_command(int argc, char** argv, const char* usage,
   throw UsageError{"unknown command '" + cmd + "' (see --help)"};
 }
 
+std::string pmem_recovery_note(std::uint64_t recoveries) {
+  if (recoveries == 0) return "";
+  return "the device was reset and a flush sent again (" + std::to_string(recoveries) +
+         (recoveries == 1 ? " time)" : " times)");
+}
+
 }  // namespace uvirtio::apps

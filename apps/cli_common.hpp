@@ -3,6 +3,7 @@
 #pragma once
 
 #include <boost/program_options.hpp>
+#include <cstdint>
 #include <cstdio>
 #include <functional>
 #include <iostream>
@@ -57,6 +58,11 @@ inline po::variables_map parse(const std::vector<std::string>& args, const po::o
 
 // Parses a non-negative integer option value (decimal or 0x hex) or throws UsageError.
 std::uint64_t parse_u64(const std::string& text, const std::string& what);
+
+// What a pmem tool says after a command whose flushes recovered from device
+// resets (PmemOptions::recover_on_reset): "the device was reset and a flush
+// sent again (N time[s])"; "" when there was none.
+std::string pmem_recovery_note(std::uint64_t recoveries);
 
 // main() of a tool: sets g_program, runs `run` and turns usage errors into
 // a message and exit status 2.

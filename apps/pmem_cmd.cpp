@@ -71,8 +71,7 @@ driver::PmemOptions options_from(const po::variables_map& vm) {
 // What the success line adds when the device was reset during the command.
 std::string recovery_note(const driver::Pmem& pm) {
   if (pm.recoveries() == 0) return "";
-  return "; the device was reset and the flush sent again (" + std::to_string(pm.recoveries()) +
-         (pm.recoveries() == 1 ? " time)" : " times)");
+  return "; " + pmem_recovery_note(pm.recoveries());
 }
 
 pci::Bdf bdf_of(const po::variables_map& vm, const char* sub) {

@@ -226,8 +226,7 @@ int run(int argc, char** argv) {
   if (!pm) return fail(pm.error());
   const auto note_recoveries = [&pm] {
     if (const std::uint64_t n = (*pm)->recoveries(); n > 0)
-      std::fprintf(stderr, "uvirtio-pmlog: %s: the device was reset and a flush sent again (%llu %s)\n",
-                   (*pm)->name().c_str(), static_cast<unsigned long long>(n), n == 1 ? "time" : "times");
+      std::fprintf(stderr, "uvirtio-pmlog: %s: %s\n", (*pm)->name().c_str(), pmem_recovery_note(n).c_str());
   };
   Log log(**pm);
   if (cmd == "init") {
