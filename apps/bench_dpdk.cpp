@@ -176,8 +176,8 @@ Result<double> dpdk_loopback_pps(const DpdkLoopbackOptions& o) {
   // testpmd prints Tx-pps once a second. Its start (EAL memory without
   // hugepages, the vhost-user handshake) took from under 1 s to over 3 s on
   // these machines, with samples of 0 until the link is up, so the run is
-  // timed from the first sample that moved packets: o.seconds samples after
-  // it, plus one, since the first covers the start.
+  // timed from the first sample that moved packets: that one (it covers the
+  // start), o.seconds more, and one that may be cut short, both dropped below.
   auto first_moving = [](const std::vector<double>& v) {
     return static_cast<std::size_t>(std::find_if(v.begin(), v.end(), [](double x) { return x > 0; }) -
                                     v.begin());
