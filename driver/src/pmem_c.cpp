@@ -1,8 +1,10 @@
 // The C API of the pmem driver (uvirtio/pmem.h).
 #include "uvirtio/driver/pmem_c.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -57,6 +59,15 @@ int result(uvirtio_pmem* pm, const uvirtio::Result<void>& r) {
   return to_errno(r.error());
 }
 
+// The C completion constants and the modes they stand for.
+struct Completion {
+  int c;
+  uvirtio::driver::CompletionMode mode;
+};
+constexpr Completion kCompletions[] = {{UVIRTIO_PMEM_HYBRID, uvirtio::driver::CompletionMode::hybrid},
+                                       {UVIRTIO_PMEM_INTERRUPT, uvirtio::driver::CompletionMode::interrupt},
+                                       {UVIRTIO_PMEM_POLL, uvirtio::driver::CompletionMode::polling}};
+
 int fail_open(char* err, size_t errlen, const std::string& msg, int code) {
   if (err != nullptr && errlen > 0) {
     std::strncpy(err, msg.c_str(), errlen - 1);
@@ -84,21 +95,13 @@ Result<PmemOptions> pmem_options_from_c(const uvirtio_pmem_options* opts) {
                  "size is " + std::to_string(opts->size) + ", expected " +
                      std::to_string(sizeof(uvirtio_pmem_options)) +
                      " (call uvirtio_pmem_options_init first)");
-  switch (opts->completion) {
-    case UVIRTIO_PMEM_HYBRID:
-      o.completion = CompletionMode::hybrid;
-      break;
-    case UVIRTIO_PMEM_INTERRUPT:
-      o.completion = CompletionMode::interrupt;
-      break;
-    case UVIRTIO_PMEM_POLL:
-      o.completion = CompletionMode::polling;
-      break;
-    default:
-      return Error(Errc::invalid_argument, "", op,
-                   "completion " + std::to_string(opts->completion) +
-                       " is none of UVIRTIO_PMEM_HYBRID (0), _INTERRUPT (1), _POLL (2)");
-  }
+  const auto* m = std::find_if(std::begin(kCompletions), std::end(kCompletions),
+                               [&](const Completion& c) { return c.c == opts->completion; });
+  if (m == std::end(kCompletions))
+    return Error(Errc::invalid_argument, "", op,
+                 "completion " + std::to_string(opts->completion) +
+                     " is none of UVIRTIO_PMEM_HYBRID (0), _INTERRUPT (1), _POLL (2)");
+  o.completion = m->mode;
   if (opts->timeout_ms == 0) return Error(Errc::invalid_argument, "", op, "timeout_ms is 0; it must be > 0");
   o.timeout = std::chrono::milliseconds(opts->timeout_ms);
   o.recover_on_reset = opts->recover_on_reset != 0;
@@ -114,9 +117,8 @@ void uvirtio_pmem_options_init(uvirtio_pmem_options* opts) {
   if (opts == nullptr) return;
   const uvirtio::driver::PmemOptions d;
   opts->size = sizeof(uvirtio_pmem_options);
-  opts->completion = d.completion == uvirtio::driver::CompletionMode::polling     ? UVIRTIO_PMEM_POLL
-                     : d.completion == uvirtio::driver::CompletionMode::interrupt ? UVIRTIO_PMEM_INTERRUPT
-                                                                                  : UVIRTIO_PMEM_HYBRID;
+  for (const Completion& c : kCompletions)
+    if (c.mode == d.completion) opts->completion = c.c;
   opts->timeout_ms = static_cast<uint32_t>(d.timeout.count());
   opts->recover_on_reset = d.recover_on_reset ? 1 : 0;
   opts->gather_us = static_cast<uint32_t>(d.gather_limit.count());
