@@ -149,6 +149,8 @@ int pmem_write(const std::vector<std::string>& args) {
     return 0;
   }
   if (!vm.count("offset")) throw UsageError{"pmem write: --offset is required"};
+  if (vm.count("no-recover") && !vm.count("persist"))
+    throw UsageError{"pmem write: --no-recover needs --persist (without it no flush is sent)"};
   if (vm.count("data") == vm.count("file"))
     throw UsageError{"pmem write: give exactly one of --data or --file"};
   const std::uint64_t offset = parse_u64(vm["offset"].as<std::string>(), "--offset");

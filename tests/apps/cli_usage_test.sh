@@ -51,6 +51,7 @@ check 2 "--threads values must be 1..64" "$u" pmem bench 00:03.0 --threads 0
 # --no-recover only where a flush could recover: elsewhere it would do nothing.
 check 2 "unrecognised option '--no-recover'" "$u" pmem bench 00:03.0 --no-recover
 check 2 "unrecognised option '--no-recover'" "$u" pmem read 00:03.0 --offset 0 --length 1 --no-recover
+check 2 "--no-recover needs --persist" "$u" pmem write 00:03.0 --offset 0 --data x --no-recover
 check 1 "0000:7f:1f.7: describe function: no such PCI function" "$u" pmem flush 0000:7f:1f.7 --no-recover
 check 1 "0000:7f:1f.7: describe function: no such PCI function" "$u" pmem info 0000:7f:1f.7
 c=$bin/uvirtio-pmem-c  # the C API from C
