@@ -100,8 +100,8 @@ int cmd_blk(const std::vector<std::string>& args) {
       std::string out;
       for (auto b : buf) out += hex(b, 2);
       std::printf("%s\n", out.c_str());
-    } else {
-      std::fwrite(buf.data(), 1, buf.size(), stdout);
+    } else if (std::fwrite(buf.data(), 1, buf.size(), stdout) != buf.size() || std::fflush(stdout) != 0) {
+      return fail(Error::from_errno(errno, (*blk)->name(), "read", "write the data to standard output"));
     }
     return 0;
   }

@@ -67,9 +67,15 @@ class MemoryBar final : public pci::BarIo {
                                hex(len) + " bytes at " + hex(off));
     return ok();
   }
-  void unmap(std::uint64_t off, std::uint64_t len) noexcept {
-    (void)::mmap(base_ + off, len, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+  // Replaces a region by zero pages. When that fails (ENOMEM: too many
+  // mappings) the remote memory stays mapped; the caller must say so.
+  Result<void> unmap(std::uint64_t off, std::uint64_t len) {
+    if (::mmap(base_ + off, len, PROT_READ | PROT_WRITE,
+               MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) == MAP_FAILED)
+      return Error::from_errno(errno, name_, "withdraw remote memory from the BAR",
+                               "mmap zero pages over " + hex(len) + " bytes at " + hex(off) +
+                                   " (the old front-end's memory stays mapped there)");
+    return ok();
   }
 
  private:
@@ -494,7 +500,12 @@ struct DeviceModel::Impl {
   }
 
   void unmap_memory() {
-    for (const auto& m : mapped) membar->unmap(m.bar_off, m.len);
+    for (const auto& m : mapped)
+      if (auto r = membar->unmap(m.bar_off, m.len); !r) {
+        // The driver could still read a withdrawn front-end's memory: stop it.
+        log(r.error().message());
+        soft->set_needs_reset();
+      }
     mapped.clear();
     regions.clear();
   }

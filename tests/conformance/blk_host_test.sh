@@ -28,6 +28,8 @@ for kv in ${UVIRTIO_MATRIX:-}; do expect+="export UVIRTIO_EXPECT_$kv; "; done
   uvirtio blk read $B --sector 100 --count 256 > /tmp/a
   uvirtio blk read $B --sector 1000 --count 256 --poll > /tmp/b
   cmp /tmp/a /root/pattern && cmp /tmp/b /root/pattern && echo "guest read-back ok"
+  if uvirtio blk read $B --sector 100 --count 8 >/dev/full 2>/tmp/e; then echo "blk read to a full stdout: exit 0"; fi
+  grep -q "$B: read: write the data to standard output" /tmp/e && echo "full stdout refused"
   uvirtio-conformance --gtest_color=no --gtest_filter="Completion/*:RngCli.*"
 ' | tee "$work/out"
 passed=0
@@ -40,5 +42,6 @@ for s in 100 1000; do
   fi
 done
 grep -q "guest read-back ok" "$work/out" && passed=$((passed + 1)) || { failed=$((failed + 1)); echo "not ok - guest read-back"; }
+grep -q "full stdout refused" "$work/out" && passed=$((passed + 1)) || { failed=$((failed + 1)); echo "not ok - blk read to a full stdout is not reported"; }
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -755,6 +755,10 @@ TEST(PmemCli, BadInputIsRefusedAndWritesNothing) {
   }
   auto tail = run("uvirtio pmem read " + bdf + " --offset 16777208 --length 8");
   EXPECT_EQ(tail.out, "ABCDEFGH") << "a refused write must leave the range untouched";
+  // Data that cannot reach standard output is an error, not a silent exit 0.
+  auto full = run("sh -c 'uvirtio pmem read " + bdf + " --offset 0 --length 4096 >/dev/full'");
+  EXPECT_EQ(full.status, 1) << full.out;
+  EXPECT_NE(full.out.find(bdf + ": read: write the data to standard output"), std::string::npos) << full.out;
 }
 
 TEST(PmemCli, DeviceBoundToAnotherDriverIsRefused) {
