@@ -129,6 +129,7 @@ struct Pool {
 // thread's index stores kept invalidating the line the driver reads.
 template <class T>
 struct alignas(128) Own {
+  explicit Own(T&& v) : q(std::move(v)) {}  // clang 14 has no parenthesised aggregate init
   T q;
 };
 

@@ -10,6 +10,7 @@ cd "$top"
 packages=(
   build-essential cmake pkg-config            # toolchain
   clang libclang-rt-14-dev clang-format       # fuzz targets (libFuzzer), formatting check
+  cppcheck                                    # static analysis in the test job
   libpci-dev libboost-program-options-dev nlohmann-json3-dev googletest libgtest-dev zlib1g-dev
   qemu-system-x86 busybox-static cpio kmod    # the guest harness
   strace xz-utils e2fsprogs                   # strace: fsync counting; mkfs.ext4: pmem benchmark
