@@ -11,7 +11,8 @@
 // accept must stay inside what they checked: a pmem range is mapped only
 // with a nonzero page-multiple size, a blk read only within the capacity.
 //
-// Input: byte 0: bits 0-1 device (0 rng, 1 blk, 2 and 3 pmem), bit 2 MSI-X; then u64
+// Input: byte 0: bits 0-1 device (0 rng, 1 blk, 2 and 3 pmem), bit 2 MSI-X,
+// bit 3 recover_on_reset (recovery then runs against the same lies); then u64
 // features offered (VERSION_1 forced), u8 num_queues, u16 queue_max_size,
 // 24 bytes of device config; the rest is a script read as the device runs:
 // for each BAR read a byte b (b < 48: lie with a width-masked u64 from the
@@ -109,6 +110,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   o.bdf = kBdf;
   o.device_type = kind == 0 ? 4 : kind == 1 ? 2 : kVirtioPmemType;
   o.msix_vectors = (head & 4) ? 2 : 0;
+  const bool recover = (head & 8) != 0;
   o.features = in.u64() | (std::uint64_t{1} << 32);
   o.num_queues = static_cast<std::uint16_t>(in.u8() % 4);
   o.queue_max_size = in.u16();
@@ -148,6 +150,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     ro.completion = CompletionMode::polling;
     ro.timeout = 5ms;
     ro.open = open;
+    ro.recover_on_reset = recover;
     auto rng = Rng::attach(std::move(*d), ro);
     check_error(rng);
     if (!rng) return 0;
@@ -159,6 +162,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     bo.completion = CompletionMode::polling;
     bo.timeout = 5ms;
     bo.open = open;
+    bo.recover_on_reset = recover;
     auto d = bring_up(std::move(fn), 2, Blk::policy(bo), open);
     check_error(d);
     if (!d) return 0;
@@ -182,6 +186,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     po.completion = CompletionMode::polling;
     po.timeout = 5ms;
     po.open = open;
+    po.recover_on_reset = recover;
     po.map_range = [&backing](const std::string& name, std::uint64_t start,
                               std::uint64_t n) -> Result<PmemRange> {
       CHECK(n != 0 && n % 4096 == 0 && start % 4096 == 0 && start + n > start);
