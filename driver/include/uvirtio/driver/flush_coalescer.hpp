@@ -82,6 +82,7 @@ class FlushCoalescer {
   // held and leader_ false; returns with lk held.
   void lead(std::unique_lock<std::mutex>& lk, std::uint64_t want, bool serve_async);
   Result<void> result_for(std::uint64_t ticket) const;
+  void wake_gatherer();  // with m_ held: a new ticket may end the group-commit wait
   // Group commit: waits (lk held, leader_ set) for the callers of the last
   // round to ask again, within the limits above.
   void gather(std::unique_lock<std::mutex>& lk);
