@@ -62,7 +62,7 @@ int bench_fsync(const std::vector<std::string>& args) {
   std::sort(lat.begin(), lat.end());
   const double p50 = lat[lat.size() / 2], p99 = lat[std::min(lat.size() - 1, lat.size() * 99 / 100)];
   if (vm.count("json")) {
-    std::cout << json{{"file", path}, {"ops", lat.size()}, {"p50_us", p50}, {"p99_us", p99}}.dump(2) << "\n";
+    print_json(json{{"file", path}, {"ops", lat.size()}, {"p50_us", p50}, {"p99_us", p99}});
   } else {
     std::printf("%s: 64 B pwrite + fsync: %zu ops, p50 %.1f us, p99 %.1f us\n", path.c_str(), lat.size(), p50,
                 p99);

@@ -747,7 +747,7 @@ int bench_channel_ivshmem(const pci::Bdf& bdf, unsigned side, double seconds, un
   out["polling_rt_vs_cache_line"] =
       out["channel_rt_polling_ns"].get<double>() / out["cache_line_round_trip_ns"].get<double>();
   if (as_json) {
-    std::cout << out.dump(2) << "\n";
+    print_json(out);
     return 0;
   }
   std::printf(
@@ -936,7 +936,7 @@ int bench_channel(const std::vector<std::string>& args) {
                   {"blocking_rt_vs_unix_socket_two_cpus < 1", r_bell2 < 1}};
   out["per_round"] = per_round;
   if (vm.count("json")) {
-    std::cout << out.dump(2) << "\n";
+    print_json(out);
     return 0;
   }
   auto g = [&](const char* k) { return out[k].get<double>(); };

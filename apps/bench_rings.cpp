@@ -261,7 +261,7 @@ int bench_rings(const std::vector<std::string>& args) {
     }
   }
   if (vm.count("json")) {
-    std::cout << out.dump(2) << "\n";
+    print_json(out);
     return 0;
   }
   std::printf("cache-line round trip: %.0f ns; bare SPSC ring (64 B slots): %.2f M msg/s\n",

@@ -74,7 +74,7 @@ int cmd_blk(const std::vector<std::string>& args) {
               {"read_only", (*blk)->read_only()},
               {"features", (*blk)->features().describe()}};
     if (p.vm.count("json"))
-      std::cout << j.dump(2) << "\n";
+      print_json(j);
     else
       std::printf("%s: virtio-blk, %llu sectors (%llu MiB)%s\n  features %s\n", (*blk)->name().c_str(),
                   static_cast<unsigned long long>((*blk)->capacity_sectors()),

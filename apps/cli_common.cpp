@@ -27,8 +27,13 @@ int tool_main(const char* program, int argc, char** argv, int (*run)(int, char**
   } catch (const boost::program_options::error& e) {
     std::cerr << program << ": " << e.what() << "\n";
     return kUsage;
+  } catch (const std::exception& e) {
+    std::cerr << program << ": internal error: " << e.what() << "\n";
+    return kFail;
   }
 }
+
+void print_json(const json& j) { std::cout << j.dump(2, ' ', false, json::error_handler_t::replace) << "\n"; }
 
 int run_command(int argc, char** argv, const char* usage,
                 const std::vector<std::pair<std::string, Command>>& commands) {

@@ -56,6 +56,11 @@ inline po::variables_map parse(const std::vector<std::string>& args, const po::o
   return vm;
 }
 
+// Prints `j` indented, one line per value. Strings that are not valid UTF-8
+// (text from a device, a log, the host) are printed with U+FFFD in place of
+// the bad bytes instead of making the JSON library throw.
+void print_json(const json& j);
+
 // Parses a non-negative integer option value (decimal or 0x hex) or throws UsageError.
 std::uint64_t parse_u64(const std::string& text, const std::string& what);
 
@@ -65,7 +70,8 @@ std::uint64_t parse_u64(const std::string& text, const std::string& what);
 std::string pmem_recovery_note(std::uint64_t recoveries);
 
 // main() of a tool: sets g_program, runs `run` and turns usage errors into
-// a message and exit status 2.
+// a message and exit status 2, and any other exception into a message and
+// exit status 1 (never an abort).
 int tool_main(const char* program, int argc, char** argv, int (*run)(int, char**));
 
 // Runs subcommand argv[1] of a tool with the arguments after it: no

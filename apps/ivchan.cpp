@@ -240,7 +240,7 @@ int cmd_info(const std::vector<std::string>& args) {
             {"position", (*dev)->position() ? json(*(*dev)->position()) : json(nullptr)},
             {"vectors", (*dev)->vectors()}};
   if (vm.count("json")) {
-    std::cout << j.dump(2) << "\n";
+    print_json(j);
     return 0;
   }
   std::printf("%s: ivshmem-%s, shared memory %zu bytes", bdf.str().c_str(),
@@ -389,7 +389,7 @@ int cmd_ping(const std::vector<std::string>& args, bool send_only) {
                    {"receiver_crc32", bulk->receiver_crc},
                    {"match", bulk->match},
                    {"mb_per_s", static_cast<double>(bytes) / bulk->seconds / 1e6}};
-    std::cout << j.dump(2) << "\n";
+    print_json(j);
   } else {
     if (count)
       std::printf("ping: %llu round trips of %llu bytes, every echo intact; p50 %.1f us, p99 %.1f us (%s)\n",

@@ -122,7 +122,7 @@ int pmem_info(const std::vector<std::string>& args) {
     ledger_line = p.queue().ledger_error().empty() ? "none" : "none: " + p.queue().ledger_error();
   }
   if (vm.count("json")) {
-    std::cout << j.dump(2) << "\n";
+    print_json(j);
     return 0;
   }
   std::printf(
@@ -534,7 +534,7 @@ int pmem_bench(const std::vector<std::string>& args) {
   out["ratios"] = ratios;
 
   if (vm.count("json")) {
-    std::cout << out.dump(2) << "\n";
+    print_json(out);
     return 0;
   }
   std::printf("%s: persist (64 B write + persist), cache write-back %s\n", p.name().c_str(),

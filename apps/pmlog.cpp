@@ -27,6 +27,8 @@ const char* kUsageText =
     "       uvirtio-pmlog BDF append --count N [--size S] [--tag T]\n"
     "       uvirtio-pmlog BDF list [--json]\n"
     "       uvirtio-pmlog BDF verify [--expect-at-least N]\n"
+    "list escapes control characters and backslashes as \\xNN and \\\\ (and bytes from 0x80\n"
+    "when a record is not UTF-8); --json adds payload_hex for such a record.\n"
     "A flush that meets a device needing a reset recovers and is sent again\n"
     "(said on stderr); --no-recover fails instead.\n";
 
@@ -109,11 +111,17 @@ int run(int argc, char** argv) {
   if (cmd == "list") {
     if (vm.count("json")) {
       json j = json::array();
-      for (const auto& r : *recs) j.push_back({{"seq", r.seq}, {"offset", r.offset}, {"payload", r.payload}});
-      std::cout << j.dump(2) << "\n";
+      for (const auto& r : *recs) {
+        json rec = {{"seq", r.seq}, {"offset", r.offset}, {"payload", r.payload}};
+        // Not UTF-8: "payload" shows U+FFFD for the bad bytes, the hex has them all.
+        if (!pmlog::is_utf8(r.payload)) rec["payload_hex"] = pmlog::to_hex(r.payload);
+        j.push_back(std::move(rec));
+      }
+      print_json(j);
     } else {
       for (const auto& r : *recs)
-        std::printf("%llu\t%s\n", static_cast<unsigned long long>(r.seq), r.payload.c_str());
+        std::printf("%llu\t%s\n", static_cast<unsigned long long>(r.seq),
+                    pmlog::printable(r.payload).c_str());
     }
     return 0;
   }

@@ -28,6 +28,7 @@
 #include <functional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "uvirtio/base/result.hpp"
@@ -74,5 +75,15 @@ class Log {
   std::uint64_t end_ = 0;  // our commit point
   std::uint64_t count_ = 0;
 };
+
+// Payloads are bytes (the host or any writer may have put anything there).
+// For printing: whether they are valid UTF-8 (RFC 3629: no overlong forms,
+// no surrogates, nothing above U+10FFFF); the text with control characters
+// and backslashes escaped as \xNN and \\ (and, when it is not valid UTF-8,
+// every byte from 0x80 too), so a terminal shows it without obeying it; and
+// lowercase hex, which loses nothing.
+bool is_utf8(std::string_view s);
+std::string printable(std::string_view s);
+std::string to_hex(std::string_view s);
 
 }  // namespace uvirtio::apps::pmlog

@@ -89,7 +89,7 @@ int cmd_list(const std::vector<std::string>& args) {
     out.push_back(j);
   }
   if (vm.count("json")) {
-    std::cout << out.dump(2) << "\n";
+    print_json(out);
     return 0;
   }
   if (vm.count("quiet")) {
@@ -250,7 +250,7 @@ int cmd_caps(const std::vector<std::string>& args) {
                  {"pba_bar", caps->msix->pba_bar},       {"pba_offset", caps->msix->pba_offset}};
   j["warnings"] = caps->warnings;
   if (vm.count("json")) {
-    std::cout << j.dump(2) << "\n";
+    print_json(j);
     return 0;
   }
   std::printf("%s capabilities (walk order):\n", bdf.str().c_str());

@@ -245,5 +245,31 @@ TEST(PmlogFormat, FailedPersistIsReported) {
   EXPECT_EQ(payloads_of(*rs), std::vector<std::string>{"kept"});
 }
 
+TEST(PmlogFormat, Utf8Validation) {
+  EXPECT_TRUE(is_utf8(""));
+  EXPECT_TRUE(is_utf8("plain ascii\n"));
+  EXPECT_TRUE(is_utf8("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80"));  // e-acute, euro, emoji
+  EXPECT_TRUE(is_utf8("\xf4\x8f\xbf\xbf"));                           // U+10FFFF
+  EXPECT_FALSE(is_utf8("\xff"));
+  EXPECT_FALSE(is_utf8("\xc3"));              // truncated
+  EXPECT_FALSE(is_utf8("\xc0\xaf"));          // overlong '/'
+  EXPECT_FALSE(is_utf8("\xe0\x80\xaf"));      // overlong, 3 bytes
+  EXPECT_FALSE(is_utf8("\xed\xa0\x80"));      // surrogate U+D800
+  EXPECT_FALSE(is_utf8("\xf4\x90\x80\x80"));  // above U+10FFFF
+  EXPECT_FALSE(is_utf8("\xe2\x82"));          // truncated at the end
+  EXPECT_FALSE(
+      is_utf8("a\x80"
+              "b"));  // lone continuation byte
+}
+
+TEST(PmlogFormat, PrintableEscapesWhatATerminalWouldObey) {
+  EXPECT_EQ(printable("hello"), "hello");
+  EXPECT_EQ(printable(std::string("a\0b", 3)), "a\\x00b");
+  EXPECT_EQ(printable("\x1b[2Jx\ty\\z\x7f"), "\\x1b[2Jx\\x09y\\\\z\\x7f");
+  EXPECT_EQ(printable("caf\xc3\xa9"), "caf\xc3\xa9");             // valid UTF-8 stays text
+  EXPECT_EQ(printable("caf\xc3\xa9\xff"), "caf\\xc3\\xa9\\xff");  // otherwise every high byte is escaped
+  EXPECT_EQ(to_hex(std::string("x\xff\x1b\0", 4)), "78ff1b00");
+}
+
 }  // namespace
 }  // namespace uvirtio::apps::pmlog

@@ -69,14 +69,24 @@ for run in $(seq 1 "$runs"); do
     echo "not ok - run $run: verify after the previous kill said: $(head -n 3 "$out")"
   fi
 done
-# A last clean boot checks what the last kill left.
-final=$(vm -- sh -c "$pmlog verify --expect-at-least $acked" 2>&1 || true)
+# A last clean boot checks what the last kill left, then appends a record
+# that is not UTF-8 and holds a terminal escape: list must escape it, list
+# --json must keep every byte in payload_hex (it used to abort on it).
+final=$(vm -- sh -c "$pmlog verify --expect-at-least $acked && $pmlog append \"\$(printf 'x\\377\\033[2J')\" >/dev/null &&
+  $pmlog list | tail -n 1 && $pmlog list --json | tail -n 8" 2>&1 || true)
 if grep -q 'all intact and in order' <<<"$final"; then
   passed=$((passed + 1))
-  echo "ok - final: $final (at least $acked acknowledged)"
+  echo "ok - final: $(head -n 1 <<<"$final") (at least $acked acknowledged)"
 else
   failed=$((failed + 1))
   echo "not ok - final: $final"
+fi
+if grep -qF 'x\xff\x1b[2J' <<<"$final" && grep -q '"payload_hex": "78ff1b5b324a"' <<<"$final"; then
+  passed=$((passed + 1))
+  echo "ok - a record that is not UTF-8 is listed escaped, and in JSON with its bytes in hex"
+else
+  failed=$((failed + 1))
+  echo "not ok - listing a record that is not UTF-8: $final"
 fi
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -5,7 +5,10 @@
 // device, or returns records in order, 8-byte aligned, inside the commit
 // point, numbered from 1; after it, appending and reading back gives the same
 // records plus the new one; an append that fails (bad header, a commit point
-// moved by the "host", a full log) leaves every byte of the range as it was.
+// moved by the "host", a full log) leaves every byte of the range as it was;
+// the printing helpers hold on every payload and on the raw input (is_utf8
+// agrees with nlohmann::json's own check; printable() leaves no byte a
+// terminal would obey; to_hex loses nothing).
 //
 // Input: byte 0: bit 0 force a valid header (magic, version, capacity),
 // bit 1 set committed_end from the next two bytes, bits 2-4 the range size
@@ -17,6 +20,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -37,6 +41,25 @@ void put64(std::uint8_t* p, std::uint64_t v) {
   for (int i = 0; i < 8; ++i) p[i] = static_cast<std::uint8_t>(v >> (8 * i));
 }
 
+// The printing helpers on bytes from the range: the UTF-8 check agrees with
+// nlohmann::json's strict dump, and printable() leaves nothing a terminal
+// would obey (nor, for text that is not UTF-8, any byte from 0x80).
+void check_printing(const std::string& p) {
+  bool strict_ok = true;
+  try {
+    (void)nlohmann::json(p).dump();
+  } catch (const nlohmann::json::type_error&) {
+    strict_ok = false;
+  }
+  const bool utf8 = is_utf8(p);
+  CHECK(utf8 == strict_ok);
+  for (const char ch : printable(p)) {
+    const auto b = static_cast<unsigned char>(ch);
+    CHECK(b >= 0x20 && b != 0x7f && (utf8 || b < 0x80));
+  }
+  CHECK(to_hex(p).size() == 2 * p.size());
+}
+
 void check_records(const std::vector<Record>& rs, std::size_t size) {
   std::uint64_t prev_end = kDataStart;
   for (std::size_t i = 0; i < rs.size(); ++i) {
@@ -47,6 +70,7 @@ void check_records(const std::vector<Record>& rs, std::size_t size) {
     const std::uint64_t end = rs[i].offset + kRecordHeaderBytes + rs[i].payload.size();
     CHECK(end <= size);
     prev_end = (end + 7) & ~std::uint64_t{7};
+    check_printing(rs[i].payload);
   }
 }
 
@@ -78,6 +102,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     ++persists;
     return uvirtio::ok();
   };
+  // The whole input as a payload of its own, so the printing checks see
+  // arbitrary bytes even when the range holds no valid record.
+  check_printing(std::string(reinterpret_cast<const char*>(data), size));
   Log log({range.p, bytes}, kDevice, persist);
   auto rs = log.records();
   if (!rs) {
