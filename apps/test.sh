@@ -5,7 +5,8 @@
 #   2. ASan+UBSan build: unit tests, then the guest checks of
 #      conformance.foundation and conformance.pmem_fsync_error again with
 #      the sanitized uvirtio-conformance;
-#   3. clang libFuzzer build: each fuzz target for a bounded time;
+#   3. clang libFuzzer build (with the tools, so clang -Werror covers them):
+#      each fuzz target for a bounded time;
 #   4. clang-format check of every tracked C and C++ file;
 #   5. cppcheck (its bug checks, not style) over the library and the tools.
 set -euo pipefail
@@ -41,8 +42,10 @@ in_guest tests/conformance/run_guest_test.sh foundation build/bin "$asan_conf"
 in_guest tests/conformance/pmem_fsync_error_test.sh build/bin build/tests/conformance/uvirtio-failfs "$asan_conf"
 
 echo "== libFuzzer: ${fuzz_seconds}s per target =="
-cmake -S . -B build-fuzz -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo -DUVIRTIO_FUZZ=ON -DUVIRTIO_WERROR=ON \
-  -DUVIRTIO_TESTS=OFF -DUVIRTIO_APPS=OFF >/dev/null
+# The tools are built here too, so the whole tree also compiles warning-free
+# with clang (gcc builds it above).
+cmake -S . -B build-fuzz -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DUVIRTIO_FUZZ=ON -DUVIRTIO_WERROR=ON -DUVIRTIO_TESTS=OFF -DUVIRTIO_APPS=ON >/dev/null
 cmake --build build-fuzz -j"$jobs"
 for t in $fuzz_targets; do
   corpus=tests/fuzz/corpus/${t#fuzz_}
