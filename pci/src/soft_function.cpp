@@ -293,7 +293,8 @@ namespace {
 
 class Borrowed final : public pci::Function {
  public:
-  explicit Borrowed(pci::Function& fn) : fn_(fn) {}
+  explicit Borrowed(pci::Function& fn, unsigned wrap_index = 0, BarWrap wrap = {})
+      : fn_(fn), wrap_index_(wrap_index), wrap_(std::move(wrap)) {}
   const std::string& bdf() const override { return fn_.bdf(); }
   Result<void> read_config(std::uint32_t off, std::span<std::uint8_t> out) override {
     return fn_.read_config(off, out);
@@ -301,7 +302,12 @@ class Borrowed final : public pci::Function {
   Result<void> write_config(std::uint32_t off, std::span<const std::uint8_t> in) override {
     return fn_.write_config(off, in);
   }
-  Result<pci::BarIo*> bar(unsigned index) override { return fn_.bar(index); }
+  Result<pci::BarIo*> bar(unsigned index) override {
+    auto b = fn_.bar(index);
+    if (!b.ok() || !wrap_ || index != wrap_index_) return b;
+    if (!wrapped_) wrapped_ = wrap_(**b);
+    return wrapped_.get();
+  }
   unsigned irq_count(pci::IrqKind kind) override { return fn_.irq_count(kind); }
   Result<std::vector<int>> enable_irqs(pci::IrqKind kind, unsigned count) override {
     return fn_.enable_irqs(kind, count);
@@ -312,10 +318,17 @@ class Borrowed final : public pci::Function {
 
  private:
   pci::Function& fn_;
+  unsigned wrap_index_;
+  BarWrap wrap_;
+  std::unique_ptr<BarIo> wrapped_;
 };
 
 }  // namespace
 
 std::unique_ptr<pci::Function> borrow(pci::Function& fn) { return std::make_unique<Borrowed>(fn); }
+
+std::unique_ptr<pci::Function> borrow(pci::Function& fn, unsigned index, BarWrap wrap) {
+  return std::make_unique<Borrowed>(fn, index, std::move(wrap));
+}
 
 }  // namespace uvirtio::pci

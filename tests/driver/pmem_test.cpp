@@ -233,56 +233,27 @@ constexpr Mode kModes[] = {
     {"msix-hybrid-device-thread", 2, CompletionMode::hybrid, true},
 };
 
-// Forwards to the fake device's function, but once `raised` is set it reports
-// DEVICE_NEEDS_RESET in device_status reads: a device that completes a
-// request and declares at the same moment that it needs a reset (the fake
+// BAR4 of the fake device's function, except that once `raised` is set it
+// reports DEVICE_NEEDS_RESET in device_status reads: a device that completes
+// a request and declares at the same moment that it needs a reset (the fake
 // cannot do that from its request handler, which runs under its lock).
-class NeedsResetOverlay final : public pci::Function {
+class NeedsResetBar final : public pci::BarIo {
  public:
-  NeedsResetOverlay(pci::Function& fn, const std::atomic<bool>& raised) : fn_(fn), raised_(raised) {}
-  const std::string& bdf() const override { return fn_.bdf(); }
-  Result<void> read_config(std::uint32_t off, std::span<std::uint8_t> out) override {
-    return fn_.read_config(off, out);
+  NeedsResetBar(pci::BarIo& inner, const std::atomic<bool>& raised) : inner_(inner), raised_(raised) {}
+  std::uint64_t size() const override { return inner_.size(); }
+  volatile std::uint8_t* mapping() const override { return inner_.mapping(); }
+  Result<std::uint64_t> read(std::uint64_t off, unsigned width) override {
+    auto v = inner_.read(off, width);
+    if (v.ok() && off == kDeviceStatus && width == 1 && raised_.load()) return *v | status::kNeedsReset;
+    return v;
   }
-  Result<void> write_config(std::uint32_t off, std::span<const std::uint8_t> in) override {
-    return fn_.write_config(off, in);
+  Result<void> write(std::uint64_t off, unsigned width, std::uint64_t value) override {
+    return inner_.write(off, width, value);
   }
-  Result<pci::BarIo*> bar(unsigned index) override {
-    auto b = fn_.bar(index);
-    if (!b.ok() || index != FakeVirtioDevice::kBar) return b;
-    if (!bar_) bar_ = std::make_unique<Bar>(**b, raised_);
-    return static_cast<pci::BarIo*>(bar_.get());
-  }
-  unsigned irq_count(pci::IrqKind kind) override { return fn_.irq_count(kind); }
-  Result<std::vector<int>> enable_irqs(pci::IrqKind kind, unsigned count) override {
-    return fn_.enable_irqs(kind, count);
-  }
-  Result<void> unmask_intx() override { return fn_.unmask_intx(); }
-  Result<void> disable_irqs() override { return fn_.disable_irqs(); }
-  pci::DmaAllocator& dma() override { return fn_.dma(); }
 
  private:
-  class Bar final : public pci::BarIo {
-   public:
-    Bar(pci::BarIo& inner, const std::atomic<bool>& raised) : inner_(inner), raised_(raised) {}
-    std::uint64_t size() const override { return inner_.size(); }
-    volatile std::uint8_t* mapping() const override { return inner_.mapping(); }
-    Result<std::uint64_t> read(std::uint64_t off, unsigned width) override {
-      auto v = inner_.read(off, width);
-      if (v.ok() && off == kDeviceStatus && width == 1 && raised_.load()) return *v | status::kNeedsReset;
-      return v;
-    }
-    Result<void> write(std::uint64_t off, unsigned width, std::uint64_t value) override {
-      return inner_.write(off, width, value);
-    }
-
-   private:
-    pci::BarIo& inner_;
-    const std::atomic<bool>& raised_;
-  };
-  pci::Function& fn_;
+  pci::BarIo& inner_;
   const std::atomic<bool>& raised_;
-  std::unique_ptr<Bar> bar_;
 };
 
 // ------------------------------------------------------------------ attach
@@ -641,7 +612,10 @@ TEST(Pmem, NeedsResetWithTheCompletionIsNotASuccess) {
   device.raise_on_request = &raised;
   dev.set_handler(device.handler());
   Backing backing;
-  auto pm = attach(dev, backing, {}, std::make_unique<NeedsResetOverlay>(dev.function(), raised));
+  auto pm =
+      attach(dev, backing, {}, pci::borrow(dev.function(), FakeVirtioDevice::kBar, [&raised](pci::BarIo& b) {
+               return std::make_unique<NeedsResetBar>(b, raised);
+             }));
   ASSERT_TRUE(pm);
   expect_error(pm->persist(pm->data(), 32), Errc::needs_reset, "DEVICE_NEEDS_RESET");
   EXPECT_EQ(dev.completions(), 1u) << "the device did answer";

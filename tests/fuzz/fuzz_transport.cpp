@@ -70,36 +70,6 @@ class LyingBar final : public pci::BarIo {
   Reader& script_;
 };
 
-class LyingFunction final : public pci::Function {
- public:
-  LyingFunction(pci::Function& inner, Reader& script) : inner_(inner), script_(script) {}
-  const std::string& bdf() const override { return inner_.bdf(); }
-  Result<void> read_config(std::uint32_t off, std::span<std::uint8_t> out) override {
-    return inner_.read_config(off, out);
-  }
-  Result<void> write_config(std::uint32_t off, std::span<const std::uint8_t> in) override {
-    return inner_.write_config(off, in);
-  }
-  Result<pci::BarIo*> bar(unsigned index) override {
-    UV_TRY(pci::BarIo * b, inner_.bar(index));
-    if (index != SoftVirtioDevice::kBar) return b;
-    if (!lying_) lying_ = std::make_unique<LyingBar>(*b, script_);
-    return lying_.get();
-  }
-  unsigned irq_count(pci::IrqKind kind) override { return inner_.irq_count(kind); }
-  Result<std::vector<int>> enable_irqs(pci::IrqKind kind, unsigned count) override {
-    return inner_.enable_irqs(kind, count);
-  }
-  Result<void> unmask_intx() override { return inner_.unmask_intx(); }
-  Result<void> disable_irqs() override { return inner_.disable_irqs(); }
-  pci::DmaAllocator& dma() override { return inner_.dma(); }
-
- private:
-  pci::Function& inner_;
-  Reader& script_;
-  std::unique_ptr<LyingBar> lying_;
-};
-
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
@@ -141,7 +111,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   OpenOptions open;
   open.reset_deadline = 2ms;
   open.inflight_dir.clear();
-  auto fn = std::make_unique<LyingFunction>(dev.function(), script);
+  auto fn = pci::borrow(dev.function(), SoftVirtioDevice::kBar,
+                        [&script](pci::BarIo& b) { return std::make_unique<LyingBar>(b, script); });
   if (kind == 0) {
     auto d = bring_up(std::move(fn), 4, FeaturePolicy{}, open);
     check_error(d);

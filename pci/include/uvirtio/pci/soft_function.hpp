@@ -170,5 +170,9 @@ class SoftFunction final : public pci::Function {
 // A pci::Function that forwards to `fn` without owning it, for APIs that take
 // ownership (driver::bring_up). `fn` must outlive the returned object.
 std::unique_ptr<pci::Function> borrow(pci::Function& fn);
+// The same, except that BAR `index` is seen through the BarIo `wrap` makes of
+// it on first use: tests overlay misbehaviour on the real registers.
+using BarWrap = std::function<std::unique_ptr<BarIo>(BarIo& inner)>;
+std::unique_ptr<pci::Function> borrow(pci::Function& fn, unsigned index, BarWrap wrap);
 
 }  // namespace uvirtio::pci
