@@ -33,6 +33,8 @@ struct RecordHeader {
 };
 static_assert(sizeof(RecordHeader) == kRecordHeaderBytes);
 
+constexpr char kHex[] = "0123456789abcdef";
+
 std::uint64_t align8(std::uint64_t v) { return (v + 7) & ~std::uint64_t{7}; }
 
 std::uint32_t record_crc(std::uint64_t seq, std::uint32_t len, const std::uint8_t* payload) {
@@ -221,7 +223,6 @@ std::string printable(std::string_view s) {
     if (b == '\\') {
       out += "\\\\";
     } else if (b < 0x20 || b == 0x7f || (b >= 0x80 && !utf8)) {
-      static constexpr char kHex[] = "0123456789abcdef";
       out += "\\x";
       out += kHex[b >> 4];
       out += kHex[b & 15];
@@ -233,7 +234,6 @@ std::string printable(std::string_view s) {
 }
 
 std::string to_hex(std::string_view s) {
-  static constexpr char kHex[] = "0123456789abcdef";
   std::string out;
   out.reserve(2 * s.size());
   for (const char ch : s) {

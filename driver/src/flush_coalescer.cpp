@@ -93,7 +93,7 @@ void FlushCoalescer::gather(std::unique_lock<std::mutex>& lk) {
 
 void FlushCoalescer::wake_gatherer() {
   // Only the ticket that completes the group ends the wait: waking the leader
-  // for each arrival cost a context switch per caller (8 threads: 1.15-1.25x
+  // for each arrival cost a context switch per caller (8 threads: 1.10-1.28x
   // the persists/s without those wake-ups, doc/benchmarks.md).
   if (gathering_ && next_ticket_ - done_ >= last_round_) gather_cv_.notify_one();
 }

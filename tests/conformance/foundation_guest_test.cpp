@@ -759,6 +759,9 @@ TEST(PmemCli, BadInputIsRefusedAndWritesNothing) {
   auto full = run("sh -c 'uvirtio pmem read " + bdf + " --offset 0 --length 4096 >/dev/full'");
   EXPECT_EQ(full.status, 1) << full.out;
   EXPECT_NE(full.out.find(bdf + ": read: write the data to standard output"), std::string::npos) << full.out;
+  auto full_hex = run("sh -c 'uvirtio pmem read " + bdf + " --offset 0 --length 16 --hex >/dev/full'");
+  EXPECT_EQ(full_hex.status, 1) << full_hex.out;
+  EXPECT_NE(full_hex.out.find("write the data to standard output"), std::string::npos) << full_hex.out;
 }
 
 TEST(PmemCli, DeviceBoundToAnotherDriverIsRefused) {
