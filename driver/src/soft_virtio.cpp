@@ -2,10 +2,12 @@
 #include "uvirtio/driver/soft_virtio.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <stdexcept>
 #include <utility>
 
 #include "uvirtio/base/le.hpp"
+#include "uvirtio/rings/packed.hpp"
 #include "uvirtio/rings/split.hpp"
 
 namespace uvirtio::driver {
@@ -33,7 +35,8 @@ enum : std::uint64_t {
 };
 
 constexpr std::uint8_t kDriverOk = 4, kFeaturesOk = 8, kNeedsReset = 64;
-constexpr unsigned kVersion1 = 32, kAccessPlatform = 33, kInOrder = 35, kNotificationData = 38;
+constexpr unsigned kIndirectDesc = 28, kEventIdx = 29, kVersion1 = 32, kAccessPlatform = 33, kRingPacked = 34,
+                   kInOrder = 35, kNotificationData = 38;
 
 std::uint16_t load_acquire(le16& f) {
   return le16::from_raw(std::atomic_ref<std::uint16_t>(f.raw()).load(std::memory_order_acquire));
@@ -350,7 +353,12 @@ void SoftVirtioDevice::reset_locked() {
   queue_select_ = 0;
   status_ = 0;
   isr_ = 0;
-  for (Queue& q : queues_) q = Queue{opt_.queue_max_size, kNoVector, q.notify_off, 0, 0, 0, 0, 0, 0};
+  for (Queue& q : queues_) {
+    const std::uint16_t notify_off = q.notify_off;
+    q = Queue{};
+    q.size = opt_.queue_max_size;
+    q.notify_off = notify_off;
+  }
 }
 
 // ---------------------------------------------------------------- queues
@@ -388,6 +396,20 @@ void SoftVirtioDevice::process(std::uint16_t qi) {
   if (!(status_ & kDriverOk)) return violation("notify before DRIVER_OK");
   if (status_ & kNeedsReset) return;
   if (faults.needs_reset_on_notify) return needs_reset_locked();
+  if (negotiated(kRingPacked)) return process_packed(qi, q);
+  process_split(qi, q);
+}
+
+void SoftVirtioDevice::raise_queue(const Queue& q) {
+  if (fn_.irq_kind() == pci::IrqKind::msix) {
+    if (q.vector != kNoVector) fn_.raise(q.vector);
+  } else {
+    isr_ |= 1;
+    fn_.raise(0);
+  }
+}
+
+void SoftVirtioDevice::process_split(std::uint16_t qi, Queue& q) {
   pci::SoftDma& dma = fn_.soft_dma();
   auto* desc =
       reinterpret_cast<rings::VirtqDesc*>(dma.translate(q.desc, rings::SplitLayout::desc_bytes(q.size)));
@@ -395,15 +417,43 @@ void SoftVirtioDevice::process(std::uint16_t qi) {
   auto* used = reinterpret_cast<le16*>(dma.translate(q.device, rings::SplitLayout::used_bytes(q.size)));
   if (!desc || !avail || !used) return fatal("ring address outside DMA memory");
   auto* used_ring = reinterpret_cast<rings::VirtqUsedElem*>(used + 2);
-  const std::uint16_t avail_idx = load_acquire(avail[1]);
-  if (static_cast<std::uint16_t>(avail_idx - q.last_avail) > q.size) return fatal("available index jumped");
-  bool completed = false;
+  // VIRTIO_F_EVENT_IDX (2.7.7, 2.7.10): used_event follows the available
+  // ring, avail_event the used ring.
+  le16& used_event = avail[2 + q.size];
+  le16& avail_event = used[2 + 4 * q.size];
+  const bool event_idx = negotiated(kEventIdx), indirect = negotiated(kIndirectDesc);
   // VIRTIO_F_IN_ORDER (2.7.9): the chains taken here are one batch, reported
   // by a single used entry at the batch's first position naming its last chain.
-  const bool in_order = ((driver_features_ >> kInOrder) & 1) != 0;
+  const bool in_order = negotiated(kInOrder);
+  const std::uint16_t used_before = q.used_idx;
   std::uint16_t batch = 0, batch_head = 0;
   std::uint32_t batch_len = 0;
-  while (q.last_avail != avail_idx) {
+  std::vector<Segment> chain;
+  std::uint64_t writable = 0;
+  // Appends one buffer of the chain; false (the device now needs a reset) when it is not DMA memory.
+  const auto add = [&](std::uint64_t addr, std::uint32_t len, bool w) {
+    std::uint8_t* p = dma.translate(addr, len);
+    if (p == nullptr) {
+      fatal("descriptor address outside DMA memory");
+      return false;
+    }
+    if (!w && writable > 0) violation("readable descriptor after a writable one");
+    chain.push_back(Segment{p, len, w});
+    if (w) writable += len;
+    return true;
+  };
+  for (;;) {
+    const std::uint16_t avail_idx = load_acquire(avail[1]);
+    if (static_cast<std::uint16_t>(avail_idx - q.last_avail) > q.size) return fatal("available index jumped");
+    if (q.last_avail == avail_idx) {
+      if (!event_idx) break;
+      // Ask for a kick for the next chain, then look once more: a chain made
+      // available before the driver could see avail_event got no kick.
+      store_release(avail_event, q.last_avail);
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      if (load_acquire(avail[1]) == q.last_avail) break;
+      continue;
+    }
     const std::uint16_t head = avail[2 + (q.last_avail & (q.size - 1u))].get();
     ++q.last_avail;
     ++requests_;
@@ -411,41 +461,55 @@ void SoftVirtioDevice::process(std::uint16_t qi) {
     if (head >= q.size) return fatal("available ring entry out of range");
     // 2.7.5: with IN_ORDER the driver allocates descriptors in ring order.
     if (in_order && head != q.next_desc) violation("IN_ORDER: chain head out of ring order");
-    std::vector<Segment> chain;
-    std::uint64_t writable = 0;
+    chain.clear();
+    writable = 0;
+    std::uint16_t descs = 0;  // ring descriptors the chain takes
     for (std::uint16_t i = head;;) {
-      if (chain.size() >= q.size) return fatal("descriptor chain loops");
+      if (descs >= q.size) return fatal("descriptor chain loops");
+      ++descs;
       const rings::VirtqDesc& d = desc[i];
       const std::uint16_t flags = d.flags.get();
-      if (flags & rings::VIRTQ_DESC_F_INDIRECT) return fatal("indirect descriptor not negotiated");
-      std::uint8_t* p = dma.translate(d.addr.get(), d.len.get());
-      if (p == nullptr) return fatal("descriptor address outside DMA memory");
-      const bool w = (flags & rings::VIRTQ_DESC_F_WRITE) != 0;
-      if (!w && writable > 0) violation("readable descriptor after a writable one");
-      chain.push_back(Segment{p, d.len.get(), w});
-      if (w) writable += d.len.get();
+      if (flags & rings::VIRTQ_DESC_F_INDIRECT) {
+        // 2.7.5.3: a table, after zero or more direct descriptors, ends the chain.
+        if (!indirect) return fatal("indirect descriptor not negotiated");
+        if (flags & rings::VIRTQ_DESC_F_NEXT) return fatal("indirect descriptor with NEXT");
+        const std::uint32_t n = d.len.get() / 16;
+        if (d.len.get() % 16 != 0 || n == 0 || n > q.size) return fatal("indirect table of bad length");
+        const auto* table =
+            reinterpret_cast<const rings::VirtqDesc*>(dma.translate(d.addr.get(), d.len.get()));
+        if (table == nullptr) return fatal("indirect table outside DMA memory");
+        for (std::uint32_t j = 0, taken = 0;;) {
+          if (taken++ == n) return fatal("indirect table loops");
+          const std::uint16_t f = table[j].flags.get();
+          if (f & rings::VIRTQ_DESC_F_INDIRECT) return fatal("indirect table entry is itself indirect");
+          if (!add(table[j].addr.get(), table[j].len.get(), (f & rings::VIRTQ_DESC_F_WRITE) != 0)) return;
+          if (!(f & rings::VIRTQ_DESC_F_NEXT)) break;
+          j = table[j].next.get();
+          if (j >= n) return fatal("indirect table entry next out of range");
+        }
+        break;
+      }
+      if (!add(d.addr.get(), d.len.get(), (flags & rings::VIRTQ_DESC_F_WRITE) != 0)) return;
       if (!(flags & rings::VIRTQ_DESC_F_NEXT)) break;
       if (in_order && d.next.get() != ((i + 1u) & (q.size - 1u)))
         violation("IN_ORDER: next out of ring order");
       i = d.next.get();
       if (i >= q.size) return fatal("descriptor next out of range");
     }
-    q.next_desc = static_cast<std::uint16_t>((head + chain.size()) & (q.size - 1u));
+    q.next_desc = static_cast<std::uint16_t>((head + descs) & (q.size - 1u));
     std::uint32_t len = handler_ ? handler_(qi, chain) : 0;
     if (faults.used_len_excess > 0) len = static_cast<std::uint32_t>(writable + faults.used_len_excess);
+    ++completions_;
     if (in_order) {
       ++batch;
       batch_head = head;
       batch_len = len;
-      ++completions_;
       continue;
     }
     rings::VirtqUsedElem& e = used_ring[q.used_idx & (q.size - 1u)];
     e.id.set(faults.bad_used_id ? q.size + 3u : head);
     e.len.set(len);
     store_release(used[1], ++q.used_idx);
-    ++completions_;
-    completed = true;
   }
   if (batch > 0) {
     rings::VirtqUsedElem& e = used_ring[q.used_idx & (q.size - 1u)];
@@ -453,16 +517,91 @@ void SoftVirtioDevice::process(std::uint16_t qi) {
     e.len.set(batch_len);
     q.used_idx = static_cast<std::uint16_t>(q.used_idx + batch);
     store_release(used[1], q.used_idx);
-    completed = true;
   }
-  // Spec 2.7.7: without EVENT_IDX, VIRTQ_AVAIL_F_NO_INTERRUPT suppresses the interrupt.
-  if (!completed || (load_acquire(avail[0]) & rings::VIRTQ_AVAIL_F_NO_INTERRUPT)) return;
-  if (fn_.irq_kind() == pci::IrqKind::msix) {
-    if (q.vector != kNoVector) fn_.raise(q.vector);
-  } else {
-    isr_ |= 1;
-    fn_.raise(0);
+  if (q.used_idx == used_before) return;
+  // 2.7.7: with EVENT_IDX the driver asks for an interrupt when the used
+  // index passes used_event; without it VIRTQ_AVAIL_F_NO_INTERRUPT says no.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (event_idx) {
+    const std::uint16_t event = load_acquire(used_event);
+    if (static_cast<std::uint16_t>(q.used_idx - event - 1) >=
+        static_cast<std::uint16_t>(q.used_idx - used_before))
+      return;
+  } else if (load_acquire(avail[0]) & rings::VIRTQ_AVAIL_F_NO_INTERRUPT) {
+    return;
   }
+  raise_queue(q);
+}
+
+// The packed ring (2.8) through the rings library's device role; hostile
+// answers are written raw at the queue's used position.
+void SoftVirtioDevice::process_packed(std::uint16_t qi, Queue& q) {
+  if (q.rogue) return;
+  pci::SoftDma& dma = fn_.soft_dma();
+  auto* ring =
+      reinterpret_cast<rings::PvirtqDesc*>(dma.translate(q.desc, rings::PackedLayout::desc_bytes(q.size)));
+  if (!q.packed) {
+    std::uint8_t* drv = dma.translate(q.driver, rings::PackedLayout::event_bytes());
+    std::uint8_t* dev = dma.translate(q.device, rings::PackedLayout::event_bytes());
+    if (!ring || !drv || !dev) return fatal("ring address outside DMA memory");
+    auto translate = [&dma](std::uint64_t addr, std::uint32_t len,
+                            bool) -> std::optional<std::span<std::uint8_t>> {
+      std::uint8_t* p = dma.translate(addr, len);
+      if (p == nullptr) return std::nullopt;
+      return std::span<std::uint8_t>(p, len);
+    };
+    auto made =
+        rings::PackedDeviceQueue::create(q.size, ring, drv, dev, fn_.bdf() + " queue " + std::to_string(qi),
+                                         rings::BufferTranslation(translate));
+    if (!made) return fatal(made.error().message());
+    made->set_event_idx(negotiated(kEventIdx));
+    made->set_indirect(negotiated(kIndirectDesc));
+    if (auto r = made->set_in_order(negotiated(kInOrder)); !r) return fatal(r.error().message());
+    q.packed.emplace(std::move(made).value());
+  }
+  rings::PackedDeviceQueue& pq = *q.packed;
+  const bool in_order = pq.in_order();
+  rings::PackedDeviceQueue::Request req;
+  std::vector<Segment> chain;
+  bool raw = false;
+  for (;;) {
+    auto got = pq.pop_into(req);
+    if (!got) return fatal(got.error().message());
+    if (!*got) {
+      if (pq.enable_notifications_and_check()) continue;
+      break;
+    }
+    ++requests_;
+    if (faults.swallow) continue;
+    chain.clear();
+    for (const auto s : req.readable)
+      chain.push_back(
+          Segment{const_cast<std::uint8_t*>(s.data()), static_cast<std::uint32_t>(s.size()), false});
+    for (const auto s : req.writable)
+      chain.push_back(Segment{s.data(), static_cast<std::uint32_t>(s.size()), true});
+    std::uint32_t len = handler_ ? handler_(qi, chain) : 0;
+    if (faults.used_len_excess > 0)
+      len = static_cast<std::uint32_t>(req.writable_bytes + faults.used_len_excess);
+    ++completions_;
+    if (len > req.writable_bytes || faults.bad_used_id) {
+      // 2.8.1: a used descriptor has AVAIL and USED equal to the wrap
+      // counter; id and len are visible before the flags.
+      pq.publish_used();
+      rings::PvirtqDesc& d = ring[pq.used_position()];
+      d.id.set(static_cast<std::uint16_t>(faults.bad_used_id ? q.size + 3u : req.head));
+      d.len.set(len);
+      const auto flags = static_cast<std::uint16_t>(
+          (pq.used_wrap_counter() ? rings::VIRTQ_DESC_F_AVAIL | rings::VIRTQ_DESC_F_USED : 0) |
+          rings::VIRTQ_DESC_F_WRITE);
+      store_release(d.flags, flags);
+      q.rogue = raw = true;
+      break;
+    }
+    auto pushed = in_order ? pq.push_deferred(req.head, len) : pq.push(req.head, len);
+    if (!pushed) return fatal(pushed.error().message());
+  }
+  pq.publish_used();
+  if (pq.should_interrupt() || raw) raise_queue(q);
 }
 
 void SoftVirtioDevice::fatal(const std::string& why) {
@@ -491,7 +630,7 @@ void SoftVirtioDevice::set_needs_reset() {
 bool SoftVirtioDevice::complete_late(std::uint16_t qi, std::uint32_t id, std::uint32_t len) {
   std::lock_guard lock(mu_);
   Queue& q = queues_.at(qi);
-  if (q.size == 0) return false;
+  if (q.size == 0 || negotiated(kRingPacked)) return false;
   auto* used =
       reinterpret_cast<le16*>(fn_.soft_dma().translate(q.device, rings::SplitLayout::used_bytes(q.size)));
   if (used == nullptr) return false;

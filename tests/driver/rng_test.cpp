@@ -465,30 +465,44 @@ TEST(Rng, RecoverTakesOffWhatTheDeviceCompletedBeforeTheReset) {
   EXPECT_EQ(dev.violations(), kNone);
 }
 
+// Both ring layouts: the fake writes the hostile used entry raw, on a packed
+// ring at the device role's used position with the right wrap bits.
 TEST(Rng, UsedLenBeyondBufferBreaksTheQueue) {
-  FakeVirtioDevice dev(entropy());
-  Counter counter;
-  dev.set_handler(counter.handler());
-  dev.faults.used_len_excess = 1;
-  auto rng = attach(dev, CompletionMode::polling);
-  ASSERT_TRUE(rng);
-  std::vector<std::uint8_t> out(32);
-  expect_error(rng->read(out), Errc::bad_device_data, "used len 33 exceeds the 32 device-writable bytes");
-  dev.faults.used_len_excess = 0;  // even a device that behaves again is not trusted
-  expect_error(rng->read(out), Errc::broken, "broken");
-  expect_error(rng->read(out), Errc::broken, "broken");
-  EXPECT_TRUE(rng->queue().ring().broken());
-  EXPECT_EQ(dev.notifies(), 1u) << "a broken queue must not notify the device";
+  for (const bool packed : {false, true}) {
+    SCOPED_TRACE(packed ? "packed" : "split");
+    FakeVirtioOptions o = entropy();
+    if (packed) o.features |= 1ull << feature::kRingPacked;
+    FakeVirtioDevice dev(o);
+    Counter counter;
+    dev.set_handler(counter.handler());
+    dev.faults.used_len_excess = 1;
+    auto rng = attach(dev, CompletionMode::polling);
+    ASSERT_TRUE(rng);
+    EXPECT_EQ(rng->queue().packed(), packed);
+    std::vector<std::uint8_t> out(32);
+    expect_error(rng->read(out), Errc::bad_device_data, "used len 33 exceeds the 32 device-writable bytes");
+    dev.faults.used_len_excess = 0;  // even a device that behaves again is not trusted
+    expect_error(rng->read(out), Errc::broken, "broken");
+    expect_error(rng->read(out), Errc::broken, "broken");
+    EXPECT_TRUE(rng->queue().ring().broken());
+    EXPECT_EQ(dev.notifies(), 1u) << "a broken queue must not notify the device";
+  }
 }
 
 TEST(Rng, UsedIdOutOfRangeBreaksTheQueue) {
-  FakeVirtioDevice dev(entropy());
-  dev.faults.bad_used_id = true;
-  auto rng = attach(dev, CompletionMode::interrupt);
-  ASSERT_TRUE(rng);
-  std::vector<std::uint8_t> out(8);
-  expect_error(rng->read(out), Errc::bad_device_data, "used id 67 out of range");
-  expect_error(rng->read(out), Errc::broken, "broken");
+  for (const bool packed : {false, true}) {
+    SCOPED_TRACE(packed ? "packed" : "split");
+    FakeVirtioOptions o = entropy();
+    if (packed) o.features |= 1ull << feature::kRingPacked;
+    FakeVirtioDevice dev(o);
+    dev.faults.bad_used_id = true;
+    auto rng = attach(dev, CompletionMode::interrupt);
+    ASSERT_TRUE(rng);
+    EXPECT_EQ(rng->queue().packed(), packed);
+    std::vector<std::uint8_t> out(8);
+    expect_error(rng->read(out), Errc::bad_device_data, "used id 67 out of range");
+    expect_error(rng->read(out), Errc::broken, "broken");
+  }
 }
 
 TEST(Rng, DeviceAnsweringZeroBytesForeverIsAnError) {

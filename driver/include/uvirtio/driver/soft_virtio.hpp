@@ -20,6 +20,16 @@
 // chains one notify (or one worker pass) takes are completed as a batch with
 // a single used entry (2.7.9), and a driver that does not allocate
 // descriptors in ring order (2.7.5) is recorded in violations().
+// The ring features the drivers use are served when offered and accepted:
+// VIRTIO_F_INDIRECT_DESC (tables, also after direct descriptors, 2.7.5.3),
+// VIRTIO_F_EVENT_IDX (interrupts follow used_event, and avail_event is kept
+// at the next chain, 2.7.10) and VIRTIO_F_RING_PACKED. The split ring is
+// walked here, independently of the rings library; a packed ring is served
+// by rings::PackedDeviceQueue, so a malformed packed chain is whatever that
+// queue rejects (recorded, then DEVICE_NEEDS_RESET).
+// Faults that make an answer hostile (used_len_excess, bad_used_id, or a
+// handler returning more than the writable bytes) write that used entry
+// raw; on a packed ring the queue then serves nothing more until a reset.
 //
 // A device model that runs its queues itself (with rings::SplitDeviceQueue)
 // sets hooks instead of a handler: notify, status and device-config-write
@@ -37,6 +47,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <span>
 #include <string>
@@ -44,6 +55,7 @@
 #include <vector>
 
 #include "uvirtio/pci/soft_function.hpp"
+#include "uvirtio/rings/packed_device.hpp"
 
 namespace uvirtio::driver {
 
@@ -123,7 +135,7 @@ class SoftVirtioDevice {
   // Writes a used entry naming `id` that no chain on this ring asked for, as
   // QEMU 7.2's virtio-pmem does when a flush from before a reset finishes
   // (doc/protocols.md, "Completions from before a reset"). False when queue
-  // q has no ring in DMA memory.
+  // q has no split ring in DMA memory (a packed ring is not supported).
   bool complete_late(std::uint16_t q, std::uint32_t id, std::uint32_t len);
   void set_queue_notify_off(std::uint16_t q, std::uint16_t notify_off);
   void refuse_vector(std::uint16_t vector);  // the device answers 0xffff when it is written
@@ -149,7 +161,9 @@ class SoftVirtioDevice {
     std::uint16_t size = 0, vector = kNoVector, notify_off = 0, enabled = 0;
     std::uint64_t desc = 0, driver = 0, device = 0;
     std::uint16_t last_avail = 0, used_idx = 0;
-    std::uint16_t next_desc = 0;  // IN_ORDER: where the driver's next chain must start
+    std::uint16_t next_desc = 0;                     // IN_ORDER: where the driver's next chain must start
+    std::optional<rings::PackedDeviceQueue> packed;  // made at the first notify of a packed ring
+    bool rogue = false;                              // a raw used descriptor went onto the packed ring
   };
 
   std::uint64_t common_read(std::uint64_t off, unsigned width);
@@ -160,6 +174,10 @@ class SoftVirtioDevice {
   Queue* selected();
   void notify(std::uint64_t off, unsigned width, std::uint64_t v);
   void process(std::uint16_t q);
+  void process_split(std::uint16_t qi, Queue& q);
+  void process_packed(std::uint16_t qi, Queue& q);
+  void raise_queue(const Queue& q);
+  bool negotiated(unsigned bit) const { return ((driver_features_ >> bit) & 1) != 0; }
   void fatal(const std::string& why);  // records it, sets NEEDS_RESET
   void needs_reset_locked();
   void violation(const std::string& what) { violations_.push_back(what); }

@@ -76,6 +76,12 @@ class PackedDeviceQueue {
   const std::string& name() const noexcept { return name_; }
   bool broken() const noexcept { return broken_; }
   std::uint16_t in_flight() const noexcept { return static_cast<std::uint16_t>(held_count_); }
+  // Where the next used descriptor goes: its ring position and the wrap
+  // counter its AVAIL and USED bits will carry (2.8.1). A device model that
+  // writes a used descriptor itself (the test device's faults) reads them;
+  // after such a write this queue's view of the ring is stale.
+  std::uint16_t used_position() const noexcept { return used_pos_; }
+  bool used_wrap_counter() const noexcept { return used_wrap_; }
 
   // Negotiated features; set before use.
   // VIRTIO_F_EVENT_IDX. When notifications are enabled, this also rewrites
