@@ -59,6 +59,11 @@ std::vector<std::uint8_t> pmem_config(std::uint64_t start, std::uint64_t size) {
   return c;
 }
 
+// The ring features QEMU's virtio-pmem offers with packed=on, which the
+// driver accepts: the packed layout, event index and indirect tables.
+constexpr std::uint64_t kPackedRingFeatures =
+    (1ull << feature::kRingPacked) | (1ull << feature::kEventIdx) | (1ull << feature::kIndirectDesc);
+
 FakeVirtioOptions pmem_device(unsigned msix_vectors = 0, std::uint64_t start = kStart,
                               std::uint64_t size = kSize) {
   FakeVirtioOptions o;
@@ -688,29 +693,36 @@ TEST(Pmem, RecoversFromNeedsResetAndResendsTheFlush) {
 }
 
 // Callers sharing a flush the device dropped all get the resent flush's
-// result; one recovery serves them all.
+// result; one recovery serves them all. On either ring layout: a packed ring
+// (with event index and indirect tables) restarts in place too.
 TEST(Pmem, ConcurrentPersistsAcrossARecovery) {
-  FakeVirtioDevice dev(pmem_device());
-  FlushDevice device;
-  device.work_us = 300;
-  dev.set_handler(device.handler());
-  dev.start_worker();
-  Backing backing;
-  PmemSetup s;
-  s.recover_on_reset = true;
-  auto pm = attach(dev, backing, s);
-  ASSERT_TRUE(pm);
-  constexpr int kThreads = 4, kCalls = 25;
-  std::thread breaker([&] {
-    if (eventually([&] { return dev.requests() >= 10; })) break_until_reset(dev);
-  });
-  const int failed = persist_from_threads(*pm, kThreads, kCalls);
-  breaker.join();
-  EXPECT_EQ(failed, 0);
-  EXPECT_EQ(pm->recoveries(), 1u);
-  EXPECT_EQ(pm->persist_calls(), std::uint64_t{kThreads} * kCalls);
-  for (int t = 0; t < kThreads; ++t) EXPECT_EQ(backing.mem[4096 * t + kCalls - 1], kCalls);  // i + 1
-  EXPECT_EQ(dev.violations(), kNone);
+  for (const std::uint64_t rings : {std::uint64_t{0}, kPackedRingFeatures}) {
+    SCOPED_TRACE(rings ? "packed" : "split");
+    FakeVirtioOptions o = pmem_device();
+    o.features |= rings;
+    FakeVirtioDevice dev(o);
+    FlushDevice device;
+    device.work_us = 300;
+    dev.set_handler(device.handler());
+    dev.start_worker();
+    Backing backing;
+    PmemSetup s;
+    s.recover_on_reset = true;
+    auto pm = attach(dev, backing, s);
+    ASSERT_TRUE(pm);
+    EXPECT_EQ(dev.driver_features() & rings, rings);
+    constexpr int kThreads = 4, kCalls = 25;
+    std::thread breaker([&] {
+      if (eventually([&] { return dev.requests() >= 10; })) break_until_reset(dev);
+    });
+    const int failed = persist_from_threads(*pm, kThreads, kCalls);
+    breaker.join();
+    EXPECT_EQ(failed, 0);
+    EXPECT_EQ(pm->recoveries(), 1u);
+    EXPECT_EQ(pm->persist_calls(), std::uint64_t{kThreads} * kCalls);
+    for (int t = 0; t < kThreads; ++t) EXPECT_EQ(backing.mem[4096 * t + kCalls - 1], kCalls);  // i + 1
+    EXPECT_EQ(dev.violations(), kNone);
+  }
 }
 
 // Without recover_on_reset the caller recovers; a device that describes
@@ -926,23 +938,29 @@ TEST(Pmem, EdgesOfTheRangeAreAccepted) {
 // ------------------------------------------------------------------ coalescing and async
 
 TEST(Pmem, ConcurrentPersistsShareDeviceFlushes) {
-  FakeVirtioDevice dev(pmem_device());
-  FlushDevice device;
-  device.work_us = 1000;
-  dev.set_handler(device.handler());
-  dev.start_worker();
-  Backing backing;
-  auto pm = attach(dev, backing);
-  ASSERT_TRUE(pm);
-  constexpr int kThreads = 6, kCalls = 25;
-  const int failed = persist_from_threads(*pm, kThreads, kCalls);
-  EXPECT_EQ(failed, 0);
-  EXPECT_EQ(pm->persist_calls(), std::uint64_t{kThreads} * kCalls);
-  EXPECT_LT(pm->device_flushes(), pm->persist_calls());
-  EXPECT_GE(pm->device_flushes(), std::uint64_t{kCalls});
-  EXPECT_EQ(dev.completions(), pm->device_flushes());
-  EXPECT_EQ(dev.requests(), pm->device_flushes());
-  EXPECT_EQ(dev.violations(), kNone);
+  for (const std::uint64_t rings : {std::uint64_t{0}, kPackedRingFeatures}) {
+    SCOPED_TRACE(rings ? "packed" : "split");
+    FakeVirtioOptions o = pmem_device();
+    o.features |= rings;
+    FakeVirtioDevice dev(o);
+    FlushDevice device;
+    device.work_us = 1000;
+    dev.set_handler(device.handler());
+    dev.start_worker();
+    Backing backing;
+    auto pm = attach(dev, backing);
+    ASSERT_TRUE(pm);
+    EXPECT_EQ(dev.driver_features() & rings, rings);
+    constexpr int kThreads = 6, kCalls = 25;
+    const int failed = persist_from_threads(*pm, kThreads, kCalls);
+    EXPECT_EQ(failed, 0);
+    EXPECT_EQ(pm->persist_calls(), std::uint64_t{kThreads} * kCalls);
+    EXPECT_LT(pm->device_flushes(), pm->persist_calls());
+    EXPECT_GE(pm->device_flushes(), std::uint64_t{kCalls});
+    EXPECT_EQ(dev.completions(), pm->device_flushes());
+    EXPECT_EQ(dev.requests(), pm->device_flushes());
+    EXPECT_EQ(dev.violations(), kNone);
+  }
 }
 
 TEST(Pmem, PersistFutureAndAsyncComplete) {
