@@ -405,6 +405,12 @@ Result<Driver::Event> Driver::handle(const Message& m) {
       return Event::memory_added;
     }
     case kFeatureBits: {
+      // The served rings and NetChannel's header length were set up with
+      // the features in effect; new ones take a new device (DEL first). The
+      // ack is the part of the offer that stays in effect.
+      if (!served_.empty())
+        return refuse(kFeatureBitsAck, m.feature_bits & remote_features_,
+                      "FEATURE_BITS while a remote device is served");
       // Spec 4.5.2: never accept bits the remote did not offer.
       offered_remote_ = m.feature_bits;
       remote_features_ = m.feature_bits & opts_.accept_remote_features;
@@ -489,6 +495,7 @@ Result<void> Driver::add_device(const Message& m) {
   }
   for (auto& s : served_)
     if (s.vq.index < by_index_.size()) by_index_[s.vq.index] = &s;
+  ++generation_;
   return ok();
 }
 
@@ -496,6 +503,7 @@ void Driver::drop_device() noexcept {
   by_index_.fill(nullptr);
   served_.clear();
   ready_ = false;
+  ++generation_;
 }
 
 rings::SplitDeviceQueue* Driver::remote_queue(std::uint32_t index) noexcept {
@@ -537,6 +545,21 @@ Result<rings::SplitDeviceQueue*> NetChannel::queue(std::uint32_t index, const ch
   return q;
 }
 
+Result<void> NetChannel::check_generation(const char* op) {
+  if ((!reserved_ && !peeked_) || drv_.device_generation() == generation_) return ok();
+  // The device the frame came from was withdrawn: its chain and spans point
+  // into memory that may be the next device's now, and its queue is gone.
+  // Writing the header or pushing the head would corrupt the new remote.
+  const char* what = reserved_ && peeked_ ? "a reserved and a peeked frame"
+                     : reserved_          ? "a reserved frame"
+                                          : "a peeked frame";
+  reserved_ = peeked_ = tx_bounced_ = false;
+  return Error(Errc::peer_gone, drv_.name(), op,
+               std::string("the remote virtio-net was withdrawn holding ") + what + " (device generation " +
+                   std::to_string(generation_) + ", now " + std::to_string(drv_.device_generation()) +
+                   "); dropped without writing remote memory");
+}
+
 Result<void> NetChannel::interrupt(std::uint32_t index) {
   rings::SplitDeviceQueue* q = drv_.remote_queue(index);
   if (q == nullptr) return ok();
@@ -547,6 +570,7 @@ Result<void> NetChannel::interrupt(std::uint32_t index) {
 
 Result<std::optional<std::span<std::byte>>> NetChannel::try_reserve(std::size_t len) {
   const char* op = "reserve a frame";
+  UV_TRY_VOID(check_generation(op));
   UV_TRY(auto* q, queue(kRemoteRx, op));
   if (len > kMaxFrame)
     return Error(Errc::invalid_argument, drv_.name(), op, std::to_string(len) + "-byte frame (limit 65549)");
@@ -555,6 +579,7 @@ Result<std::optional<std::span<std::byte>>> NetChannel::try_reserve(std::size_t 
     UV_TRY(const bool got, q->pop_into(tx_req_));
     if (!got) return std::optional<std::span<std::byte>>{};
     reserved_ = true;
+    generation_ = drv_.device_generation();
   }
   if (tx_req_.writable_bytes < hl + len) {
     // The remote posted a buffer too small for this frame: give it back empty.
@@ -577,6 +602,7 @@ Result<std::optional<std::span<std::byte>>> NetChannel::try_reserve(std::size_t 
 
 Result<void> NetChannel::commit(std::size_t len, Flush flush) {
   const char* op = "commit a frame";
+  UV_TRY_VOID(check_generation(op));
   if (!reserved_) return Error(Errc::invalid_argument, drv_.name(), op, "nothing reserved");
   UV_TRY(auto* q, queue(kRemoteRx, op));
   const std::size_t hl = hdr_len();
@@ -593,7 +619,10 @@ Result<void> NetChannel::commit(std::size_t len, Flush flush) {
   return ok();
 }
 
-Result<void> NetChannel::flush_sent() { return interrupt(kRemoteRx); }
+Result<void> NetChannel::flush_sent() {
+  UV_TRY_VOID(check_generation("flush sent frames"));
+  return interrupt(kRemoteRx);
+}
 
 Result<bool> NetChannel::try_send(std::span<const std::byte> frame) {
   UV_TRY(auto slot, try_reserve(frame.size()));
@@ -605,6 +634,7 @@ Result<bool> NetChannel::try_send(std::span<const std::byte> frame) {
 
 Result<void> NetChannel::wait_kick(std::uint32_t index, std::chrono::steady_clock::time_point until,
                                    const char* op) {
+  const std::uint64_t generation = drv_.device_generation();
   UV_TRY(auto* q, queue(index, op));
   if (q->enable_notifications_and_check()) return ok();  // arrived while arming
   for (;;) {
@@ -618,8 +648,14 @@ Result<void> NetChannel::wait_kick(std::uint32_t index, std::chrono::steady_cloc
     if (p[1].revents & POLLIN) {
       UV_TRY(auto events, drv_.wait_control(std::chrono::milliseconds(0)));
       (void)events;
-      if (!drv_.remote_ready())
-        return Error(Errc::peer_gone, drv_.name(), op, "the remote virtio-net was withdrawn");
+      // A DEL frees the served queues, q among them, and an ADD in the same
+      // batch makes remote_ready() true again over new rings: the generation
+      // tells, and q is not touched after a change.
+      if (drv_.device_generation() != generation)
+        return Error(Errc::peer_gone, drv_.name(), op,
+                     drv_.remote_ready()
+                         ? "the remote virtio-net was withdrawn and another added while waiting"
+                         : "the remote virtio-net was withdrawn");
     }
     if (p[0].revents & POLLIN) {
       drv_.drain_kick(index);
@@ -640,6 +676,7 @@ Result<void> NetChannel::send(std::span<const std::byte> frame, std::chrono::nan
 
 Result<std::optional<std::span<const std::byte>>> NetChannel::try_peek() {
   const char* op = "peek a frame";
+  UV_TRY_VOID(check_generation(op));
   UV_TRY(auto* q, queue(kRemoteTx, op));
   const std::size_t hl = hdr_len();
   for (;;) {
@@ -647,6 +684,7 @@ Result<std::optional<std::span<const std::byte>>> NetChannel::try_peek() {
       UV_TRY(const bool got, q->pop_into(rx_req_));
       if (!got) return std::optional<std::span<const std::byte>>{};
       peeked_ = true;
+      generation_ = drv_.device_generation();
     }
     if (rx_req_.readable_bytes >= hl + 14 && rx_req_.readable_bytes <= hl + kMaxFrame) break;
     // Not a frame (shorter than an Ethernet header, or too long): dropped.
@@ -668,6 +706,7 @@ Result<std::optional<std::span<const std::byte>>> NetChannel::try_peek() {
 
 Result<void> NetChannel::release(Flush flush) {
   const char* op = "release a frame";
+  UV_TRY_VOID(check_generation(op));
   if (!peeked_) return Error(Errc::invalid_argument, drv_.name(), op, "nothing peeked");
   UV_TRY(auto* q, queue(kRemoteTx, op));
   peeked_ = false;
@@ -676,7 +715,10 @@ Result<void> NetChannel::release(Flush flush) {
   return ok();
 }
 
-Result<void> NetChannel::flush_released() { return interrupt(kRemoteTx); }
+Result<void> NetChannel::flush_released() {
+  UV_TRY_VOID(check_generation("flush released frames"));
+  return interrupt(kRemoteTx);
+}
 
 Result<std::span<const std::byte>> NetChannel::peek(std::chrono::nanoseconds timeout) {
   const auto until = std::chrono::steady_clock::now() + timeout;

@@ -379,6 +379,53 @@ class VhostPciDriverTest : public ::testing::TestWithParam<bool> {
   void send(std::uint16_t type, const std::vector<std::uint8_t>& payload) {
     sd->deliver(msg(type, payload, ackq));
   }
+  // Memory (128 KiB at 0x40000000, BAR offset 0) and VERSION_1 features.
+  void announce_memory() {
+    send(kMemoryInfo, memory_info(kOpAdd, {{0x40000000, 0x20000, 0}}));
+    EXPECT_EQ(next(), Driver::Event::memory_added);
+    last_ack();
+    send(kFeatureBits, feature_bits(1ull << feature::kVersion1, ackq));
+    EXPECT_EQ(next(), Driver::Event::features);
+    last_ack();
+  }
+  // DEVICE_INFO ADD (and UPDATE_DONE in spec mode): served and ready.
+  void serve(const std::vector<Virtq>& vqs) {
+    send(kDeviceInfo, device_info(kOpAdd, vqs));
+    EXPECT_EQ(next(), Driver::Event::device_added);
+    EXPECT_EQ(last_ack(), std::make_pair(kDeviceInfoAck, kAddDone));
+    if (!ackq) {
+      send(kUpdateDone, update_done());
+      EXPECT_EQ(next(), Driver::Event::device_ready);
+    }
+    ASSERT_TRUE(drv->remote_ready());
+  }
+  void withdraw() {
+    send(kDeviceInfo, device_info(kOpDel, {}));
+    EXPECT_EQ(next(), Driver::Event::device_removed);
+    EXPECT_EQ(last_ack(), std::make_pair(kDeviceInfoAck, kDelDone));
+  }
+  std::uint8_t* bar() {
+    return const_cast<std::uint8_t*>(sd->dev->function().soft_bar(kMemoryBar)->mapping());
+  }
+  // The remote driver of the ring vq(i, 0x40000000 + ring) offers a
+  // one-descriptor chain `head` over [addr, addr + len).
+  void offer(std::size_t ring, std::uint16_t head, std::uint64_t addr, std::uint32_t len, bool writable) {
+    auto* desc = reinterpret_cast<rings::VirtqDesc*>(bar() + ring);
+    desc[head].addr.set(addr);
+    desc[head].len.set(len);
+    desc[head].flags.set(writable ? rings::VIRTQ_DESC_F_WRITE : 0);
+    std::uint8_t* avail = bar() + ring + 0x1000;
+    const std::uint16_t idx = load_le16(avail + 2);
+    store_le16(avail + 4 + 2 * (idx % 8), head);
+    store_le16(avail + 2, static_cast<std::uint16_t>(idx + 1));
+  }
+  std::uint16_t used_idx(std::size_t ring) { return load_le16(bar() + ring + 0x2000 + 2); }
+  void expect_peer_gone(const Result<void>& r, const std::string& op, const std::string& cause) {
+    ASSERT_FALSE(r.ok()) << op << " succeeded";
+    EXPECT_EQ(r.error().code(), Errc::peer_gone) << r.error().message();
+    for (const auto& text : {std::string("0000:00:10.0"), op, cause})
+      EXPECT_NE(r.error().message().find(text), std::string::npos) << r.error().message();
+  }
 
   bool ackq = false;
   std::unique_ptr<ScriptedDevice> sd;
@@ -467,6 +514,155 @@ TEST_P(VhostPciDriverTest, FeatureBitsAreNeverAcceptedBeyondTheOffer) {
   EXPECT_EQ(next(), Driver::Event::features);
   EXPECT_EQ(drv->remote_features(), 0x5u);
   EXPECT_EQ(last_ack(), std::make_pair(kFeatureBitsAck, std::uint64_t{0x5}));
+}
+
+// A device withdrawn and another added while NetChannel::peek() sleeps: the
+// DEL frees the served queues and the ADD (three queues: served_ grows into
+// new storage) makes remote_ready() true again. The wait must end with
+// peer_gone instead of reading the freed queue (ASan: heap-use-after-free),
+// and the channel then receives from the new device's rings.
+TEST_P(VhostPciDriverTest, NetChannelWaitEndsWhenTheDeviceIsReplaced) {
+  announce_memory();
+  serve({vq(0, 0x40000000), vq(1, 0x40004000)});
+  NetChannel ch(*drv);
+  // Queued before the app waits, so one wait_control() inside the wait
+  // handles them all.
+  send(kDeviceInfo, device_info(kOpDel, {}));
+  send(kDeviceInfo, device_info(kOpAdd, {vq(0, 0x40008000), vq(1, 0x4000c000), vq(2, 0x40010000)}));
+  if (!ackq) send(kUpdateDone, update_done());
+  auto r = ch.peek(1s);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), Errc::peer_gone) << r.error().message();
+  EXPECT_NE(r.error().message().find("0000:00:10.0"), std::string::npos) << r.error().message();
+  EXPECT_NE(r.error().message().find("receive a frame"), std::string::npos) << r.error().message();
+  EXPECT_NE(r.error().message().find("withdrawn and another added"), std::string::npos)
+      << r.error().message();
+  if (ackq) last_ack();  // complete the DEL and ADD acks
+  ASSERT_TRUE(drv->remote_ready());
+  // The new device transmits a frame on its queue 1.
+  std::memset(bar() + 0x18000, 0, 12);
+  std::memset(bar() + 0x18000 + 12, 0xab, 60);
+  offer(0xc000, 3, 0x40018000, 72, false);
+  auto m = ch.peek(1s);
+  ASSERT_TRUE(m.ok()) << m.error().message();
+  ASSERT_EQ(m->size(), 60u);
+  EXPECT_EQ(static_cast<std::uint8_t>((*m)[0]), 0xab);
+  ASSERT_TRUE(ch.release().ok());
+  EXPECT_EQ(used_idx(0xc000), 1);
+}
+
+// A frame reserved in the remote's receive buffer when the device is
+// withdrawn and another added: commit() must not write the header into the
+// old buffer (the new remote's memory now) nor push the old head; it drops
+// the reservation with peer_gone, and the next reserve/commit fills a buffer
+// of the new device.
+TEST_P(VhostPciDriverTest, NetChannelDropsAReservationWhenTheDeviceChanges) {
+  announce_memory();
+  serve({vq(0, 0x40000000), vq(1, 0x40004000)});
+  offer(0x0000, 0, 0x40018000, 128, true);
+  NetChannel ch(*drv);
+  auto slot = ch.try_reserve(60);
+  ASSERT_TRUE(slot.ok() && slot->has_value()) << (slot.ok() ? "no buffer" : slot.error().message());
+  std::memset((*slot)->data(), 0x11, 60);  // zero-copy: lands in the old buffer itself
+
+  withdraw();
+  std::memset(bar() + 0x18000, 0xee, 128);  // the new remote's data at the old place
+  serve({vq(0, 0x40008000), vq(1, 0x4000c000)});
+  expect_peer_gone(ch.commit(60), "commit a frame", "withdrawn holding a reserved frame");
+  for (std::size_t i = 0; i < 128; ++i)
+    ASSERT_EQ(bar()[0x18000 + i], 0xee) << "commit wrote byte " << i << " after the device changed";
+  EXPECT_EQ(used_idx(0x0000), 0);  // nothing pushed on the old ring
+  EXPECT_EQ(used_idx(0x8000), 0);  // nor the old head on the new one
+  // Dropped: a second commit has nothing to commit.
+  auto again = ch.commit(60);
+  ASSERT_FALSE(again.ok());
+  EXPECT_EQ(again.error().code(), Errc::invalid_argument) << again.error().message();
+
+  // The new device's receive buffer takes a fresh frame.
+  offer(0x8000, 2, 0x4001a000, 128, true);
+  slot = ch.try_reserve(60);
+  ASSERT_TRUE(slot.ok() && slot->has_value()) << (slot.ok() ? "no buffer" : slot.error().message());
+  EXPECT_EQ(reinterpret_cast<std::uint8_t*>((*slot)->data()), bar() + 0x1a000 + 12);
+  std::memset((*slot)->data(), 0x22, 60);
+  ASSERT_TRUE(ch.commit(60).ok());
+  EXPECT_EQ(used_idx(0x8000), 1);
+  const auto* used = reinterpret_cast<const rings::VirtqUsedElem*>(bar() + 0xa000 + 4);
+  EXPECT_EQ(used[0].id.get(), 2u);
+  EXPECT_EQ(used[0].len.get(), 72u);
+  EXPECT_EQ(bar()[0x1a000 + 10], 1);  // num_buffers
+  EXPECT_EQ(bar()[0x1a000 + 12], 0x22);
+  EXPECT_EQ(bar()[0x18000], 0xee);
+}
+
+// A frame peeked from the remote's transmit queue when the device is
+// withdrawn and another added: the next try_peek() must not hand out the old
+// span again, release() must not push the old head; peer_gone once, then
+// the new device's frames.
+TEST_P(VhostPciDriverTest, NetChannelDropsAPeekWhenTheDeviceChanges) {
+  announce_memory();
+  serve({vq(0, 0x40000000), vq(1, 0x40004000)});
+  std::memset(bar() + 0x18000, 0, 12);
+  std::memset(bar() + 0x18000 + 12, 0x11, 60);
+  offer(0x4000, 0, 0x40018000, 72, false);
+  NetChannel ch(*drv);
+  auto m = ch.try_peek();
+  ASSERT_TRUE(m.ok() && m->has_value()) << (m.ok() ? "no frame" : m.error().message());
+
+  withdraw();
+  serve({vq(0, 0x40008000), vq(1, 0x4000c000)});
+  auto stale = ch.try_peek();
+  ASSERT_FALSE(stale.ok()) << "handed out the old device's frame";
+  EXPECT_EQ(stale.error().code(), Errc::peer_gone) << stale.error().message();
+  EXPECT_NE(stale.error().message().find("peek a frame"), std::string::npos) << stale.error().message();
+  EXPECT_NE(stale.error().message().find("a peeked frame"), std::string::npos) << stale.error().message();
+  auto rel = ch.release();
+  ASSERT_FALSE(rel.ok());
+  EXPECT_EQ(rel.error().code(), Errc::invalid_argument) << rel.error().message();  // nothing peeked
+  EXPECT_EQ(used_idx(0x4000), 0);
+  EXPECT_EQ(used_idx(0xc000), 0);
+
+  // Held across the change again, this time released: dropped, not pushed.
+  std::memset(bar() + 0x1a000, 0, 12);
+  std::memset(bar() + 0x1a000 + 12, 0x22, 60);
+  offer(0xc000, 4, 0x4001a000, 72, false);
+  m = ch.try_peek();
+  ASSERT_TRUE(m.ok() && m->has_value()) << (m.ok() ? "no frame" : m.error().message());
+  EXPECT_EQ(static_cast<std::uint8_t>((**m)[0]), 0x22);
+  withdraw();
+  // The newest device's rings are where the first device's were, fresh.
+  std::memset(bar(), 0, 0x7000);
+  serve({vq(0, 0x40000000), vq(1, 0x40004000)});
+  expect_peer_gone(ch.release(), "release a frame", "withdrawn holding a peeked frame");
+  EXPECT_EQ(used_idx(0xc000), 0);
+  EXPECT_EQ(used_idx(0x4000), 0);
+
+  // The newest device transmits; peek and release work on its rings.
+  std::memset(bar() + 0x1c000, 0, 12);
+  std::memset(bar() + 0x1c000 + 12, 0x33, 60);
+  offer(0x4000, 5, 0x4001c000, 72, false);
+  m = ch.try_peek();
+  ASSERT_TRUE(m.ok() && m->has_value()) << (m.ok() ? "no frame" : m.error().message());
+  EXPECT_EQ(static_cast<std::uint8_t>((**m)[0]), 0x33);
+  ASSERT_TRUE(ch.release().ok());
+  EXPECT_EQ(used_idx(0x4000), 1);
+  EXPECT_EQ(reinterpret_cast<const rings::VirtqUsedElem*>(bar() + 0x6000 + 4)[0].id.get(), 5u);
+}
+
+// Remote features in effect while a device is served shaped its rings (event
+// index, indirect) and NetChannel's header length: FEATURE_BITS then is
+// refused, acked with the part of the offer that stays in effect, and
+// accepted again once the device is gone.
+TEST_P(VhostPciDriverTest, FeatureBitsAreRefusedWhileADeviceIsServed) {
+  announce_memory();
+  serve({vq(0, 0x40000000), vq(1, 0x40004000)});
+  send(kFeatureBits, feature_bits((1ull << feature::kVersion1) | (1ull << feature::kEventIdx), ackq));
+  expect_refused("FEATURE_BITS while a remote device is served");
+  EXPECT_EQ(last_ack(), std::make_pair(kFeatureBitsAck, std::uint64_t{1} << feature::kVersion1));
+  EXPECT_EQ(drv->remote_features(), std::uint64_t{1} << feature::kVersion1);
+  withdraw();
+  send(kFeatureBits, feature_bits(1ull << feature::kEventIdx, ackq));
+  EXPECT_EQ(next(), Driver::Event::features);
+  EXPECT_EQ(drv->remote_features(), std::uint64_t{1} << feature::kEventIdx);
 }
 
 INSTANTIATE_TEST_SUITE_P(AckModes, VhostPciDriverTest, ::testing::Values(false, true),

@@ -316,7 +316,14 @@ class Driver {
   std::uint64_t remote_features() const noexcept { return remote_features_; }
   bool remote_has(unsigned bit) const noexcept { return bit < 64 && ((remote_features_ >> bit) & 1) != 0; }
   const RemoteMemory& memory() const noexcept { return mem_; }
+  // Bumped whenever the served remote device is dropped (DEVICE_INFO DEL, a
+  // failed ADD) or a new one added. A queue pointer, a popped chain or a span
+  // into the BAR belongs to one generation: after a DEL the memory behind it
+  // may be the next device's, so users holding such state across calls that
+  // handle control messages compare generations before touching it.
+  std::uint64_t device_generation() const noexcept { return generation_; }
   // The remote's queue `index` (its own numbering) while ready, else null.
+  // Valid until the next handle_control() / wait_control().
   rings::SplitDeviceQueue* remote_queue(std::uint32_t index) noexcept;
   // The eventfd its kicks signal (-1 when not ready); drain_kick() clears it.
   int kick_fd(std::uint32_t index) const noexcept;
@@ -357,6 +364,7 @@ class Driver {
   std::uint32_t dev_type_ = 0;
   std::uint64_t dev_id_ = 0;
   std::vector<Served> served_;
+  std::uint64_t generation_ = 0;  // device_generation()
   // served_ by remote queue index, for the data path's lookups (null: not served).
   std::array<Served*, kMaxRemoteVirtqs> by_index_{};
   std::optional<Error> refusal_;
@@ -374,6 +382,15 @@ class Driver {
 // (Linux and DPDK post such buffers), copied through a bounce buffer
 // otherwise. Errc::peer_gone while no remote device is ready; errors of the
 // rings (a remote that broke the rules) as the rings report them.
+//
+// A frame reserved or peeked belongs to the device generation it was taken
+// from. When the remote device is withdrawn (and maybe another added) before
+// it is committed or released, the next call drops it without writing
+// anything into remote memory and returns Errc::peer_gone; the call after
+// that works on the new device. A blocking call that sees the device change
+// while it waits returns Errc::peer_gone too.
+// FEATURE_BITS is refused while a device is served, so the header length
+// cannot change under a reserved frame.
 //
 //   vhost_pci::NetChannel ch(*drv);
 //   auto r = ch.try_peek(); if (r && *r) { use(**r); ch.release(); }
@@ -413,6 +430,9 @@ class NetChannel {
  private:
   std::size_t hdr_len() const noexcept;
   Result<rings::SplitDeviceQueue*> queue(std::uint32_t index, const char* op);
+  // Drops a reserved or peeked frame of an earlier device generation
+  // (peer_gone naming `op`); ok when there is none.
+  Result<void> check_generation(const char* op);
   // Waits for the remote's kick of `index` after re-arming notifications.
   Result<void> wait_kick(std::uint32_t index, std::chrono::steady_clock::time_point until, const char* op);
   Result<void> interrupt(std::uint32_t index);
@@ -420,6 +440,7 @@ class NetChannel {
   Driver& drv_;
   rings::SplitDeviceQueue::Request tx_req_, rx_req_;  // remote rx chain we fill / remote tx chain we read
   bool reserved_ = false, peeked_ = false;
+  std::uint64_t generation_ = 0;  // the device generation reserved_ / peeked_ belong to
   std::vector<std::byte> tx_bounce_, rx_bounce_;
   bool tx_bounced_ = false;
   std::uint64_t dropped_ = 0;
