@@ -2,7 +2,8 @@
 // command. For now:
 //   uvirtio-bench fsync FILE [--seconds S] [--json]
 //       p50/p99 of a 64-byte pwrite + fsync on FILE (the host half of the
-//       virtio-pmem floor: what one device flush costs the host).
+//       virtio-pmem floor: what one device flush costs the host). FILE is
+//       created if missing; one with data in its first 4 KiB is refused.
 //   uvirtio-bench rings [--batch B]... [--seconds S] [--size N] [--no-dpdk] [--json]
 //       split ring throughput between two threads vs a bare SPSC ring
 //       (bench_rings.cpp).
@@ -35,17 +36,28 @@ int bench_fsync(const std::vector<std::string>& args) {
     return 0;
   }
   if (!vm.count("file")) throw UsageError{"fsync: which file? (uvirtio-bench fsync FILE)"};
-  const double seconds = vm["seconds"].as<double>();
-  if (!(seconds > 0 && seconds <= 600)) throw UsageError{"fsync: --seconds must be in (0, 600]"};
+  const double seconds = parse_seconds(vm["seconds"].as<double>(), "fsync: --seconds");
   const std::string path = vm["file"].as<std::string>();
-  const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) {
     std::cerr << g_program << ": " << path << ": open: " << std::strerror(errno) << "\n";
     return kFail;
   }
+  // The benchmark writes zeros over the first 4 KiB; it never does that to
+  // a file that holds anything else there.
+  std::uint8_t head[4096] = {};
+  const ssize_t got = ::pread(fd, head, sizeof head, 0);
+  if (got < 0 || std::any_of(head, head + std::max<ssize_t>(got, 0), [](std::uint8_t b) { return b != 0; })) {
+    std::cerr << g_program << ": " << path << ": fsync benchmark: "
+              << (got < 0 ? std::string("read: ") + std::strerror(errno)
+                          : "the file holds data in its first 4 KiB, which the benchmark overwrites (give a "
+                            "new, empty or zero-filled file)")
+              << "\n";
+    ::close(fd);
+    return kFail;
+  }
   std::vector<double> lat;
-  std::uint8_t buf[64];
-  std::memset(buf, 0x3c, sizeof buf);
+  std::uint8_t buf[64] = {};
   using Clock = std::chrono::steady_clock;
   const auto until =
       Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
@@ -59,6 +71,10 @@ int bench_fsync(const std::vector<std::string>& args) {
     lat.push_back(std::chrono::duration<double, std::micro>(Clock::now() - a).count());
   }
   ::close(fd);
+  if (lat.empty()) {
+    std::cerr << g_program << ": " << path << ": no pwrite + fsync finished within " << seconds << " s\n";
+    return kFail;
+  }
   std::sort(lat.begin(), lat.end());
   const double p50 = lat[lat.size() / 2], p99 = lat[std::min(lat.size() - 1, lat.size() * 99 / 100)];
   if (vm.count("json")) {
@@ -77,9 +93,10 @@ int bench_channel(const std::vector<std::string>& args);
 
 }  // namespace uvirtio::apps
 
-int main(int argc, char** argv) {
+namespace {
+
+int run(int argc, char** argv) {
   using namespace uvirtio::apps;
-  g_program = "uvirtio-bench";
   const char* usage =
       "usage: uvirtio-bench fsync FILE [--seconds S] [--json]\n"
       "       uvirtio-bench rings [--batch B]... [--seconds S] [--size N] [--json]\n"
@@ -90,20 +107,16 @@ int main(int argc, char** argv) {
   }
   const std::string cmd = argv[1];
   const std::vector<std::string> args(argv + 2, argv + argc);
-  try {
-    if (cmd == "fsync") return bench_fsync(args);
-    if (cmd == "rings") return bench_rings(args);
-    if (cmd == "channel") return bench_channel(args);
-    if (cmd == "-h" || cmd == "--help") {
-      std::cout << usage;
-      return 0;
-    }
-    throw UsageError{"unknown benchmark '" + cmd + "'"};
-  } catch (const UsageError& e) {
-    std::cerr << "uvirtio-bench: " << e.what << "\n";
-    return kUsage;
-  } catch (const po::error& e) {
-    std::cerr << "uvirtio-bench: " << e.what() << "\n";
-    return kUsage;
+  if (cmd == "fsync") return bench_fsync(args);
+  if (cmd == "rings") return bench_rings(args);
+  if (cmd == "channel") return bench_channel(args);
+  if (cmd == "-h" || cmd == "--help") {
+    std::cout << usage;
+    return 0;
   }
+  throw UsageError{"unknown benchmark '" + cmd + "'"};
 }
+
+}  // namespace
+
+int main(int argc, char** argv) { return uvirtio::apps::tool_main("uvirtio-bench", argc, argv, run); }

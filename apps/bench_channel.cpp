@@ -794,8 +794,7 @@ int bench_channel(const std::vector<std::string>& args) {
     std::cout << desc;
     return 0;
   }
-  const double seconds = vm["seconds"].as<double>();
-  if (!(seconds > 0 && seconds <= 600)) throw UsageError{"channel: --seconds must be in (0, 600]"};
+  const double seconds = parse_seconds(vm["seconds"].as<double>(), "channel: --seconds");
   const unsigned size = vm["size"].as<unsigned>();
   if (size < 16 || size > 4096) throw UsageError{"channel: --size must be in 16..4096"};
   const unsigned rounds = vm["rounds"].as<unsigned>();

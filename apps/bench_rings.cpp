@@ -191,8 +191,7 @@ int bench_rings(const std::vector<std::string>& args) {
     throw UsageError{"rings: --size must be a power of two in 2..32768"};
   for (unsigned b : batches)
     if (b < 1 || b > size) throw UsageError{"rings: --batch values must be 1..size"};
-  const double seconds = vm["seconds"].as<double>();
-  if (!(seconds > 0 && seconds <= 600)) throw UsageError{"rings: --seconds must be in (0, 600]"};
+  const double seconds = parse_seconds(vm["seconds"].as<double>(), "rings: --seconds");
   std::vector<std::string> layouts(std::begin(kLayouts), std::end(kLayouts));
   if (vm.count("layouts")) {
     layouts = vm["layouts"].as<std::vector<std::string>>();

@@ -1,7 +1,6 @@
 // uvirtio blk: info, read, write and flush on a virtio-blk device.
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <iterator>
 
 #include "cli_common.hpp"
@@ -124,13 +123,9 @@ int cmd_blk(const std::vector<std::string>& args) {
       const auto& d = p.vm["data"].as<std::string>();
       bytes.assign(d.begin(), d.end());
     } else {
-      const auto& path = p.vm["file"].as<std::string>();
-      std::ifstream in(path, std::ios::binary);
-      if (!in) {
-        std::cerr << g_program << ": blk write: cannot read " << path << ": " << std::strerror(errno) << "\n";
-        return kFail;
-      }
-      bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+      auto file = read_input_file(p.vm["file"].as<std::string>(), kMaxWriteFile, "blk write --file");
+      if (!file) return fail(file.error());
+      bytes = std::move(file).value();
     }
     if (bytes.empty()) throw UsageError{"blk write: nothing to write"};
     bytes.resize((bytes.size() + driver::kSectorSize - 1) / driver::kSectorSize * driver::kSectorSize, 0);

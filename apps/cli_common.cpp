@@ -1,26 +1,93 @@
 // Shared pieces of the command-line tools (see cli_common.hpp).
 #include "cli_common.hpp"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
 #include <cerrno>
+#include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 namespace uvirtio::apps {
 
 std::uint64_t parse_u64(const std::string& text, const std::string& what) {
-  if (text.empty() || text[0] == '-')
-    throw UsageError{what + ": '" + text + "' is not a non-negative integer"};
+  // Decimal, or hex after 0x. Not strtoull's base 0, which reads a leading 0
+  // as octal ("010" would write at offset 8), and not its leading blanks or
+  // sign.
+  const bool hex = text.size() > 2 && text[0] == '0' && (text[1] == 'x' || text[1] == 'X');
+  const std::string digits = hex ? text.substr(2) : text;
+  const bool ok = !digits.empty() && std::all_of(digits.begin(), digits.end(), [hex](unsigned char c) {
+    return hex ? std::isxdigit(c) != 0 : std::isdigit(c) != 0;
+  });
   errno = 0;
-  char* end = nullptr;
-  const unsigned long long v = std::strtoull(text.c_str(), &end, 0);
-  if (errno != 0 || end == text.c_str() || *end != '\0')
-    throw UsageError{what + ": '" + text + "' is not a non-negative integer (decimal or 0x hex)"};
+  const unsigned long long v = ok ? std::strtoull(digits.c_str(), nullptr, hex ? 16 : 10) : 0;
+  if (!ok || errno != 0)
+    throw UsageError{what + ": '" + text + "' is not a non-negative integer (decimal or 0x hex)" +
+                     (ok ? " below 2^64" : "")};
   return v;
+}
+
+double parse_seconds(double value, const std::string& what) {
+  if (!std::isfinite(value) || value < 0.01 || value > 600)
+    throw UsageError{what + ": " + std::to_string(value) + " is not a duration in seconds from 0.01 to 600"};
+  return value;
+}
+
+Result<std::vector<std::uint8_t>> read_input_file(const std::string& path, std::uint64_t max_bytes,
+                                                  const std::string& op) {
+  const auto err = [&](int e, const std::string& what) {
+    return Error(Errc::io, path, op, what + ": " + std::strerror(e));
+  };
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return err(errno, "cannot open");
+  std::vector<std::uint8_t> bytes;
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    const int e = errno;
+    ::close(fd);
+    return err(e, "cannot stat");
+  }
+  if (S_ISDIR(st.st_mode)) {
+    ::close(fd);
+    return Error(Errc::invalid_argument, path, op, "is a directory");
+  }
+  // Read at most one byte past the limit, so a file (or pipe) that is too
+  // large is refused without reading it all into memory.
+  for (;;) {
+    const std::size_t chunk = 1 << 16;
+    const std::size_t have = bytes.size();
+    bytes.resize(have + chunk);
+    const ssize_t n = ::read(fd, bytes.data() + have, chunk);
+    if (n < 0 && errno == EINTR) {
+      bytes.resize(have);
+      continue;
+    }
+    if (n < 0) {
+      const int e = errno;
+      ::close(fd);
+      return err(e, "read failed");
+    }
+    bytes.resize(have + static_cast<std::size_t>(n));
+    if (n == 0) break;
+    if (bytes.size() > max_bytes) {
+      ::close(fd);
+      return Error(Errc::invalid_argument, path, op,
+                   "larger than this command's limit of " + std::to_string(max_bytes) + " bytes");
+    }
+  }
+  ::close(fd);
+  return bytes;
 }
 
 int tool_main(const char* program, int argc, char** argv, int (*run)(int, char**)) {
   g_program = program;
   try {
-    return run(argc, argv);
+    return finish_stdout(run(argc, argv));
   } catch (const UsageError& e) {
     std::cerr << program << ": " << e.what << "\n";
     return kUsage;
@@ -31,6 +98,23 @@ int tool_main(const char* program, int argc, char** argv, int (*run)(int, char**
     std::cerr << program << ": internal error: " << e.what() << "\n";
     return kFail;
   }
+}
+
+int finish_stdout(int status) {
+  // Output that could not be written is output lost: a listing or a read
+  // redirected to a full disk or a closed descriptor must not exit 0.
+  std::cout.flush();
+  errno = 0;
+  const bool flush_failed = std::fflush(stdout) != 0;
+  const int e = errno;
+  if (!flush_failed && !std::ferror(stdout) && std::cout) return status;
+  // A write that failed earlier left no errno behind; say what it means.
+  std::cerr << g_program << ": write standard output: "
+            << (flush_failed && e != 0
+                    ? std::strerror(e)
+                    : "some output was not written (disk full, or standard output closed?)")
+            << "\n";
+  return status == 0 ? kFail : status;
 }
 
 void print_json(const json& j) { std::cout << j.dump(2, ' ', false, json::error_handler_t::replace) << "\n"; }

@@ -22,6 +22,8 @@ using json = nlohmann::json;
 
 inline constexpr int kFail = 1;
 inline constexpr int kUsage = 2;
+// The largest --file a write command reads (it is held in memory).
+inline constexpr std::uint64_t kMaxWriteFile = std::uint64_t{1} << 30;
 
 // Thrown by command parsers for bad usage; main prints it and exits 2.
 struct UsageError {
@@ -61,8 +63,18 @@ inline po::variables_map parse(const std::vector<std::string>& args, const po::o
 // the bad bytes instead of making the JSON library throw.
 void print_json(const json& j);
 
-// Parses a non-negative integer option value (decimal or 0x hex) or throws UsageError.
+// Parses a non-negative integer option value (decimal, or hex after 0x;
+// a leading 0 is not octal) or throws UsageError.
 std::uint64_t parse_u64(const std::string& text, const std::string& what);
+// A benchmark duration in seconds, finite and in [0.01, 600], or UsageError.
+double parse_seconds(double value, const std::string& what);
+// The contents of `path` (a file or a pipe; not a directory), at most
+// `max_bytes`: an error naming the file, `op` and the cause otherwise.
+Result<std::vector<std::uint8_t>> read_input_file(const std::string& path, std::uint64_t max_bytes,
+                                                  const std::string& op);
+// Flushes standard output; when anything written to it was lost (a full
+// disk, a closed descriptor) says so and turns status 0 into 1.
+int finish_stdout(int status);
 
 // What a pmem tool says after a command whose flushes recovered from device
 // resets (PmemOptions::recover_on_reset): "the device was reset and a flush

@@ -160,6 +160,17 @@ Result<std::unique_ptr<Endpoint>> open_endpoint(const Common& c) {
     if (window == MAP_FAILED) return Error::from_errno(e, c.shm_path, "mmap shared file");
     ep->file_map = window;
     ep->file_size = size;
+    // Side 0 formats a window without the channel magic. A file is the
+    // user's: format it only when it holds nothing yet (all zeros, as
+    // `truncate -s` leaves it), never over data of another kind.
+    std::uint64_t magic = 0;
+    std::memcpy(&magic, window, std::min<std::size_t>(size, sizeof magic));
+    const auto* bytes = static_cast<const unsigned char*>(window);
+    if (c.side == 0 && le64::to_raw(channel::layout::kMagic) != magic &&
+        std::any_of(bytes, bytes + size, [](unsigned char b) { return b != 0; }))
+      return Error(Errc::invalid_argument, c.shm_path, "open shared file",
+                   "it holds data that is not a uvirtio channel, which side 0 would overwrite (give a new "
+                   "file: truncate -s 1M FILE)");
   }
   channel::Options o;
   o.side = c.side;

@@ -132,6 +132,9 @@ int run(int argc, char** argv) {
   o.vectors = static_cast<unsigned>(vectors);
   if (vm.count("shm-path")) o.shm_file = vm["shm-path"].as<std::string>();
   if (vm.count("shm-name")) o.shm_name = vm["shm-name"].as<std::string>();
+  // An empty name would silently fall back to an anonymous memfd.
+  if (vm.count("shm-path") && o.shm_file.empty()) throw UsageError{"--shm-path: the path is empty"};
+  if (vm.count("shm-name") && o.shm_name.empty()) throw UsageError{"--shm-name: the name is empty"};
   o.verbose = vm.count("verbose") > 0;
   const std::string pidfile = vm.count("pidfile") ? vm["pidfile"].as<std::string>() : "";
   const std::string ready_file = vm.count("ready-file") ? vm["ready-file"].as<std::string>() : "";

@@ -389,14 +389,22 @@ inline Result<pci::Fd> termination_signalfd() {
 }
 
 inline MacAddr parse_mac(const std::string& text, const std::string& option = "--mac") {
+  // Exactly six pairs of hex digits joined by ':' (sscanf's %x would also
+  // take signs, blanks and single digits).
   MacAddr m{};
-  unsigned v[6];
-  char tail;
-  if (std::sscanf(text.c_str(), "%2x:%2x:%2x:%2x:%2x:%2x%c", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5],
-                  &tail) != 6) {
-    throw UsageError{option + ": '" + text + "' is not a MAC address like 02:00:00:00:00:01"};
+  const auto hexval = [](char c) {
+    return c >= '0' && c <= '9'   ? c - '0'
+           : c >= 'a' && c <= 'f' ? c - 'a' + 10
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                  : -1;
+  };
+  bool ok = text.size() == 17;
+  for (std::size_t i = 0; ok && i < 6; ++i) {
+    const int hi = hexval(text[3 * i]), lo = hexval(text[3 * i + 1]);
+    ok = hi >= 0 && lo >= 0 && (i == 5 || text[3 * i + 2] == ':');
+    if (ok) m[i] = static_cast<std::uint8_t>(hi * 16 + lo);
   }
-  for (int i = 0; i < 6; ++i) m[static_cast<std::size_t>(i)] = static_cast<std::uint8_t>(v[i]);
+  if (!ok) throw UsageError{option + ": '" + text + "' is not a MAC address like 02:00:00:00:00:01"};
   if (m[0] & 1) throw UsageError{option + ": '" + text + "' is a multicast address"};
   return m;
 }

@@ -7,6 +7,7 @@
  * and prints the driver's counters. Exit 0 on success, 1 when the device
  * fails, 2 on bad input (nothing written). Also an example: everything here
  * is plain C99 against uvirtio/pmem.h. */
+#include <ctype.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -42,14 +43,17 @@ static int usage(void) {
   return 2;
 }
 
-/* A non-negative decimal or 0x-hex integer, entirely. */
+/* A non-negative decimal or 0x-hex integer, entirely: not strtoull's base
+ * 0, which would read "010" as octal 8, nor its leading blanks and signs. */
 static int parse_offset(const char *s, uint64_t *out) {
   char *end = NULL;
   unsigned long long v;
-  if (s[0] == '\0' || s[0] == '-' || s[0] == '+') return -1;
+  const int hex = s[0] == '0' && (s[1] == 'x' || s[1] == 'X');
+  const char *digits = hex ? s + 2 : s;
+  if (!(hex ? isxdigit((unsigned char)digits[0]) : isdigit((unsigned char)digits[0]))) return -1;
   errno = 0;
-  v = strtoull(s, &end, 0);
-  if (errno != 0 || end == s || *end != '\0') return -1;
+  v = strtoull(digits, &end, hex ? 16 : 10);
+  if (errno != 0 || *end != '\0') return -1;
   *out = v;
   return 0;
 }

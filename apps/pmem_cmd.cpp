@@ -6,10 +6,11 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstring>
-#include <fstream>
 #include <iterator>
 #include <limits>
+#include <optional>
 #include <thread>
 #include <utility>
 
@@ -159,13 +160,9 @@ int pmem_write(const std::vector<std::string>& args) {
     const auto& d = vm["data"].as<std::string>();
     bytes.assign(d.begin(), d.end());
   } else {
-    const auto& path = vm["file"].as<std::string>();
-    std::ifstream in(path, std::ios::binary);
-    if (!in) {
-      std::cerr << "uvirtio: pmem write: cannot read " << path << ": " << std::strerror(errno) << "\n";
-      return kFail;
-    }
-    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    auto file = read_input_file(vm["file"].as<std::string>(), kMaxWriteFile, "pmem write --file");
+    if (!file) return fail(file.error());
+    bytes = std::move(file).value();
   }
   if (bytes.empty()) throw UsageError{"pmem write: nothing to write (empty data)"};
   auto pm = driver::Pmem::open(bdf_of(vm, "write"), options_from(vm));
@@ -366,8 +363,17 @@ int pmem_bench(const std::vector<std::string>& args) {
   for (unsigned t : threads)
     if (t < 1 || t > 64) throw UsageError{"pmem bench: --threads values must be 1..64"};
   if (threads.empty()) throw UsageError{"pmem bench: --threads needs at least one value"};
-  const double seconds = vm["seconds"].as<double>();
-  if (!(seconds > 0 && seconds <= 600)) throw UsageError{"pmem bench: --seconds must be in (0, 600]"};
+  const double seconds = parse_seconds(vm["seconds"].as<double>(), "pmem bench: --seconds");
+  // Every usage error before the device is opened: the warm-up writes to it.
+  const unsigned rounds = vm["rounds"].as<unsigned>();
+  if (rounds < 1 || rounds > 100) throw UsageError{"pmem bench: --rounds must be 1..100"};
+  std::optional<pci::Bdf> rng_bdf;
+  if (vm.count("rng")) rng_bdf = parse_bdf_or_throw(vm["rng"].as<std::string>());
+  if (vm.count("host-fsync-us")) {
+    const double us = vm["host-fsync-us"].as<double>();
+    if (!std::isfinite(us) || us < 0)
+      throw UsageError{"pmem bench: --host-fsync-us must be a latency in us >= 0"};
+  }
   auto opt = options_from(vm);
   // Figures timed through a device reset would mislead: a benchmark stops
   // at a device fault and reports it.
@@ -408,15 +414,13 @@ int pmem_bench(const std::vector<std::string>& args) {
   // The host's fsync latency drifts a lot over seconds on shared disks, so
   // every point is measured in `rounds` short slices, interleaved with the
   // other points, and the slices are pooled.
-  const unsigned rounds = vm["rounds"].as<unsigned>();
-  if (rounds < 1 || rounds > 100) throw UsageError{"pmem bench: --rounds must be 1..100"};
   const double slice = seconds / rounds;
   std::optional<std::unique_ptr<driver::Rng>> rng;
-  if (vm.count("rng")) {
+  if (rng_bdf) {
     driver::RngOptions ro;
     ro.completion = p.queue().mode() == driver::CompletionMode::polling ? driver::CompletionMode::polling
                                                                         : driver::CompletionMode::interrupt;
-    auto r = driver::Rng::open(parse_bdf_or_throw(vm["rng"].as<std::string>()), ro);
+    auto r = driver::Rng::open(*rng_bdf, ro);
     if (!r) return fail(r.error());
     rng = std::move(r).value();
   }

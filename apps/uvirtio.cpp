@@ -332,7 +332,9 @@ int cmd_rng(const std::vector<std::string>& args) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+namespace {
+
+int run(int argc, char** argv) {
   if (argc < 2) {
     std::cerr << kUsageText;
     return kUsage;
@@ -353,11 +355,12 @@ int main(int argc, char** argv) {
     }
     std::cerr << "uvirtio: unknown command '" << cmd << "'\n" << kUsageText;
     return kUsage;
-  } catch (const UsageError& e) {
-    std::cerr << "uvirtio: " << e.what << "\n";
-    return kUsage;
   } catch (const po::error& e) {
     std::cerr << "uvirtio " << cmd << ": " << e.what() << " (see 'uvirtio " << cmd << " --help')\n";
     return kUsage;
   }
 }
+
+}  // namespace
+
+int main(int argc, char** argv) { return tool_main("uvirtio", argc, argv, run); }

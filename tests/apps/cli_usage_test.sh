@@ -70,7 +70,7 @@ check 2 "unknown benchmark 'frob'" "$bin/uvirtio-bench" frob
 check 1 "/nonexistent/file: open: No such file or directory" "$bin/uvirtio-bench" fsync /nonexistent/file --seconds 0.1
 check 2 "rings: --size must be a power of two" "$bin/uvirtio-bench" rings --size 100
 check 2 "rings: --batch values must be 1..size" "$bin/uvirtio-bench" rings --batch 0
-check 2 "rings: --seconds must be in (0, 600]" "$bin/uvirtio-bench" rings --seconds -1
+check 2 "rings: --seconds: -1.000000 is not a duration" "$bin/uvirtio-bench" rings --seconds -1
 check 2 "channel: --ring-bytes must be 0 or a power of two" "$bin/uvirtio-bench" channel --ring-bytes 1000
 check 2 "channel: --size must be at most a quarter of --small-ring-bytes" "$bin/uvirtio-bench" channel --small-ring-bytes 4096 --size 2048
 check 2 "--dev-opt wants KEY=VALUE" "$vm" --dev-opt nokey
@@ -104,5 +104,45 @@ for tool in vhost-net vhost-pci; do
   check 2 "unknown command 'frob'" "$t" frob
 done
 check 2 "--peer-mac: 'zz' is not a MAC address" "$bin/uvirtio-vhost-pci" serve --socket /x --ip 10.0.2.1 --peer-mac zz
+# Numbers are decimal or 0x hex: no octal for a leading 0, no sign, no
+# blanks, nothing past 2^64 - 1.
+check 2 "'+5' is not a non-negative integer" "$u" pmem write 00:03.0 --offset +5 --data x
+check 2 "' 5' is not a non-negative integer" "$u" pmem write 00:03.0 --offset " 5" --data x
+check 2 "'0x' is not a non-negative integer" "$u" pmem write 00:03.0 --offset 0x --data x
+check 2 "below 2^64" "$u" pmem read 00:03.0 --offset 18446744073709551616 --length 1
+check 2 "OFFSET ' 5' is not a non-negative integer" "$c" 0000:7f:1f.7 " 5" x
+# "08" is eight (as octal it would be an error, and "010" would be 8):
+# accepted as a number, so the error is the device's.
+check 1 "0000:7f:1f.7: describe function" "$u" pmem write 0000:7f:1f.7 --offset 08 --data x
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+# --file is read (and checked) before any device is opened.
+mkdir "$scratch/adir"
+check 1 "adir: pmem write --file: is a directory" "$u" pmem write 0000:7f:1f.7 --offset 0 --file "$scratch/adir"
+check 1 "adir: blk write --file: is a directory" "$u" blk write 0000:7f:1f.7 --sector 0 --file "$scratch/adir"
+check 1 "nofile: pmem write --file: cannot open: No such file" "$u" pmem write 0000:7f:1f.7 --offset 0 --file "$scratch/nofile"
+# Usage errors of a benchmark come before the device is opened (it writes to it).
+check 2 "--rounds must be 1..100" "$u" pmem bench 0000:7f:1f.7 --rounds 0
+check 2 "expected DDDD:BB:DD.F" "$u" pmem bench 0000:7f:1f.7 --rng 0000:zz:00.0
+check 2 "--host-fsync-us must be" "$u" pmem bench 0000:7f:1f.7 --host-fsync-us nan
+b=$bin/uvirtio-bench
+check 2 "is not a duration in seconds from 0.01 to 600" "$b" fsync "$scratch/f" --seconds 1e-9
+check 2 "is not a duration in seconds from 0.01 to 600" "$b" rings --no-dpdk --seconds 1e-9
+check 2 "is not a duration in seconds from 0.01 to 600" "$b" channel --seconds inf
+# Files the user wrote are never overwritten by a benchmark or a channel.
+seq 1 2000 >"$scratch/notes.txt"
+sum=$(md5sum <"$scratch/notes.txt")
+check 1 "holds data in its first 4 KiB" "$b" fsync "$scratch/notes.txt" --seconds 0.05
+check 1 "holds data that is not a uvirtio channel" "$bin/uvirtio-ivchan" ping --shm "$scratch/notes.txt" --side 0 --timeout-ms 100
+if [ "$(md5sum <"$scratch/notes.txt")" = "$sum" ]; then pass=$((pass + 1)); else
+  fail=$((fail + 1)); echo "FAIL: notes.txt was modified"; fi
+# Output that cannot be written is an error, not a silent exit 0. (Servers
+# under `timeout`: one that wrongly starts must not hang the test.)
+check 1 "write standard output" sh -c "'$u' --help >/dev/full"
+check 1 "write standard output" sh -c "'$u' list >&-"
+check 2 "--shm-path: the path is empty" timeout 10 "$srv" -S "$scratch/iv.sock" -m ""
+check 2 "--shm-name: the name is empty" timeout 10 "$srv" -S "$scratch/iv.sock" -M ""
+check 2 "is not a MAC address" timeout 10 "$bin/uvirtio-vhost-net" serve --socket "$scratch/s" --ip 10.0.2.1 --mac -2:00:00:00:00:01
+check 2 "is not a MAC address" timeout 10 "$bin/uvirtio-vhost-pci" serve --socket "$scratch/s" --ip 10.0.2.1 --mac " 2:+0:0:0:0:1"
 echo "$pass passed, $fail failed"
 [ "$fail" = 0 ]
