@@ -68,6 +68,14 @@ int main(int argc, char **argv) {
   size_t len;
   int rc;
 
+  if (argc == 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
+    printf(
+        "usage: %s BDF OFFSET TEXT\n"
+        "Copies TEXT to OFFSET (decimal or 0x hex) of the virtio-pmem range of BDF and\n"
+        "persists it through the C API (uvirtio/pmem.h).\n",
+        prog);
+    return 0;
+  }
   if (argc != 4) return usage();
   if (parse_offset(argv[2], &offset) != 0) {
     fprintf(stderr, "%s: OFFSET '%s' is not a non-negative integer\n", prog, argv[2]);

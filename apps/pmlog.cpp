@@ -6,6 +6,7 @@
 //   uvirtio-pmlog BDF append --count N [--size S] [--tag T]   N generated records, printing "acked SEQ"
 //   uvirtio-pmlog BDF list [--json]
 //   uvirtio-pmlog BDF verify [--expect-at-least N]
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
@@ -51,14 +52,43 @@ int run(int argc, char** argv) {
       "no-recover", "fail when the device needs a reset instead of resetting it and sending the flush again")(
       "json", "print JSON")("expect-at-least", po::value<std::string>(),
                             "fail unless this many records are there")(
-      "text", po::value<std::vector<std::string>>(), "record text");
+      "text", po::value<std::vector<std::string>>(), "record text")("help,h", "show help");
   po::positional_options_description pos;
   pos.add("text", -1);
   auto vm = parse(args, desc, pos);
-  if (cmd != "init" && cmd != "append" && cmd != "list" && cmd != "verify")
-    throw UsageError{"unknown command '" + cmd + "' (init, append, list, verify)"};
+  if (vm.count("help")) {
+    std::cout << kUsageText;
+    return 0;
+  }
+  // What each command takes; anything else given to it is a mistake, not
+  // something to ignore (and every usage error comes before the device is
+  // opened).
+  const std::vector<std::pair<std::string, std::vector<std::string>>> takes = {
+      {"init", {"no-recover"}},
+      {"append", {"text", "count", "size", "tag", "no-recover"}},
+      {"list", {"json"}},
+      {"verify", {"expect-at-least"}}};
+  const auto it = std::find_if(takes.begin(), takes.end(), [&](const auto& t) { return t.first == cmd; });
+  if (it == takes.end()) throw UsageError{"unknown command '" + cmd + "' (init, append, list, verify)"};
+  for (const auto& [name, value] : vm) {
+    if (value.defaulted() || std::find(it->second.begin(), it->second.end(), name) != it->second.end())
+      continue;
+    throw UsageError{cmd + ": " +
+                     (name == "text"
+                          ? "unexpected argument '" + vm["text"].as<std::vector<std::string>>()[0] + "'"
+                          : "--" + name + " does not apply") +
+                     " (see --help)"};
+  }
   if (cmd == "append" && vm.count("count") == vm.count("text"))
     throw UsageError{"append: give record texts or --count N (one of them)"};
+  if (cmd == "append" && vm.count("text") && (!vm["size"].defaulted() || !vm["tag"].defaulted()))
+    throw UsageError{"append: --size and --tag go with --count"};
+  const std::uint64_t count = vm.count("count") ? parse_u64(vm["count"].as<std::string>(), "--count") : 0;
+  const std::uint64_t size = parse_u64(vm["size"].as<std::string>(), "--size");
+  if (size > kMaxPayload) throw UsageError{"--size must be at most 1048576"};
+  const std::uint64_t want = vm.count("expect-at-least")
+                                 ? parse_u64(vm["expect-at-least"].as<std::string>(), "--expect-at-least")
+                                 : 0;
 
   // Flushes are idempotent, and an earlier process that gave up on one can
   // leave QEMU to complete it late into our ring, which sets NEEDS_RESET
@@ -92,9 +122,6 @@ int run(int argc, char** argv) {
       note_recoveries();
       return 0;
     }
-    const std::uint64_t count = parse_u64(vm["count"].as<std::string>(), "--count");
-    const std::uint64_t size = parse_u64(vm["size"].as<std::string>(), "--size");
-    if (size > kMaxPayload) throw UsageError{"--size must be at most 1048576"};
     const std::string tag = vm["tag"].as<std::string>();
     for (std::uint64_t i = 0; i < count; ++i) {
       std::string payload = tag + " " + std::to_string(i) + " ";
@@ -128,7 +155,6 @@ int run(int argc, char** argv) {
   // verify
   std::printf("%s: %zu records, all intact and in order\n", (*pm)->name().c_str(), recs->size());
   if (vm.count("expect-at-least")) {
-    const std::uint64_t want = parse_u64(vm["expect-at-least"].as<std::string>(), "--expect-at-least");
     if (recs->size() < want) {
       std::fprintf(stderr, "uvirtio-pmlog: %s: verify: %zu records, but %llu appends were acknowledged\n",
                    (*pm)->name().c_str(), recs->size(), static_cast<unsigned long long>(want));

@@ -56,6 +56,20 @@ int cmd_list(const std::vector<std::string>& args) {
     std::cout << desc;
     return 0;
   }
+  if (vm.count("json") && vm.count("quiet")) throw UsageError{"list: --json and --quiet are alternatives"};
+  if (vm.count("type")) {
+    // A misspelt type would list nothing, which reads as "no such device".
+    const std::string want = vm["type"].as<std::string>();
+    std::string known = "ivshmem";
+    bool ok = want == "ivshmem";
+    for (std::uint16_t id = 1; id < 64; ++id) {
+      const std::string name = pci::virtio_device_name(id);
+      if (name == "unknown") continue;
+      ok = ok || name == want;
+      known += ", " + name;
+    }
+    if (!ok) throw UsageError{"list: --type: unknown type '" + want + "' (" + known + ")"};
+  }
   auto fns = pci::enumerate_functions();
   if (!fns) return fail(fns.error());
   json out = json::array();
@@ -296,7 +310,7 @@ int cmd_rng(const std::vector<std::string>& args) {
   }
   po::options_description desc("uvirtio rng read BDF -n N");
   desc.add_options()("help,h", "show help")("bdf", po::value<std::string>(), "PCI address")(
-      "bytes,n", po::value<long long>(), "how many bytes (1..1048576)")(
+      "bytes,n", po::value<std::string>(), "how many bytes (1..1048576)")(
       "poll", "complete by polling, not interrupts")("timeout", po::value<long long>()->default_value(5000),
                                                      "per-request deadline in ms")(
       "no-iommu", "the group is a no-IOMMU group (unsafe)");
@@ -309,7 +323,7 @@ int cmd_rng(const std::vector<std::string>& args) {
   }
   if (!vm.count("bdf")) throw UsageError{"rng read: which device? (uvirtio rng read BDF -n N)"};
   if (!vm.count("bytes")) throw UsageError{"rng read: how many bytes? (-n N)"};
-  const long long n = vm["bytes"].as<long long>();
+  const std::uint64_t n = parse_u64(vm["bytes"].as<std::string>(), "rng read: -n");
   if (n < 1 || n > (1 << 20))
     throw UsageError{"rng read: -n must be between 1 and 1048576, got " + std::to_string(n)};
   const long long timeout = vm["timeout"].as<long long>();

@@ -67,12 +67,16 @@ int cmd_serve(const std::vector<std::string>& args) {
   std::string socket_path, ip_text, mac_text = "02:75:76:00:00:01";
   bool once = false, verbose = false;
   po::options_description desc("serve options");
-  desc.add_options()("socket", po::value(&socket_path), "Unix socket to listen on")(
+  desc.add_options()("help,h", "show help")("socket", po::value(&socket_path), "Unix socket to listen on")(
       "ip", po::value(&ip_text), "IPv4 address to answer for")(
       "mac", po::value(&mac_text), "our MAC address")("once", po::bool_switch(&once),
                                                       "exit when the front-end disconnects")(
       "verbose,v", po::bool_switch(&verbose), "log session events");
-  parse(args, desc, {});
+  const auto vm = parse(args, desc, {});
+  if (vm.count("help")) {
+    std::cout << kUsageText << desc;
+    return 0;
+  }
   if (socket_path.empty()) throw UsageError{"serve: --socket is required"};
   if (ip_text.empty()) throw UsageError{"serve: --ip is required"};
   const Responder responder(parse_mac(mac_text), parse_ip(ip_text));

@@ -71,7 +71,7 @@ int cmd_serve(const std::vector<std::string>& args) {
   std::string socket_path, ip_text, mac_text = "02:75:76:00:00:02", peer_mac_text = "52:54:00:12:34:56";
   bool once = false, verbose = false, no_ackq = false, reflect = false, busy_poll = false;
   po::options_description desc("serve options");
-  desc.add_options()("socket", po::value(&socket_path), "Unix socket to listen on")(
+  desc.add_options()("help,h", "show help")("socket", po::value(&socket_path), "Unix socket to listen on")(
       "ip", po::value(&ip_text), "IPv4 address to answer for")(
       "mac", po::value(&mac_text), "our MAC address")("peer-mac", po::value(&peer_mac_text),
                                                       "the front-end's MAC (DEVICE_INFO device id)")(
@@ -80,7 +80,11 @@ int cmd_serve(const std::vector<std::string>& args) {
       "reflect", po::bool_switch(&reflect), "send frames not answered back with the addresses swapped")(
       "poll", po::bool_switch(&busy_poll), "busy-poll the remote rings (no kicks)")(
       "verbose,v", po::bool_switch(&verbose), "log protocol steps");
-  parse(args, desc, {});
+  const auto vm = parse(args, desc, {});
+  if (vm.count("help")) {
+    std::cout << kUsageText << desc;
+    return 0;
+  }
   if (socket_path.empty()) throw UsageError{"serve: --socket is required"};
   if (ip_text.empty()) throw UsageError{"serve: --ip is required"};
   const Responder responder(parse_mac(mac_text), parse_ip(ip_text), reflect);

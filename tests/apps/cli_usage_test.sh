@@ -144,5 +144,19 @@ check 2 "--shm-path: the path is empty" timeout 10 "$srv" -S "$scratch/iv.sock" 
 check 2 "--shm-name: the name is empty" timeout 10 "$srv" -S "$scratch/iv.sock" -M ""
 check 2 "is not a MAC address" timeout 10 "$bin/uvirtio-vhost-net" serve --socket "$scratch/s" --ip 10.0.2.1 --mac -2:00:00:00:00:01
 check 2 "is not a MAC address" timeout 10 "$bin/uvirtio-vhost-pci" serve --socket "$scratch/s" --ip 10.0.2.1 --mac " 2:+0:0:0:0:1"
+# Arguments a command does not take are refused, not ignored.
+lg=$bin/uvirtio-pmlog
+check 2 "init: unexpected argument 'extra'" "$lg" 0000:7f:1f.7 init extra words
+check 2 "list: --count does not apply" "$lg" 0000:7f:1f.7 list --count 5
+check 2 "append: --size and --tag go with --count" "$lg" 0000:7f:1f.7 append hi --tag x
+check 2 "--count: 'abc' is not a non-negative integer" "$lg" 0000:7f:1f.7 append --count abc
+check 2 "--size must be at most 1048576" "$lg" 0000:7f:1f.7 append --count 1 --size 99999999
+check 0 "usage: uvirtio-pmlog" "$lg" 0000:7f:1f.7 init --help
+check 2 "list: --type: unknown type 'nonsense'" "$u" list --type nonsense
+check 2 "list: --json and --quiet are alternatives" "$u" list --json --quiet
+check 1 "0000:7f:1f.7: describe function" "$u" rng read 0000:7f:1f.7 -n 0x10
+check 0 "usage: uvirtio-pmem-c" "$c" --help
+check 0 "usage: uvirtio-vhost-net serve" "$bin/uvirtio-vhost-net" serve --help
+check 0 "usage: uvirtio-vhost-pci serve" "$bin/uvirtio-vhost-pci" serve --help
 echo "$pass passed, $fail failed"
 [ "$fail" = 0 ]
