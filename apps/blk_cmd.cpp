@@ -58,7 +58,7 @@ int cmd_blk(const std::vector<std::string>& args) {
   const std::vector<std::string> rest(args.begin() + 1, args.end());
   if (sub == "info" || sub == "flush") {
     po::options_description extra("options");
-    extra.add_options()("json", "print JSON");
+    if (sub == "info") extra.add_options()("json", "print JSON");  // flush prints one line
     auto p = parse_blk(rest, sub.c_str(), extra);
     if (p.vm.count("help")) return 0;
     auto blk = driver::Blk::open(p.bdf, p.opt);

@@ -433,6 +433,7 @@ int cmd_serve(const std::vector<std::string>& args) {
     return 0;
   }
   Common c = common_of(vm, "serve");
+  if (c.json) throw UsageError{"serve: --json does not apply (serve prints progress lines)"};
   const std::uint64_t sessions =
       vm.count("sessions") ? parse_u64(vm["sessions"].as<std::string>(), "--sessions") : 1;
   if (sessions == 0) throw UsageError{"serve: --sessions must be at least 1"};

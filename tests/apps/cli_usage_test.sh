@@ -155,6 +155,8 @@ check 0 "usage: uvirtio-pmlog" "$lg" 0000:7f:1f.7 init --help
 check 2 "list: --type: unknown type 'nonsense'" "$u" list --type nonsense
 check 2 "list: --json and --quiet are alternatives" "$u" list --json --quiet
 check 1 "0000:7f:1f.7: describe function" "$u" rng read 0000:7f:1f.7 -n 0x10
+check 2 "unrecognised option '--json'" "$u" blk flush 0000:7f:1f.7 --json
+check 2 "serve: --json does not apply" "$bin/uvirtio-ivchan" serve --shm "$scratch/z" --side 0 --json
 check 0 "usage: uvirtio-pmem-c" "$c" --help
 check 0 "usage: uvirtio-vhost-net serve" "$bin/uvirtio-vhost-net" serve --help
 check 0 "usage: uvirtio-vhost-pci serve" "$bin/uvirtio-vhost-pci" serve --help
