@@ -26,7 +26,9 @@ CpuInfo detect() noexcept {
     if (d & (1u << 19)) {
       info.insn = Insn::clflush;
       const std::size_t line = ((b >> 8) & 0xff) * 8;
-      if (line >= 32 && line <= 256) info.line = line;
+      // flush() masks addresses with line - 1 and steps by line: a size that
+      // is not a power of two would skip lines, so keep the default then.
+      if (line >= 32 && line <= 256 && (line & (line - 1)) == 0) info.line = line;
     }
   }
   if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {

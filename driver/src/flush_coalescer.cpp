@@ -6,9 +6,23 @@
 namespace uvirtio::driver {
 namespace {
 constexpr std::size_t kFailureMemory = 1024;  // failed rounds remembered for late waiters
-}
 
-FlushCoalescer::~FlushCoalescer() {
+// Set while this thread runs completion callbacks: flush() from one would
+// wait for a flush that only this thread could issue.
+thread_local bool t_in_callback = false;
+
+struct InCallback {
+  InCallback() { t_in_callback = true; }
+  ~InCallback() { t_in_callback = false; }
+  InCallback(const InCallback&) = delete;
+  InCallback& operator=(const InCallback&) = delete;
+};
+
+}  // namespace
+
+FlushCoalescer::~FlushCoalescer() { shutdown(); }
+
+void FlushCoalescer::shutdown() {
   {
     std::unique_lock lk(m_);
     stop_ = true;
@@ -17,7 +31,13 @@ FlushCoalescer::~FlushCoalescer() {
   gather_cv_.notify_all();
   if (worker_.joinable()) worker_.join();
   // Async waiters that nobody served: tell them.
-  for (auto& p : pending_)
+  std::vector<Pending> left;
+  {
+    std::unique_lock lk(m_);
+    left.swap(pending_);
+  }
+  InCallback in;
+  for (auto& p : left)
     p.done(Error(Errc::broken, device_, "flush", "the device was closed before the flush was issued"));
 }
 
@@ -64,7 +84,10 @@ void FlushCoalescer::lead(std::unique_lock<std::mutex>& lk, std::uint64_t want, 
     cv_.notify_all();
     if (!ready.empty()) {
       lk.unlock();
-      for (auto& p : ready) p.done(r.ok() ? Result<void>() : Result<void>(r.error()));
+      {
+        InCallback in;
+        for (auto& p : ready) p.done(r.ok() ? Result<void>() : Result<void>(r.error()));
+      }
       lk.lock();
     }
     // The helper thread also serves async waiters that arrived meanwhile; a
@@ -104,6 +127,9 @@ void FlushCoalescer::set_gather_limit(std::chrono::nanoseconds limit) {
 }
 
 Result<void> FlushCoalescer::flush() {
+  if (t_in_callback)
+    return Error(Errc::invalid_argument, device_, "flush",
+                 "called from a completion callback (use the async call there)");
   std::unique_lock lk(m_);
   const std::uint64_t ticket = ++next_ticket_;
   wake_gatherer();
@@ -117,19 +143,23 @@ Result<void> FlushCoalescer::flush() {
   }
 }
 
-void FlushCoalescer::flush_async(Callback done) {
+Result<void> FlushCoalescer::flush_async(Callback done) {
+  if (!done) return Error(Errc::invalid_argument, device_, "flush", "no completion callback");
   std::unique_lock lk(m_);
+  if (stop_) return Error(Errc::broken, device_, "flush", "the device is being closed");
   const std::uint64_t ticket = ++next_ticket_;
   pending_.push_back(Pending{ticket, std::move(done)});
   wake_gatherer();
   if (!worker_.joinable()) worker_ = std::thread([this] { worker_loop(); });
   cv_.notify_all();
+  return ok();
 }
 
 std::future<Result<void>> FlushCoalescer::flush_future() {
   auto promise = std::make_shared<std::promise<Result<void>>>();
   auto fut = promise->get_future();
-  flush_async([promise](Result<void> r) { promise->set_value(std::move(r)); });
+  if (auto queued = flush_async([promise](Result<void> r) { promise->set_value(std::move(r)); }); !queued)
+    promise->set_value(std::move(queued));
   return fut;
 }
 

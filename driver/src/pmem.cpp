@@ -95,6 +95,9 @@ Pmem::Pmem(std::unique_ptr<Device> dev, std::unique_ptr<Virtqueue> vq, std::vect
       coalescer_([this] { return device_flush(); }, dev_->transport().name()) {}
 
 Pmem::~Pmem() {
+  // The pending callbacks run first, while the range they persisted (and
+  // may read) is still mapped.
+  coalescer_.shutdown();
   if (range_.unmap) range_.unmap();
 }
 
@@ -266,10 +269,10 @@ Result<void> Pmem::flush() { return coalescer_.flush(); }
 
 Result<void> Pmem::persist_async(const void* addr, std::size_t len, FlushCoalescer::Callback done) {
   UV_TRY_VOID(check_range(addr, len, "persist"));
+  if (!done) return Error(Errc::invalid_argument, name(), "persist", "no completion callback");
   cache::flush(addr, len);
   cache::drain();
-  coalescer_.flush_async(std::move(done));
-  return ok();
+  return coalescer_.flush_async(std::move(done));
 }
 
 std::future<Result<void>> Pmem::persist_future(const void* addr, std::size_t len) {
@@ -285,6 +288,7 @@ std::future<Result<void>> Pmem::persist_future(const void* addr, std::size_t len
 
 Result<void> Pmem::memcpy_persist(void* dst, const void* src, std::size_t n) {
   UV_TRY_VOID(check_range(dst, n, "memcpy_persist"));
+  if (src == nullptr) return Error(Errc::invalid_argument, name(), "memcpy_persist", "source is null");
   std::memcpy(dst, src, n);
   return persist(dst, n);
 }

@@ -15,12 +15,13 @@
 #include "uvirtio/pmem.h"
 
 struct uvirtio_pmem {
-  std::unique_ptr<uvirtio::driver::Pmem> pm;
   // Each thread's last failure: threads share handles, and a message must
   // stay valid while another thread fails (a node's string never moves when
-  // other threads add theirs).
+  // other threads add theirs). Declared before `pm`, so they outlive it:
+  // callbacks that run while `pm` closes may still ask for last_error().
   mutable std::mutex errors_mutex;
   std::unordered_map<std::thread::id, std::string> errors;
+  std::unique_ptr<uvirtio::driver::Pmem> pm;
 
   std::string& own_error() {
     std::lock_guard lk(errors_mutex);
@@ -144,16 +145,19 @@ int uvirtio_pmem_open(const char* bdf, uvirtio_pmem** out, char* err, size_t err
 
 void uvirtio_pmem_close(uvirtio_pmem* pm) { delete pm; }
 
-void* uvirtio_pmem_data(uvirtio_pmem* pm) { return pm->pm->data(); }
+// A NULL handle: -EINVAL (NULL or 0 where no errno can be returned).
+void* uvirtio_pmem_data(uvirtio_pmem* pm) { return pm != nullptr ? pm->pm->data() : nullptr; }
 
-uint64_t uvirtio_pmem_size(const uvirtio_pmem* pm) { return pm->pm->size(); }
+uint64_t uvirtio_pmem_size(const uvirtio_pmem* pm) { return pm != nullptr ? pm->pm->size() : 0; }
 
 int uvirtio_pmem_persist(uvirtio_pmem* pm, const void* addr, size_t len) {
+  if (pm == nullptr) return -EINVAL;
   return result(pm, pm->pm->persist(addr, len));
 }
 
 int uvirtio_pmem_persist_async(uvirtio_pmem* pm, const void* addr, size_t len, uvirtio_pmem_done_fn done,
                                void* ctx) {
+  if (pm == nullptr) return -EINVAL;
   if (done == nullptr)
     return result(pm, uvirtio::Error(uvirtio::Errc::invalid_argument, pm->pm->name(), "persist_async",
                                      "no completion callback (done is NULL)"));
@@ -167,17 +171,20 @@ int uvirtio_pmem_persist_async(uvirtio_pmem* pm, const void* addr, size_t len, u
   }));
 }
 
-int uvirtio_pmem_flush(uvirtio_pmem* pm) { return result(pm, pm->pm->flush()); }
+int uvirtio_pmem_flush(uvirtio_pmem* pm) { return pm != nullptr ? result(pm, pm->pm->flush()) : -EINVAL; }
 
 int uvirtio_pmem_memcpy_persist(uvirtio_pmem* pm, void* dst, const void* src, size_t n) {
+  if (pm == nullptr) return -EINVAL;
   return result(pm, pm->pm->memcpy_persist(dst, src, n));
 }
 
 int uvirtio_pmem_repersist(uvirtio_pmem* pm, const void* addr, size_t len) {
+  if (pm == nullptr) return -EINVAL;
   return result(pm, pm->pm->repersist(addr, len));
 }
 
 int uvirtio_pmem_recover(uvirtio_pmem* pm) {
+  if (pm == nullptr) return -EINVAL;
   auto r = pm->pm->recover();
   if (!r) return result(pm, uvirtio::Result<void>(r.error()));
   return static_cast<int>(*r);
@@ -187,12 +194,17 @@ void uvirtio_pmem_drain(void) { uvirtio::driver::Pmem::drain(); }
 
 void uvirtio_pmem_get_stats(const uvirtio_pmem* pm, uvirtio_pmem_stats* out) {
   if (out == nullptr) return;
+  if (pm == nullptr) {
+    *out = uvirtio_pmem_stats{};
+    return;
+  }
   out->persist_calls = pm->pm->persist_calls();
   out->device_flushes = pm->pm->device_flushes();
   out->recoveries = pm->pm->recoveries();
 }
 
 const char* uvirtio_pmem_last_error(const uvirtio_pmem* pm) {
+  if (pm == nullptr) return "no uvirtio_pmem handle (NULL)";
   std::lock_guard lk(pm->errors_mutex);
   auto it = pm->errors.find(std::this_thread::get_id());
   return it == pm->errors.end() ? "" : it->second.c_str();

@@ -136,6 +136,12 @@ Error flush_failed(const std::string& why) { return Error(Errc::device_error, "f
 
 // The flush function of most tests: counts calls, detects overlapping calls,
 // records `written` at its start into `durable` when it ends.
+// flush_async() that must be accepted (a non-empty callback, not shut down).
+void queue(FlushCoalescer& c, FlushCoalescer::Callback done) {
+  auto r = c.flush_async(std::move(done));
+  EXPECT_TRUE(r.ok()) << r.error().message();
+}
+
 struct FakeFlush {
   std::atomic<std::uint64_t> calls{0};  // bumped after `written` was sampled
   std::atomic<int> in_flight{0};
@@ -342,7 +348,7 @@ TEST(FlushCoalescer, FailureGoesToTheCallersOfThatRoundOnly) {
   ASSERT_TRUE(eventually([&] { return calls.load() == 1; }));
   b = std::thread([&] { rb = c.flush(); });  // tickets 2..4 (taken during round 1): round 2
   cc = std::thread([&] { rc = c.flush(); });
-  c.flush_async([&](Result<void> r) {
+  queue(c, [&](Result<void> r) {
     rf = r;
     async_done.hit();
   });
@@ -350,7 +356,7 @@ TEST(FlushCoalescer, FailureGoesToTheCallersOfThatRoundOnly) {
   gate1.open();
   ASSERT_TRUE(eventually([&] { return calls.load() == 2; }));
   d = std::thread([&] { rd = c.flush(); });  // tickets 5, 6 (taken during round 2): round 3
-  c.flush_async([&](Result<void> r) {
+  queue(c, [&](Result<void> r) {
     re = r;
     async_done.hit();
   });
@@ -410,6 +416,44 @@ TEST(FlushCoalescer, FailuresUnderLoadNeverReachLaterCallers) {
 
 // No synchronous caller: the helper thread issues the flushes and runs the
 // callbacks, each exactly once.
+// A callback runs on whichever thread completed the flush, possibly one
+// that must issue the next: flush() from it is refused at once (it used to
+// wait forever), flush_async() from it works. An empty callback and a
+// request after shutdown() are refused too, without queuing anything.
+TEST(FlushCoalescer, FlushFromACallbackIsRefusedAndAsyncWorks) {
+  FakeFlush fake;
+  FlushCoalescer c(fake.fn(), "0000:00:04.0");
+  std::promise<Result<void>> inner_sync;
+  std::promise<Result<void>> chained;
+  queue(c, [&](Result<void>) {
+    inner_sync.set_value(c.flush());
+    queue(c, [&](Result<void> r) { chained.set_value(std::move(r)); });
+  });
+  auto f1 = inner_sync.get_future();
+  ASSERT_EQ(f1.wait_for(5s), std::future_status::ready) << "flush() from a callback hung";
+  const Result<void> r = f1.get();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), Errc::invalid_argument);
+  EXPECT_NE(r.error().message().find("completion callback"), std::string::npos) << r.error().message();
+  EXPECT_NE(r.error().message().find("0000:00:04.0"), std::string::npos) << r.error().message();
+  auto f2 = chained.get_future();
+  ASSERT_EQ(f2.wait_for(5s), std::future_status::ready);
+  EXPECT_TRUE(f2.get().ok());
+  EXPECT_TRUE(c.flush().ok()) << "a flush() outside callbacks works";
+
+  const std::uint64_t asked = c.requests();
+  auto empty = c.flush_async({});
+  ASSERT_FALSE(empty.ok());
+  EXPECT_EQ(empty.error().code(), Errc::invalid_argument);
+  c.shutdown();
+  bool ran = false;
+  auto late = c.flush_async([&](Result<void>) { ran = true; });
+  ASSERT_FALSE(late.ok());
+  EXPECT_EQ(late.error().code(), Errc::broken);
+  EXPECT_FALSE(ran);
+  EXPECT_EQ(c.requests(), asked);
+}
+
 TEST(FlushCoalescer, AsyncOnlyIsServedByTheHelperThread) {
   FakeFlush fake;
   fake.work = 200us;
@@ -430,7 +474,7 @@ TEST(FlushCoalescer, AsyncOnlyIsServedByTheHelperThread) {
   const auto main_id = std::this_thread::get_id();
   for (int i = 0; i < kAsync; ++i) {
     mine[i] = ++fake.written;
-    c.flush_async([&, i](Result<void> r) {
+    queue(c, [&, i](Result<void> r) {
       if (!r.ok()) ++failed;
       if (fake.durable.load() < mine[i]) ++uncovered;
       if (std::this_thread::get_id() == main_id) ++on_caller_thread;
@@ -479,7 +523,7 @@ TEST(FlushCoalescer, AsyncAndSyncCallersMixed) {
       for (int i = 0; i < kEach; ++i) {
         const std::uint64_t mine = ++fake.written;
         if (i % 2 == 0) {
-          c.flush_async([&, mine](Result<void> r) {
+          queue(c, [&, mine](Result<void> r) {
             if (!r.ok()) ++failed;
             if (fake.durable.load() < mine) ++uncovered;
             done.hit();
@@ -536,7 +580,7 @@ TEST(FlushCoalescer, SyncLeaderIsNotHeldHostageByAsyncRequests) {
   link = [&](Result<void> r) {
     if (!r.ok()) ++chain_failed;
     if (++chained < kChain)
-      c.flush_async(link);
+      queue(c, link);
     else
       chain_done.hit();
   };
@@ -555,7 +599,7 @@ TEST(FlushCoalescer, SyncLeaderIsNotHeldHostageByAsyncRequests) {
     std::lock_guard lk(ids_m);
     return flush_threads.size() == 1;
   }));
-  c.flush_async(link);  // arrives during round 1: needs round 2, whose callback asks again, ...
+  queue(c, link);  // arrives during round 1: needs round 2, whose callback asks again, ...
   gate.open();
   s.join();
   ASSERT_TRUE(chain_done.wait_for_count(1)) << chained.load() << " links ran";
@@ -588,7 +632,7 @@ TEST(FlushCoalescer, DestructorWithPendingAsyncRequests) {
     auto c = std::make_unique<FlushCoalescer>(fake.fn());
     std::atomic<int> unserved{0};
     for (int i = 0; i < kAsync; ++i)
-      c->flush_async([&, i](Result<void> r) {
+      queue(*c, [&, i](Result<void> r) {
         ++hits[i];
         if (!r.ok() && r.error().code() == Errc::broken)
           ++unserved;
@@ -629,11 +673,11 @@ TEST(FlushCoalescer, DestructorDuringARunningFlush) {
     gate.open();
     if (opener.joinable()) opener.join();
   });
-  c->flush_async(cb(0));
+  queue(*c, cb(0));
   ASSERT_TRUE(eventually([&] { return calls.load() == 1; }));
-  c->flush_async(cb(1));
+  queue(*c, cb(1));
   auto fut = c->flush_future();
-  c->flush_async(cb(2));
+  queue(*c, cb(2));
   opener = std::thread([&] {
     std::this_thread::sleep_for(
         5ms);  // widens the window: the destructor likely waits (either order is legal)

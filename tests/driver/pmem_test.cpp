@@ -1211,6 +1211,101 @@ TEST(PmemCApi, PersistAsyncCallsBackOnceWithTheResult) {
   EXPECT_EQ(res.got.size(), 2u);
 }
 
+// Closing runs the pending callbacks before the range is unmapped: one that
+// reads the bytes it persisted must find them (a review found the range
+// unmapped first, an ASan heap-use-after-free on the helper thread).
+TEST(Pmem, CloseRunsPendingCallbacksWhileTheRangeIsMapped) {
+  FakeVirtioDevice dev{pmem_device()};
+  FlushDevice device;
+  device.work_us = 50000;  // the flush is still running at close
+  dev.set_handler(device.handler());
+  dev.start_worker();
+  FeaturePolicy policy;
+  policy.supported = FeatureSet::of({kPmemFeatureShmemRegion});
+  auto d = bring_up(dev.take_function(), kVirtioPmemType, policy);
+  ASSERT_TRUE(d.ok()) << d.error().message();
+  PmemOptions opt;
+  opt.timeout = 2s;
+  opt.map_range = [](const std::string&, std::uint64_t, std::uint64_t n) -> Result<PmemRange> {
+    auto* mem = new std::uint8_t[n]();
+    return PmemRange{mem, n, [mem] { delete[] mem; }};
+  };
+  auto pm = Pmem::attach(std::move(d).value(), opt);
+  ASSERT_TRUE(pm.ok()) << pm.error().message();
+  std::uint8_t* data = (*pm)->data();
+  data[0] = 42;
+  std::atomic<int> seen{-1};
+  ASSERT_TRUE((*pm)->persist_async(data, 1, [&seen, data](Result<void>) { seen = data[0]; }).ok());
+  ASSERT_TRUE(eventually([&] { return dev.requests() >= 1; }));  // the helper thread's flush is running
+  pm->reset();
+  EXPECT_EQ(seen.load(), 42);
+}
+
+TEST(Pmem, EmptyCallbackIsRefusedBeforeAnythingIsQueued) {
+  FakePmem f(true);
+  auto pm = attach(f.dev, f.backing);
+  ASSERT_TRUE(pm);
+  auto r = pm->persist_async(pm->data(), 8, {});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), Errc::invalid_argument);
+  EXPECT_EQ(pm->persist_calls(), 0u);
+  r = pm->memcpy_persist(pm->data(), nullptr, 8);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message().find("source is null"), std::string::npos) << r.error().message();
+}
+
+// A callback may run on an application thread that is issuing a flush;
+// persist() or flush() from it would wait for a flush only that thread can
+// issue. They fail at once instead of hanging; persist_async works.
+TEST(PmemCApi, PersistFromACallbackFailsInsteadOfHanging) {
+  FakePmem f(true);
+  CHandle c{to_c_handle(attach(f.dev, f.backing))};
+  ASSERT_NE(c.h, nullptr);
+  struct Ctx {
+    uvirtio_pmem* h;
+    std::atomic<int> persist_rc{1}, flush_rc{1}, async_rc{1};
+    std::string message;
+    std::atomic<bool> chained_done{false};
+  } ctx{c.h, {}, {}, {}, {}, {}};
+  auto cb = [](int, const char*, void* p) {
+    auto* x = static_cast<Ctx*>(p);
+    auto* data = static_cast<std::uint8_t*>(uvirtio_pmem_data(x->h));
+    x->persist_rc = uvirtio_pmem_persist(x->h, data, 8);
+    x->message = uvirtio_pmem_last_error(x->h);
+    x->flush_rc = uvirtio_pmem_flush(x->h);
+    x->async_rc = uvirtio_pmem_persist_async(
+        x->h, data, 8, [](int rc, const char*, void* q) { static_cast<Ctx*>(q)->chained_done = rc == 0; }, x);
+  };
+  ASSERT_EQ(uvirtio_pmem_persist_async(c.h, uvirtio_pmem_data(c.h), 8, cb, &ctx), 0);
+  ASSERT_TRUE(eventually([&] { return ctx.chained_done.load(); }));
+  EXPECT_EQ(ctx.persist_rc.load(), -EINVAL);
+  EXPECT_EQ(ctx.flush_rc.load(), -EINVAL);
+  EXPECT_EQ(ctx.async_rc.load(), 0);
+  EXPECT_NE(ctx.message.find("completion callback"), std::string::npos) << ctx.message;
+  EXPECT_NE(ctx.message.find(kBdf), std::string::npos) << ctx.message;
+}
+
+TEST(PmemCApi, NullHandleIsEinvalNotACrash) {
+  std::uint8_t buf[8] = {};
+  EXPECT_EQ(uvirtio_pmem_persist(nullptr, buf, 8), -EINVAL);
+  EXPECT_EQ(uvirtio_pmem_flush(nullptr), -EINVAL);
+  EXPECT_EQ(uvirtio_pmem_memcpy_persist(nullptr, buf, buf, 8), -EINVAL);
+  EXPECT_EQ(uvirtio_pmem_repersist(nullptr, buf, 8), -EINVAL);
+  EXPECT_EQ(uvirtio_pmem_recover(nullptr), -EINVAL);
+  EXPECT_EQ(uvirtio_pmem_persist_async(
+                nullptr, buf, 8, [](int, const char*, void*) {}, nullptr),
+            -EINVAL);
+  EXPECT_EQ(uvirtio_pmem_data(nullptr), nullptr);
+  EXPECT_EQ(uvirtio_pmem_size(nullptr), 0u);
+  uvirtio_pmem_stats st;
+  std::memset(&st, 0xa5, sizeof st);
+  uvirtio_pmem_get_stats(nullptr, &st);
+  EXPECT_EQ(st.persist_calls, 0u);
+  EXPECT_EQ(st.device_flushes, 0u);
+  EXPECT_NE(std::string(uvirtio_pmem_last_error(nullptr)).find("NULL"), std::string::npos);
+  uvirtio_pmem_close(nullptr);
+}
+
 TEST(PmemCApi, CloseRunsEveryPendingCallback) {
   FakePmem f(true);
   f.device.work_us = 20000;  // a slow host: callbacks are still pending at close

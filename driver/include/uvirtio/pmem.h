@@ -57,6 +57,9 @@ int uvirtio_pmem_open(const char *bdf, uvirtio_pmem **out, char *err, size_t err
 int uvirtio_pmem_open_opts(const char *bdf, const uvirtio_pmem_options *opts, uvirtio_pmem **out, char *err,
                            size_t errlen);
 void uvirtio_pmem_close(uvirtio_pmem *pm);
+/* Every call below given a NULL handle returns -EINVAL (uvirtio_pmem_data
+ * NULL, uvirtio_pmem_size 0, uvirtio_pmem_get_stats zeros); close(NULL)
+ * does nothing. */
 
 void *uvirtio_pmem_data(uvirtio_pmem *pm);
 uint64_t uvirtio_pmem_size(const uvirtio_pmem *pm);
@@ -68,12 +71,17 @@ int uvirtio_pmem_flush(uvirtio_pmem *pm);
 int uvirtio_pmem_memcpy_persist(uvirtio_pmem *pm, void *dst, const void *src, size_t n);
 
 /* persist() without waiting. Returns 0 when the request is queued (then
- * `done` runs exactly once, on a thread of the library, with the result as
- * above and, on failure, its message, valid during the call only), or a
- * negative errno without calling `done` (a range outside the mapping). Keep
- * `done` short; it must not call persist, flush or close on the same handle.
- * uvirtio_pmem_close() returns after every callback ran: those whose flush
- * had not started get -EIO ("closed before the flush was issued"). */
+ * `done` runs exactly once with the result as above and, on failure, its
+ * message, valid during the call only), or a negative errno without calling
+ * `done` (a range outside the mapping). `done` runs on the thread that
+ * completed the covering flush: a thread of the library, or the thread of
+ * one of your own persist/flush calls that was issuing it, so do not hold a
+ * lock around persist/flush that `done` takes. Keep `done` short; it may
+ * call persist_async, but persist or flush from it fail with -EINVAL (they
+ * could wait for a flush only that thread can issue), and it must not close
+ * the handle. uvirtio_pmem_close() returns after every callback ran, with
+ * the range still mapped while they run: those whose flush had not started
+ * get -EIO ("closed before the flush was issued"). */
 typedef void (*uvirtio_pmem_done_fn)(int result, const char *message, void *ctx);
 int uvirtio_pmem_persist_async(uvirtio_pmem *pm, const void *addr, size_t len, uvirtio_pmem_done_fn done,
                                void *ctx);

@@ -52,11 +52,19 @@ class FlushCoalescer {
   FlushCoalescer& operator=(const FlushCoalescer&) = delete;
 
   // Returns once a device flush that started after this call has ended, with
-  // that flush's result.
+  // that flush's result. From inside a completion callback: invalid_argument
+  // (that thread may be the one that has to issue the next flush).
   Result<void> flush();
-  // The same without blocking: `done` runs on the thread that completed the
-  // covering flush (keep it short; it must not call flush()).
-  void flush_async(Callback done);
+  // The same without blocking: `done` (not empty: invalid_argument) runs on
+  // the thread that completed the covering flush: the helper thread, or the
+  // thread of a flush() caller that issued it. Keep it short; it may call
+  // flush_async() but not flush().
+  Result<void> flush_async(Callback done);
+  // Stops: waits for a running flush, fails the async requests whose flush
+  // had not started (their callbacks run before this returns). The owner
+  // calls it before tearing down what the flush function or the callbacks
+  // use; the destructor calls it too.
+  void shutdown();
   std::future<Result<void>> flush_future();
 
   // The group-commit wait's upper bound (default 500 us; 0 turns it off).

@@ -92,7 +92,9 @@ class Pmem {
   Result<void> persist(const void* addr, std::size_t len);
   // A device flush only (coalesced), for data already written back.
   Result<void> flush();
-  // persist without waiting: `done` runs when the covering flush ended.
+  // persist without waiting: `done` (not empty) runs when the covering
+  // flush ended, on the thread that completed it (FlushCoalescer::
+  // flush_async); flush() and persist() from inside it fail.
   Result<void> persist_async(const void* addr, std::size_t len, FlushCoalescer::Callback done);
   std::future<Result<void>> persist_future(const void* addr, std::size_t len);
   // Copies n bytes to dst (inside the mapping) and persists them.
