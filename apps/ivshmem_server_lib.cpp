@@ -218,7 +218,9 @@ Result<void> Server::listen_socket() {
       return Error(Errc::invalid_argument, path, "listen",
                    "the path exists and is not a socket (not removing it)");
     // Live or stale? Only a listener accepts the connection.
-    UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    // Non-blocking: a listener whose backlog is full (a stopped server)
+    // answers EAGAIN instead of holding us in connect() forever.
+    UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
     if (!probe.valid()) return Error::from_errno(errno, path, "listen", "socket");
     if (::connect(probe.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0 || errno == EAGAIN)
       return Error(Errc::busy, path, "listen", "another server is listening on this socket");
