@@ -101,7 +101,11 @@ Result<void> format(Control* ctl, std::size_t size, const Options& o) {
                  "ring_bytes " + std::to_string(o.ring_bytes) + " must be a power of two in [" +
                      std::to_string(kMinCapacity) + ", " + std::to_string(largest) + "] for a window of " +
                      std::to_string(size) + " bytes");
-  const std::uint64_t max = o.max_message != 0 ? o.max_message : cap / 4;
+  // The header holds max_message in 32 bits: a ring of 2^34 bytes or more
+  // (a 64 GiB window) would make a quarter of it wrap to 0 and leave the
+  // window formatted with a header its own checks refuse.
+  const std::uint64_t max =
+      o.max_message != 0 ? o.max_message : std::min<std::uint64_t>(cap / 4, 0xffffffffu & ~std::uint64_t{7});
   if (max > cap / 2 - kRecordHeader)
     return Error(Errc::invalid_argument, o.name, op,
                  "max_message " + std::to_string(max) + " exceeds " +

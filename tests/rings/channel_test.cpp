@@ -1049,4 +1049,25 @@ TEST(ChannelRejoinHostile, BadIndicesRefusedAtAttach) {
 }
 
 }  // namespace
+// A window of 32 GiB and more (a 64 GiB ivshmem BAR): the default
+// max_message, a quarter of the ring, no longer fits the header's 32 bits.
+// It is clamped; it used to wrap to 0, and side 0 then refused the header it
+// had just written. The mapping reserves nothing; only the header is touched.
+TEST(Channel, HugeWindowGetsAUsableDefaultMaxMessage) {
+  const std::size_t size = (std::size_t{1} << 35) + 4096;
+  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  ASSERT_NE(p, MAP_FAILED);
+  Options o;
+  o.side = 0;
+  o.heartbeat_thread = false;
+  o.name = "huge";
+  auto r = Channel::attach(p, size, o);
+  EXPECT_TRUE(r.ok()) << r.error().message();
+  if (r.ok()) {
+    EXPECT_EQ((*r)->max_message(), 0xfffffff8u);
+    r->reset();
+  }
+  ::munmap(p, size);
+}
+
 }  // namespace uvirtio::channel
