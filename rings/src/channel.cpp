@@ -251,9 +251,11 @@ Result<std::unique_ptr<Channel>> Channel::attach(void* window, std::size_t size,
   return ch;
 }
 
-// Joining (first attach or rejoin after a restart of this side). Only our
-// own words are written, and the session id last, so a peer that sees the
-// new session also sees the rest.
+// Joining (first attach or rejoin after a restart of this side). Every
+// value is read and checked first and only then anything written, so a
+// refused attach leaves the window as it was. Only our own words are
+// written, and the session id last, so a peer that sees the new session also
+// sees the rest.
 Result<void> Channel::join(const Options& o) {
   const char* op = "attach";
   // What the peer published before we came is not for us: consume it all.
@@ -261,8 +263,14 @@ Result<void> Channel::join(const Options& o) {
   if (p % 8 != 0)
     return Error(Errc::bad_device_data, name_, op,
                  "peer producer index " + hex(p) + " is not a multiple of 8");
-  store64(*rx_.consumer, p, std::memory_order_release);
-  rx_.cons = rx_.published = p;
+  // Our consumer index must not move backwards either: the peer stores a
+  // padding record (visible by its tag) before publishing its index, so our
+  // previous incarnation may have skipped it and published an index up to
+  // one capacity ahead of p, and the peer may have read that. Keep such an
+  // index; any other value (behind p, too far ahead, misaligned) is not
+  // trusted and we start at p.
+  std::uint64_t rcons = load64(*rx_.consumer, std::memory_order_relaxed);
+  if (rcons % 8 != 0 || rcons - p > rx_.cap) rcons = p;
 
   // Our producer index: records our previous incarnation published are
   // complete messages, and the peer may be reading them right now, so we
@@ -279,6 +287,10 @@ Result<void> Channel::join(const Options& o) {
   // Records our previous incarnation committed past the index it published
   // are visible to the peer already (by their tags): continue after them.
   prod = end_of_records(prod, cons);
+
+  // Everything is valid: publish.
+  store64(*rx_.consumer, rcons, std::memory_order_release);
+  rx_.cons = rx_.published = rcons;
   store64(*tx_.producer, prod, std::memory_order_release);
   tx_.prod = tx_.published = prod;
   tx_.cons_cache = cons;

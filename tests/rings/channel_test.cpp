@@ -793,6 +793,75 @@ TEST(Channel, RejoinContinuesAfterRecordsVisibleBeyondTheIndex) {
   EXPECT_TRUE(w.guards_intact());
 }
 
+// Review 3, bug A. A producer stores a padding record (in reserve, visible
+// by its lap tag) before it publishes its index; the consumer skips it and
+// publishes a consumer index past the producer's published one, and the
+// producer reads that index back. Then the consumer restarts (clean detach
+// and attach). The rejoin used to publish the producer's published index as
+// its consumer index: lower than the producer had seen, so the honest
+// producer's next refresh said "peer consumer index moved backwards" and it
+// latched broken. The rejoin must keep the consumer index it finds when that
+// is ahead of the peer's producer index (within one capacity).
+TEST(Channel, ConsumerRejoinAfterSkippingUnpublishedPaddingKeepsItsIndex) {
+  Window w(4096);
+  auto small = [](unsigned side) {
+    Options o = opts(side);
+    o.ring_bytes = 256;
+    o.max_message = 64;  // max record 72
+    return o;
+  };
+  auto a = must_attach(w, small(0));
+  auto b = must_attach(w, small(1));
+  ASSERT_TRUE(a && b);
+  const std::vector<std::byte> msg = pattern(64, 7);
+  std::vector<std::byte> in(64);
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(b->try_send(msg).value());  // 3 x 72 bytes: producer at 216
+    ASSERT_TRUE(a->recv(in, 0ns).ok());     // consumer publishes 216
+  }
+  // b reserves 64: padding [216, 256) stored, its index still 216.
+  auto r = b->try_reserve(64);
+  ASSERT_TRUE(r.ok() && r->has_value());
+  // a skips the padding, finds nothing more, and publishes 256.
+  auto p = a->try_peek();
+  ASSERT_TRUE(p.ok());
+  ASSERT_FALSE(p->has_value());
+  ASSERT_EQ(w.ctl()->ring[1].consumer.value.get(), 256u);
+  ASSERT_EQ(w.ctl()->ring[1].producer.value.get(), 216u);
+  // b fills a deferred batch (index still 216); a reserve refreshes its copy
+  // of the consumer index (256) and succeeds without publishing.
+  ASSERT_TRUE(b->commit(64, Flush::later).ok());  // 256 -> 328
+  for (std::size_t n : {64u, 0u}) {               // -> 400 -> 408
+    auto s = b->try_reserve(n);
+    ASSERT_TRUE(s.ok() && s->has_value());
+    ASSERT_TRUE(b->commit(n, Flush::later).ok());
+  }
+  auto s = b->try_reserve(64);  // refresh: consumer 256
+  ASSERT_TRUE(s.ok() && s->has_value());
+  a.reset();
+  a = must_attach(w, small(0));
+  ASSERT_TRUE(a);
+  EXPECT_EQ(w.ctl()->ring[1].consumer.value.get(), 256u) << "the rejoin moved the consumer index backwards";
+  ASSERT_TRUE(b->commit(64, Flush::now).ok());  // 480 published
+  auto t = b->try_reserve(64);                  // the ring looks full: refresh
+  EXPECT_TRUE(t.ok()) << t.error().message();
+  EXPECT_FALSE(b->broken());
+  // The batch b committed was published after a came back: a gets it, and
+  // both directions go on working.
+  for (std::size_t n : {64u, 64u, 0u, 64u}) {
+    auto k = a->recv(in, 0ns);
+    ASSERT_TRUE(k.ok()) << k.error().message();
+    EXPECT_EQ(*k, n);
+  }
+  EXPECT_FALSE(a->try_peek()->has_value());
+  ASSERT_TRUE(a->try_send(pattern(10, 3)).value());
+  auto k = b->recv(in, 0ns);
+  ASSERT_TRUE(k.ok()) << k.error().message();
+  EXPECT_EQ(*k, 10u);
+  EXPECT_FALSE(a->broken() || b->broken());
+  EXPECT_TRUE(w.guards_intact());
+}
+
 // The peer is a child process that dies without detaching (its session
 // stays in the window); a new incarnation rejoins and the survivor, which
 // kept its channel, goes on working. Messages the dead child had published
@@ -1045,6 +1114,54 @@ TEST(ChannelRejoinHostile, BadIndicesRefusedAtAttach) {
   ASSERT_TRUE(a);
   EXPECT_EQ(w.ctl()->ring[0].producer.value.get(), 64u);
   EXPECT_TRUE(a->try_send(pattern(8, 1)).value());
+  EXPECT_TRUE(w.guards_intact());
+}
+
+// Review 3, bug B. A bad value from the peer fails the attach before
+// anything is written: the window stays byte for byte as it was. (join used
+// to store our consumer index before it checked the peer's consumer index.)
+TEST(ChannelRejoinHostile, RefusedAttachLeavesTheWindowUntouched) {
+  Window w(4096);
+  { auto a = must_attach(w, opts(0)); }
+  // The peer published 64 bytes we have not consumed (so a join would move
+  // our consumer index), and its consumer index for our ring is bad.
+  w.ctl()->ring[1].producer.value.set(64);
+  w.ctl()->ring[0].consumer.value.set(5);
+  const auto before = w.snapshot();
+  expect_error(Channel::attach(w.get(), w.size(), opts(0)), Errc::bad_device_data, "peer consumer index 0x5");
+  EXPECT_EQ(w.snapshot(), before) << "a refused attach wrote to the window";
+  w.ctl()->ring[0].consumer.value.set(0);
+  w.ctl()->ring[1].producer.value.set(61);
+  const auto before2 = w.snapshot();
+  expect_error(Channel::attach(w.get(), w.size(), opts(0)), Errc::bad_device_data,
+               "peer producer index 0x3d");
+  EXPECT_EQ(w.snapshot(), before2) << "a refused attach wrote to the window";
+  EXPECT_TRUE(w.guards_intact());
+}
+
+// Our consumer index found in the window is kept on rejoin when it is ahead
+// of the peer's producer index by at most one capacity (the peer may have
+// read it: moving it back would look like a violation); any other value is
+// not trusted and we start at the peer's producer index.
+TEST(ChannelRejoinHostile, OwnConsumerIndexKeptOnlyWhenConsistent) {
+  Window w(4096);
+  { auto a = must_attach(w, opts(0)); }
+  const std::uint64_t cap = w.ctl()->header.ring[1].capacity.get();
+  const std::uint64_t p = 3 * cap + 64;
+  struct Case {
+    std::uint64_t found, expected;
+  };
+  for (const Case& k : {Case{p + 8, p + 8}, Case{p + cap, p + cap}, Case{p + cap + 8, p}, Case{p + 12, p},
+                        Case{p - 8, p}, Case{p, p}, Case{0, p}, Case{~std::uint64_t{7}, p}}) {
+    SCOPED_TRACE(k.found);
+    w.ctl()->ring[1].producer.value.set(p);
+    w.ctl()->ring[1].consumer.value.set(k.found);
+    auto a = must_attach(w, opts(0));
+    ASSERT_TRUE(a);
+    EXPECT_EQ(w.ctl()->ring[1].consumer.value.get(), k.expected);
+    EXPECT_FALSE(a->try_peek()->has_value());  // reads only inside the ring
+    EXPECT_FALSE(a->broken());
+  }
   EXPECT_TRUE(w.guards_intact());
 }
 

@@ -190,7 +190,7 @@ class Channel {
   // valid header means a rejoin: whatever the peer published before we
   // attach is dropped, then our new session id is published. Fails with
   // invalid_argument (options, window), bad_device_data or unsupported (a
-  // header that fails validation: nothing is written then).
+  // header or a peer index that fails validation: nothing is written then).
   static Result<std::unique_ptr<Channel>> attach(void* window, std::size_t size, const Options& options);
 
   // Detaches: stops the heartbeat, clears our session id (the peer sees us
