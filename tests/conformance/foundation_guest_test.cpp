@@ -742,7 +742,8 @@ TEST(PmemCli, BadInputIsRefusedAndWritesNothing) {
            {"write " + bdf + " --offset -1 --data x", 2, "not a non-negative integer"},
            {"write " + bdf + " --offset 0 --data ''", 2, "nothing to write"},
            {"write " + bdf + " --offset 0", 2, "exactly one of --data or --file"},
-           {"write " + bdf + " --offset 0 --file /nonexistent", 1, "cannot read /nonexistent"},
+           {"write " + bdf + " --offset 0 --file /nonexistent", 1,
+            "/nonexistent: pmem write --file: cannot open"},
            {"read " + bdf + " --offset 16777210 --length 10", 1, "beyond"},
            {"read " + bdf + " --offset 0 --length 0", 2, "--length must be"},
            {"write " + rng->bdf.str() + " --offset 0 --data x", 1, "entropy device, not pmem"},
@@ -755,6 +756,9 @@ TEST(PmemCli, BadInputIsRefusedAndWritesNothing) {
   }
   auto tail = run("uvirtio pmem read " + bdf + " --offset 16777208 --length 8");
   EXPECT_EQ(tail.out, "ABCDEFGH") << "a refused write must leave the range untouched";
+  // A leading 0 is decimal: "0100000" is 100000, not octal 32768.
+  ASSERT_EQ(run("uvirtio pmem write " + bdf + " --offset 0100000 --data Q").status, 0);
+  EXPECT_EQ(run("uvirtio pmem read " + bdf + " --offset 100000 --length 1").out, "Q");
   // Data that cannot reach standard output is an error, not a silent exit 0.
   auto full = run("sh -c 'uvirtio pmem read " + bdf + " --offset 0 --length 4096 >/dev/full'");
   EXPECT_EQ(full.status, 1) << full.out;
