@@ -5,30 +5,25 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <algorithm>
-#include <cctype>
 #include <cerrno>
+#include <charconv>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 
 namespace uvirtio::apps {
 
 std::uint64_t parse_u64(const std::string& text, const std::string& what) {
-  // Decimal, or hex after 0x. Not strtoull's base 0, which reads a leading 0
-  // as octal ("010" would write at offset 8), and not its leading blanks or
-  // sign.
+  // Decimal, or hex after 0x (from_chars: no octal for a leading 0, as
+  // strtoull's base 0 would read "010", and no blanks or sign).
   const bool hex = text.size() > 2 && text[0] == '0' && (text[1] == 'x' || text[1] == 'X');
-  const std::string digits = hex ? text.substr(2) : text;
-  const bool ok = !digits.empty() && std::all_of(digits.begin(), digits.end(), [hex](unsigned char c) {
-    return hex ? std::isxdigit(c) != 0 : std::isdigit(c) != 0;
-  });
-  errno = 0;
-  const unsigned long long v = ok ? std::strtoull(digits.c_str(), nullptr, hex ? 16 : 10) : 0;
-  if (!ok || errno != 0)
+  const char* first = text.data() + (hex ? 2 : 0);
+  const char* last = text.data() + text.size();
+  std::uint64_t v = 0;
+  const auto [end, ec] = std::from_chars(first, last, v, hex ? 16 : 10);
+  if (ec != std::errc{} || end != last)
     throw UsageError{what + ": '" + text + "' is not a non-negative integer (decimal or 0x hex)" +
-                     (ok ? " below 2^64" : "")};
+                     (ec == std::errc::result_out_of_range ? " below 2^64" : "")};
   return v;
 }
 

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <array>
+#include <charconv>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -392,17 +393,11 @@ inline MacAddr parse_mac(const std::string& text, const std::string& option = "-
   // Exactly six pairs of hex digits joined by ':' (sscanf's %x would also
   // take signs, blanks and single digits).
   MacAddr m{};
-  const auto hexval = [](char c) {
-    return c >= '0' && c <= '9'   ? c - '0'
-           : c >= 'a' && c <= 'f' ? c - 'a' + 10
-           : c >= 'A' && c <= 'F' ? c - 'A' + 10
-                                  : -1;
-  };
   bool ok = text.size() == 17;
   for (std::size_t i = 0; ok && i < 6; ++i) {
-    const int hi = hexval(text[3 * i]), lo = hexval(text[3 * i + 1]);
-    ok = hi >= 0 && lo >= 0 && (i == 5 || text[3 * i + 2] == ':');
-    if (ok) m[i] = static_cast<std::uint8_t>(hi * 16 + lo);
+    const char* p = text.data() + 3 * i;
+    const auto [end, ec] = std::from_chars(p, p + 2, m[i], 16);
+    ok = ec == std::errc{} && end == p + 2 && (i == 5 || p[2] == ':');
   }
   if (!ok) throw UsageError{option + ": '" + text + "' is not a MAC address like 02:00:00:00:00:01"};
   if (m[0] & 1) throw UsageError{option + ": '" + text + "' is a multicast address"};

@@ -269,10 +269,9 @@ Result<void> Pmem::flush() { return coalescer_.flush(); }
 
 Result<void> Pmem::persist_async(const void* addr, std::size_t len, FlushCoalescer::Callback done) {
   UV_TRY_VOID(check_range(addr, len, "persist"));
-  if (!done) return Error(Errc::invalid_argument, name(), "persist", "no completion callback");
   cache::flush(addr, len);
   cache::drain();
-  return coalescer_.flush_async(std::move(done));
+  return coalescer_.flush_async(std::move(done));  // refuses an empty callback
 }
 
 std::future<Result<void>> Pmem::persist_future(const void* addr, std::size_t len) {

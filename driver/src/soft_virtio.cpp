@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "uvirtio/base/le.hpp"
+#include "uvirtio/driver/features.hpp"
 #include "uvirtio/rings/packed.hpp"
 #include "uvirtio/rings/split.hpp"
 
@@ -35,8 +36,6 @@ enum : std::uint64_t {
 };
 
 constexpr std::uint8_t kDriverOk = 4, kFeaturesOk = 8, kNeedsReset = 64;
-constexpr unsigned kIndirectDesc = 28, kEventIdx = 29, kVersion1 = 32, kAccessPlatform = 33, kRingPacked = 34,
-                   kInOrder = 35, kNotificationData = 38;
 
 std::uint16_t load_acquire(le16& f) {
   return le16::from_raw(std::atomic_ref<std::uint16_t>(f.raw()).load(std::memory_order_acquire));
@@ -339,8 +338,8 @@ void SoftVirtioDevice::write_status(std::uint8_t v) {
     // refuses a driver that does not accept ACCESS_PLATFORM (spec 6.1).
     const std::uint64_t offered = opt_.features;
     const bool ok = !faults.refuse_features_ok && (driver_features_ & ~offered) == 0 &&
-                    (!((offered >> kAccessPlatform) & 1) || ((driver_features_ >> kAccessPlatform) & 1)) &&
-                    (!((offered >> kVersion1) & 1) || ((driver_features_ >> kVersion1) & 1));
+                    (!((offered >> feature::kAccessPlatform) & 1) || negotiated(feature::kAccessPlatform)) &&
+                    (!((offered >> feature::kVersion1) & 1) || negotiated(feature::kVersion1));
     if (!ok) v = static_cast<std::uint8_t>(v & ~kFeaturesOk);
   }
   status_ = static_cast<std::uint8_t>(v | (status_ & kNeedsReset));
@@ -369,7 +368,7 @@ void SoftVirtioDevice::notify(std::uint64_t off, unsigned width, std::uint64_t v
   const auto q = static_cast<std::uint16_t>(v);
   if (width != 2 && width != 4) return violation("notify written with width " + std::to_string(width));
   // Spec 4.1.5.2: with NOTIFICATION_DATA the driver writes 32-bit notification data.
-  if (((driver_features_ >> kNotificationData) & 1) && width != 4)
+  if (negotiated(feature::kNotificationData) && width != 4)
     violation("notify written with width " + std::to_string(width) +
               " although NOTIFICATION_DATA was negotiated");
   if (q >= queues_.size()) return violation("notify of queue " + std::to_string(q) + " that does not exist");
@@ -396,7 +395,7 @@ void SoftVirtioDevice::process(std::uint16_t qi) {
   if (!(status_ & kDriverOk)) return violation("notify before DRIVER_OK");
   if (status_ & kNeedsReset) return;
   if (faults.needs_reset_on_notify) return needs_reset_locked();
-  if (negotiated(kRingPacked)) return process_packed(qi, q);
+  if (negotiated(feature::kRingPacked)) return process_packed(qi, q);
   process_split(qi, q);
 }
 
@@ -421,10 +420,10 @@ void SoftVirtioDevice::process_split(std::uint16_t qi, Queue& q) {
   // ring, avail_event the used ring.
   le16& used_event = avail[2 + q.size];
   le16& avail_event = used[2 + 4 * q.size];
-  const bool event_idx = negotiated(kEventIdx), indirect = negotiated(kIndirectDesc);
+  const bool event_idx = negotiated(feature::kEventIdx), indirect = negotiated(feature::kIndirectDesc);
   // VIRTIO_F_IN_ORDER (2.7.9): the chains taken here are one batch, reported
   // by a single used entry at the batch's first position naming its last chain.
-  const bool in_order = negotiated(kInOrder);
+  const bool in_order = negotiated(feature::kInOrder);
   const std::uint16_t used_before = q.used_idx;
   std::uint16_t batch = 0, batch_head = 0;
   std::uint32_t batch_len = 0;
@@ -544,19 +543,13 @@ void SoftVirtioDevice::process_packed(std::uint16_t qi, Queue& q) {
     std::uint8_t* drv = dma.translate(q.driver, rings::PackedLayout::event_bytes());
     std::uint8_t* dev = dma.translate(q.device, rings::PackedLayout::event_bytes());
     if (!ring || !drv || !dev) return fatal("ring address outside DMA memory");
-    auto translate = [&dma](std::uint64_t addr, std::uint32_t len,
-                            bool) -> std::optional<std::span<std::uint8_t>> {
-      std::uint8_t* p = dma.translate(addr, len);
-      if (p == nullptr) return std::nullopt;
-      return std::span<std::uint8_t>(p, len);
-    };
-    auto made =
-        rings::PackedDeviceQueue::create(q.size, ring, drv, dev, fn_.bdf() + " queue " + std::to_string(qi),
-                                         rings::BufferTranslation(translate));
+    auto made = rings::PackedDeviceQueue::create(
+        q.size, ring, drv, dev, fn_.bdf() + " queue " + std::to_string(qi),
+        [&dma](std::uint64_t addr, std::uint32_t len, bool) { return dma.span(addr, len); });
     if (!made) return fatal(made.error().message());
-    made->set_event_idx(negotiated(kEventIdx));
-    made->set_indirect(negotiated(kIndirectDesc));
-    if (auto r = made->set_in_order(negotiated(kInOrder)); !r) return fatal(r.error().message());
+    made->set_event_idx(negotiated(feature::kEventIdx));
+    made->set_indirect(negotiated(feature::kIndirectDesc));
+    if (auto r = made->set_in_order(negotiated(feature::kInOrder)); !r) return fatal(r.error().message());
     q.packed.emplace(std::move(made).value());
   }
   rings::PackedDeviceQueue& pq = *q.packed;
@@ -630,7 +623,7 @@ void SoftVirtioDevice::set_needs_reset() {
 bool SoftVirtioDevice::complete_late(std::uint16_t qi, std::uint32_t id, std::uint32_t len) {
   std::lock_guard lock(mu_);
   Queue& q = queues_.at(qi);
-  if (q.size == 0 || negotiated(kRingPacked)) return false;
+  if (q.size == 0 || negotiated(feature::kRingPacked)) return false;
   auto* used =
       reinterpret_cast<le16*>(fn_.soft_dma().translate(q.device, rings::SplitLayout::used_bytes(q.size)));
   if (used == nullptr) return false;

@@ -201,9 +201,7 @@ struct DeviceModel::Impl {
 
   // ---- the driver side of the function ----
   std::optional<std::span<std::uint8_t>> dma(std::uint64_t addr, std::uint64_t len) {
-    std::uint8_t* p = soft->function().soft_dma().translate(addr, len);
-    if (p == nullptr) return std::nullopt;
-    return std::span<std::uint8_t>(p, static_cast<std::size_t>(len));
+    return soft->function().soft_dma().span(addr, len);
   }
 
   Result<rings::SplitDeviceQueue> build_queue(std::uint16_t q, const char* what) {

@@ -42,6 +42,12 @@ std::uint8_t* SoftDma::translate(std::uint64_t iova, std::uint64_t len) const {
   return nullptr;
 }
 
+std::optional<std::span<std::uint8_t>> SoftDma::span(std::uint64_t iova, std::uint64_t len) const {
+  std::uint8_t* p = translate(iova, len);
+  if (p == nullptr) return std::nullopt;
+  return std::span<std::uint8_t>(p, static_cast<std::size_t>(len));
+}
+
 std::size_t SoftDma::allocations() const {
   std::lock_guard lock(mu_);
   return blocks_.size();

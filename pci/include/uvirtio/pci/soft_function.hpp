@@ -37,6 +37,9 @@ class SoftDma final : public pci::DmaAllocator {
   // The CPU pointer for device address range [iova, iova + len) when it lies
   // entirely inside one allocation, else nullptr.
   std::uint8_t* translate(std::uint64_t iova, std::uint64_t len) const;
+  // The same as a span of exactly `len` bytes (nullopt: not DMA memory), the
+  // form a device queue's BufferTranslation wants.
+  std::optional<std::span<std::uint8_t>> span(std::uint64_t iova, std::uint64_t len) const;
   std::size_t allocations() const;
 
  private:
