@@ -184,11 +184,26 @@ Result<std::size_t> Pmem::recover() {
 Result<std::size_t> Pmem::recover_locked() {
   const std::string op = "recover pmem device";
   UV_TRY(const std::vector<std::uint64_t> dropped, dev_->recover(*vq_, opt_.open.reset_deadline));
+  auto& t = dev_->transport();
   std::fill(busy_.begin(), busy_.end(), false);
+  // A request the reset dropped may still be answered: QEMU 7.2 finishes a
+  // flush its thread pool runs after the reset and writes its ret into the
+  // old buffer. A new flush in that buffer could read the old answer (a
+  // success for a failed fsync), so the slot gets a fresh buffer and the old
+  // one is never used again. If none can be had, the slot stays out of use.
+  for (const std::uint64_t token : dropped) {
+    const std::size_t slot = token & 0xff;
+    if (slot >= slots_.size()) continue;
+    if (auto fresh = t.dma().alloc(sizeof(PmemRequest), 64); fresh.ok()) {
+      retired_slots_.push_back(slots_[slot]);
+      slots_[slot] = *fresh;
+    } else {
+      busy_[slot] = true;
+    }
+  }
   ++recoveries_;
   // The mapping was made for the range the device described at attach; a
   // device that now describes another must not be flushed for it.
-  auto& t = dev_->transport();
   auto cfg = read_pmem_config(t, op);
   if (cfg.ok() && (cfg->start != start_ || cfg->size != size_)) {
     cfg = Error(Errc::bad_device_data, t.name(), op,
@@ -251,10 +266,12 @@ Result<void> Pmem::check_range(const void* addr, std::size_t len, const char* op
   const auto a = reinterpret_cast<std::uintptr_t>(addr);
   const auto base = reinterpret_cast<std::uintptr_t>(range_.data);
   if (len == 0) return Error(Errc::invalid_argument, name(), op, "length 0");
-  if (a < base || a - base > range_.size || len > range_.size - (a - base))
+  // The device's size, not the mapping's: a mapping hook may map more, and
+  // the device flushes only its own range.
+  if (a < base || a - base > size_ || len > size_ - (a - base))
     return Error(Errc::invalid_argument, name(), op,
                  "[" + std::to_string(a - base) + ", +" + std::to_string(len) + ") is outside the " +
-                     std::to_string(range_.size) + "-byte pmem range");
+                     std::to_string(size_) + "-byte pmem range");
   return ok();
 }
 

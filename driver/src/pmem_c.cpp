@@ -29,9 +29,7 @@ struct uvirtio_pmem {
   }
 };
 
-namespace {
-
-int to_errno(const uvirtio::Error& e) {
+int uvirtio::driver::pmem_c_errno(const uvirtio::Error& e) {
   using uvirtio::Errc;
   switch (e.code()) {
     case Errc::invalid_argument:
@@ -49,10 +47,18 @@ int to_errno(const uvirtio::Error& e) {
     case Errc::needs_reset:
     case Errc::stale_completion:
       return -ERESTART;  // uvirtio_pmem_recover() may bring the device back
+    case Errc::io:
+      // An OS call failed: its own errno says more than EIO would (ENOMEM,
+      // EMFILE, ...). Without one, EIO.
+      return e.sys_errno() > 0 ? -e.sys_errno() : -EIO;
     default:
-      return -EIO;  // device_error (host fsync failed), broken, bad device data, io
+      return -EIO;  // device_error (host fsync failed), broken, bad device data
   }
 }
+
+namespace {
+
+int to_errno(const uvirtio::Error& e) { return uvirtio::driver::pmem_c_errno(e); }
 
 int result(uvirtio_pmem* pm, const uvirtio::Result<void>& r) {
   if (r.ok()) return 0;

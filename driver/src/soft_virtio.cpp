@@ -354,9 +354,11 @@ void SoftVirtioDevice::reset_locked() {
   isr_ = 0;
   for (Queue& q : queues_) {
     const std::uint16_t notify_off = q.notify_off;
+    std::vector<SwallowedChain> swallowed = std::move(q.swallowed);
     q = Queue{};
     q.size = opt_.queue_max_size;
     q.notify_off = notify_off;
+    q.swallowed = std::move(swallowed);
   }
 }
 
@@ -456,7 +458,6 @@ void SoftVirtioDevice::process_split(std::uint16_t qi, Queue& q) {
     const std::uint16_t head = avail[2 + (q.last_avail & (q.size - 1u))].get();
     ++q.last_avail;
     ++requests_;
-    if (faults.swallow) continue;
     if (head >= q.size) return fatal("available ring entry out of range");
     // 2.7.5: with IN_ORDER the driver allocates descriptors in ring order.
     if (in_order && head != q.next_desc) violation("IN_ORDER: chain head out of ring order");
@@ -496,6 +497,10 @@ void SoftVirtioDevice::process_split(std::uint16_t qi, Queue& q) {
       if (i >= q.size) return fatal("descriptor next out of range");
     }
     q.next_desc = static_cast<std::uint16_t>((head + descs) & (q.size - 1u));
+    if (faults.swallow) {
+      q.swallowed.push_back(SwallowedChain{head, chain});
+      continue;
+    }
     std::uint32_t len = handler_ ? handler_(qi, chain) : 0;
     if (faults.used_len_excess > 0) len = static_cast<std::uint32_t>(writable + faults.used_len_excess);
     ++completions_;
@@ -632,6 +637,11 @@ bool SoftVirtioDevice::complete_late(std::uint16_t qi, std::uint32_t id, std::ui
   e.len.set(len);
   store_release(used[1], ++q.used_idx);
   return true;
+}
+
+std::vector<SoftVirtioDevice::SwallowedChain> SoftVirtioDevice::swallowed(std::uint16_t q) const {
+  std::lock_guard lock(mu_);
+  return queues_.at(q).swallowed;
 }
 
 void SoftVirtioDevice::set_queue_notify_off(std::uint16_t q, std::uint16_t notify_off) {

@@ -113,6 +113,7 @@ struct Backing {
   std::uint64_t start = 0, size = 0;
   int maps = 0, unmaps = 0;
   std::uint64_t shrink = 0;   // a buggy hook: maps this many bytes fewer than asked
+  std::uint64_t grow = 0;     // a hook that maps this many bytes more (e.g. rounded up to pages)
   std::optional<Error> fail;  // the hook fails with this
 
   std::function<Result<PmemRange>(const std::string&, std::uint64_t, std::uint64_t)> hook() {
@@ -122,7 +123,7 @@ struct Backing {
       start = s;
       size = n;
       if (fail) return *fail;
-      mem.resize(n - shrink);
+      mem.resize(n - shrink + grow);
       for (std::size_t i = 0; i < mem.size(); ++i) mem[i] = static_cast<std::uint8_t>(i * 7 + 3);
       return PmemRange{mem.data(), mem.size(), [this] { ++unmaps; }};
     };
@@ -809,6 +810,48 @@ TEST(Pmem, LateCompletionOfAnAbandonedFlushIsDropped) {
   EXPECT_EQ(dev.violations(), kNone);
 }
 
+// QEMU 7.2 keeps running a flush through a device reset and then writes its
+// answer into the buffer the old request named (doc/protocols.md). The flush
+// after the reset must not use that buffer: here the host's fsync fails for
+// the new flush (ret = 1) and the old one's success (ret = 0) lands right
+// after, before the driver reads its answer, as QEMU's thread pool delivers
+// finished work newest first. Read from a shared buffer, that was a success.
+TEST(Pmem, AStaleAnswerAfterAResetCannotAnswerTheNextFlush) {
+  FakeVirtioDevice dev(pmem_device());
+  FlushDevice device;
+  dev.faults.swallow = true;
+  Backing backing;
+  PmemSetup s;
+  s.timeout = 20ms;
+  s.completion = CompletionMode::polling;
+  auto pm = attach(dev, backing, s);
+  ASSERT_TRUE(pm);
+  expect_error(pm->flush(), Errc::timeout, "no completion");
+  const auto held = dev.swallowed(0);
+  ASSERT_EQ(held.size(), 1u);
+  ASSERT_EQ(held[0].chain.size(), 2u);
+  ASSERT_TRUE(held[0].chain[1].writable);
+  std::uint8_t* stale_ret = held[0].chain[1].data;
+  auto n = pm->recover();
+  ASSERT_TRUE(n.ok()) << n.error().message();
+  EXPECT_EQ(*n, 1u) << "the reset dropped the abandoned flush";
+  dev.faults.swallow = false;
+  device.ret = 1;
+  auto serve = device.handler();
+  dev.set_handler([&](std::uint16_t q, std::span<const Segment> chain) {
+    const std::uint32_t len = serve(q, chain);
+    store_le32(stale_ret, 0);  // the old request's answer, written late
+    return len;
+  });
+  expect_error(pm->flush(), Errc::device_error, "the host failed to fsync");
+  // Its used entry follows; the ring drops it and the device keeps working.
+  ASSERT_TRUE(dev.complete_late(0, held[0].head, 4));
+  device.ret = 0;
+  auto r = pm->flush();
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_EQ(dev.violations(), kNone);
+}
+
 TEST(Pmem, AllSlotsAbandonedIsBusy) {
   FakeVirtioDevice dev(pmem_device());
   dev.faults.swallow = true;
@@ -831,6 +874,26 @@ TEST(Pmem, AllSlotsAbandonedIsBusy) {
 }
 
 // ------------------------------------------------------------------ bounds
+
+// A mapping larger than the device (a hook rounding up, say) does not widen
+// what persist() accepts: the device flushes only its own range.
+TEST(Pmem, RangeChecksUseTheDeviceSizeNotTheMappingSize) {
+  FakeVirtioDevice dev(pmem_device());
+  FlushDevice device;
+  dev.set_handler(device.handler());
+  Backing backing;
+  backing.grow = 4096;
+  auto pm = attach(dev, backing);
+  ASSERT_TRUE(pm);
+  ASSERT_EQ(backing.mem.size(), kSize + 4096);
+  expect_error(pm->persist(pm->data() + kSize, 1), Errc::invalid_argument, "outside the");
+  expect_error(pm->persist(pm->data() + kSize - 8, 16), Errc::invalid_argument, "outside the");
+  const char text[] = "xyz";
+  expect_error(pm->memcpy_persist(pm->data() + kSize, text, 3), Errc::invalid_argument, "outside the");
+  EXPECT_TRUE(device.seen().empty()) << "nothing was flushed";
+  EXPECT_EQ(backing.mem[kSize], static_cast<std::uint8_t>(kSize * 7 + 3)) << "nothing was written";
+  ASSERT_TRUE(pm->persist(pm->data() + kSize - 8, 8).ok());
+}
 
 TEST(Pmem, OutOfRangeArgumentsAreRefusedAndWriteNothing) {
   FakeVirtioDevice dev(pmem_device());
@@ -1017,6 +1080,26 @@ TEST(Pmem, PersistFutureAndAsyncComplete) {
 
 // The C handle over a fake device (to_c_handle), so the C calls' errno
 // mapping, per-thread messages and callbacks are checked without a guest.
+// The C API's return values: an OS call's failure keeps its errno, a failed
+// host fsync is EIO, a device that needs a reset ERESTART.
+TEST(PmemCApi, ErrorsMapToErrnoValues) {
+  const auto of = [](Errc c, int sys = 0) { return pmem_c_errno(Error(c, kBdf, "op", "cause", sys)); };
+  EXPECT_EQ(of(Errc::io, ENOMEM), -ENOMEM);
+  EXPECT_EQ(of(Errc::io, EMFILE), -EMFILE);
+  EXPECT_EQ(of(Errc::io), -EIO) << "no errno recorded";
+  EXPECT_EQ(of(Errc::device_error, EIO), -EIO);
+  EXPECT_EQ(of(Errc::bad_device_data), -EIO);
+  EXPECT_EQ(of(Errc::broken), -EIO);
+  EXPECT_EQ(of(Errc::needs_reset), -ERESTART);
+  EXPECT_EQ(of(Errc::stale_completion), -ERESTART);
+  EXPECT_EQ(of(Errc::invalid_argument), -EINVAL);
+  EXPECT_EQ(of(Errc::timeout), -ETIMEDOUT);
+  EXPECT_EQ(of(Errc::not_found), -ENODEV);
+  EXPECT_EQ(of(Errc::busy), -EBUSY);
+  EXPECT_EQ(of(Errc::permission, EACCES), -EPERM);
+  EXPECT_EQ(of(Errc::unsupported), -EOPNOTSUPP);
+}
+
 struct CHandle {
   uvirtio_pmem* h = nullptr;
   ~CHandle() { uvirtio_pmem_close(h); }

@@ -5,7 +5,8 @@
  * backing file or the device is broken, -ERESTART when the device set
  * DEVICE_NEEDS_RESET or completed a request from before a reset on a packed
  * ring (uvirtio_pmem_recover() brings it back), -EINVAL for a range outside
- * the mapping, -ETIMEDOUT when the device did not answer in time. The
+ * the mapping, -ETIMEDOUT when the device did not answer in time, and an
+ * OS call's own errno when one failed (-ENOMEM, -EMFILE, ...). The
  * message of the last failure (naming the device, the operation and the
  * cause) is kept per handle and thread. Every call is thread-safe.
  *

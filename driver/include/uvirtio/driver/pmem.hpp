@@ -146,6 +146,9 @@ class Pmem {
   std::unique_ptr<Virtqueue> vq_;
   std::vector<pci::DmaRegion> slots_;  // {le32 type; le32 ret} per request slot
   std::vector<bool> busy_;
+  // Buffers of requests a reset dropped: the device may still write them
+  // (recover_locked), so they are kept and never handed out again.
+  std::vector<pci::DmaRegion> retired_slots_;
   PmemOptions opt_;
   std::uint64_t start_ = 0, size_ = 0;
   PmemMapping mapping_ = PmemMapping::devmem;
@@ -160,5 +163,9 @@ class Pmem {
 // Maps [start, start+size) of physical memory through /dev/mem (write-back
 // cacheable). Fails with a message naming the kernel settings involved.
 Result<PmemRange> map_devmem(const std::string& device, std::uint64_t start, std::uint64_t size);
+
+// What the C API (uvirtio/pmem.h) returns for an error: a negative errno.
+// An OS call's failure (Errc::io) keeps its own errno.
+int pmem_c_errno(const Error& e);
 
 }  // namespace uvirtio::driver

@@ -86,7 +86,7 @@ struct Faults {
   std::atomic<bool> refuse_features_ok{false};   // clear FEATURES_OK when the driver sets it
   std::atomic<bool> reset_stuck{false};          // writing 0 to device_status does not reset
   std::atomic<bool> unstable_generation{false};  // config_generation changes on every read
-  std::atomic<bool> swallow{false};              // consume requests, never complete them
+  std::atomic<bool> swallow{false};  // consume requests, never complete them (split: see swallowed())
   std::atomic<bool> needs_reset_on_notify{false};
   std::atomic<std::uint32_t> used_len_excess{0};  // used len = writable bytes + this (when > 0)
   std::atomic<bool> bad_used_id{false};           // used id = queue size + 3
@@ -137,6 +137,14 @@ class SoftVirtioDevice {
   // (doc/protocols.md, "Completions from before a reset"). False when queue
   // q has no split ring in DMA memory (a packed ring is not supported).
   bool complete_late(std::uint16_t q, std::uint32_t id, std::uint32_t len);
+  // Chains a split ring's queue q swallowed (Faults::swallow), oldest first,
+  // kept across resets as QEMU keeps a request its thread pool still runs:
+  // its buffers can still be written after the driver reset the device.
+  struct SwallowedChain {
+    std::uint32_t head = 0;
+    std::vector<Segment> chain;
+  };
+  std::vector<SwallowedChain> swallowed(std::uint16_t q) const;
   void set_queue_notify_off(std::uint16_t q, std::uint16_t notify_off);
   void refuse_vector(std::uint16_t vector);  // the device answers 0xffff when it is written
   void set_device_config(std::uint32_t off, std::span<const std::uint8_t> bytes);  // bumps config_generation
@@ -164,6 +172,7 @@ class SoftVirtioDevice {
     std::uint16_t next_desc = 0;                     // IN_ORDER: where the driver's next chain must start
     std::optional<rings::PackedDeviceQueue> packed;  // made at the first notify of a packed ring
     bool rogue = false;                              // a raw used descriptor went onto the packed ring
+    std::vector<SwallowedChain> swallowed;           // split only; not cleared by a reset
   };
 
   std::uint64_t common_read(std::uint64_t off, unsigned width);
