@@ -135,7 +135,14 @@ std::vector<pci::Bdf> targets(const po::variables_map& vm, const char* cmd) {
   const bool some = vm.count("bdf") != 0;
   if (all == some) throw UsageError{std::string(cmd) + ": give one or more BDFs or --all (not both)"};
   if (some) {
-    for (const auto& s : vm["bdf"].as<std::vector<std::string>>()) out.push_back(parse_bdf_or_throw(s));
+    for (const auto& s : vm["bdf"].as<std::vector<std::string>>()) {
+      pci::Bdf bdf = parse_bdf_or_throw(s);
+      // 00:03.0 and 0000:00:03.0 are one function: a second pass would only
+      // fail (unbind) or report "already bound" after the fact.
+      for (const auto& seen : out)
+        if (seen == bdf) throw UsageError{std::string(cmd) + ": " + bdf.str() + " is given twice"};
+      out.push_back(bdf);
+    }
     return out;
   }
   auto fns = pci::enumerate_functions();
@@ -164,6 +171,7 @@ int cmd_bind(const std::vector<std::string>& args, bool bind) {
     return fail(e);
   }
   int rc = 0;
+  unsigned done = 0;
   for (const auto& bdf : list) {
     if (bind) {
       auto r = pci::bind_vfio(bdf);
@@ -178,6 +186,7 @@ int cmd_bind(const std::vector<std::string>& args, bool bind) {
                     r->previous_driver.empty() ? "unbound" : r->previous_driver.c_str());
     } else {
       if (vm.count("all") && pci::sysfs_driver(bdf, pci::Os::system()) != "vfio-pci") continue;
+      ++done;
       auto r = pci::unbind_vfio(bdf);
       if (!r) {
         rc = fail(r.error());
@@ -187,7 +196,10 @@ int cmd_bind(const std::vector<std::string>& args, bool bind) {
                   r->empty() ? "unbound" : r->c_str());
     }
   }
-  if (list.empty() && vm.count("all")) std::printf("no virtio functions found\n");
+  if (list.empty() && vm.count("all"))
+    std::printf("no virtio functions found\n");
+  else if (!bind && vm.count("all") && done == 0)
+    std::printf("no virtio or ivshmem function is bound to vfio-pci: nothing to unbind\n");
   return rc;
 }
 

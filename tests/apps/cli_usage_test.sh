@@ -28,6 +28,9 @@ check 2 "expected DDDD:BB:DD.F" "$u" caps 00:zz.0
 check 2 "caps: which function?" "$u" caps
 check 2 "give one or more BDFs or --all" "$u" bind
 check 2 "give one or more BDFs or --all" "$u" bind 00:03.0 --all
+# One function named twice (two spellings): refused before anything is touched.
+check 2 "bind: 0000:7f:1f.7 is given twice" "$u" bind 7f:1f.7 0000:7f:1f.7
+check 2 "unbind: 0000:7f:1f.7 is given twice" "$u" unbind 0000:7f:1f.7 7F:1F.7
 check 2 "-n must be between 1 and 1048576" "$u" rng read 00:03.0 -n 0
 check 2 "-n must be between 1 and 1048576" "$u" rng read 00:03.0 -n 99999999
 check 2 "how many bytes?" "$u" rng read 00:03.0

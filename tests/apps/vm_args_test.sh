@@ -49,12 +49,13 @@ run() {  # ARGS...: uvirtio-vm with the fakes; sets status
   status=$?
 }
 listing() { (cd "$d" && find . -printf '%p %s\n' | sort); }
-reject() {  # TEXT ARGS...: status 2, one "uvirtio-vm: ...TEXT..." line on stderr, nothing created
+want_status=2  # what reject() expects: 2 for bad arguments, 7 for a host that cannot run the guest
+reject() {  # TEXT ARGS...: status $want_status, one "uvirtio-vm: ...TEXT..." line on stderr, nothing created
   local text=$1 before problems=()
   shift
   before=$(listing)
   run "$@"
-  [ "$status" = 2 ] || problems+=("status $status, want 2")
+  [ "$status" = "$want_status" ] || problems+=("status $status, want $want_status")
   [ "$(wc -l <"$t/stderr")" = 1 ] && grep -q '^uvirtio-vm: ' "$t/stderr" || problems+=("stderr is not one uvirtio-vm: line")
   grep -qF -- "$text" "$t/stderr" || problems+=("stderr lacks '$text'")
   [ ! -e "$t/qemu.args" ] || problems+=("QEMU started")
@@ -158,6 +159,14 @@ fi
 reject "--timeout wants seconds" --pmem "$d/new.img:16M" --timeout 0
 reject "--out: folder '/nonexistent/d'" --ivshmem-plain "$d/new-iv:4M" --pmem "$d/new.img:16M" --out /nonexistent/d/out
 reject "--mem 8G: guest RAM must be below maxmem" --pmem "$d/new.img:16M" --mem 8G
+# A host that cannot run the guest: status 7, told apart from bad arguments.
+want_status=7
+extra_env=(UVIRTIO_QEMU=/nonexistent/qemu-system-x86_64)
+reject "QEMU binary '/nonexistent/qemu-system-x86_64' not found" --rng
+extra_env=(UVIRTIO_KERNEL_DIR=$d/nokernel)
+reject "no kernel in $d/nokernel (run 'uvirtio-vm fetch-kernel' first)" --pmem "$d/new.img:16M"
+extra_env=()
+want_status=2
 
 # ---- valid arguments: paths with commas stay file names --------------------
 truncate -s 1M "$d/disk,readonly=on"

@@ -379,6 +379,21 @@ TEST(Bind, UnbindThenBindRoundTrip) {
   EXPECT_NE(twice.out.find("already bound"), std::string::npos) << twice.out;
 }
 
+TEST(Bind, UnbindAllSaysWhenNothingIsLeftThenBindAllRestores) {
+  auto f = find_function(0x1044);
+  ASSERT_TRUE(f);
+  auto first = run("uvirtio unbind --all");
+  ASSERT_EQ(first.status, 0) << first.out;
+  EXPECT_NE(first.out.find(f->bdf.str() + ": unbound from vfio-pci"), std::string::npos) << first.out;
+  // A second pass has nothing to do and says so instead of printing nothing.
+  auto second = run("uvirtio unbind --all");
+  EXPECT_EQ(second.status, 0) << second.out;
+  EXPECT_NE(second.out.find("nothing to unbind"), std::string::npos) << second.out;
+  auto back = run("uvirtio bind --all");
+  ASSERT_EQ(back.status, 0) << back.out;
+  EXPECT_EQ(pci::sysfs_driver(f->bdf, pci::Os::system()), "vfio-pci");
+}
+
 TEST(Transport, PmemNegotiatesVersion1AndAccessPlatform) {
   auto f = find_function(0x105b);
   if (!f) GTEST_SKIP() << "no virtio-pmem in this configuration";
