@@ -48,6 +48,18 @@ Result<std::unique_ptr<Blk>> Blk::attach(std::unique_ptr<Device> dev, const BlkO
   if (capacity > (std::uint64_t{1} << 54))
     return Error(Errc::bad_device_data, t.name(), "open block device",
                  "capacity of " + std::to_string(capacity) + " sectors overflows a byte offset");
+  // One data descriptor per request: with VIRTIO_BLK_F_SIZE_MAX it may not
+  // be longer than size_max (le32 at offset 8), so requests are cut to it.
+  std::size_t max_request = kBounce;
+  if (t.features().has(blk_feature::kSizeMax)) {
+    std::uint8_t v[4];
+    UV_TRY_VOID(t.read_device_config(8, v, 4));
+    const std::uint32_t size_max = load_le32(v);
+    if (size_max < kSectorSize)
+      return Error(Errc::bad_device_data, t.name(), "open block device",
+                   "size_max of " + std::to_string(size_max) + " bytes is less than one 512-byte sector");
+    max_request = std::min<std::size_t>(max_request, size_max / kSectorSize * kSectorSize);
+  }
   UV_TRY(std::unique_ptr<Virtqueue> vq, Virtqueue::create(t, 0, 128, options.completion));
   UV_TRY(pci::DmaRegion hdr, t.dma().alloc(64, 64));
   UV_TRY(pci::DmaRegion data, t.dma().alloc(kBounce, 4096));
@@ -55,6 +67,7 @@ Result<std::unique_ptr<Blk>> Blk::attach(std::unique_ptr<Device> dev, const BlkO
   UV_TRY_VOID(t.check_healthy("start block device"));
   std::unique_ptr<Blk> b(new Blk(std::move(dev), std::move(vq), hdr, data, options));
   b->capacity_ = capacity;
+  b->max_request_ = max_request;
   b->read_only_ = b->features().has(blk_feature::kRo);
   return b;
 }
@@ -71,6 +84,18 @@ Result<void> Blk::check_range(std::uint64_t sector, std::size_t bytes, const cha
   return ok();
 }
 
+Result<void> Blk::check_idle(const char* op) {
+  while (vq_->ring().in_flight() != 0) {
+    auto c = vq_->poll();
+    if (!c) return std::move(c).error().within(op);
+    if (!*c)
+      return Error(Errc::busy, name(), op,
+                   "a request abandoned at its deadline is still in flight and owns the request buffers; "
+                   "recover() the device");
+  }
+  return ok();
+}
+
 Result<std::size_t> Blk::recover() {
   UV_TRY(const std::vector<std::uint64_t> dropped, dev_->recover(*vq_, opt_.open.reset_deadline));
   ++recoveries_;
@@ -78,18 +103,19 @@ Result<std::size_t> Blk::recover() {
 }
 
 Result<void> Blk::request(std::uint32_t type, std::uint64_t sector, std::size_t bytes,
-                          bool device_writes_data, const char* op) {
-  // A request the device dropped is sent again after recovery: the data is
-  // still in the bounce buffer.
+                          bool device_writes_data, const std::uint8_t* src, const char* op) {
+  // A request the device dropped is sent again after recovery.
   return retry_after_recovery(
-      opt_.recover_on_reset, [&] { return request_once(type, sector, bytes, device_writes_data, op); },
+      opt_.recover_on_reset, [&] { return request_once(type, sector, bytes, device_writes_data, src, op); },
       [this] { return recover(); });
 }
 
 Result<void> Blk::request_once(std::uint32_t type, std::uint64_t sector, std::size_t bytes,
-                               bool device_writes_data, const char* op) {
+                               bool device_writes_data, const std::uint8_t* src, const char* op) {
   auto& t = dev_->transport();
   UV_TRY_VOID(t.check_healthy(op));
+  UV_TRY_VOID(check_idle(op));
+  if (src != nullptr) std::memcpy(data_.va, src, bytes);
   auto* h = static_cast<BlkReqHeader*>(hdr_.va);
   h->type.set(type);
   h->reserved.set(0);
@@ -135,8 +161,8 @@ Result<void> Blk::request_once(std::uint32_t type, std::uint64_t sector, std::si
 Result<void> Blk::read(std::uint64_t sector, std::span<std::uint8_t> out) {
   UV_TRY_VOID(check_range(sector, out.size(), "read"));
   for (std::size_t done = 0; done < out.size();) {
-    const std::size_t n = std::min(out.size() - done, kBounce);
-    UV_TRY_VOID(request(kTypeIn, sector + done / kSectorSize, n, true, "read"));
+    const std::size_t n = std::min(out.size() - done, max_request_);
+    UV_TRY_VOID(request(kTypeIn, sector + done / kSectorSize, n, true, nullptr, "read"));
     std::memcpy(out.data() + done, data_.va, n);
     done += n;
   }
@@ -148,9 +174,8 @@ Result<void> Blk::write(std::uint64_t sector, std::span<const std::uint8_t> in) 
   if (read_only_)
     return Error(Errc::permission, name(), "write", "the device is read-only (VIRTIO_BLK_F_RO)");
   for (std::size_t done = 0; done < in.size();) {
-    const std::size_t n = std::min(in.size() - done, kBounce);
-    std::memcpy(data_.va, in.data() + done, n);
-    UV_TRY_VOID(request(kTypeOut, sector + done / kSectorSize, n, false, "write"));
+    const std::size_t n = std::min(in.size() - done, max_request_);
+    UV_TRY_VOID(request(kTypeOut, sector + done / kSectorSize, n, false, in.data() + done, "write"));
     done += n;
   }
   return ok();
@@ -158,7 +183,7 @@ Result<void> Blk::write(std::uint64_t sector, std::span<const std::uint8_t> in) 
 
 Result<void> Blk::flush() {
   if (!features().has(blk_feature::kFlush)) return ok();
-  return request(kTypeFlush, 0, 0, false, "flush");
+  return request(kTypeFlush, 0, 0, false, nullptr, "flush");
 }
 
 }  // namespace uvirtio::driver

@@ -66,7 +66,7 @@ Result<void> Rng::read(std::span<std::uint8_t> out) {
     auto submitted = vq_->submit({}, std::span(&in, 1), token);
     if (!submitted) return std::move(submitted).error().within(op);
     busy_[slot] = true;
-    const auto until = std::chrono::steady_clock::now() + opt_.timeout;
+    const auto until = deadline_after(opt_.timeout);
     for (;;) {
       auto waited = vq_->wait_until(until, opt_.timeout);
       if (!waited) {

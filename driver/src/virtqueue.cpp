@@ -166,13 +166,13 @@ Result<std::optional<rings::Completion>> Virtqueue::poll() {
 }
 
 Result<rings::Completion> Virtqueue::wait(std::chrono::milliseconds timeout) {
-  return wait_until(std::chrono::steady_clock::now() + timeout, timeout);
+  return wait_until(deadline_after(timeout), timeout);
 }
 
 Result<rings::Completion> Virtqueue::wait_until(std::chrono::steady_clock::time_point until,
                                                 std::chrono::milliseconds timeout) {
   const std::string op = "wait for queue " + std::to_string(index_);
-  const auto spin_until = std::chrono::steady_clock::now() + spin_budget_;
+  const auto spin_until = deadline_after(spin_budget_);
   // Hybrid: while we spin the device need not interrupt (under TCG an MSI-X
   // injection through the vIOMMU costs the vCPU ~70 us per completion), so
   // interrupts stay suppressed until just before we sleep.

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "support/fake_virtio.hpp"
@@ -35,6 +36,7 @@ struct Disk {
   std::vector<std::uint8_t> bytes = std::vector<std::uint8_t>(kSectors * kSectorSize, 0);
   std::uint8_t status = 0;  // what the device answers
   std::uint64_t requests = 0;
+  std::uint32_t max_data_segment = 0;  // the longest data descriptor seen
   test::RequestHandler handler() {
     return [this](std::uint16_t, std::span<const Segment> chain) -> std::uint32_t {
       ++requests;
@@ -48,6 +50,7 @@ struct Disk {
       std::uint64_t off = sector * kSectorSize;
       for (std::size_t i = 1; i + 1 < chain.size(); ++i) {
         const Segment& s = chain[i];
+        max_data_segment = std::max(max_data_segment, s.len);
         if (off + s.len > bytes.size()) return 0;
         if (type == 0 && s.writable) {
           std::memcpy(s.data, bytes.data() + off, s.len);
@@ -177,6 +180,136 @@ TEST(Blk, RecoversFromNeedsResetAndResubmitsTheWrite) {
     EXPECT_EQ(dev.status() & (status::kDriverOk | status::kNeedsReset), status::kDriverOk);
     EXPECT_EQ(dev.violations(), kNone);
   }
+}
+
+// A request abandoned at its deadline still belongs to the device, with the
+// header, status byte and bounce buffer it names: the next request must not
+// rewrite them under the device (it would run the abandoned request with the
+// new request's sector and data), and once the late completion is in, it
+// must not be taken for the next request's.
+TEST(Blk, ARequestAbandonedAtItsDeadlineKeepsItsBuffers) {
+  FakeVirtioDevice dev{disk_options()};
+  Disk disk;
+  dev.set_handler(disk.handler());
+  dev.start_worker(300ms);
+  BlkOptions opt;
+  opt.completion = CompletionMode::polling;
+  opt.timeout = 30ms;
+  auto d = bring_up(dev.take_function(), kVirtioBlkType, Blk::policy(opt));
+  ASSERT_TRUE(d.ok()) << d.error().message();
+  auto b = Blk::attach(std::move(d).value(), opt);
+  ASSERT_TRUE(b.ok()) << b.error().message();
+  Blk& blk = **b;
+
+  const auto a = pattern(kSectorSize, 5), other = pattern(kSectorSize, 77);
+  auto w = blk.write(1, a);
+  ASSERT_FALSE(w.ok());
+  EXPECT_EQ(w.error().code(), Errc::timeout) << w.error().message();
+  // The device still owns the buffers: refused, nothing touched.
+  auto busy = blk.write(5, other);
+  ASSERT_FALSE(busy.ok());
+  EXPECT_EQ(busy.error().code(), Errc::busy) << busy.error().message();
+  EXPECT_NE(busy.error().message().find(blk.name()), std::string::npos) << busy.error().message();
+  EXPECT_NE(busy.error().message().find("write"), std::string::npos) << busy.error().message();
+  const auto until = std::chrono::steady_clock::now() + 5s;
+  while (dev.completions() < 1 && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(1ms);
+  ASSERT_GE(dev.completions(), 1u);
+  std::this_thread::sleep_for(10ms);
+  EXPECT_EQ(dev.completions(), 1u);
+  // The late write ran as submitted.
+  EXPECT_TRUE(std::equal(a.begin(), a.end(), disk.bytes.begin() + 1 * kSectorSize));
+  EXPECT_TRUE(std::all_of(disk.bytes.begin() + 5 * kSectorSize, disk.bytes.begin() + 6 * kSectorSize,
+                          [](std::uint8_t x) { return x == 0; }));
+  // Its completion is taken off, not mistaken for the next request's.
+  dev.set_worker_delay(0us);
+  std::vector<std::uint8_t> back(kSectorSize);
+  auto r = blk.read(1, back);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_EQ(back, a);
+  ASSERT_TRUE(blk.write(5, other).ok());
+  EXPECT_TRUE(std::equal(other.begin(), other.end(), disk.bytes.begin() + 5 * kSectorSize));
+  EXPECT_EQ(dev.violations(), kNone);
+}
+
+// A request the device dropped when it went DEVICE_NEEDS_RESET stays in
+// flight until recover(): the next request says the device needs a reset
+// (not that the buffers are busy), and with recover_on_reset it recovers.
+TEST(Blk, ARequestDroppedAtNeedsResetIsReportedAsSuch) {
+  Rig rig;
+  auto& [dev, disk, blk] = rig;
+  ASSERT_TRUE(blk);
+  dev.faults.needs_reset_on_notify = true;
+  std::vector<std::uint8_t> buf(kSectorSize);
+  for (int i = 0; i < 2; ++i) {
+    auto r = blk->read(0, buf);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().code(), Errc::needs_reset) << r.error().message();
+  }
+  dev.faults.needs_reset_on_notify = false;
+  auto dropped = blk->recover();
+  ASSERT_TRUE(dropped.ok()) << dropped.error().message();
+  EXPECT_EQ(*dropped, 1u);
+  EXPECT_TRUE(blk->read(0, buf).ok());
+}
+
+// The queue's wait() with a timeout of milliseconds::max(): the deadline
+// saturates instead of overflowing steady_clock.
+TEST(Blk, ATimeoutOfForeverWaitsForTheAnswer) {
+  FakeVirtioDevice dev{disk_options()};
+  Disk disk;
+  dev.set_handler(disk.handler());
+  dev.start_worker(20ms);
+  BlkOptions opt;
+  opt.completion = CompletionMode::interrupt;
+  opt.timeout = std::chrono::milliseconds::max();
+  auto d = bring_up(dev.take_function(), kVirtioBlkType, Blk::policy(opt));
+  ASSERT_TRUE(d.ok()) << d.error().message();
+  auto b = Blk::attach(std::move(d).value(), opt);
+  ASSERT_TRUE(b.ok()) << b.error().message();
+  const auto a = pattern(kSectorSize, 21);
+  auto w = (*b)->write(4, a);
+  ASSERT_TRUE(w.ok()) << w.error().message();
+  EXPECT_TRUE(std::equal(a.begin(), a.end(), disk.bytes.begin() + 4 * kSectorSize));
+}
+
+// VIRTIO_BLK_F_SIZE_MAX accepted: no data descriptor is longer than the
+// device's size_max (5.2.3), so a transfer goes in pieces of that size.
+TEST(Blk, SegmentsStayWithinSizeMax) {
+  FakeVirtioOptions o = disk_options();
+  o.features |= 1ull << blk_feature::kSizeMax;
+  o.device_config[8] = 0x00;  // size_max = 0x1000, le32 at offset 8
+  o.device_config[9] = 0x10;
+  FakeVirtioDevice dev{o};
+  Disk disk;
+  dev.set_handler(disk.handler());
+  auto blk = attach(dev, false);
+  ASSERT_TRUE(blk);
+  EXPECT_TRUE(blk->features().has(blk_feature::kSizeMax));
+  const auto a = pattern(16 * kSectorSize, 11);
+  ASSERT_TRUE(blk->write(2, a).ok());
+  std::vector<std::uint8_t> back(a.size());
+  ASSERT_TRUE(blk->read(2, back).ok());
+  EXPECT_EQ(back, a);
+  EXPECT_TRUE(std::equal(a.begin(), a.end(), disk.bytes.begin() + 2 * kSectorSize));
+  EXPECT_LE(disk.max_data_segment, 0x1000u);
+  EXPECT_EQ(dev.violations(), kNone);
+}
+
+// A size_max below one sector leaves no request the driver could send.
+TEST(Blk, SizeMaxBelowASectorIsRefused) {
+  FakeVirtioOptions o = disk_options();
+  o.features |= 1ull << blk_feature::kSizeMax;
+  o.device_config[8] = 0xff;  // size_max = 255
+  FakeVirtioDevice dev{o};
+  BlkOptions opt;
+  opt.completion = CompletionMode::polling;
+  auto d = bring_up(dev.take_function(), kVirtioBlkType, Blk::policy(opt));
+  ASSERT_TRUE(d.ok()) << d.error().message();
+  auto b = Blk::attach(std::move(d).value(), opt);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.error().code(), Errc::bad_device_data);
+  EXPECT_NE(b.error().message().find("size_max"), std::string::npos) << b.error().message();
+  EXPECT_NE(b.error().message().find(dev.bdf()), std::string::npos) << b.error().message();
 }
 
 // ------------------------------------------------------------------ ring features

@@ -110,6 +110,25 @@ TEST(Rng, PollingReadsExactBytes) {
   EXPECT_EQ(dev.violations(), kNone);
 }
 
+// A timeout of milliseconds::max() means "wait as long as it takes": the
+// deadline saturates instead of overflowing steady_clock (UB, and in a
+// release build a deadline in the past: an immediate timeout).
+TEST(Rng, ATimeoutOfForeverWaitsForTheAnswer) {
+  for (CompletionMode mode : {CompletionMode::polling, CompletionMode::interrupt}) {
+    SCOPED_TRACE(completion_mode_name(mode));
+    FakeVirtioDevice dev(entropy());
+    Counter counter;
+    dev.set_handler(counter.handler());
+    dev.start_worker(20ms);
+    auto rng = attach(dev, mode, std::chrono::milliseconds::max());
+    ASSERT_TRUE(rng);
+    std::vector<std::uint8_t> a(32);
+    auto r = rng->read(a);
+    ASSERT_TRUE(r.ok()) << r.error().message();
+    expect_counter(a, 0);
+  }
+}
+
 // VIRTIO_F_IN_ORDER offered: accepted, the ring switched to in-order, and
 // the fake completes what one notify brings as a batch with a single used
 // entry (2.7.9); the driver gets every chain back in order, the skipped ones

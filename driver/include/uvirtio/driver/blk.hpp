@@ -57,6 +57,9 @@ class Blk {
   Virtqueue& queue() { return *vq_; }
 
   // `out.size()` must be a multiple of 512; sectors [sector, sector + n) must exist.
+  // A request that ran into its deadline keeps the request buffers until
+  // the device completes it: until then requests fail with Errc::busy
+  // (recover() reclaims them at once).
   Result<void> read(std::uint64_t sector, std::span<std::uint8_t> out);
   Result<void> write(std::uint64_t sector, std::span<const std::uint8_t> in);
   // Makes completed writes durable (VIRTIO_BLK_T_FLUSH); a no-op success
@@ -73,11 +76,16 @@ class Blk {
   Blk(std::unique_ptr<Device> dev, std::unique_ptr<Virtqueue> vq, pci::DmaRegion hdr, pci::DmaRegion data,
       BlkOptions opt)
       : dev_(std::move(dev)), vq_(std::move(vq)), hdr_(hdr), data_(data), opt_(opt) {}
+  // `src`: the data of a write (copied into the bounce buffer once the
+  // buffer is free), else null.
   Result<void> request(std::uint32_t type, std::uint64_t sector, std::size_t bytes, bool device_writes_data,
-                       const char* op);
+                       const std::uint8_t* src, const char* op);
   Result<void> request_once(std::uint32_t type, std::uint64_t sector, std::size_t bytes,
-                            bool device_writes_data, const char* op);
+                            bool device_writes_data, const std::uint8_t* src, const char* op);
   Result<void> check_range(std::uint64_t sector, std::size_t bytes, const char* op) const;
+  // Takes off completions of requests abandoned at their deadline; busy
+  // while one is still in flight (it owns the header and bounce buffer).
+  Result<void> check_idle(const char* op);
 
   std::unique_ptr<Device> dev_;
   std::unique_ptr<Virtqueue> vq_;
@@ -85,6 +93,7 @@ class Blk {
   pci::DmaRegion data_;  // bounce buffer
   BlkOptions opt_;
   std::uint64_t capacity_ = 0;
+  std::size_t max_request_ = 0;  // bytes per request: the bounce buffer, or size_max (sectors)
   bool read_only_ = false;
   std::uint64_t next_token_ = 1;
   std::uint64_t recoveries_ = 0;

@@ -31,6 +31,20 @@ namespace uvirtio::driver {
 enum class CompletionMode { polling, interrupt, hybrid };
 const char* completion_mode_name(CompletionMode m);
 
+// now + d as a steady_clock deadline, saturated: a duration too long for
+// the clock (milliseconds::max(): wait as long as it takes) gives
+// time_point::max() instead of overflowing; a negative one gives now.
+template <class Rep, class Period>
+std::chrono::steady_clock::time_point deadline_after(std::chrono::duration<Rep, Period> d) {
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point now = Clock::now();
+  if (d <= d.zero()) return now;
+  const auto room =
+      std::chrono::duration_cast<std::chrono::duration<Rep, Period>>(Clock::time_point::max() - now);
+  if (d >= room) return Clock::time_point::max();
+  return now + std::chrono::duration_cast<Clock::duration>(d);
+}
+
 class Virtqueue {
  public:
   // Sets up queue `index` with min(wanted_size, device max) entries.
@@ -54,7 +68,7 @@ class Virtqueue {
   Result<std::uint16_t> submit(std::span<const rings::Buffer> out, std::span<const rings::Buffer> in,
                                std::uint64_t token);
   Result<std::optional<rings::Completion>> poll();
-  // Waits for the next completion until `timeout` passes.
+  // Waits for the next completion until `timeout` passes (deadline_after).
   Result<rings::Completion> wait(std::chrono::milliseconds timeout);
   // The same with an absolute deadline; `timeout` is what the error reports.
   Result<rings::Completion> wait_until(std::chrono::steady_clock::time_point until,
