@@ -3,6 +3,8 @@
 
 #include <algorithm>
 
+#include "uvirtio/base/deadline.hpp"
+
 namespace uvirtio::driver {
 namespace {
 constexpr std::size_t kFailureMemory = 1024;  // failed rounds remembered for late waiters
@@ -107,7 +109,7 @@ void FlushCoalescer::gather(std::unique_lock<std::mutex>& lk) {
   // only the first to return while the rest wait a whole extra flush.
   if (last_round_ < 2 || gather_limit_.count() <= 0) return;
   const auto wait = std::min<std::chrono::nanoseconds>(gather_limit_, flush_avg_ / 2);
-  const auto until = std::chrono::steady_clock::now() + wait;
+  const auto until = deadline_after(wait);
   gathering_ = true;
   while (next_ticket_ - done_ < last_round_ && !stop_)
     if (gather_cv_.wait_until(lk, until) == std::cv_status::timeout) break;

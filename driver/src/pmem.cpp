@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "uvirtio/base/deadline.hpp"
 #include "uvirtio/base/le.hpp"
 #include "uvirtio/driver/cache.hpp"
 
@@ -238,7 +239,7 @@ Result<void> Pmem::device_flush_locked() {
   if (auto sub = vq_->submit(std::span(&out, 1), std::span(&in, 1), token); !sub)
     return std::move(sub).error().within(op);
   busy_[slot] = true;
-  const auto until = std::chrono::steady_clock::now() + opt_.timeout;
+  const auto until = deadline_after(opt_.timeout);
   for (;;) {
     auto waited = vq_->wait_until(until, opt_.timeout);
     if (!waited) return std::move(waited).error().within(op);

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "uvirtio/base/deadline.hpp"
 #include "uvirtio/base/hex.hpp"
 #include "uvirtio/driver/virtio_pci.hpp"
 
@@ -364,7 +365,7 @@ Result<Driver::Event> Driver::handle_control() {
 
 Result<std::vector<Driver::Event>> Driver::wait_control(std::chrono::milliseconds timeout) {
   std::vector<Event> events;
-  const auto until = std::chrono::steady_clock::now() + timeout;
+  const auto until = deadline_after(timeout);
   for (;;) {
     UV_TRY(Event e, handle_control());
     if (e != Event::none) {
@@ -666,7 +667,7 @@ Result<void> NetChannel::wait_kick(std::uint32_t index, std::chrono::steady_cloc
 }
 
 Result<void> NetChannel::send(std::span<const std::byte> frame, std::chrono::nanoseconds timeout) {
-  const auto until = std::chrono::steady_clock::now() + timeout;
+  const auto until = deadline_after(timeout);
   for (;;) {
     UV_TRY(const bool sent, try_send(frame));
     if (sent) return ok();
@@ -721,7 +722,7 @@ Result<void> NetChannel::flush_released() {
 }
 
 Result<std::span<const std::byte>> NetChannel::peek(std::chrono::nanoseconds timeout) {
-  const auto until = std::chrono::steady_clock::now() + timeout;
+  const auto until = deadline_after(timeout);
   for (;;) {
     UV_TRY(auto m, try_peek());
     if (m) return *m;

@@ -17,6 +17,7 @@
 #include <optional>
 #include <vector>
 
+#include "uvirtio/base/deadline.hpp"
 #include "uvirtio/base/hex.hpp"
 #include "uvirtio/driver/features.hpp"
 #include "uvirtio/driver/soft_virtio.hpp"
@@ -430,7 +431,7 @@ struct DeviceModel::Impl {
   void quiesce() {
     if (phase == Phase::idle) return;
     stopping = true;
-    const auto until = std::chrono::steady_clock::now() + opt.ack_timeout;
+    const auto until = deadline_after(opt.ack_timeout);
     while (phase != Phase::idle && std::chrono::steady_clock::now() < until) {
       pollfd p{wake.get(), POLLIN, 0};
       if (::poll(&p, 1, 10) == 1) {

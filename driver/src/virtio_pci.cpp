@@ -3,6 +3,7 @@
 
 #include <thread>
 
+#include "uvirtio/base/deadline.hpp"
 #include "uvirtio/base/le.hpp"
 
 namespace uvirtio::driver {
@@ -112,7 +113,7 @@ Result<void> VirtioPci::common_write(std::uint32_t off, unsigned width, std::uin
 Result<void> VirtioPci::reset(std::chrono::milliseconds deadline) {
   UV_TRY_VOID(common_write(cc::device_status, 1, 0));
   // Spec 4.1.4.3.2: after writing 0 the driver waits until device_status reads 0.
-  const auto until = std::chrono::steady_clock::now() + deadline;
+  const auto until = deadline_after(deadline);
   for (;;) {
     UV_TRY(std::uint64_t s, common_read(cc::device_status, 1));
     if (s == 0) break;

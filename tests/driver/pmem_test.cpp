@@ -852,6 +852,25 @@ TEST(Pmem, AStaleAnswerAfterAResetCannotAnswerTheNextFlush) {
   EXPECT_EQ(dev.violations(), kNone);
 }
 
+// A deadline of milliseconds::max() means "as long as it takes": now + max
+// overflowed the clock (UB; in a release build a deadline in the past, so a
+// flush the device answers a little later timed out at once).
+TEST(Pmem, ATimeoutOfForeverWaitsForTheAnswer) {
+  FakeVirtioDevice dev(pmem_device());
+  FlushDevice device;
+  dev.set_handler(device.handler());
+  dev.start_worker(5ms);
+  Backing backing;
+  PmemSetup s;
+  s.timeout = std::chrono::milliseconds::max();
+  s.completion = CompletionMode::polling;
+  auto pm = attach(dev, backing, s);
+  ASSERT_TRUE(pm);
+  auto r = pm->persist(pm->data(), 64);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_EQ(device.seen().size(), 1u);
+}
+
 TEST(Pmem, AllSlotsAbandonedIsBusy) {
   FakeVirtioDevice dev(pmem_device());
   dev.faults.swallow = true;

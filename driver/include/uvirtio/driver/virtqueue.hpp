@@ -18,6 +18,7 @@
 #include <span>
 #include <vector>
 
+#include "uvirtio/base/deadline.hpp"
 #include "uvirtio/driver/inflight_ledger.hpp"
 #include "uvirtio/driver/transport.hpp"
 #include "uvirtio/rings/ring.hpp"
@@ -30,20 +31,6 @@ namespace uvirtio::driver {
 // when the device answers quickly.
 enum class CompletionMode { polling, interrupt, hybrid };
 const char* completion_mode_name(CompletionMode m);
-
-// now + d as a steady_clock deadline, saturated: a duration too long for
-// the clock (milliseconds::max(): wait as long as it takes) gives
-// time_point::max() instead of overflowing; a negative one gives now.
-template <class Rep, class Period>
-std::chrono::steady_clock::time_point deadline_after(std::chrono::duration<Rep, Period> d) {
-  using Clock = std::chrono::steady_clock;
-  const Clock::time_point now = Clock::now();
-  if (d <= d.zero()) return now;
-  const auto room =
-      std::chrono::duration_cast<std::chrono::duration<Rep, Period>>(Clock::time_point::max() - now);
-  if (d >= room) return Clock::time_point::max();
-  return now + std::chrono::duration_cast<Clock::duration>(d);
-}
 
 class Virtqueue {
  public:
