@@ -805,6 +805,21 @@ Result<bool> VhostUserBackend::dispatch(const Message& m, std::vector<pci::Fd>& 
     }
     return i;
   };
+  // The fd of KICK/CALL/ERR, made non-blocking. It is the front-end's: a
+  // blocking eventfd whose counter it holds at the maximum (or a full pipe)
+  // would block our write to it for good, and a kick it drains between our
+  // poll() and read() our read. The flag is on the file the front-end shares
+  // with us; QEMU and DPDK create theirs non-blocking anyway.
+  auto take_fd = [&](std::uint32_t i) -> Result<pci::Fd> {
+    if (!m.has_fd) return pci::Fd();
+    const int fd = fds.at(0).get();
+    const int fl = ::fcntl(fd, F_GETFL);
+    if (fl < 0 || ((fl & O_NONBLOCK) == 0 && ::fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0)) {
+      return Error::from_errno(errno, opts_.name, op,
+                               "make the eventfd of ring " + std::to_string(i) + " non-blocking");
+    }
+    return std::move(fds.at(0));
+  };
   auto any_running = [&]() {
     return std::any_of(queues_.begin(), queues_.end(), [](const Queue& q) { return q.ring.has_value(); });
   };
@@ -916,8 +931,9 @@ Result<bool> VhostUserBackend::dispatch(const Message& m, std::vector<pci::Fd>& 
     }
     case Request::set_vring_kick: {
       UV_TRY(auto i, ring_index(m.ring_index));
+      UV_TRY(auto kick, take_fd(i));
       Queue& q = queues_[i];
-      q.kick = m.has_fd ? std::move(fds.at(0)) : pci::Fd();
+      q.kick = std::move(kick);
       q.kick_polled = !m.has_fd;
       q.kick_set = true;
       if (auto started = update_ring(i, op); !started) {
@@ -928,12 +944,12 @@ Result<bool> VhostUserBackend::dispatch(const Message& m, std::vector<pci::Fd>& 
     }
     case Request::set_vring_call: {
       UV_TRY(auto i, ring_index(m.ring_index));
-      queues_[i].call = m.has_fd ? std::move(fds.at(0)) : pci::Fd();
+      UV_TRY(queues_[i].call, take_fd(i));
       return false;
     }
     case Request::set_vring_err: {
       UV_TRY(auto i, ring_index(m.ring_index));
-      queues_[i].err = m.has_fd ? std::move(fds.at(0)) : pci::Fd();
+      UV_TRY(queues_[i].err, take_fd(i));
       return false;
     }
     case Request::set_vring_enable: {

@@ -21,6 +21,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <future>
 #include <string>
 #include <utility>
 #include <vector>
@@ -602,6 +603,35 @@ TEST_F(VhostUserSession, RingsRunOnWhenTheMemoryTableIsReplaced) {
   ASSERT_TRUE(be->report_error(1).ok());
   EXPECT_EQ(drain(err), 1u);
   ::close(err);
+}
+
+// The front-end's eventfds are untrusted: a blocking one whose counter it
+// holds at the maximum (or a full pipe) would block every write we make to
+// it, and with it the thread that serves the back-end (or, behind the
+// vhost-pci doorbells, the driver's). Signalling one never blocks.
+TEST_F(VhostUserSession, SignallingABlockingEventfdAtItsMaximumDoesNotBlock) {
+  negotiate();
+  constexpr std::uint64_t kMax = 0xfffffffffffffffe;
+  int fds[2] = {::eventfd(0, EFD_CLOEXEC), ::eventfd(0, EFD_CLOEXEC)};  // blocking
+  for (int fd : fds) {
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::write(fd, &kMax, sizeof kMax), static_cast<ssize_t>(sizeof kMax));
+  }
+  fe->send(Request::set_vring_call, bytes_of(std::uint64_t{0}), {fds[0]});
+  step();
+  fe->send(Request::set_vring_err, bytes_of(std::uint64_t{0}), {fds[1]});
+  step();
+  auto signalled =
+      std::async(std::launch::async, [&] { return be->notify(0).ok() && be->report_error(0).ok(); });
+  if (signalled.wait_for(std::chrono::seconds(2)) != std::future_status::ready) {
+    ADD_FAILURE() << "signalling a full eventfd blocked";
+    for (int i = 0; i < 50 && signalled.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready;
+         ++i) {
+      for (int fd : fds) (void)drain(fd);  // unblocks the writer
+    }
+  }
+  EXPECT_TRUE(signalled.get());
+  for (int fd : fds) ::close(fd);
 }
 
 TEST_F(VhostUserSession, WithoutProtocolFeaturesRingsStartEnabled) {
