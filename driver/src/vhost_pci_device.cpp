@@ -144,8 +144,7 @@ struct DeviceModel::Impl {
     std::uint32_t num = 0;
     std::uint64_t desc = 0, avail = 0, used = 0;
     int kick = -1, call = -1;
-    std::uint16_t base = 0;
-    bool operator==(const RingSig&) const = default;
+    std::uint16_t base = 0;  // where the driver resumes the ring
   };
   std::array<RingSig, kNetQueues> announced{};
   std::uint64_t offered_features = 0;  // to the driver in FEATURE_BITS
@@ -471,7 +470,9 @@ struct DeviceModel::Impl {
       auto d = uva_to_gpa(info->addr.desc_user_addr), a = uva_to_gpa(info->addr.avail_user_addr),
            u = uva_to_gpa(info->addr.used_user_addr);
       if (!d || !a || !u) return std::nullopt;
-      sig[i] = RingSig{info->num, *d, *a, *u, info->kick_fd, info->call_fd, info->base};
+      // A ring withdrawn while it kept running (disabled and enabled again)
+      // resumes where the driver left it, not at its SET_VRING_BASE.
+      sig[i] = RingSig{info->num, *d, *a, *u, info->kick_fd, info->call_fd, info->last_avail};
     }
     return sig;
   }
@@ -660,7 +661,9 @@ struct DeviceModel::Impl {
             });
         if (same_layout) {
           // New kick or call eventfds for the same rings: re-routed in place.
-          if (!std::equal(sig->begin(), sig->end(), announced.begin())) {
+          if (!std::equal(
+                  sig->begin(), sig->end(), announced.begin(),
+                  [](const RingSig& a, const RingSig& b) { return a.kick == b.kick && a.call == b.call; })) {
             announced = *sig;
             if (auto r = route_kicks(); !r) log(r.error().message());
             set_call_fds(true);

@@ -530,6 +530,19 @@ std::uint64_t VhostUserBackend::offered_features() const noexcept {
   return opts_.features | (1ull << kProtocolFeaturesBit);
 }
 
+std::uint16_t VhostUserBackend::resume_index(const Queue& q) const noexcept {
+  if (!q.ring) return q.base;
+  // The ring started at its base with used index = base, so the last
+  // available index consumed is the used index published plus what is still
+  // in flight. The used index lives in memory the front-end can write: at
+  // worst it misleads only the front-end itself.
+  const auto u = q.ring_mem->user(q.addr->used_user_addr, 4);
+  const auto used_idx =
+      le16::from_raw(std::atomic_ref<std::uint16_t>(*reinterpret_cast<std::uint16_t*>(u->data() + 2))
+                         .load(std::memory_order_acquire));
+  return static_cast<std::uint16_t>(used_idx + q.ring->in_flight());
+}
+
 std::optional<VhostUserBackend::RingInfo> VhostUserBackend::ring_info(std::uint32_t index) const noexcept {
   if (index >= queues_.size()) return std::nullopt;
   const Queue& q = queues_[index];
@@ -538,6 +551,7 @@ std::optional<VhostUserBackend::RingInfo> VhostUserBackend::ring_info(std::uint3
   info.num = q.num;
   if (q.addr) info.addr = *q.addr;
   info.base = q.base;
+  info.last_avail = resume_index(q);
   info.kick_fd = q.kick.get();
   info.call_fd = q.call.get();
   return info;
@@ -910,18 +924,7 @@ Result<bool> VhostUserBackend::dispatch(const Message& m, std::vector<pci::Fd>& 
       UV_TRY(auto i, ring_index(m.state.index));
       Queue& q = queues_[i];
       if (q.ring && opts_.on_ring_stop) opts_.on_ring_stop(i);
-      std::uint32_t last_avail = q.base;
-      if (q.ring) {
-        // The ring started at its base with used index = base, so the last
-        // available index we consumed is the used index we published plus what is still in
-        // flight. The used index lives in memory the front-end can write: at
-        // worst it misleads only the front-end itself.
-        const auto u = q.ring_mem->user(q.addr->used_user_addr, 4);
-        const auto used_idx =
-            le16::from_raw(std::atomic_ref<std::uint16_t>(*reinterpret_cast<std::uint16_t*>(u->data() + 2))
-                               .load(std::memory_order_acquire));
-        last_avail = static_cast<std::uint16_t>(used_idx + q.ring->in_flight());
-      }
+      const std::uint32_t last_avail = resume_index(q);
       stop_ring(q);  // "GET_VRING_BASE ... stops the ring"
       q.base = static_cast<std::uint16_t>(last_avail);
       const VringState s{i, last_avail};

@@ -971,6 +971,33 @@ TEST_P(VhostPciChain, NetChannelCarriesFramesBothWays) {
   EXPECT_EQ(gone.error().code(), Errc::peer_gone) << gone.error().message();
 }
 
+// vhost-user: a disabled ring keeps its state; enabled again it resumes where
+// it was. The device model withdraws the remote device while a ring is
+// disabled and announces it again afterwards: the driver must resume at
+// the ring's current position, not at the SET_VRING_BASE of its start, or
+// it takes chains the front-end already got back (and may have reused).
+TEST_P(VhostPciChain, ARingEnabledAgainResumesWhereItWas) {
+  start_frontend();
+  ASSERT_TRUE(wait_for(ackq ? Driver::Event::device_added : Driver::Event::device_ready));
+  exchange_packets();  // one chain through each ring
+  fe->send(Request::set_vring_enable, bytes_of(VringState{1, 0}), {}, true);
+  EXPECT_EQ(fe->recv_u64(Request::set_vring_enable), 0u);
+  ASSERT_TRUE(wait_for(Driver::Event::device_removed));
+  ASSERT_TRUE(wait_for(Driver::Event::memory_removed));
+  fe->send(Request::set_vring_enable, bytes_of(VringState{1, 1}), {}, true);
+  EXPECT_EQ(fe->recv_u64(Request::set_vring_enable), 0u);
+  ASSERT_TRUE(wait_for(ackq ? Driver::Event::device_added : Driver::Event::device_ready));
+  for (std::uint32_t i = 0; i < 2; ++i) {
+    auto* q = drv->remote_queue(i);
+    ASSERT_NE(q, nullptr);
+    auto again = q->pop();
+    ASSERT_TRUE(again.ok()) << again.error().message();
+    EXPECT_FALSE(again->has_value()) << "ring " << i
+                                     << ": a chain the front-end already got back was taken again";
+  }
+  exchange_packets();
+}
+
 TEST_P(VhostPciChain, FeatureSubsetMakesTheFrontendRenegotiate) {
   // Reconfigure: the driver refuses EVENT_IDX.
   drv.reset();

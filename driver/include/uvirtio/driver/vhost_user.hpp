@@ -318,6 +318,11 @@ class VhostUserBackend {
     std::uint32_t num = 0;
     VringAddr addr{};
     std::uint16_t base = 0;
+    // Where the ring resumes: what GET_VRING_BASE would answer now (while it
+    // runs, the used index in ring memory plus the chains in flight; base
+    // otherwise). A model that withdraws a running ring and serves it again
+    // later (vhost-pci) resumes it here, not at base.
+    std::uint16_t last_avail = 0;
     int kick_fd = -1, call_fd = -1;
   };
   std::optional<RingInfo> ring_info(std::uint32_t index) const noexcept;
@@ -352,6 +357,7 @@ class VhostUserBackend {
   Result<void> check_ring_addr(const VringAddr& a, std::uint32_t num, const MemoryTable& mem,
                                const char* op) const;
   Result<bool> update_ring(std::uint32_t index, const char* op);
+  std::uint16_t resume_index(const Queue& q) const noexcept;
   void stop_ring(Queue& q) noexcept;
   void reset_session() noexcept;
   Error err(Errc code, const char* op, std::string cause) const;
