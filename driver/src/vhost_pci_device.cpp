@@ -139,7 +139,8 @@ struct DeviceModel::Impl {
     std::uint64_t bar_off, len;
   };
   std::vector<Mapped> mapped;
-  std::vector<Region> regions;  // as announced
+  std::vector<Region> regions;          // as announced
+  std::uint64_t mapped_generation = 0;  // be->memory_generation() of what is mapped
   struct RingSig {
     std::uint32_t num = 0;
     std::uint64_t desc = 0, avail = 0, used = 0;
@@ -452,6 +453,10 @@ struct DeviceModel::Impl {
     return true;
   }
 
+  // The front-end replaced its memory table since we mapped it (QEMU does
+  // while the rings run, on memory hotplug): the announcement is stale.
+  bool memory_replaced() const { return be->memory_generation() != mapped_generation; }
+
   std::optional<std::uint64_t> uva_to_gpa(std::uint64_t uva) const {
     const auto* mem = be->memory();
     for (std::size_t i = 0; i < mem->size(); ++i) {
@@ -480,6 +485,7 @@ struct DeviceModel::Impl {
   Result<void> map_memory() {
     const auto* mem = be->memory();
     regions.clear();
+    mapped_generation = be->memory_generation();
     std::uint64_t at = 0;
     for (std::size_t i = 0; i < mem->size(); ++i) {
       const auto& r = mem->region(i);
@@ -567,7 +573,7 @@ struct DeviceModel::Impl {
           phase = Phase::idle;
           return;
         }
-        if (!want_up()) return teardown_memory();
+        if (!want_up() || memory_replaced()) return teardown_memory();
         phase = Phase::feat;
         return send_feature_bits(be->acked_features());
       case Phase::feat: {
@@ -579,7 +585,7 @@ struct DeviceModel::Impl {
                        "; the front-end must reconnect and renegotiate");
           return teardown_memory();
         }
-        if (!want_up()) return teardown_memory();
+        if (!want_up() || memory_replaced()) return teardown_memory();
         auto sig = current_rings();
         if (!sig) {
           end_frontend("a ring address lies outside the front-end's memory table");
@@ -653,7 +659,7 @@ struct DeviceModel::Impl {
         phase = Phase::mem;
         return send_memory_info(kOpAdd);
       case Phase::up: {
-        auto sig = up ? current_rings() : std::nullopt;
+        auto sig = up && !memory_replaced() ? current_rings() : std::nullopt;
         const bool same_layout =
             sig &&
             std::equal(sig->begin(), sig->end(), announced.begin(), [](const RingSig& a, const RingSig& b) {

@@ -515,6 +515,7 @@ void VhostUserBackend::reset_session() noexcept {
   queues_.clear();
   queues_.resize(opts_.num_queues);
   mem_.reset();
+  ++memory_generation_;
   owned_ = false;
   acked_features_ = 0;
   features_set_ = false;
@@ -887,6 +888,7 @@ Result<bool> VhostUserBackend::dispatch(const Message& m, std::vector<pci::Fd>& 
       // The old table is unmapped here unless a running ring still holds it
       // (its ring pointers); then it goes when that ring stops.
       mem_ = std::move(table);
+      ++memory_generation_;
       return false;
     }
     case Request::set_vring_num: {

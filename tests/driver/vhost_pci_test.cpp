@@ -998,6 +998,37 @@ TEST_P(VhostPciChain, ARingEnabledAgainResumesWhereItWas) {
   exchange_packets();
 }
 
+// QEMU sends a new memory table while the rings run (memory hotplug). The
+// driver must see the new table: a buffer in memory the front-end added
+// must be reachable through the BAR, not break the ring.
+TEST_P(VhostPciChain, ANewMemoryTableWhileServedIsAnnouncedAgain) {
+  start_frontend();
+  ASSERT_TRUE(wait_for(ackq ? Driver::Event::device_added : Driver::Event::device_ready));
+  exchange_packets();
+  constexpr std::uint64_t kGpa2 = kGpa + 0x10000000, kUva2 = kUva + 0x10000000;
+  Memfd ram2{kRam};
+  fe->send(Request::set_mem_table,
+           vhost_user::mem_table(
+               {vhost_user::region(kGpa, kRam, kUva, 0), vhost_user::region(kGpa2, kRam, kUva2, 0)}),
+           {ram.fd, ram2.fd}, true);
+  EXPECT_EQ(fe->recv_u64(Request::set_mem_table), 0u);
+  ASSERT_TRUE(wait_for(Driver::Event::device_removed));
+  ASSERT_TRUE(wait_for(ackq ? Driver::Event::device_added : Driver::Event::device_ready));
+  ASSERT_EQ(drv->memory().regions().size(), 2u);
+  // The front-end transmits from its new memory.
+  std::memcpy(ram2.map + 0x100, "new!", 4);
+  const rings::Buffer tx[] = {{kGpa2 + 0x100, 4}};
+  ASSERT_TRUE(rings[1]->add(tx, {}, 3).ok());
+  rings[1]->publish();
+  auto* q = drv->remote_queue(1);
+  ASSERT_NE(q, nullptr);
+  auto got = q->pop();
+  ASSERT_TRUE(got.ok()) << got.error().message();
+  ASSERT_TRUE(got->has_value());
+  EXPECT_EQ(std::memcmp((*got)->readable[0].data(), "new!", 4), 0);
+  ASSERT_TRUE(q->push((*got)->head, 0).ok());
+}
+
 TEST_P(VhostPciChain, FeatureSubsetMakesTheFrontendRenegotiate) {
   // Reconfigure: the driver refuses EVENT_IDX.
   drv.reset();

@@ -335,6 +335,9 @@ class VhostUserBackend {
   std::uint64_t acked_protocol_features() const noexcept { return acked_protocol_; }
   bool has_feature(unsigned bit) const noexcept { return bit < 64 && ((acked_features_ >> bit) & 1) != 0; }
   const MemoryTable* memory() const noexcept { return mem_.get(); }
+  // Changes whenever the memory table is replaced (SET_MEM_TABLE) or dropped:
+  // a model that mapped memory() elsewhere (vhost-pci) maps it again.
+  std::uint64_t memory_generation() const noexcept { return memory_generation_; }
   std::uint32_t num_queues() const noexcept { return opts_.num_queues; }
 
  private:
@@ -371,6 +374,7 @@ class VhostUserBackend {
   bool features_set_ = false;
   std::uint64_t acked_protocol_ = 0;
   std::shared_ptr<const MemoryTable> mem_;
+  std::uint64_t memory_generation_ = 0;
   std::vector<Queue> queues_;
   std::optional<Error> refusal_;
 };
