@@ -15,6 +15,7 @@
 #include <atomic>
 #include <bit>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <limits>
@@ -429,6 +430,10 @@ Result<void> check_options(const BackendOptions& o, const char* op) {
   if (o.max_queue_size == 0 || o.max_queue_size > kMaxQueueSize || !std::has_single_bit(o.max_queue_size)) {
     return Error(Errc::invalid_argument, o.name, op, "max_queue_size " + std::to_string(o.max_queue_size));
   }
+  if (o.message_timeout.count() <= 0 || o.message_timeout > std::chrono::hours(1)) {
+    return Error(Errc::invalid_argument, o.name, op,
+                 "message_timeout " + std::to_string(o.message_timeout.count()) + " ms not in (0, 1 h]");
+  }
   return ok();
 }
 }  // namespace
@@ -666,8 +671,25 @@ Result<VhostUserBackend::Event> VhostUserBackend::handle_message() {
   std::vector<std::uint8_t> bytes(sizeof(Header));
   std::vector<pci::Fd> fds;
   std::size_t got = 0;
+  std::chrono::steady_clock::time_point deadline;
   auto read_fully = [&](std::size_t want) -> Result<bool> {
     while (got < want) {
+      if (got > 0) {
+        // The message has begun: the rest must come by the deadline.
+        const auto left =
+            std::chrono::ceil<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+        pollfd p{conn_.get(), POLLIN, 0};
+        const int ready = ::poll(
+            &p, 1,
+            static_cast<int>(std::clamp<std::int64_t>(left.count(), 0, std::numeric_limits<int>::max())));
+        if (ready < 0 && errno == EINTR) continue;
+        if (ready < 0) return Error::from_errno(errno, opts_.name, "read message", "poll");
+        if (ready == 0) {
+          return err(Errc::timeout, "read message",
+                     "the front-end sent " + std::to_string(got) + " bytes of a message and stopped for " +
+                         std::to_string(opts_.message_timeout.count()) + " ms");
+        }
+      }
       auto n = recv_some(conn_.get(), bytes.data() + got, want - got, fds, opts_.name);
       if (!n) return std::move(n).error();
       if (*n == 0) {
@@ -675,6 +697,7 @@ Result<VhostUserBackend::Event> VhostUserBackend::handle_message() {
         return err(Errc::peer_gone, "read message",
                    "connection closed after " + std::to_string(got) + " bytes of a message");
       }
+      if (got == 0) deadline = std::chrono::steady_clock::now() + opts_.message_timeout;
       got += *n;
       if (fds.size() > kMaxFds) {
         return err(Errc::bad_device_data, "read message", "more than 8 fds came with one message");

@@ -570,6 +570,26 @@ TEST_F(VhostUserSession, TruncatedMessageEndsTheSession) {
   EXPECT_FALSE(be->connected());
 }
 
+// A front-end that stops in the middle of a message must not hold the
+// serving thread (and with it every other fd that thread polls, the
+// vhost-pci driver's side and the stop fd included) for good.
+TEST_F(VhostUserSession, AFrontendStallingMidMessageEndsTheSession) {
+  negotiate();
+  const Header h{R(Request::set_features), kVersion, 8};
+  const auto head = bytes_of(h);
+  fe->send_raw({head.begin(), head.begin() + 5});  // and nothing more, connection open
+  auto handled = std::async(std::launch::async, [&] { return be->handle_message(); });
+  if (handled.wait_for(std::chrono::seconds(5)) != std::future_status::ready) {
+    ADD_FAILURE() << "handle_message() still waits for the rest of the message";
+    fe->close();  // unblocks it
+  }
+  auto r = handled.get();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), Errc::timeout) << r.error().message();
+  EXPECT_EQ(r.error().device(), "test back-end");
+  EXPECT_FALSE(be->connected());
+}
+
 TEST_F(VhostUserSession, RingsRunOnWhenTheMemoryTableIsReplaced) {
   negotiate();
   set_mem_table();

@@ -28,6 +28,7 @@
 // Threading: one thread owns a back-end and its queues.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -252,6 +253,10 @@ struct BackendOptions {
   // vhost-pci driver) stops doing so before returning, so the front-end
   // never changes a ring still being read. Optional.
   std::function<void(std::uint32_t ring)> on_ring_stop;
+  // A message whose first bytes came must be complete within this; a
+  // front-end that stops in the middle of one ends the session
+  // (Errc::timeout) instead of holding the serving thread. At most 1 h.
+  std::chrono::milliseconds message_timeout{1000};
 };
 
 class VhostUserBackend {
@@ -286,9 +291,10 @@ class VhostUserBackend {
     refused,        // a bad or unsupported message was answered with a failure
                     // reply (need_reply); the session goes on; last_refusal() says why
   };
-  // Reads one message (blocking until it is complete) and handles it. An
-  // error means the session was ended because of it (connection closed, all
-  // state dropped); the error says why.
+  // Reads one message (blocking until it begins; once it has begun, for at
+  // most BackendOptions::message_timeout) and handles it. An error means
+  // the session was ended because of it (connection closed, all state
+  // dropped); the error says why.
   Result<Event> handle_message();
   const std::optional<Error>& last_refusal() const noexcept { return refusal_; }
 
