@@ -430,6 +430,21 @@ Result<void> check_options(const BackendOptions& o, const char* op) {
   if (o.max_queue_size == 0 || o.max_queue_size > kMaxQueueSize || !std::has_single_bit(o.max_queue_size)) {
     return Error(Errc::invalid_argument, o.name, op, "max_queue_size " + std::to_string(o.max_queue_size));
   }
+  // No IOTLB messages, split rings only: a front-end that negotiated these
+  // would use addresses or a ring layout we cannot serve.
+  constexpr std::uint64_t kUnservable = (1ull << feature::kAccessPlatform) | (1ull << feature::kRingPacked);
+  if ((o.features & kUnservable) != 0) {
+    return Error(Errc::invalid_argument, o.name, op,
+                 "features " + hex(o.features) + " include bits we cannot serve: " +
+                     hex(o.features & kUnservable) + " (ACCESS_PLATFORM, RING_PACKED)");
+  }
+  constexpr std::uint64_t kServedProtocol =
+      (1ull << protocol_feature::kMq) | (1ull << protocol_feature::kReplyAck);
+  if ((o.protocol_features & ~kServedProtocol) != 0) {
+    return Error(Errc::invalid_argument, o.name, op,
+                 "protocol features " + hex(o.protocol_features) + " include bits we do not implement: " +
+                     hex(o.protocol_features & ~kServedProtocol) + " (only MQ and REPLY_ACK)");
+  }
   if (o.message_timeout.count() <= 0 || o.message_timeout > std::chrono::hours(1)) {
     return Error(Errc::invalid_argument, o.name, op,
                  "message_timeout " + std::to_string(o.message_timeout.count()) + " ms not in (0, 1 h]");

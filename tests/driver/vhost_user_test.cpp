@@ -674,6 +674,42 @@ TEST_F(VhostUserSession, WithoutProtocolFeaturesRingsStartEnabled) {
   EXPECT_TRUE(be->connected());
 }
 
+// ---- options ----
+
+// Features the back-end cannot serve (it has no IOTLB, serves split rings
+// only, and implements no protocol feature beyond MQ and REPLY_ACK) are a
+// caller's mistake: offering them would let a front-end negotiate a layout
+// or messages we then cannot serve.
+TEST(VhostUserOptions, FeaturesWeCannotServeAreRefused) {
+  struct Case {
+    std::uint64_t features, protocol;
+    const char* text;
+  };
+  const Case cases[] = {
+      {kOffered | (1ull << feature::kAccessPlatform), 1ull << protocol_feature::kReplyAck, "0x200000000"},
+      {kOffered | (1ull << feature::kRingPacked), 1ull << protocol_feature::kReplyAck, "0x400000000"},
+      {kOffered, (1ull << protocol_feature::kReplyAck) | (1ull << 9), "protocol features"},
+  };
+  for (const auto& c : cases) {
+    int sv[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    BackendOptions o;
+    o.name = "options test";
+    o.features = c.features;
+    o.protocol_features = c.protocol;
+    auto b = VhostUserBackend::adopt(sv[0], o);
+    if (b.ok()) {
+      ADD_FAILURE() << "features " << c.features << " protocol " << c.protocol << " were accepted";
+    } else {
+      ::close(sv[0]);
+      EXPECT_EQ(b.error().code(), Errc::invalid_argument);
+      EXPECT_EQ(b.error().device(), "options test");
+      EXPECT_NE(b.error().message().find(c.text), std::string::npos) << b.error().message();
+    }
+    ::close(sv[1]);
+  }
+}
+
 // ---- listening socket ----
 
 TEST(VhostUserListen, AcceptsServesAndCleansUp) {

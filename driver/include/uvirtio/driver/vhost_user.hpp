@@ -236,11 +236,12 @@ class MemoryTable {
 struct BackendOptions {
   std::string name = "vhost-user";  // appears in errors and log lines
   // Virtio feature bits we offer (device type, ring and VERSION_1 bits);
-  // VHOST_USER_F_PROTOCOL_FEATURES is added. Never offer ACCESS_PLATFORM
-  // (needs IOTLB messages) or RING_PACKED (split rings only).
+  // VHOST_USER_F_PROTOCOL_FEATURES is added. ACCESS_PLATFORM (needs IOTLB
+  // messages) and RING_PACKED (split rings only) are refused
+  // (invalid_argument from listen()/adopt()).
   std::uint64_t features = 0;
   // Protocol features we offer; REPLY_ACK is the one we implement fully
-  // (MQ only answers GET_QUEUE_NUM).
+  // (MQ only answers GET_QUEUE_NUM); any other bit is refused.
   std::uint64_t protocol_features = 1ull << protocol_feature::kReplyAck;
   std::uint32_t num_queues = 2;
   std::uint32_t max_queue_size = kMaxQueueSize;  // SET_VRING_NUM above it is refused
