@@ -151,12 +151,19 @@ Result<DmaRegion> DmaPool::alloc(std::size_t size, std::size_t align) {
     return Error(Errc::invalid_argument, device_, op,
                  "alignment " + std::to_string(align) + " is not a power of two <= 4096");
   // In no-IOMMU mode the device sees physical addresses, so an allocation must
-  // not cross a page boundary unless the chunk is one hugepage.
+  // stay inside one page: a 4 KiB page, or a hugepage (a chunk of several
+  // hugepages is not physically contiguous).
   auto fits = [&](const Chunk& c, std::size_t off) {
     if (size > c.size || off > c.size - size) return false;
-    if (mode_ == Mode::noiommu && !huge_) return size <= kPage && (off / kPage) == ((off + size - 1) / kPage);
+    if (mode_ == Mode::noiommu) {
+      const std::size_t page = huge_ ? kHuge : kPage;
+      return size <= page && (off / page) == ((off + size - 1) / page);
+    }
     return true;
   };
+  if (mode_ == Mode::noiommu && size > kHuge)
+    return Error(Errc::unsupported, device_, op,
+                 "no-IOMMU mode cannot give more than 2 MiB contiguous (size " + std::to_string(size) + ")");
   if (mode_ == Mode::noiommu && !huge_ && huge_tried_ && size > kPage)
     return Error(Errc::unsupported, device_, op,
                  "no-IOMMU mode without hugepages cannot give more than 4 KiB contiguous");

@@ -1328,6 +1328,26 @@ TEST(DmaPoolDeathTest, HugeSizeIsRejectedNotWrapped) {
       ::testing::ExitedWithCode(0), "");
 }
 
+// In no-IOMMU mode the device gets the physical address of an allocation's
+// first byte, so an allocation must be physically contiguous. Hugepages are
+// contiguous only within one 2 MiB page: a bigger request (whose chunk is
+// two or more hugepages the kernel placed anywhere) is refused rather than
+// handed out with an address that is wrong after its first 2 MiB.
+TEST(DmaPoolNoIommu, HugepageAllocationNeverSpansTwoHugepages) {
+  FakeOs os;
+  os.huge = FakeOs::Huge::works;
+  os.pagemap = FakeOs::Pagemap::visible;
+  DmaPool p(os, "dev", DmaPool::Mode::noiommu, IovaAllocator({}), DmaPool::Mapper{});
+  auto big = p.alloc(kHugePage + 4096, 4096);
+  ASSERT_FALSE(big.ok()) << "a 2 MiB + 4 KiB allocation got one physical address";
+  EXPECT_EQ(big.error().code(), Errc::unsupported);
+  EXPECT_EQ(big.error().device(), "dev");
+  // Up to one hugepage is fine, and the refused request consumed nothing.
+  auto a = p.alloc(kHugePage, 4096);
+  ASSERT_TRUE(a.ok()) << msg(a);
+  EXPECT_TRUE(p.hugepages());
+}
+
 // ===========================================================================
 // (f) bind_vfio / unbind_vfio through sysfs
 // ===========================================================================
