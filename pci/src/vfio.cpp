@@ -16,6 +16,17 @@
 namespace uvirtio::pci {
 namespace {
 
+// Why an access of `width` bytes at `off` of a BAR of `size` bytes is
+// refused, or an empty string. Accesses are naturally aligned: on a mapped
+// BAR a misaligned one would be a misaligned volatile load or store.
+std::string bad_access(std::uint64_t off, unsigned width, std::uint64_t size) {
+  const std::string what = "access of " + std::to_string(width) + " bytes at " + std::to_string(off);
+  if (width != 1 && width != 2 && width != 4 && width != 8) return what + ": width is not 1, 2, 4 or 8";
+  if (off % width != 0) return what + " not aligned to its width";
+  if (off >= size || width > size - off) return what + " outside a BAR of " + std::to_string(size) + " bytes";
+  return {};
+}
+
 // A BAR mapped into our address space: single-width volatile accesses.
 class MappedBar final : public BarIo {
  public:
@@ -25,7 +36,7 @@ class MappedBar final : public BarIo {
   std::uint64_t size() const override { return size_; }
   volatile std::uint8_t* mapping() const override { return base_; }
   Result<std::uint64_t> read(std::uint64_t off, unsigned width) override {
-    if (!in_range(off, width)) return range_error("read", off, width);
+    if (auto why = bad_access(off, width, size_); !why.empty()) return range_error("read", why);
     switch (width) {
       case 1:
         return mmio::read<std::uint8_t>(base_, off);
@@ -38,7 +49,7 @@ class MappedBar final : public BarIo {
     }
   }
   Result<void> write(std::uint64_t off, unsigned width, std::uint64_t v) override {
-    if (!in_range(off, width)) return range_error("write", off, width);
+    if (auto why = bad_access(off, width, size_); !why.empty()) return range_error("write", why);
     switch (width) {
       case 1:
         mmio::write<std::uint8_t>(base_, off, static_cast<std::uint8_t>(v));
@@ -57,13 +68,8 @@ class MappedBar final : public BarIo {
   }
 
  private:
-  bool in_range(std::uint64_t off, unsigned width) const {
-    return (width == 1 || width == 2 || width == 4 || width == 8) && off < size_ && width <= size_ - off;
-  }
-  Error range_error(const char* what, std::uint64_t off, unsigned width) const {
-    return Error(Errc::invalid_argument, dev_, "BAR" + std::to_string(index_) + " " + what,
-                 "access of " + std::to_string(width) + " bytes at " + std::to_string(off) +
-                     " outside a BAR of " + std::to_string(size_) + " bytes");
+  Error range_error(const char* what, std::string why) const {
+    return Error(Errc::invalid_argument, dev_, "BAR" + std::to_string(index_) + " " + what, std::move(why));
   }
   Os& os_;
   std::string dev_;
@@ -81,7 +87,8 @@ class RegionBar final : public BarIo {
   std::uint64_t size() const override { return info_.size; }
   volatile std::uint8_t* mapping() const override { return nullptr; }
   Result<std::uint64_t> read(std::uint64_t off, unsigned width) override {
-    if (!valid(off, width)) return Error(Errc::invalid_argument, dev_, "BAR read", "access outside the BAR");
+    if (auto why = bad_access(off, width, info_.size); !why.empty())
+      return Error(Errc::invalid_argument, dev_, "BAR" + std::to_string(info_.index) + " read", why);
     std::uint64_t v = 0;
     ssize_t n = os_.pread(fd_, &v, width, static_cast<off_t>(info_.offset + off));
     if (n != static_cast<ssize_t>(width))
@@ -89,7 +96,8 @@ class RegionBar final : public BarIo {
     return v;  // little-endian host: the low bytes hold the value
   }
   Result<void> write(std::uint64_t off, unsigned width, std::uint64_t v) override {
-    if (!valid(off, width)) return Error(Errc::invalid_argument, dev_, "BAR write", "access outside the BAR");
+    if (auto why = bad_access(off, width, info_.size); !why.empty())
+      return Error(Errc::invalid_argument, dev_, "BAR" + std::to_string(info_.index) + " write", why);
     ssize_t n = os_.pwrite(fd_, &v, width, static_cast<off_t>(info_.offset + off));
     if (n != static_cast<ssize_t>(width))
       return Error::from_errno(n < 0 ? errno : EIO, dev_, "BAR" + std::to_string(info_.index) + " write");
@@ -97,10 +105,6 @@ class RegionBar final : public BarIo {
   }
 
  private:
-  bool valid(std::uint64_t off, unsigned width) const {
-    return (width == 1 || width == 2 || width == 4 || width == 8) && off < info_.size &&
-           width <= info_.size - off;
-  }
   Os& os_;
   int fd_;
   std::string dev_;
