@@ -65,7 +65,10 @@ Result<bool> EventfdDoorbell::wait(std::chrono::nanoseconds timeout) {
       return Error::from_errno(errno, name_, "wait for doorbell", "add the eventfd to epoll");
     epoll_ = std::move(owned);
   }
-  const auto deadline = Clock::now() + std::max(timeout, std::chrono::nanoseconds(0));
+  // Saturate: now + a timeout such as nanoseconds::max() would overflow.
+  const auto now = Clock::now();
+  const auto room = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::time_point::max() - now);
+  const auto deadline = now + std::clamp(timeout, std::chrono::nanoseconds(0), room);
   for (;;) {
     const auto left =
         std::max(std::chrono::nanoseconds(deadline - Clock::now()), std::chrono::nanoseconds(0));

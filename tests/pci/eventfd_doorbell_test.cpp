@@ -100,6 +100,23 @@ TEST(EventfdDoorbell, WakesASleeperInAnotherThread) {
   EXPECT_LT(Clock::now() - t0, 2s);
 }
 
+// A timeout too long to add to the clock (nanoseconds::max() as "wait for
+// ever") must not overflow the deadline: that is undefined behaviour, and
+// the wrapped deadline lies in the past, so the wait returned false at once
+// without sleeping.
+TEST(EventfdDoorbell, HugeTimeoutWaitsInsteadOfOverflowing) {
+  auto bells = EventfdDoorbell::pair();
+  ASSERT_TRUE(bells.ok());
+  std::thread ringer([&] {
+    std::this_thread::sleep_for(50ms);
+    (void)bells->first.ring(0);
+  });
+  auto w = bells->second.wait(std::chrono::nanoseconds::max());
+  ringer.join();
+  ASSERT_TRUE(w.ok()) << w.error().message();
+  EXPECT_TRUE(*w) << "the wait gave up before the ring";
+}
+
 TEST(EventfdDoorbell, WorksAcrossFork) {
   auto bells = EventfdDoorbell::pair("fork bell");
   ASSERT_TRUE(bells.ok());
