@@ -158,10 +158,12 @@ Result<FeatureSet> VirtioPci::device_features() {
 Result<void> VirtioPci::accept_features(FeatureSet features) {
   // Transport features this transport does not implement (spec 6): with
   // NOTIFICATION_DATA the notify write carries the next available index,
-  // which notify() does not know.
-  if (features.has(feature::kNotificationData))
-    return Error(Errc::unsupported, fn_.bdf(), "accept features",
-                 "NOTIFICATION_DATA is not implemented by the virtio-pci transport");
+  // which notify() does not know; with NOTIF_CONFIG_DATA it carries the
+  // queue's queue_notify_data instead of its index (4.1.5.2).
+  for (unsigned bit : {feature::kNotificationData, feature::kNotifConfigData})
+    if (features.has(bit))
+      return Error(Errc::unsupported, fn_.bdf(), "accept features",
+                   FeatureSet().with(bit).describe() + " is not implemented by the virtio-pci transport");
   for (std::uint32_t word = 0; word < 2; ++word) {
     UV_TRY_VOID(common_write(cc::driver_feature_select, 4, word));
     UV_TRY_VOID(common_write(cc::driver_feature, 4, (features.bits() >> (32 * word)) & 0xffffffffu));

@@ -314,6 +314,22 @@ TEST(VirtioPciQueue, NotificationDataIsRefused) {
   EXPECT_TRUE(t->accept_features(FeatureSet(kV1)).ok());
 }
 
+// NOTIF_CONFIG_DATA (spec 4.1.4.4, 4.1.5.2) makes the driver write the
+// queue's queue_notify_data instead of its index on every notify; notify()
+// writes the index, so the transport must refuse the bit as it refuses
+// NOTIFICATION_DATA, not accept it and then notify with the wrong value.
+TEST(VirtioPciQueue, NotifConfigDataIsRefused) {
+  FakeVirtioOptions o;
+  o.features = kV1 | (1ull << feature::kNotifConfigData);
+  FakeVirtioDevice dev(o);
+  auto t = open(dev);
+  ASSERT_TRUE(t->add_status(status::kAcknowledge | status::kDriver).ok());
+  auto r = t->accept_features(FeatureSet(o.features));
+  expect_error(r, Errc::unsupported, "NOTIF_CONFIG_DATA");
+  EXPECT_EQ(dev.status() & status::kFeaturesOk, 0) << "FEATURES_OK set for a feature notify() ignores";
+  EXPECT_TRUE(t->accept_features(FeatureSet(kV1)).ok());
+}
+
 TEST(VirtioPciQueue, NotifySlotMustHoldTheWholeWrite) {
   FakeVirtioOptions o;
   o.notify_multiplier = 2;
