@@ -32,6 +32,15 @@ constexpr std::uint32_t queue_device = 0x30;
 constexpr std::uint16_t kNoVector = 0xffff;
 constexpr int kConfigRetries = 64;
 
+// Spec 4.1.3.1: each device-config field is accessed with its own width
+// (64-bit fields as two 32-bit halves): the widest of 4, 2, 1 that the
+// field width allows, `at` is aligned to and `left` bytes still hold.
+unsigned access_width(std::uint64_t at, std::size_t left, unsigned field_width) {
+  if (field_width >= 4 && at % 4 == 0 && left >= 4) return 4;
+  if (field_width >= 2 && at % 2 == 0 && left >= 2) return 2;
+  return 1;
+}
+
 }  // namespace
 
 Result<void> Transport::check_healthy(const std::string& op) {
@@ -192,13 +201,7 @@ Result<void> VirtioPci::read_device_config(std::uint32_t off, std::span<std::uin
     std::size_t i = 0;
     while (i < out.size()) {
       const std::uint64_t at = caps_.device->offset + off + i;
-      // Spec 4.1.3.1: each field with its own width; 64-bit fields as two
-      // 32-bit halves.
-      unsigned w = 1;
-      if (field_width >= 4 && at % 4 == 0 && out.size() - i >= 4)
-        w = 4;
-      else if (field_width >= 2 && at % 2 == 0 && out.size() - i >= 2)
-        w = 2;
+      const unsigned w = access_width(at, out.size() - i, field_width);
       UV_TRY(std::uint64_t v, device_->read(at, w));
       for (unsigned b = 0; b < w; ++b) out[i + b] = static_cast<std::uint8_t>(v >> (8 * b));
       i += w;
@@ -210,14 +213,22 @@ Result<void> VirtioPci::read_device_config(std::uint32_t off, std::span<std::uin
                "config_generation kept changing over " + std::to_string(kConfigRetries) + " reads");
 }
 
-Result<void> VirtioPci::write_device_config(std::uint32_t off, std::span<const std::uint8_t> in) {
+Result<void> VirtioPci::write_device_config(std::uint32_t off, std::span<const std::uint8_t> in,
+                                            unsigned field_width) {
   const std::string op = "write device config";
   if (!caps_.device)
     return Error(Errc::unsupported, fn_.bdf(), op, "the device has no device-specific config");
   if (off > caps_.device->length || in.size() > caps_.device->length - off)
     return Error(Errc::invalid_argument, fn_.bdf(), op, "bytes outside the device config");
-  for (std::size_t i = 0; i < in.size(); ++i)
-    UV_TRY_VOID(device_->write(caps_.device->offset + off + i, 1, in[i]));
+  std::size_t i = 0;
+  while (i < in.size()) {
+    const std::uint64_t at = caps_.device->offset + off + i;
+    const unsigned w = access_width(at, in.size() - i, field_width);
+    std::uint64_t v = 0;
+    for (unsigned b = 0; b < w; ++b) v |= std::uint64_t{in[i + b]} << (8 * b);
+    UV_TRY_VOID(device_->write(at, w, v));
+    i += w;
+  }
   return ok();
 }
 

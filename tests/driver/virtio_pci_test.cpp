@@ -240,6 +240,28 @@ TEST(VirtioPciConfig, Bounds) {
   EXPECT_EQ(back, (std::vector<std::uint8_t>{1, 2}));
 }
 
+// Spec 4.1.3.1: the driver writes each field with its natural width. A
+// device acting on a config write (as QEMU calls set_config per access)
+// must not see a 32-bit field torn into four byte writes.
+TEST(VirtioPciConfig, WritesUseTheFieldWidth) {
+  FakeVirtioDevice dev(with_config());
+  auto t = open(dev);
+  std::vector<std::pair<std::uint32_t, unsigned>> writes;
+  dev.set_config_write_hook([&](std::uint32_t off, unsigned w) { writes.emplace_back(off, w); });
+  const std::uint8_t le32[4] = {1, 2, 3, 4};
+  ASSERT_TRUE(t->write_device_config(4, le32).ok());
+  EXPECT_EQ(writes, (std::vector<std::pair<std::uint32_t, unsigned>>{{4, 4}}));
+  writes.clear();
+  const std::uint8_t three[3] = {5, 6, 7};
+  ASSERT_TRUE(t->write_device_config(8, three, 1).ok());  // three u8 fields
+  EXPECT_EQ(writes, (std::vector<std::pair<std::uint32_t, unsigned>>{{8, 1}, {9, 1}, {10, 1}}));
+  writes.clear();
+  ASSERT_TRUE(t->write_device_config(0, std::span(le32, 4), 2).ok());  // two u16 fields
+  EXPECT_EQ(writes, (std::vector<std::pair<std::uint32_t, unsigned>>{{0, 2}, {2, 2}}));
+  EXPECT_EQ(dev.device_config(), (std::vector<std::uint8_t>{1, 2, 3, 4, 1, 2, 3, 4, 5, 6, 7, 0xab}));
+  EXPECT_EQ(dev.violations(), kNone);
+}
+
 TEST(VirtioPciConfig, NoDeviceConfigStructure) {
   FakeVirtioDevice dev;  // the entropy device has no config
   auto t = open(dev);

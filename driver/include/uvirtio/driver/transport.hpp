@@ -51,7 +51,9 @@ class Transport {
   // are read as two 4-byte halves): accesses never span two fields.
   virtual Result<void> read_device_config(std::uint32_t off, std::span<std::uint8_t> out,
                                           unsigned field_width = 4) = 0;
-  virtual Result<void> write_device_config(std::uint32_t off, std::span<const std::uint8_t> in) = 0;
+  // Written with the same field widths (a 32-bit field in one 32-bit write).
+  virtual Result<void> write_device_config(std::uint32_t off, std::span<const std::uint8_t> in,
+                                           unsigned field_width = 4) = 0;
 
   virtual Result<std::uint16_t> num_queues() = 0;
   virtual Result<std::uint16_t> queue_max_size(std::uint16_t q) = 0;

@@ -42,7 +42,8 @@ class VirtioPci final : public Transport {
   Result<void> read_device_config(std::uint32_t off, std::span<std::uint8_t> out,
                                   unsigned field_width = 4) override;
   std::optional<int> config_eventfd() const override;
-  Result<void> write_device_config(std::uint32_t off, std::span<const std::uint8_t> in) override;
+  Result<void> write_device_config(std::uint32_t off, std::span<const std::uint8_t> in,
+                                   unsigned field_width = 4) override;
   Result<std::uint16_t> num_queues() override;
   Result<std::uint16_t> queue_max_size(std::uint16_t q) override;
   Result<void> setup_queue(std::uint16_t q, std::uint16_t size, const QueueAddresses& addr,
