@@ -150,6 +150,22 @@ TEST(VirtioPci, ResetDeadline) {
   EXPECT_LT(took, 2s);
 }
 
+// A deadline too long to add to the clock (milliseconds::max() as "no
+// deadline", OpenOptions::reset_deadline is user input) must not overflow:
+// converting it to the clock's nanoseconds is undefined behaviour, and the
+// wrapped deadline could lie in the past.
+TEST(VirtioPci, ResetWithAHugeDeadline) {
+  FakeVirtioDevice dev;
+  auto t = open(dev);
+  ASSERT_TRUE(t->add_status(status::kAcknowledge).ok());
+  ASSERT_TRUE(t->reset(std::chrono::milliseconds::max()).ok());
+  EXPECT_EQ(dev.status(), 0);
+  dev.faults.reset_stuck = true;
+  ASSERT_TRUE(t->add_status(status::kAcknowledge).ok());
+  auto r = t->reset(std::chrono::milliseconds(-5));  // negative: one look, then the timeout
+  expect_error(r, Errc::timeout, "reset device");
+}
+
 TEST(VirtioPci, StatusAndFeatureRoundTrip) {
   FakeVirtioOptions o;
   o.features = kV1 | (1ull << feature::kAccessPlatform) | (1ull << 0) | (1ull << 31) | (1ull << 63);
