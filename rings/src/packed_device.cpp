@@ -340,6 +340,7 @@ void PackedDeviceQueue::write_used(std::uint16_t id, std::uint32_t written, bool
     // The first of a deferred batch: publish_used() stores its flags last.
     pending_ = true;
     pending_pos_ = used_pos_;
+    pending_wrap_ = used_wrap_;
     pending_flags_ = flags;
   } else {
     // Ordered before the first descriptor's flags by publish_used()'s barrier.
@@ -427,7 +428,11 @@ bool PackedDeviceQueue::should_interrupt() noexcept {
   const std::uint16_t off_wrap = load(driver_event_->desc, std::memory_order_relaxed);
   // Clamped: packed_need_event treats a whole ring (or more) the same.
   const auto span = static_cast<std::uint32_t>(std::min<std::uint64_t>(moved, size_));
-  return packed_event_wanted(flags, off_wrap, event_idx_, size_, used_pos_, used_wrap_, span);
+  // The published descriptors end where a deferred batch begins: used_pos_
+  // has already moved past that batch, which the driver cannot see yet.
+  const std::uint16_t end = pending_ ? pending_pos_ : used_pos_;
+  const bool end_wrap = pending_ ? pending_wrap_ : used_wrap_;
+  return packed_event_wanted(flags, off_wrap, event_idx_, size_, end, end_wrap, span);
 }
 
 void PackedDeviceQueue::set_notifications(bool enabled) noexcept {

@@ -655,6 +655,39 @@ TEST(PackedDevice, DeferredPushesReachTheDriverAtOnce) {
   EXPECT_FALSE(drv.broken());
 }
 
+TEST(PackedDevice, EventIdxInterruptCountsPublishedDescriptorsWhileABatchIsDeferred) {
+  // With EVENT_IDX the driver asks for an interrupt at descriptor 0. The
+  // device publishes a used descriptor there, then defers a second one:
+  // should_interrupt() must judge the published positions (0), not the
+  // deferred one (1) the used position has already moved past, or the
+  // interrupt for descriptor 0 is lost for good.
+  Mem m(8);
+  auto drv = m.driver().value();
+  auto dev = m.device().value();
+  drv.set_event_idx(true);
+  dev.set_event_idx(true);
+  for (std::uint64_t t = 0; t < 2; ++t) {
+    const Buffer in[] = {{m.bus(t * kSlot), 8}};
+    ASSERT_TRUE(drv.add({}, in, 20 + t).ok());
+  }
+  drv.publish();
+  PackedDeviceQueue::Request r;
+  std::vector<std::uint16_t> ids;
+  while (dev.pop_into(r).value()) ids.push_back(r.head);
+  ASSERT_EQ(ids.size(), 2u);
+  ASSERT_TRUE(dev.push(ids[0], 4).ok());
+  ASSERT_TRUE(dev.push_deferred(ids[1], 4).ok());
+  EXPECT_TRUE(dev.should_interrupt());
+  dev.publish_used();
+  EXPECT_FALSE(dev.should_interrupt());  // descriptor 1: the driver did not ask for it
+  for (std::uint64_t t = 0; t < 2; ++t) {
+    auto c = drv.poll().value();
+    ASSERT_TRUE(c.has_value());
+    EXPECT_EQ(c->token, 20 + t);
+  }
+  EXPECT_FALSE(drv.broken());
+}
+
 TEST(PackedDevice, BufferIdsBeyondTheQueueSizeAreTracked) {
   // A driver may pick any 16-bit id (2.8.6); ours stay below the size, so
   // write these chains by hand: ids 3 (flat table), 4, 0x8000 and 0xffff (map).

@@ -203,6 +203,7 @@ class PackedDeviceQueue {
   // A deferred batch without in_order: its first used descriptor's flags.
   bool pending_ = false;
   std::uint16_t pending_pos_ = 0;
+  bool pending_wrap_ = true;  // our used wrap counter at pending_pos_
   std::uint16_t pending_flags_ = 0;
   std::uint64_t pending_moved_ = 0;  // ring positions of the deferred batch
 
