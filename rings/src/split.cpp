@@ -122,6 +122,8 @@ Error detail::chain_fault(std::int64_t fault, const std::string& queue) {
       return Error(Errc::invalid_argument, queue, op, "empty descriptor chain");
     case kChainZeroLength:
       return Error(Errc::invalid_argument, queue, op, "zero-length buffer");
+    case kChainOverFourGiB:
+      return Error(Errc::invalid_argument, queue, op, "chain is longer than 2^32 bytes in total");
     default:
       return Error(Errc::invalid_argument, queue, op, "device-writable bytes of the chain overflow 32 bits");
   }

@@ -212,20 +212,24 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           bufs.push_back({0x100000u * (i + 1) + next_token, len});
         }
         const std::span<const Buffer> out(bufs.data(), n_out), inb(bufs.data() + n_out, n_in);
-        std::uint64_t writable = 0;
+        std::uint64_t writable = 0, total = 0;
         bool zero = false;
-        for (const Buffer& b : bufs) zero |= b.len == 0;
+        for (const Buffer& b : bufs) {
+          zero |= b.len == 0;
+          total += b.len;
+        }
         for (const Buffer& b : inb) writable += b.len;
+        const bool bad = bufs.empty() || zero || writable > 0xFFFFFFFFu || total > (std::uint64_t{1} << 32);
         const bool indirect = bufs.size() > 1 && bufs.size() <= ind_limit;
         const std::size_t positions = indirect ? 1 : bufs.size();
         const std::uint64_t token = next_token++;
         const std::vector<std::uint8_t> before = all_areas();
         auto r = q.add(out, inb, token);
-        if (broken || bufs.empty() || zero || writable > 0xFFFFFFFFu || positions > model_free) {
+        if (broken || bad || positions > model_free) {
           CHECK(!r.ok());
           if (broken) {
             check_broken_error(r.error());
-          } else if (bufs.empty() || zero || writable > 0xFFFFFFFFu) {
+          } else if (bad) {
             CHECK(r.error().code() == Errc::invalid_argument);
           } else {
             CHECK(r.error().code() == Errc::busy);

@@ -485,6 +485,31 @@ TEST(PackedQueue, RejectsBadChainsWithoutChangingState) {
   EXPECT_EQ((*r)->len, 0xFFFFFFFFu);
 }
 
+TEST(PackedQueue, RejectsChainsOverFourGiBInTotal) {
+  // 2.7.5.1: a driver MUST NOT add a chain longer than 2^32 bytes in total,
+  // readable bytes included (a device refuses such a chain as malformed).
+  PackedMem m(8);
+  auto q = m.create();
+  ASSERT_TRUE(q.ok());
+  const auto before = m.bytes();
+  const Buffer big[] = {{1, 0xFFFFFFFFu}, {2, 0xFFFFFFFFu}};
+  const Buffer one[] = {{3, 1}, {4, 1}};
+  struct Case {
+    std::span<const Buffer> out, in;
+  };
+  const Case cases[] = {{big, {}}, {std::span<const Buffer>(big).first(1), one}};
+  for (const Case& c : cases) {
+    auto r = q->add(c.out, c.in, 1);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().code(), Errc::invalid_argument);
+    EXPECT_EQ(r.error().device(), kName);
+  }
+  EXPECT_EQ(m.bytes(), before);
+  EXPECT_EQ(q->free_count(), 8);
+  // Exactly 2^32 bytes is fine.
+  EXPECT_TRUE(q->add(std::span<const Buffer>(big).first(1), std::span<const Buffer>(one).first(1), 2).ok());
+}
+
 // > 70000 requests through small queues of odd and power-of-two size: both
 // wrap counters flip thousands of times, chains of 1-3 descriptors cross the
 // ring end, completions come back shuffled, batched, and some only in a later

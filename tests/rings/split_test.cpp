@@ -491,6 +491,31 @@ TEST(SplitQueue, RejectsBadChainsWithoutChangingState) {
   EXPECT_EQ((*r)->len, 0xFFFFFFFFu);
 }
 
+TEST(SplitQueue, RejectsChainsOverFourGiBInTotal) {
+  // 2.7.5.1: a driver MUST NOT add a chain longer than 2^32 bytes in total,
+  // readable bytes included (a device refuses such a chain as malformed).
+  RingMem m(8);
+  auto q = m.create();
+  ASSERT_TRUE(q.ok());
+  const auto before = m.driver_areas();
+  const Buffer big[] = {{1, 0xFFFFFFFFu}, {2, 0xFFFFFFFFu}};
+  const Buffer one[] = {{3, 1}, {4, 1}};
+  struct Case {
+    std::span<const Buffer> out, in;
+  };
+  const Case cases[] = {{big, {}}, {std::span<const Buffer>(big).first(1), one}};
+  for (const Case& c : cases) {
+    auto r = q->add(c.out, c.in, 1);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().code(), Errc::invalid_argument);
+    EXPECT_EQ(r.error().device(), kName);
+  }
+  EXPECT_EQ(m.driver_areas(), before);
+  EXPECT_EQ(q->free_count(), 8);
+  // Exactly 2^32 bytes is fine.
+  EXPECT_TRUE(q->add(std::span<const Buffer>(big).first(1), std::span<const Buffer>(one).first(1), 2).ok());
+}
+
 TEST(SplitQueue, PublishReportsNoNotify) {
   RingMem m(4);
   auto q = m.create();

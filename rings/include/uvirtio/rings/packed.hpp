@@ -178,8 +178,9 @@ class PackedQueue {
   // a chain of 2..max_indirect buffers goes into the buffer id's table and
   // takes one ring position (2.8.7), also when fewer positions are free.
   // Returns the buffer id. Fails with invalid_argument for an empty chain, a
-  // zero-length buffer or more than 2^32-1 writable bytes, busy when too few
-  // ring positions are free, broken when latched.
+  // zero-length buffer, more than 2^32-1 writable bytes or more than 2^32
+  // bytes in all, busy when too few ring positions are free, broken when
+  // latched.
   //
   //   const Buffer req[] = {{hdr_iova, 16}}, resp[] = {{data_iova, 512}};
   //   UV_TRY(auto id, q.add(req, resp, cookie));

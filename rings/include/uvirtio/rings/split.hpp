@@ -122,8 +122,9 @@ struct Completion {
 
 // The checks every ring's add() makes on a chain before touching memory: not
 // empty, no zero-length buffer, device-writable bytes fit in 32 bits (the
-// used length is a le32). Returns the device-writable byte count; errors are
-// invalid_argument naming `queue` and the operation "add buffers".
+// used length is a le32), at most 2^32 bytes in all (2.7.5.1, 2.8.6).
+// Returns the device-writable byte count; errors are invalid_argument naming
+// `queue` and the operation "add buffers".
 Result<std::uint32_t> chain_writable_bytes(std::span<const Buffer> out, std::span<const Buffer> in,
                                            const std::string& queue);
 
@@ -131,18 +132,28 @@ namespace detail {
 // The same checks without building a Result on the hot path: the
 // device-writable byte count, or a negative ChainFault (chain_fault() turns
 // it into the error chain_writable_bytes() would return).
-enum ChainFault : std::int64_t { kChainEmpty = -1, kChainZeroLength = -2, kChainTooLong = -3 };
+enum ChainFault : std::int64_t {
+  kChainEmpty = -1,
+  kChainZeroLength = -2,
+  kChainTooLong = -3,
+  kChainOverFourGiB = -4
+};
 inline std::int64_t chain_writable(std::span<const Buffer> out, std::span<const Buffer> in) noexcept {
   if (out.empty() && in.empty()) return kChainEmpty;
   bool zero_len = false;
+  std::uint64_t readable = 0;
   std::uint64_t writable = 0;
-  for (const Buffer& b : out) zero_len |= b.len == 0;
+  for (const Buffer& b : out) {
+    zero_len |= b.len == 0;
+    readable += b.len;
+  }
   for (const Buffer& b : in) {
     zero_len |= b.len == 0;
     writable += b.len;
   }
   if (zero_len) return kChainZeroLength;
   if (writable > 0xffffffffu) return kChainTooLong;
+  if (readable + writable > std::uint64_t{1} << 32) return kChainOverFourGiB;
   return static_cast<std::int64_t>(writable);
 }
 Error chain_fault(std::int64_t fault, const std::string& queue);
@@ -167,7 +178,8 @@ class SplitQueue {
   // Writes a chain of `out` (device-readable) then `in` (device-writable)
   // buffers and places its head in the available ring, without making it
   // visible to the device yet (see publish()). Fails with invalid_argument
-  // for an empty chain or a zero-length buffer, busy when fewer than
+  // for an empty chain, a zero-length buffer, more than 2^32-1 writable bytes
+  // or more than 2^32 bytes in all (chain_writable_bytes), busy when fewer than
   // out.size()+in.size() descriptors are free, broken when latched.
   Result<std::uint16_t> add(std::span<const Buffer> out, std::span<const Buffer> in, std::uint64_t token);
 
