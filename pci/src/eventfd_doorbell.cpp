@@ -10,6 +10,8 @@
 #include <cerrno>
 #include <ctime>
 
+#include "uvirtio/base/deadline.hpp"
+
 namespace uvirtio::pci {
 namespace {
 
@@ -65,10 +67,7 @@ Result<bool> EventfdDoorbell::wait(std::chrono::nanoseconds timeout) {
       return Error::from_errno(errno, name_, "wait for doorbell", "add the eventfd to epoll");
     epoll_ = std::move(owned);
   }
-  // Saturate: now + a timeout such as nanoseconds::max() would overflow.
-  const auto now = Clock::now();
-  const auto room = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::time_point::max() - now);
-  const auto deadline = now + std::clamp(timeout, std::chrono::nanoseconds(0), room);
+  const auto deadline = deadline_after(timeout);  // saturated: nanoseconds::max() waits for ever
   for (;;) {
     const auto left =
         std::max(std::chrono::nanoseconds(deadline - Clock::now()), std::chrono::nanoseconds(0));
