@@ -129,6 +129,12 @@ Error detail::chain_fault(std::int64_t fault, const std::string& queue) {
   }
 }
 
+Error detail::chain_too_long(std::size_t needed, std::size_t queue_size, const std::string& queue) {
+  return Error(Errc::invalid_argument, queue, "add buffers",
+               "the chain needs " + std::to_string(needed) + " descriptors, the queue has only " +
+                   std::to_string(queue_size));
+}
+
 Result<std::uint32_t> chain_writable_bytes(std::span<const Buffer> out, std::span<const Buffer> in,
                                            const std::string& queue) {
   const std::int64_t w = detail::chain_writable(out, in);
@@ -149,6 +155,8 @@ Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<con
   // table and takes one ring descriptor (also when the ring has too few free).
   const bool indirect = n > 1 && n <= indirect_limit();
   const std::size_t ring_descs = indirect ? 1 : n;
+  if (ring_descs > size_) [[unlikely]]  // never fits: busy would have the caller retry forever
+    return detail::chain_too_long(ring_descs, size_, name_);
   if (ring_descs > num_free_) [[unlikely]]
     return busy_error(ring_descs);
 

@@ -393,23 +393,44 @@ TEST(PackedQueue, RoundTripWritesDataThroughTheAddresses) {
   EXPECT_TRUE(m.guards_intact());
 }
 
+// A chain longer than the whole queue (and not indirect) never fits: busy
+// would have a caller that retries on busy loop forever. It is refused as
+// invalid_argument, the ring untouched, also on an empty queue.
+TEST(PackedQueue, AChainLongerThanTheQueueIsInvalidNotBusy) {
+  PackedMem m(5);
+  auto q = m.create();
+  ASSERT_TRUE(q.ok());
+  const Buffer b[] = {{1, 1}, {2, 1}, {3, 1}, {4, 1}, {5, 1}, {6, 1}};
+  const auto before = m.bytes();
+  for (const std::size_t outs : {std::size_t{6}, std::size_t{1}}) {
+    auto r = q->add(std::span(b, outs), std::span(b + outs, 6 - outs), 0);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().code(), Errc::invalid_argument) << r.error().message();
+    EXPECT_EQ(r.error().device(), kName);
+    EXPECT_EQ(r.error().cause(), "the chain needs 6 descriptors, the queue has only 5");
+  }
+  EXPECT_EQ(m.bytes(), before);
+  EXPECT_EQ(q->free_count(), 5);
+  EXPECT_EQ(q->in_flight(), 0);
+  ASSERT_TRUE(q->add(std::span(b, 5), {}, 1).ok());  // the whole queue still fits
+  EXPECT_EQ(q->free_count(), 0);
+  EXPECT_EQ(q->add(std::span(b, 1), {}, 2).error().code(), Errc::busy);
+}
+
 TEST(PackedQueue, FreeCountBusyWhenFullAndOutOfOrderCompletion) {
   PackedMem m(5);
   auto q = m.create();
   ASSERT_TRUE(q.ok());
   PackedDevice dev(m);
   const Buffer b[] = {{1, 1}, {2, 1}, {3, 1}, {4, 1}, {5, 1}, {6, 1}};
-  auto busy = q->add(std::span(b, 6), {}, 0);
-  ASSERT_FALSE(busy.ok());
-  EXPECT_EQ(busy.error().code(), Errc::busy);
-  EXPECT_EQ(busy.error().cause(), "6 descriptors needed, 5 free");
   ASSERT_TRUE(q->add(std::span(b, 2), std::span(b + 2, 1), 10).ok());  // positions 0-2
   EXPECT_EQ(q->free_count(), 2);
   EXPECT_EQ(q->in_flight(), 3);
   const auto before = m.bytes();
-  busy = q->add(std::span(b, 2), std::span(b, 1), 11);
+  auto busy = q->add(std::span(b, 2), std::span(b, 1), 11);
   ASSERT_FALSE(busy.ok());
   EXPECT_EQ(busy.error().code(), Errc::busy);
+  EXPECT_EQ(busy.error().cause(), "3 descriptors needed, 2 free");
   EXPECT_EQ(busy.error().device(), kName);
   EXPECT_EQ(m.bytes(), before);
   EXPECT_EQ(q->free_count(), 2);

@@ -401,21 +401,43 @@ TEST(SplitQueue, FreedChainIsReusedThroughDriverLinks) {
   EXPECT_TRUE(dev.errors().empty()) << dev.errors().front();
 }
 
+// A chain longer than the whole queue (and not indirect) never fits: busy
+// would have a caller that retries on busy loop forever. It is refused as
+// invalid_argument, the ring untouched, also on an empty queue.
+TEST(SplitQueue, AChainLongerThanTheQueueIsInvalidNotBusy) {
+  RingMem m(4);
+  auto q = m.create();
+  ASSERT_TRUE(q.ok());
+  const Buffer b[] = {{1, 1}, {2, 1}, {3, 1}, {4, 1}, {5, 1}};
+  const auto before = m.driver_areas();
+  for (const std::size_t outs : {std::size_t{5}, std::size_t{2}}) {
+    auto r = q->add(std::span(b, outs), std::span(b + outs, 5 - outs), 0);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().code(), Errc::invalid_argument) << r.error().message();
+    EXPECT_EQ(r.error().device(), kName);
+    EXPECT_EQ(r.error().cause(), "the chain needs 5 descriptors, the queue has only 4");
+  }
+  EXPECT_EQ(m.driver_areas(), before);
+  EXPECT_EQ(q->free_count(), 4);
+  EXPECT_EQ(q->in_flight(), 0);
+  // A chain of the whole queue still fits.
+  ASSERT_TRUE(q->add(std::span(b, 4), {}, 1).ok());
+  EXPECT_EQ(q->free_count(), 0);
+  // Once the queue is (partly) full, a chain that fits an empty queue is busy.
+  EXPECT_EQ(q->add(std::span(b, 1), {}, 2).error().code(), Errc::busy);
+}
+
 TEST(SplitQueue, FreeCountAndBusyWhenFull) {
   RingMem m(4);
   auto q = m.create();
   ASSERT_TRUE(q.ok());
   SoftDevice dev(m);
   const Buffer b[] = {{1, 1}, {2, 1}, {3, 1}, {4, 1}, {5, 1}};
-  auto busy = q->add(std::span(b, 5), {}, 0);
-  ASSERT_FALSE(busy.ok());
-  EXPECT_EQ(busy.error().code(), Errc::busy);
-  EXPECT_EQ(q->free_count(), 4);
   ASSERT_TRUE(q->add(std::span(b, 2), std::span(b + 2, 1), 10).ok());
   EXPECT_EQ(q->free_count(), 1);
   EXPECT_EQ(q->in_flight(), 3);
   const auto before = m.driver_areas();
-  busy = q->add(std::span(b, 1), std::span(b, 1), 11);
+  auto busy = q->add(std::span(b, 1), std::span(b, 1), 11);
   ASSERT_FALSE(busy.ok());
   EXPECT_EQ(busy.error().code(), Errc::busy);
   EXPECT_EQ(busy.error().device(), kName);

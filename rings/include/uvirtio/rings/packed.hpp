@@ -179,7 +179,8 @@ class PackedQueue {
   // takes one ring position (2.8.7), also when fewer positions are free.
   // Returns the buffer id. Fails with invalid_argument for an empty chain, a
   // zero-length buffer, more than 2^32-1 writable bytes or more than 2^32
-  // bytes in all, busy when too few ring positions are free, broken when
+  // bytes in all or a chain needing more ring positions than the queue has
+  // (it never fits), busy when too few ring positions are free, broken when
   // latched.
   //
   //   const Buffer req[] = {{hdr_iova, 16}}, resp[] = {{data_iova, 512}};

@@ -157,6 +157,10 @@ inline std::int64_t chain_writable(std::span<const Buffer> out, std::span<const 
   return static_cast<std::int64_t>(writable);
 }
 Error chain_fault(std::int64_t fault, const std::string& queue);
+// A chain that takes more ring descriptors than the queue has: it can never
+// fit, so it is invalid_argument, not busy (a caller retrying on busy would
+// loop forever).
+Error chain_too_long(std::size_t needed, std::size_t queue_size, const std::string& queue);
 }  // namespace detail
 
 class SplitQueue {
@@ -179,8 +183,9 @@ class SplitQueue {
   // buffers and places its head in the available ring, without making it
   // visible to the device yet (see publish()). Fails with invalid_argument
   // for an empty chain, a zero-length buffer, more than 2^32-1 writable bytes
-  // or more than 2^32 bytes in all (chain_writable_bytes), busy when fewer than
-  // out.size()+in.size() descriptors are free, broken when latched.
+  // or more than 2^32 bytes in all (chain_writable_bytes) or for a chain
+  // that needs more descriptors than the queue has (it never fits), busy when
+  // fewer than out.size()+in.size() descriptors are free, broken when latched.
   Result<std::uint16_t> add(std::span<const Buffer> out, std::span<const Buffer> in, std::uint64_t token);
 
   // Makes everything added so far visible: barrier, then avail->idx store.
