@@ -13,7 +13,7 @@ const char* kBlkUsage =
     "usage: uvirtio blk info BDF [--json]\n"
     "       uvirtio blk read BDF --sector S --count N [--hex]\n"
     "       uvirtio blk write BDF --sector S (--data TEXT | --file F) [--flush]   (padded with zeros to "
-    "512)\n"
+    "whole blocks)\n"
     "       uvirtio blk flush BDF\n"
     "options for all: --poll, --timeout MS\n";
 
@@ -70,14 +70,15 @@ int cmd_blk(const std::vector<std::string>& args) {
     }
     json j = {{"bdf", (*blk)->name()},
               {"capacity_sectors", (*blk)->capacity_sectors()},
+              {"block_size", (*blk)->block_size()},
               {"read_only", (*blk)->read_only()},
               {"features", (*blk)->features().describe()}};
     if (p.vm.count("json"))
       print_json(j);
     else
-      std::printf("%s: virtio-blk, %llu sectors (%llu MiB)%s\n  features %s\n", (*blk)->name().c_str(),
-                  static_cast<unsigned long long>((*blk)->capacity_sectors()),
-                  static_cast<unsigned long long>((*blk)->capacity_sectors() / 2048),
+      std::printf("%s: virtio-blk, %llu sectors (%llu MiB), %zu-byte blocks%s\n  features %s\n",
+                  (*blk)->name().c_str(), static_cast<unsigned long long>((*blk)->capacity_sectors()),
+                  static_cast<unsigned long long>((*blk)->capacity_sectors() / 2048), (*blk)->block_size(),
                   (*blk)->read_only() ? ", read-only" : "", (*blk)->features().describe().c_str());
     return 0;
   }
@@ -128,9 +129,10 @@ int cmd_blk(const std::vector<std::string>& args) {
       bytes = std::move(file).value();
     }
     if (bytes.empty()) throw UsageError{"blk write: nothing to write"};
-    bytes.resize((bytes.size() + driver::kSectorSize - 1) / driver::kSectorSize * driver::kSectorSize, 0);
     auto blk = driver::Blk::open(p.bdf, p.opt);
     if (!blk) return fail(blk.error());
+    const std::size_t block = (*blk)->block_size();  // the device refuses partial blocks
+    bytes.resize((bytes.size() + block - 1) / block * block, 0);
     if (auto r = (*blk)->write(sector, bytes); !r) return fail(r.error());
     if (p.vm.count("flush"))
       if (auto r = (*blk)->flush(); !r) return fail(r.error());

@@ -48,17 +48,34 @@ Result<std::unique_ptr<Blk>> Blk::attach(std::unique_ptr<Device> dev, const BlkO
   if (capacity > (std::uint64_t{1} << 54))
     return Error(Errc::bad_device_data, t.name(), "open block device",
                  "capacity of " + std::to_string(capacity) + " sectors overflows a byte offset");
+  // With VIRTIO_BLK_F_BLK_SIZE, blk_size (le32 at offset 20) is the logical
+  // block size: a device such as QEMU's with logical_block_size=4096 fails
+  // requests not aligned to it, so reads and writes are refused unless whole
+  // blocks.
+  std::size_t block = kSectorSize;
+  if (t.features().has(blk_feature::kBlkSize)) {
+    std::uint8_t v[4];
+    UV_TRY_VOID(t.read_device_config(20, v, 4));
+    const std::uint32_t blk_size = load_le32(v);
+    if (blk_size < kSectorSize || blk_size > kBounce || (blk_size & (blk_size - 1)) != 0)
+      return Error(
+          Errc::bad_device_data, t.name(), "open block device",
+          "blk_size of " + std::to_string(blk_size) + " bytes is not a power of two between 512 and 65536");
+    block = blk_size;
+  }
   // One data descriptor per request: with VIRTIO_BLK_F_SIZE_MAX it may not
-  // be longer than size_max (le32 at offset 8), so requests are cut to it.
+  // be longer than size_max (le32 at offset 8), so requests are cut to it
+  // (whole blocks).
   std::size_t max_request = kBounce;
   if (t.features().has(blk_feature::kSizeMax)) {
     std::uint8_t v[4];
     UV_TRY_VOID(t.read_device_config(8, v, 4));
     const std::uint32_t size_max = load_le32(v);
-    if (size_max < kSectorSize)
+    if (size_max < block)
       return Error(Errc::bad_device_data, t.name(), "open block device",
-                   "size_max of " + std::to_string(size_max) + " bytes is less than one 512-byte sector");
-    max_request = std::min<std::size_t>(max_request, size_max / kSectorSize * kSectorSize);
+                   "size_max of " + std::to_string(size_max) + " bytes is less than one " +
+                       std::to_string(block) + "-byte " + (block == kSectorSize ? "sector" : "block"));
+    max_request = std::min<std::size_t>(max_request, size_max / block * block);
   }
   UV_TRY(std::unique_ptr<Virtqueue> vq, Virtqueue::create(t, 0, 128, options.completion));
   UV_TRY(pci::DmaRegion hdr, t.dma().alloc(64, 64));
@@ -68,14 +85,21 @@ Result<std::unique_ptr<Blk>> Blk::attach(std::unique_ptr<Device> dev, const BlkO
   std::unique_ptr<Blk> b(new Blk(std::move(dev), std::move(vq), hdr, data, options));
   b->capacity_ = capacity;
   b->max_request_ = max_request;
+  b->block_size_ = block;
   b->read_only_ = b->features().has(blk_feature::kRo);
   return b;
 }
 
 Result<void> Blk::check_range(std::uint64_t sector, std::size_t bytes, const char* op) const {
-  if (bytes == 0 || bytes % kSectorSize != 0)
+  if (bytes == 0 || bytes % block_size_ != 0)
     return Error(Errc::invalid_argument, name(), op,
-                 "length " + std::to_string(bytes) + " is not a non-zero multiple of 512");
+                 "length " + std::to_string(bytes) + " is not a non-zero multiple of " +
+                     std::to_string(block_size_) +
+                     (block_size_ == kSectorSize ? "" : " (the device's logical block size)"));
+  if (sector % (block_size_ / kSectorSize) != 0)
+    return Error(Errc::invalid_argument, name(), op,
+                 "sector " + std::to_string(sector) + " is not aligned to the device's " +
+                     std::to_string(block_size_) + "-byte logical block size");
   const std::uint64_t n = bytes / kSectorSize;
   if (sector > capacity_ || n > capacity_ - sector)
     return Error(Errc::invalid_argument, name(), op,

@@ -37,6 +37,7 @@ struct Disk {
   std::uint8_t status = 0;  // what the device answers
   std::uint64_t requests = 0;
   std::uint32_t max_data_segment = 0;  // the longest data descriptor seen
+  std::uint32_t block = kSectorSize;   // as QEMU: a request not in whole blocks gets VIRTIO_BLK_S_IOERR
   test::RequestHandler handler() {
     return [this](std::uint16_t, std::span<const Segment> chain) -> std::uint32_t {
       ++requests;
@@ -48,6 +49,12 @@ struct Disk {
           load_le32(chain.front().data + 8) | (std::uint64_t{load_le32(chain.front().data + 12)} << 32);
       std::uint32_t written = 1;
       std::uint64_t off = sector * kSectorSize;
+      std::uint64_t data_len = 0;
+      for (std::size_t i = 1; i + 1 < chain.size(); ++i) data_len += chain[i].len;
+      if ((type == 0 || type == 1) && (off % block != 0 || data_len % block != 0)) {
+        *chain.back().data = 1;  // VIRTIO_BLK_S_IOERR
+        return 1;
+      }
       for (std::size_t i = 1; i + 1 < chain.size(); ++i) {
         const Segment& s = chain[i];
         max_data_segment = std::max(max_data_segment, s.len);
@@ -310,6 +317,71 @@ TEST(Blk, SizeMaxBelowASectorIsRefused) {
   EXPECT_EQ(b.error().code(), Errc::bad_device_data);
   EXPECT_NE(b.error().message().find("size_max"), std::string::npos) << b.error().message();
   EXPECT_NE(b.error().message().find(dev.bdf()), std::string::npos) << b.error().message();
+}
+
+// VIRTIO_BLK_F_BLK_SIZE with a 4 KiB logical block (le32 blk_size at offset
+// 20, 5.2.4): the driver reads it, and a read or write whose offset or length
+// is not whole blocks is refused before the device sees it (QEMU answers it
+// with VIRTIO_BLK_S_IOERR). Requests cut at size_max stay whole blocks.
+TEST(Blk, ReadsAndWritesAreWholeLogicalBlocks) {
+  FakeVirtioOptions o = disk_options();
+  o.features |= (1ull << blk_feature::kBlkSize) | (1ull << blk_feature::kSizeMax);
+  o.device_config[8] = 0x00;  // size_max = 0x1800: one and a half blocks
+  o.device_config[9] = 0x18;
+  o.device_config[20] = 0x00;  // blk_size = 4096
+  o.device_config[21] = 0x10;
+  FakeVirtioDevice dev{o};
+  Disk disk;
+  disk.block = 4096;
+  dev.set_handler(disk.handler());
+  auto blk = attach(dev, false);
+  ASSERT_TRUE(blk);
+  EXPECT_TRUE(blk->features().has(blk_feature::kBlkSize));
+  EXPECT_EQ(blk->block_size(), 4096u);
+  std::vector<std::uint8_t> one(kSectorSize), block(4096);
+  for (auto r : {blk->read(0, one), blk->write(0, one), blk->read(1, block), blk->write(9, block)}) {
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().code(), Errc::invalid_argument) << r.error().message();
+    EXPECT_NE(r.error().message().find(dev.bdf()), std::string::npos) << r.error().message();
+    EXPECT_NE(r.error().message().find("4096"), std::string::npos) << r.error().message();
+  }
+  EXPECT_EQ(disk.requests, 0u);
+  const auto a = pattern(3 * 4096, 5);
+  ASSERT_TRUE(blk->write(8, a).ok());
+  std::vector<std::uint8_t> back(a.size());
+  ASSERT_TRUE(blk->read(8, back).ok());
+  EXPECT_EQ(back, a);
+  EXPECT_TRUE(std::equal(a.begin(), a.end(), disk.bytes.begin() + 8 * kSectorSize));
+  EXPECT_EQ(disk.max_data_segment, 4096u);
+  EXPECT_EQ(dev.violations(), kNone);
+}
+
+// A blk_size that is no power of two in 512..64 KiB, or a size_max below one
+// block, is bad device data naming the device.
+TEST(Blk, BadBlkSizeIsRefused) {
+  const std::pair<std::uint32_t, std::uint32_t> cases[] = {{0, 0},          {256, 0},         {768, 0},
+                                                           {128 * 1024, 0}, {0x80000000u, 0}, {4096, 2048}};
+  for (const auto& [blk_size, size_max] : cases) {
+    SCOPED_TRACE("blk_size " + std::to_string(blk_size) + " size_max " + std::to_string(size_max));
+    FakeVirtioOptions o = disk_options();
+    o.features |= 1ull << blk_feature::kBlkSize;
+    if (size_max != 0) o.features |= 1ull << blk_feature::kSizeMax;
+    for (int i = 0; i < 4; ++i) {
+      o.device_config[static_cast<std::size_t>(20 + i)] = static_cast<std::uint8_t>(blk_size >> (8 * i));
+      o.device_config[static_cast<std::size_t>(8 + i)] = static_cast<std::uint8_t>(size_max >> (8 * i));
+    }
+    FakeVirtioDevice dev{o};
+    BlkOptions opt;
+    opt.completion = CompletionMode::polling;
+    auto d = bring_up(dev.take_function(), kVirtioBlkType, Blk::policy(opt));
+    ASSERT_TRUE(d.ok()) << d.error().message();
+    auto b = Blk::attach(std::move(d).value(), opt);
+    ASSERT_FALSE(b.ok());
+    EXPECT_EQ(b.error().code(), Errc::bad_device_data);
+    EXPECT_NE(b.error().message().find(size_max != 0 ? "size_max" : "blk_size"), std::string::npos)
+        << b.error().message();
+    EXPECT_NE(b.error().message().find(dev.bdf()), std::string::npos) << b.error().message();
+  }
 }
 
 // ------------------------------------------------------------------ ring features

@@ -52,11 +52,18 @@ class Blk {
 
   const std::string& name() const { return dev_->transport().name(); }
   std::uint64_t capacity_sectors() const { return capacity_; }
+  // The logical block size in bytes: blk_size with VIRTIO_BLK_F_BLK_SIZE
+  // (a power of two, 512..64 KiB), else 512. Sector numbers stay in 512-byte
+  // units (5.2.5).
+  std::size_t block_size() const { return block_size_; }
   bool read_only() const { return read_only_; }
   FeatureSet features() const { return dev_->transport().features(); }
   Virtqueue& queue() { return *vq_; }
 
-  // `out.size()` must be a multiple of 512; sectors [sector, sector + n) must exist.
+  // `out.size()` and the byte offset sector * 512 must be multiples of
+  // block_size() (checked before anything is sent: a device with larger
+  // logical blocks fails misaligned requests); sectors [sector, sector + n)
+  // must exist.
   // A request that ran into its deadline keeps the request buffers until
   // the device completes it: until then requests fail with Errc::busy
   // (recover() reclaims them at once).
@@ -93,7 +100,8 @@ class Blk {
   pci::DmaRegion data_;  // bounce buffer
   BlkOptions opt_;
   std::uint64_t capacity_ = 0;
-  std::size_t max_request_ = 0;  // bytes per request: the bounce buffer, or size_max (sectors)
+  std::size_t max_request_ = 0;  // bytes per request: the bounce buffer, or size_max (blocks)
+  std::size_t block_size_ = kSectorSize;
   bool read_only_ = false;
   std::uint64_t next_token_ = 1;
   std::uint64_t recoveries_ = 0;
