@@ -34,6 +34,9 @@ namespace vu = vhost_user;
 constexpr std::uint64_t kPage = 4096;
 constexpr std::uint64_t kRegionAlign = 2ull << 20;  // BAR offsets of regions
 constexpr std::uint32_t kNetQueues = 2;             // receiveq1, transmitq1
+// Config acks recorded but not yet read by run(). One request is awaited at
+// a time, so a driver that keeps more than this pending is flooding us.
+constexpr std::size_t kMaxPendingConfigAcks = 64;
 
 // BAR2: address space reserved once; regions are mapped into it with
 // MAP_FIXED and replaced by anonymous zero pages when withdrawn, so every
@@ -115,7 +118,8 @@ struct DeviceModel::Impl {
   std::mutex mu;
   std::uint64_t resets = 0;
   bool driver_ok = false;
-  std::deque<std::array<std::uint8_t, sizeof(Config)>> config_acks;
+  std::deque<std::array<std::uint8_t, sizeof(Config)>> config_acks;  // at most kMaxPendingConfigAcks
+  bool config_acks_overflowed = false;
   std::mutex call_mu;
   std::array<int, kMaxRemoteVirtqs> call_fds{};  // dup'd front-end call eventfds, -1: none
   mutable std::mutex stats_mu;
@@ -149,6 +153,9 @@ struct DeviceModel::Impl {
   };
   std::array<RingSig, kNetQueues> announced{};
   std::uint64_t offered_features = 0;  // to the driver in FEATURE_BITS
+  // The driver broke the protocol: it is at DEVICE_NEEDS_RESET and nothing
+  // is announced to it until it resets.
+  bool driver_failed = false;
 
   void log(const std::string& line) const {
     if (opt.log) opt.log(line);
@@ -171,6 +178,7 @@ struct DeviceModel::Impl {
           ++resets;
           driver_ok = false;
           config_acks.clear();
+          config_acks_overflowed = false;
         } else if (s & status::kDriverOk) {
           driver_ok = true;
         }
@@ -185,7 +193,10 @@ struct DeviceModel::Impl {
       std::copy_n(cfg.begin(), std::min(cfg.size(), snap.size()), snap.begin());
       {
         std::lock_guard lock(mu);
-        config_acks.push_back(snap);
+        if (config_acks.size() < kMaxPendingConfigAcks)
+          config_acks.push_back(snap);
+        else
+          config_acks_overflowed = true;  // dropped; run() fails the driver
       }
       signal_wake();
     });
@@ -222,16 +233,19 @@ struct DeviceModel::Impl {
 
   void driver_side(std::vector<std::array<std::uint8_t, sizeof(Config)>>& acks) {
     std::uint64_t r;
-    bool ok_now;
+    bool ok_now, flooded;
     {
       std::lock_guard lock(mu);
       r = resets;
       ok_now = driver_ok;
+      flooded = config_acks_overflowed;
+      config_acks_overflowed = false;
       acks.assign(config_acks.begin(), config_acks.end());
       config_acks.clear();
     }
     if (r != seen_resets) {
       seen_resets = r;
+      driver_failed = false;
       if (phase != Phase::idle) log("driver reset: remote device withdrawn without acks");
       ctrl.reset();
       ackq.reset();
@@ -239,6 +253,15 @@ struct DeviceModel::Impl {
       outbox.clear();
       withdraw_all();
       phase = Phase::idle;
+    }
+    if (flooded && !driver_failed) {
+      acks.clear();
+      return fail_driver("the driver wrote more than " + std::to_string(kMaxPendingConfigAcks) +
+                         " config acks before they were read (one request is outstanding at a time)");
+    }
+    if (driver_failed) {
+      acks.clear();
+      return;
     }
     if (ok_now && !ctrl) {
       ackq_on = ((soft->driver_features() >> kFeatureAckq) & 1) != 0;
@@ -446,7 +469,7 @@ struct DeviceModel::Impl {
   }
 
   bool want_up() {
-    if (stopping) return false;
+    if (stopping || driver_failed) return false;
     if (!be || !be->connected() || be->memory() == nullptr || !ctrl) return false;
     for (std::uint32_t i = 0; i < kNetQueues; ++i)
       if (!be->queue(i)) return false;
@@ -556,6 +579,21 @@ struct DeviceModel::Impl {
     if (be) be->disconnect();
   }
 
+  // The driver broke the protocol: DEVICE_NEEDS_RESET, and the remote device
+  // and its memory are withdrawn from it until it resets. The front-end's
+  // session stays: it did nothing wrong, and ending it would only make it
+  // come back to the same driver.
+  void fail_driver(const std::string& why) {
+    log(opt.bdf + ": " + why + "; device needs reset, nothing is announced until the driver resets");
+    bump(&Stats::driver_errors);
+    driver_failed = true;
+    soft->set_needs_reset();
+    awaiting.reset();
+    outbox.clear();
+    withdraw_all();
+    phase = Phase::idle;
+  }
+
   void on_ack(std::uint32_t type, std::uint32_t dtype, std::uint64_t did, std::uint64_t value,
               std::uint64_t id) {
     if (!awaiting || awaiting->type != type || (ackq_on && awaiting->request_id != id)) {
@@ -578,6 +616,9 @@ struct DeviceModel::Impl {
         return send_feature_bits(be->acked_features());
       case Phase::feat: {
         const std::uint64_t offered = offered_features;
+        if ((value & ~offered) != 0)  // would narrow nothing: the front-end would renegotiate in a loop
+          return fail_driver("FEATURE_BITS ack " + hex(value) + " accepts bits " + hex(value & ~offered) +
+                             " that were not offered (" + hex(offered) + ")");
         if (value != offered) {
           // Spec 4.5: the front-end must renegotiate with the accepted bits.
           be->restrict_features(~(offered & ~value));

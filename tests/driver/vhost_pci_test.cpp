@@ -14,9 +14,12 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <deque>
 #include <filesystem>
+#include <functional>
+#include <mutex>
 #include <thread>
 
 #include "support/vhost_user_frontend.hpp"
@@ -695,6 +698,7 @@ class VhostPciChain : public ::testing::TestWithParam<bool> {
     o.device_id = 0x525400aabbcc;
     o.offer_ackq = ackq;
     o.memory_bar_size = 64ull << 20;
+    o.log = [this](const std::string& line) { on_log(line); };
     auto m = DeviceModel::create(o);
     ASSERT_TRUE(m.ok()) << m.error().message();
     model = std::move(*m);
@@ -843,6 +847,38 @@ class VhostPciChain : public ::testing::TestWithParam<bool> {
     EXPECT_EQ(std::memcmp(in, "pong", 4), 0);
   }
 
+  // The device model's log lines; `on_feature_bits` (if set) runs on the
+  // model's thread when it is about to send FEATURE_BITS (the offer), before
+  // the driver can see the message.
+  void on_log(const std::string& line) {
+    std::lock_guard lock(log_mu);
+    logs.push_back(line);
+    if (on_feature_bits && line.rfind("FEATURE_BITS ", 0) == 0)
+      on_feature_bits(std::stoull(line.substr(13), nullptr, 16));
+  }
+  bool logged(const std::string& part) {
+    std::lock_guard lock(log_mu);
+    return std::any_of(logs.begin(), logs.end(),
+                       [&](const std::string& l) { return l.find(part) != std::string::npos; });
+  }
+  // Device status as the driver reads it, through a second handle on the function.
+  bool needs_reset_within(std::chrono::milliseconds limit) {
+    auto fn = model->function();
+    auto bar = fn->bar(SoftVirtioDevice::kBar);
+    EXPECT_TRUE(bar.ok());
+    if (!bar.ok()) return false;
+    const auto until = std::chrono::steady_clock::now() + limit;
+    do {
+      auto st = (*bar)->read(SoftVirtioDevice::kCommon + 0x14, 1);
+      if (st.ok() && (*st & status::kNeedsReset) != 0) return true;
+      std::this_thread::sleep_for(5ms);
+    } while (std::chrono::steady_clock::now() < until);
+    return false;
+  }
+
+  std::mutex log_mu;
+  std::vector<std::string> logs;
+  std::function<void(std::uint64_t)> on_feature_bits;
   bool ackq = false;
   std::uint64_t accept = ~0ull;
   std::filesystem::path dir;
@@ -1049,6 +1085,60 @@ TEST_P(VhostPciChain, FeatureSubsetMakesTheFrontendRenegotiate) {
   EXPECT_FALSE(second & (1ull << feature::kEventIdx));
   ASSERT_TRUE(wait_for(ackq ? Driver::Event::device_added : Driver::Event::device_ready));
   exchange_packets();
+}
+
+// A hostile driver acks FEATURE_BITS with bits beyond the offer. Ending the
+// front-end's session would narrow nothing (offered & ~value is 0): the
+// front-end would come back with the same features and the same ack would
+// end it again, forever. It is a driver protocol violation: the driver is
+// set DEVICE_NEEDS_RESET, named in the log, and the front-end keeps its session.
+TEST_P(VhostPciChain, FeatureBitsAckBeyondTheOfferFailsTheDriverNotTheFrontend) {
+  if (ackq) GTEST_SKIP() << "acks through the device config only";
+  auto fn = model->function();
+  auto bar = fn->bar(SoftVirtioDevice::kBar);
+  ASSERT_TRUE(bar.ok());
+  pci::BarIo* cfg = *bar;
+  {
+    std::lock_guard lock(log_mu);
+    on_feature_bits = [cfg](std::uint64_t offered) {
+      // Before the driver sees the offer: the ack the model takes first.
+      const std::uint64_t at = SoftVirtioDevice::kDevice;
+      ASSERT_TRUE(cfg->write(at + 0, 4, kFeatureBitsAck).ok());
+      ASSERT_TRUE(cfg->write(at + 4, 4, kDeviceNet).ok());
+      ASSERT_TRUE(cfg->write(at + 8, 8, 0).ok());
+      ASSERT_TRUE(cfg->write(at + 16, 8, offered | (1ull << 63)).ok());
+    };
+  }
+  start_frontend();
+  ASSERT_TRUE(wait_for(Driver::Event::memory_added));  // its ack makes the model offer FEATURE_BITS
+  EXPECT_TRUE(needs_reset_within(3s));
+  EXPECT_TRUE(logged("0000:00:10.0: FEATURE_BITS ack")) << "no log line names the device";
+  EXPECT_TRUE(logged("not offered"));
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(model->stats().refusals, 0u) << "the front-end's session was ended";
+  EXPECT_EQ(model->stats().driver_errors, 1u);
+  EXPECT_FALSE(drv->remote_ready());
+}
+
+// A hostile driver writes the config ack's last byte far faster than the
+// model reads the acks (here: while the model's thread is busy): the pending
+// acks are bounded, and the flood fails the driver with a clear error.
+TEST_P(VhostPciChain, AConfigAckFloodIsBoundedAndFailsTheDriver) {
+  auto fn = model->function();
+  auto bar = fn->bar(SoftVirtioDevice::kBar);
+  ASSERT_TRUE(bar.ok());
+  pci::BarIo* cfg = *bar;
+  {
+    std::lock_guard lock(log_mu);
+    on_feature_bits = [cfg](std::uint64_t) {
+      for (int i = 0; i < 10000; ++i) ASSERT_TRUE(cfg->write(SoftVirtioDevice::kDevice + 23, 1, 0).ok());
+    };
+  }
+  start_frontend();
+  ASSERT_TRUE(wait_for(Driver::Event::memory_added));  // its ack makes the model offer FEATURE_BITS
+  EXPECT_TRUE(needs_reset_within(3s));
+  EXPECT_TRUE(logged("0000:00:10.0: the driver wrote more than 64 config acks"));
+  EXPECT_EQ(model->stats().driver_errors, 1u);
 }
 
 INSTANTIATE_TEST_SUITE_P(AckModes, VhostPciChain, ::testing::Values(false, true),

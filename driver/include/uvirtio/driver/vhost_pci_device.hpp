@@ -17,7 +17,9 @@
 //
 // The spec's initialisation, driven when the front-end's rings all run and
 // the driver is at DRIVER_OK: MEMORY_INFO ADD -> ack; FEATURE_BITS (what the
-// front-end acknowledged) -> accepted bits; if the driver accepted fewer,
+// front-end acknowledged) -> accepted bits (bits beyond the offer, or a
+// flood of config acks, are a driver protocol violation: DEVICE_NEEDS_RESET,
+// nothing announced until the driver resets); if the driver accepted fewer,
 // the front-end must renegotiate: the session is ended and the next
 // GET_FEATURES offers only the accepted bits (QEMU's reconnect=N comes back);
 // DEVICE_INFO ADD (the front-end's rings in guest-physical addresses, with
@@ -73,6 +75,7 @@ class DeviceModel {
     std::uint64_t withdrawn = 0;  // DEVICE_INFO DEL acked
     std::uint64_t refusals = 0;   // FAIL acks, feature subsets
     std::uint64_t frontend_errors = 0;
+    std::uint64_t driver_errors = 0;  // protocol violations: the driver was set DEVICE_NEEDS_RESET
   };
   Stats stats() const;
 
