@@ -21,7 +21,13 @@ Result<void> Device::reinitialize(std::chrono::milliseconds reset_deadline) {
                  "the device no longer offers features it accepted before: " +
                      FeatureSet(accepted.bits() & ~offered.bits()).describe());
   }
-  return t.accept_features(accepted);
+  auto accepted_again = t.accept_features(accepted);
+  if (!accepted_again) {
+    // Spec 3.1.1: a driver that gives up sets FAILED (as bring_up does).
+    (void)t.add_status(status::kFailed);
+    return accepted_again;
+  }
+  return ok();
 }
 
 Result<std::vector<std::uint64_t>> Device::recover(Virtqueue& vq, std::chrono::milliseconds reset_deadline) {

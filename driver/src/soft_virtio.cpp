@@ -72,11 +72,13 @@ SoftVirtioDevice::SoftVirtioDevice(SoftVirtioOptions options)
   }
   bar.hook(
       kCommon, kRegionSize,
-      [this](std::uint64_t off, unsigned w) {
+      [this](std::uint64_t off, unsigned w) -> std::uint64_t {
+        if (faults.gone) return w >= 8 ? ~std::uint64_t{0} : (std::uint64_t{1} << (8 * w)) - 1;
         std::lock_guard lock(mu_);
         return common_read(off, w);
       },
       [this](std::uint64_t off, unsigned w, std::uint64_t v) {
+        if (faults.gone) return;
         std::function<void(std::uint8_t)> hook;
         std::uint8_t status = 0;
         {
@@ -322,7 +324,9 @@ void SoftVirtioDevice::common_write(std::uint64_t off, unsigned width, std::uint
 }
 
 std::uint16_t SoftVirtioDevice::accept_vector(std::uint64_t v) const {
-  if (v >= opt_.msix_vectors || refused_vectors_.count(static_cast<std::uint16_t>(v))) return kNoVector;
+  if (auto a = vector_answers_.find(static_cast<std::uint16_t>(v)); a != vector_answers_.end())
+    return a->second;
+  if (v >= opt_.msix_vectors) return kNoVector;
   return static_cast<std::uint16_t>(v);
 }
 
@@ -649,9 +653,11 @@ void SoftVirtioDevice::set_queue_notify_off(std::uint16_t q, std::uint16_t notif
   queues_.at(q).notify_off = notify_off;
 }
 
-void SoftVirtioDevice::refuse_vector(std::uint16_t vector) {
+void SoftVirtioDevice::refuse_vector(std::uint16_t vector) { answer_vector(vector, kNoVector); }
+
+void SoftVirtioDevice::answer_vector(std::uint16_t vector, std::uint16_t answer) {
   std::lock_guard lock(mu_);
-  refused_vectors_.insert(vector);
+  vector_answers_[vector] = answer;
 }
 
 void SoftVirtioDevice::set_device_config(std::uint32_t off, std::span<const std::uint8_t> bytes) {

@@ -30,6 +30,9 @@ constexpr std::uint32_t queue_device = 0x30;
 }  // namespace cc
 
 constexpr std::uint16_t kNoVector = 0xffff;
+// No device_status has the reserved bits 4 and 5 set: all-ones is what a
+// read of a device that is gone (surprise removal) returns.
+constexpr std::uint8_t kGoneStatus = 0xff;
 constexpr int kConfigRetries = 64;
 
 // Spec 4.1.3.1: each device-config field is accessed with its own width
@@ -126,6 +129,9 @@ Result<void> VirtioPci::reset(std::chrono::milliseconds deadline) {
   for (;;) {
     UV_TRY(std::uint64_t s, common_read(cc::device_status, 1));
     if (s == 0) break;
+    if (s == kGoneStatus)
+      return Error(Errc::not_found, fn_.bdf(), "reset device",
+                   "device status reads 0xff: the device is gone (surprise removal?)");
     if (std::chrono::steady_clock::now() >= until)
       return Error(
           Errc::timeout, fn_.bdf(), "reset device",
@@ -149,8 +155,18 @@ Result<std::uint8_t> VirtioPci::status() {
   return static_cast<std::uint8_t>(s);
 }
 
-Result<void> VirtioPci::add_status(std::uint8_t bits) {
+Result<std::uint8_t> VirtioPci::live_status(const std::string& op) {
   UV_TRY(std::uint8_t s, status());
+  if (s == kGoneStatus)
+    return Error(Errc::not_found, fn_.bdf(), op,
+                 "device status reads 0xff: the device is gone (surprise removal?)");
+  return s;
+}
+
+Result<void> VirtioPci::add_status(std::uint8_t bits) {
+  // A gone device's all-ones status must not be written back (it would
+  // claim FEATURES_OK, DRIVER_OK, FAILED and the reserved bits at once).
+  UV_TRY(std::uint8_t s, live_status("set device status " + std::to_string(bits)));
   return common_write(cc::device_status, 1, static_cast<std::uint8_t>(s | bits));
 }
 
@@ -178,7 +194,7 @@ Result<void> VirtioPci::accept_features(FeatureSet features) {
     UV_TRY_VOID(common_write(cc::driver_feature, 4, (features.bits() >> (32 * word)) & 0xffffffffu));
   }
   UV_TRY_VOID(add_status(status::kFeaturesOk));
-  UV_TRY(std::uint8_t s, status());
+  UV_TRY(std::uint8_t s, live_status("accept features"));
   if (!(s & status::kFeaturesOk))
     return Error(Errc::unsupported, fn_.bdf(), "accept features",
                  "the device cleared FEATURES_OK: it does not accept " + features.describe());
@@ -260,6 +276,10 @@ Result<void> VirtioPci::setup_interrupts() {
       UV_TRY(std::uint64_t back, common_read(cc::config_msix_vector, 2));
       if (back == kNoVector)
         return Error(Errc::unsupported, fn_.bdf(), "set config MSI-X vector", "the device refused vector 0");
+      // Spec 4.1.5.1.2: the device answers the vector written or NO_VECTOR.
+      if (back != 0)
+        return Error(Errc::bad_device_data, fn_.bdf(), "set config MSI-X vector",
+                     "vector 0 written, but the device reads back " + std::to_string(back));
       return ok();
     }();
     if (!routed) {
@@ -300,9 +320,14 @@ Result<void> VirtioPci::setup_queue(std::uint16_t q, std::uint16_t size, const Q
     if (msix_) {
       UV_TRY_VOID(common_write(cc::queue_msix_vector, 2, vector));
       UV_TRY(std::uint64_t back, common_read(cc::queue_msix_vector, 2));
-      if (back != vector)
+      if (back == kNoVector && vector != kNoVector)
         return Error(Errc::unsupported, fn_.bdf(), op,
                      "the device refused MSI-X vector " + std::to_string(vector));
+      // Spec 4.1.5.1.2: the device answers the vector written or NO_VECTOR.
+      if (back != vector)
+        return Error(Errc::bad_device_data, fn_.bdf(), op,
+                     "MSI-X vector " + std::to_string(vector) + " written, but the device reads back " +
+                         std::to_string(back));
     }
   }
   for (auto [reg, value] : {std::pair{cc::queue_desc, addr.desc}, std::pair{cc::queue_driver, addr.driver},

@@ -184,7 +184,7 @@ Result<rings::Completion> Virtqueue::wait_until(std::chrono::steady_clock::time_
       // The device may have completed before we slept: take its interrupt
       // now, so INTx is acknowledged and unmasked and no stale wake-up is
       // left for the next wait.
-      if (mode_ != CompletionMode::polling) UV_TRY_VOID(take_interrupt(0));
+      if (mode_ != CompletionMode::polling) UV_TRY_VOID(take_interrupt(0, false));
       return *c;
     }
     const auto now = std::chrono::steady_clock::now();
@@ -214,17 +214,36 @@ Result<rings::Completion> Virtqueue::wait_until(std::chrono::steady_clock::time_
   }
 }
 
-Result<bool> Virtqueue::take_interrupt(int timeout_ms) {
-  const int fd = *t_.queue_eventfd(index_);
+Result<bool> Virtqueue::take_interrupt(int timeout_ms, bool strict) {
+  const std::string op = "wait for queue " + std::to_string(index_) + " interrupt";
+  // A transport reset takes the queue's eventfd away until restart() sets
+  // the queue up again.
+  const std::optional<int> qfd = t_.queue_eventfd(index_);
+  if (!qfd && !strict) return false;
+  if (!qfd)
+    return Error(Errc::invalid_argument, t_.name(), op,
+                 "the queue has no interrupt eventfd (not set up again since the transport reset?)");
+  const int fd = *qfd;
   // With MSI-X, DEVICE_NEEDS_RESET arrives as a config interrupt on its own
   // vector (spec 2.1.2, 4.1.5.3): watch it too so a waiter learns at once.
   const std::optional<int> cfg = t_.config_eventfd();
   pollfd p[2] = {{fd, POLLIN, 0}, {cfg.value_or(-1), POLLIN, 0}};
   const nfds_t n = cfg && *cfg != fd ? 2 : 1;
   int rc = ::poll(p, n, timeout_ms);
-  if (rc < 0 && errno != EINTR)
-    return Error::from_errno(errno, t_.name(), "wait for queue interrupt", "poll eventfd");
+  if (rc < 0 && errno != EINTR) return Error::from_errno(errno, t_.name(), op, "poll eventfd");
   if (rc <= 0) return false;
+  // A closed or broken eventfd never becomes readable: fail now rather
+  // than spin on it until the deadline.
+  for (nfds_t i = 0; i < n; ++i) {
+    const int bad = p[i].revents & (POLLERR | POLLHUP | POLLNVAL);
+    if (bad && !strict) return false;
+    if (bad)
+      return Error(Errc::io, t_.name(), op,
+                   std::string(i == 0 ? "queue" : "config") + " eventfd " + std::to_string(p[i].fd) +
+                       (bad & POLLNVAL  ? " is not open (POLLNVAL)"
+                        : bad & POLLERR ? " reports an error (POLLERR)"
+                                        : " was hung up (POLLHUP)"));
+  }
   if (n == 2 && (p[1].revents & POLLIN)) {
     std::uint64_t count = 0;
     if (::read(*cfg, &count, sizeof count) == sizeof count) ++config_interrupts_;

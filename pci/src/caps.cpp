@@ -136,10 +136,12 @@ void Parser::virtio_cap(std::uint8_t at, RawCap& raw) {
     return warn(at, what, why + "; skipped");
   }
   if (slot == &caps_.notify) {
-    // 4.1.4.4: notify_off_multiplier is an even power of 2, or 0.
+    // 4.1.4.4: notify_off_multiplier is an even power of 2 (2, 4, 8, ...), or 0.
     const std::uint32_t mult = le32(at + 16u);
-    if (mult % 2 != 0)
-      return warn(at, what, "odd notify_off_multiplier " + std::to_string(mult) + "; skipped");
+    if (mult % 2 != 0 || (mult & (mult - 1)) != 0)
+      return warn(at, what,
+                  std::string(mult % 2 != 0 ? "odd" : "not a power of 2:") + " notify_off_multiplier " +
+                      std::to_string(mult) + "; skipped");
     caps_.notify_off_multiplier = mult;
   }
   if (slot) {

@@ -4,8 +4,10 @@
 // give its exact Errc and a message that names the device.
 #include "uvirtio/driver/virtio_pci.hpp"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <poll.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -202,6 +204,26 @@ TEST(VirtioPci, FeaturesOkRefusedForUnofferedBit) {
   auto r = t->accept_features(FeatureSet(kV1 | 1ull << 5));
   expect_error(r, Errc::unsupported, "FEATURES_OK");
   EXPECT_NE(r.error().cause().find("bit5"), std::string::npos) << r.error().cause();
+}
+
+// A device that is gone (surprise removal) reads all-ones: its device_status
+// of 0xff has FEATURES_OK set, but must not be taken for an accepted
+// feature set, written back with another bit, or waited on in a reset.
+TEST(VirtioPci, GoneDeviceStatusIsAnError) {
+  FakeVirtioDevice dev;
+  auto t = open(dev);
+  ASSERT_TRUE(t->add_status(status::kAcknowledge | status::kDriver).ok());
+  dev.faults.gone = true;
+  ASSERT_EQ(*t->status(), 0xff);
+  expect_error(t->accept_features(FeatureSet(kV1)), Errc::not_found, "the device is gone");
+  EXPECT_EQ(t->features(), FeatureSet());
+  expect_error(t->add_status(status::kDriverOk), Errc::not_found, "the device is gone");
+  const auto start = std::chrono::steady_clock::now();
+  expect_error(t->reset(2000ms), Errc::not_found, "the device is gone");
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 1s) << "a gone device is not waited for";
+  expect_error(t->check_healthy("probe"), Errc::not_found, "the device is gone");
+  dev.faults.gone = false;
+  EXPECT_EQ(dev.status(), status::kAcknowledge | status::kDriver);
 }
 
 // ------------------------------------------------------------------ device config
@@ -444,6 +466,36 @@ TEST(VirtioPciIrq, RefusedConfigVector) {
   EXPECT_FALSE(dev.queue_enabled(0));
 }
 
+// Spec 4.1.5.1.2: reading the vector back gives the vector written, or
+// NO_VECTOR when the device could not map it; anything else is bad data.
+TEST(VirtioPciIrq, ConfigVectorReadBackIsNeitherWrittenNorNoVector) {
+  FakeVirtioDevice dev(with_msix(3));
+  dev.answer_vector(0, 2);
+  auto t = open(dev);
+  expect_error(t->setup_queue(0, 16, rings(dev), true), Errc::bad_device_data,
+               "vector 0 written, but the device reads back 2");
+  EXPECT_FALSE(dev.queue_enabled(0));
+  EXPECT_EQ(dev.function().enabled_vectors(), 0u);
+  EXPECT_FALSE(t->using_msix());
+}
+
+TEST(VirtioPciIrq, QueueVectorReadBackIsNeitherWrittenNorNoVector) {
+  FakeVirtioDevice dev(with_msix(3, 2));
+  dev.answer_vector(1, 2);
+  auto t = open(dev);
+  expect_error(t->setup_queue(0, 16, rings(dev), true), Errc::bad_device_data,
+               "MSI-X vector 1 written, but the device reads back 2");
+  EXPECT_FALSE(dev.queue_enabled(0));
+  // A polling queue's NO_VECTOR read back as a vector is just as bad.
+  FakeVirtioDevice dev2(with_msix(3, 2));
+  dev2.answer_vector(FakeVirtioDevice::kNoVector, 1);
+  auto t2 = open(dev2);
+  ASSERT_TRUE(t2->setup_queue(0, 16, rings(dev2), true).ok());
+  expect_error(t2->setup_queue(1, 16, rings(dev2), false), Errc::bad_device_data,
+               "MSI-X vector 65535 written, but the device reads back 1");
+  EXPECT_FALSE(dev2.queue_enabled(1));
+}
+
 TEST(VirtioPciIrq, IntxWhenNoMsix) {
   FakeVirtioDevice dev;  // no MSI-X capability
   auto t = open(dev);
@@ -529,6 +581,79 @@ TEST(Virtqueue, BufferOutsideDmaMemoryGivesNeedsReset) {
     expect_error((*vq)->wait(50ms), Errc::needs_reset, "wait for queue 0");
     EXPECT_EQ(dev.violations(), std::vector<std::string>{"descriptor address outside DMA memory"});
   }
+}
+
+// A transport reset takes the queues' eventfds away until Virtqueue::restart()
+// sets the queue up again: a wait in between is an error, not a poll() on
+// whatever an empty optional holds.
+TEST(Virtqueue, WaitAfterATransportResetSaysTheQueueIsNotSetUp) {
+  for (CompletionMode mode : {CompletionMode::interrupt, CompletionMode::hybrid}) {
+    SCOPED_TRACE(completion_mode_name(mode));
+    FakeVirtioDevice dev(with_msix(2));
+    auto t = open(dev);
+    auto vq = Virtqueue::create(*t, 0, 8, mode);
+    ASSERT_TRUE(vq.ok()) << vq.error().message();
+    ASSERT_TRUE(t->reset(100ms).ok());
+    ASSERT_FALSE(t->queue_eventfd(0));
+    const auto start = std::chrono::steady_clock::now();
+    auto r = (*vq)->wait(2000ms);
+    expect_error(r, Errc::invalid_argument, "no interrupt eventfd");
+    EXPECT_EQ(r.error().op(), "wait for queue 0 interrupt");
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 1s);
+    // restart() sets the queue up again: waiting is a plain timeout then.
+    ASSERT_TRUE((*vq)->restart().ok());
+    expect_error((*vq)->wait(20ms), Errc::timeout, "no completion");
+  }
+}
+
+// A completion the device wrote before the reset is still returned: only a
+// wait that would sleep needs the eventfd.
+TEST(Virtqueue, ACompletionFromBeforeATransportResetIsNotLost) {
+  FakeVirtioDevice dev(with_msix(2));
+  auto t = open(dev);
+  auto vq = Virtqueue::create(*t, 0, 8, CompletionMode::interrupt);
+  ASSERT_TRUE(vq.ok()) << vq.error().message();
+  ASSERT_TRUE(t->add_status(status::kDriverOk).ok());
+  auto buf = dev.function().dma().alloc(4096, 4096);
+  ASSERT_TRUE(buf.ok());
+  const rings::Buffer in{buf->iova, 16};
+  ASSERT_TRUE((*vq)->submit({}, std::span(&in, 1), 7).ok());
+  ASSERT_EQ(dev.completions(), 1u);
+  ASSERT_TRUE(t->reset(100ms).ok());
+  auto c = (*vq)->wait(1000ms);
+  ASSERT_TRUE(c.ok()) << c.error().message();
+  EXPECT_EQ(c->token, 7u);
+}
+
+// An eventfd that can never become readable (closed, or replaced by a file
+// that hung up) fails the wait at once instead of spinning to the deadline.
+TEST(Virtqueue, ABrokenEventfdFailsTheWaitAtOnce) {
+  FakeVirtioDevice dev(with_msix(2));
+  auto t = open(dev);
+  auto vq = Virtqueue::create(*t, 0, 8, CompletionMode::interrupt);
+  ASSERT_TRUE(vq.ok()) << vq.error().message();
+  const int fd = *t->queue_eventfd(0);
+
+  ASSERT_EQ(::close(fd), 0);
+  auto start = std::chrono::steady_clock::now();
+  expect_error((*vq)->wait(2000ms), Errc::io, "eventfd " + std::to_string(fd) + " is not open (POLLNVAL)");
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 1s);
+  // Give the number back to the function, which closes it at the end.
+  const int fresh = ::eventfd(0, EFD_CLOEXEC);
+  ASSERT_GE(fresh, 0);
+  if (fresh != fd) {
+    ASSERT_EQ(::dup3(fresh, fd, O_CLOEXEC), fd);
+    ::close(fresh);
+  }
+
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe(pipe_fds), 0);
+  ASSERT_TRUE(dev.function().route_vector(1, pipe_fds[0]).ok());
+  ::close(pipe_fds[0]);
+  ::close(pipe_fds[1]);  // no writer: the read end hangs up
+  start = std::chrono::steady_clock::now();
+  expect_error((*vq)->wait(2000ms), Errc::io, "was hung up (POLLHUP)");
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 1s);
 }
 
 // An owner of queue 0 with its ledger in `dir` submits n requests the device
@@ -704,6 +829,18 @@ TEST(BringUp, FeaturesOkRefused) {
   dev.faults.refuse_features_ok = true;
   expect_error(bring_up(dev.take_function(), 4, {}), Errc::unsupported, "FEATURES_OK");
   EXPECT_NE(dev.status() & status::kFailed, 0);
+}
+
+// Spec 3.1.1: a driver that gives up sets FAILED, in a reinitialization
+// after DEVICE_NEEDS_RESET as in the first bring-up.
+TEST(BringUp, ReinitializeSetsFailedWhenFeaturesOkIsRefused) {
+  FakeVirtioDevice dev;
+  auto d = bring_up(dev.take_function(), 4, {});
+  ASSERT_TRUE(d.ok()) << d.error().message();
+  dev.faults.refuse_features_ok = true;
+  expect_error((*d)->reinitialize(100ms), Errc::unsupported, "FEATURES_OK");
+  EXPECT_NE(dev.status() & status::kFailed, 0) << "spec 3.1.1: a driver that gives up sets FAILED";
+  EXPECT_EQ(dev.status() & status::kFeaturesOk, 0);
 }
 
 TEST(BringUp, ResetTimeout) {

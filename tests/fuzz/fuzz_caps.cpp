@@ -66,7 +66,9 @@ void check_caps(const Capabilities& caps, std::span<const std::uint8_t> config,
     check(in_list(caps.notify->cap_offset, 2));
     check(caps.notify->cap_offset + 20u <= config.size());
   }
-  check(caps.notify_off_multiplier % 2 == 0);
+  // 4.1.4.4: 0 or an even power of 2.
+  check(caps.notify_off_multiplier % 2 == 0 &&
+        (caps.notify_off_multiplier & (caps.notify_off_multiplier - 1)) == 0);
   check(caps.notify || caps.notify_off_multiplier == 0);
   if (caps.isr) {
     check_region(*caps.isr, bars, 1, 1);

@@ -362,6 +362,32 @@ TEST(Caps, NotifyAlignmentAndMultiplier) {
   EXPECT_TRUE(caps.warnings.empty());
 }
 
+// 4.1.4.4: the device MUST present 0 or an even power of 2; an even value
+// that is no power of 2 is as bad as an odd one.
+TEST(Caps, NotifyMultiplierMustBeAPowerOfTwo) {
+  Cfg c;
+  c.first(0x40);
+  for (std::uint32_t bad : {6u, 12u, 0x1002u, 0x80000002u}) {
+    SCOPED_TRACE(bad);
+    c.notify(0x40, 0, 4, 0x3000, 0x1000, bad);
+    Capabilities caps = ok_parse(c);
+    EXPECT_FALSE(caps.notify.has_value());
+    EXPECT_EQ(caps.notify_off_multiplier, 0u);
+    ASSERT_EQ(caps.warnings.size(), 1u);
+    EXPECT_NE(caps.warnings[0].find("not a power of 2: notify_off_multiplier " + std::to_string(bad)),
+              std::string::npos)
+        << caps.warnings[0];
+  }
+  for (std::uint32_t good : {2u, 4u, 8u, 0x1000u, 0x80000000u}) {
+    SCOPED_TRACE(good);
+    c.notify(0x40, 0, 4, 0x3000, 0x1000, good);
+    Capabilities caps = ok_parse(c);
+    expect_region(caps.notify, 0x40, 4, 0x3000, 0x1000);
+    EXPECT_EQ(caps.notify_off_multiplier, good);
+    EXPECT_TRUE(caps.warnings.empty());
+  }
+}
+
 TEST(Caps, CapLenTooSmallSkipped) {
   Capabilities caps = one_common(4, 0, 0x1000, 15);
   EXPECT_FALSE(caps.common.has_value());

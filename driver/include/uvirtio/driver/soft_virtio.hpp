@@ -45,10 +45,10 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
-#include <set>
 #include <span>
 #include <string>
 #include <thread>
@@ -90,6 +90,8 @@ struct Faults {
   std::atomic<bool> needs_reset_on_notify{false};
   std::atomic<std::uint32_t> used_len_excess{0};  // used len = writable bytes + this (when > 0)
   std::atomic<bool> bad_used_id{false};           // used id = queue size + 3
+  // Surprise removal: common config reads return all-ones, writes are lost.
+  std::atomic<bool> gone{false};
 };
 
 class SoftVirtioDevice {
@@ -147,6 +149,9 @@ class SoftVirtioDevice {
   std::vector<SwallowedChain> swallowed(std::uint16_t q) const;
   void set_queue_notify_off(std::uint16_t q, std::uint16_t notify_off);
   void refuse_vector(std::uint16_t vector);  // the device answers 0xffff when it is written
+  // The device reads back `answer` after `vector` is written to
+  // config_msix_vector or queue_msix_vector (refuse_vector: 0xffff).
+  void answer_vector(std::uint16_t vector, std::uint16_t answer);
   void set_device_config(std::uint32_t off, std::span<const std::uint8_t> bytes);  // bumps config_generation
 
   // Observations.
@@ -201,7 +206,7 @@ class SoftVirtioDevice {
   std::function<void(std::uint16_t)> notify_hook_;
   std::function<void(std::uint8_t)> status_hook_;
   std::function<void(std::uint32_t, unsigned)> config_write_hook_;
-  std::set<std::uint16_t> refused_vectors_;
+  std::map<std::uint16_t, std::uint16_t> vector_answers_;
 
   std::uint32_t feature_select_ = 0, driver_feature_select_ = 0;
   std::uint64_t driver_features_ = 0;

@@ -66,6 +66,8 @@ class VirtioPci final : public Transport {
   VirtioPci(pci::Function& fn) : fn_(fn) {}
   Result<void> init(IrqPreference irq);
   Result<void> setup_interrupts();
+  // status(), with a gone device (all-ones) as a not_found error for `op`.
+  Result<std::uint8_t> live_status(const std::string& op);
   Result<std::uint64_t> common_read(std::uint32_t off, unsigned width);
   Result<void> common_write(std::uint32_t off, unsigned width, std::uint64_t v);
 

@@ -108,8 +108,10 @@ class Virtqueue {
   Virtqueue(Transport& t, std::uint16_t index, rings::Ring ring, CompletionMode mode, QueueAddresses addr)
       : t_(t), index_(index), ring_(std::move(ring)), mode_(mode), addr_(addr) {}
   // Waits up to timeout_ms for the queue's eventfd; on a signal, counts it and
-  // acknowledges the interrupt. Returns whether one was taken.
-  Result<bool> take_interrupt(int timeout_ms);
+  // acknowledges the interrupt. Returns whether one was taken. A missing or
+  // broken eventfd is an error, unless `strict` is false (draining after a
+  // completion, which must not be lost to it): then nothing is taken.
+  Result<bool> take_interrupt(int timeout_ms, bool strict = true);
 
   Transport& t_;
   std::uint16_t index_;
