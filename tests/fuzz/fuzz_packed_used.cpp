@@ -222,14 +222,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         const bool bad = bufs.empty() || zero || writable > 0xFFFFFFFFu || total > (std::uint64_t{1} << 32);
         const bool indirect = bufs.size() > 1 && bufs.size() <= ind_limit;
         const std::size_t positions = indirect ? 1 : bufs.size();
+        const bool never_fits = positions > qsize;  // invalid_argument, not busy
         const std::uint64_t token = next_token++;
         const std::vector<std::uint8_t> before = all_areas();
         auto r = q.add(out, inb, token);
-        if (broken || bad || positions > model_free) {
+        if (broken || bad || never_fits || positions > model_free) {
           CHECK(!r.ok());
           if (broken) {
             check_broken_error(r.error());
-          } else if (bad) {
+          } else if (bad || never_fits) {
             CHECK(r.error().code() == Errc::invalid_argument);
           } else {
             CHECK(r.error().code() == Errc::busy);
