@@ -183,8 +183,10 @@ Result<rings::Completion> Virtqueue::wait_until(std::chrono::steady_clock::time_
     if (c) {
       // The device may have completed before we slept: take its interrupt
       // now, so INTx is acknowledged and unmasked and no stale wake-up is
-      // left for the next wait.
-      if (mode_ != CompletionMode::polling) UV_TRY_VOID(take_interrupt(0, false));
+      // left for the next wait. The completion is the caller's whatever the
+      // drain finds (a config interrupt saying NEEDS_RESET, say): an error
+      // here would lose it, and the next call reports the device's state.
+      if (mode_ != CompletionMode::polling) (void)take_interrupt(0, false);
       return *c;
     }
     const auto now = std::chrono::steady_clock::now();

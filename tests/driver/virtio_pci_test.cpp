@@ -656,6 +656,29 @@ TEST(Virtqueue, ABrokenEventfdFailsTheWaitAtOnce) {
   EXPECT_LT(std::chrono::steady_clock::now() - start, 1s);
 }
 
+// A completion the device wrote before it went NEEDS_RESET is still the
+// caller's: the interrupt drain after it sees the config interrupt and the
+// reset, but must not drop the completion with an error (the request would
+// be lost to its owner). The next call reports the reset.
+TEST(Virtqueue, ACompletionBeforeNeedsResetIsReturnedThenTheResetIsReported) {
+  FakeVirtioDevice dev(with_msix(2));
+  dev.set_handler([](std::uint16_t, std::span<const Segment>) -> std::uint32_t { return 16; });
+  auto t = open(dev);
+  auto vq = Virtqueue::create(*t, 0, 8, CompletionMode::interrupt);
+  ASSERT_TRUE(vq.ok()) << vq.error().message();
+  ASSERT_TRUE(t->add_status(status::kDriverOk).ok());
+  auto buf = dev.function().dma().alloc(4096, 4096);
+  ASSERT_TRUE(buf.ok());
+  const rings::Buffer in{buf->iova, 16};
+  ASSERT_TRUE((*vq)->submit({}, std::span(&in, 1), 42).ok());
+  dev.set_needs_reset();  // after the completion: both interrupts are pending
+  auto c = (*vq)->wait(2000ms);
+  ASSERT_TRUE(c.ok()) << c.error().message();
+  EXPECT_EQ(c->token, 42u);
+  EXPECT_EQ(c->len, 16u);
+  expect_error(t->check_healthy("next request"), Errc::needs_reset, "DEVICE_NEEDS_RESET");
+}
+
 // An owner of queue 0 with its ledger in `dir` submits n requests the device
 // takes and never completes, then goes away; returns their ids, ascending.
 std::vector<std::uint16_t> abandon_requests(const std::string& dir, unsigned n) {
