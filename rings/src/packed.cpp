@@ -117,8 +117,9 @@ Result<std::uint16_t> PackedQueue::add(std::span<const Buffer> out, std::span<co
   // a single ring position.
   const bool indirect = n > 1 && n <= indirect_limit();
   const std::size_t ring_descs = indirect ? 1 : n;
-  if (ring_descs > size_) return detail::chain_too_long(ring_descs, size_, name_);  // never fits
-  if (ring_descs > num_free_) {
+  if (ring_descs > num_free_) [[unlikely]] {
+    // More than the whole ring never fits (num_free_ <= size_): not busy.
+    if (ring_descs > size_) return detail::chain_too_long(ring_descs, size_, name_);
     return Error(Errc::busy, name_, op,
                  std::to_string(ring_descs) + " descriptors needed, " + std::to_string(num_free_) + " free");
   }

@@ -155,10 +155,12 @@ Result<std::uint16_t> SplitQueue::add(std::span<const Buffer> out, std::span<con
   // table and takes one ring descriptor (also when the ring has too few free).
   const bool indirect = n > 1 && n <= indirect_limit();
   const std::size_t ring_descs = indirect ? 1 : n;
-  if (ring_descs > size_) [[unlikely]]  // never fits: busy would have the caller retry forever
-    return detail::chain_too_long(ring_descs, size_, name_);
-  if (ring_descs > num_free_) [[unlikely]]
+  if (ring_descs > num_free_) [[unlikely]] {
+    // More than the whole queue never fits: busy would have the caller
+    // retry forever. (Checked only here: num_free_ <= size_.)
+    if (ring_descs > size_) return detail::chain_too_long(ring_descs, size_, name_);
     return busy_error(ring_descs);
+  }
 
   // The descriptor after `i` in allocation order: our free-list link, or with
   // VIRTIO_F_IN_ORDER the next offset in the table, wrapping at its end (2.7.5).
