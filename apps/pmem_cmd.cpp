@@ -113,10 +113,15 @@ int pmem_info(const std::vector<std::string>& args) {
   if (ledger != nullptr) {
     j["inflight_ledger"] = {{"path", ledger->path()}, {"left_over", ledger->left_over()}};
     if (!ledger->discarded().empty()) j["inflight_ledger"]["discarded"] = ledger->discarded();
+    if (ledger->resized_from() != 0) j["inflight_ledger"]["resized_from"] = ledger->resized_from();
     ledger_line =
         ledger->path() + " (" + std::to_string(ledger->left_over().size()) +
         " ids left in flight by an earlier owner" +
-        (ledger->discarded().empty() ? "" : "; an invalid file was discarded: " + ledger->discarded()) + ")";
+        (ledger->discarded().empty() ? "" : "; an invalid file was discarded: " + ledger->discarded()) +
+        (ledger->resized_from() == 0 ? ""
+                                     : "; written for queue size " + std::to_string(ledger->resized_from()) +
+                                           ", rewritten for this one") +
+        ")";
   } else {
     j["inflight_ledger"] = nullptr;
     if (!p.queue().ledger_error().empty()) j["inflight_ledger_error"] = p.queue().ledger_error();

@@ -29,22 +29,34 @@ struct Header {
 };
 static_assert(sizeof(Header) == InflightLedger::kHeaderBytes);
 
+constexpr std::uint16_t kMaxQueueSize = 32768;  // spec 2.6 / 2.8: the largest queue
+
 // Why a file of `file_bytes` bytes starting with `p` (header and bitmap) is
 // not a ledger of this queue; empty when it is, with its marked ids in `ids`.
+// A ledger written for another queue size (an owner that asked for another
+// size) still counts: its ids below `size` are kept (the device may still
+// complete them) and `was` says the size it had; ids at or above `size`
+// cannot name a chain of the new ring (a completion naming one breaks it).
 // Reads the bytes only when the size is right, each once.
-std::string check(const std::uint8_t* p, std::size_t file_bytes, std::size_t want_bytes, std::uint16_t size,
-                  std::uint16_t queue, std::vector<std::uint16_t>& ids) {
-  if (file_bytes != want_bytes)
+std::string check(const std::uint8_t* p, std::size_t file_bytes, std::uint16_t size, std::uint16_t queue,
+                  std::vector<std::uint16_t>& ids, std::uint16_t& was) {
+  const std::size_t want_bytes = InflightLedger::file_bytes(size);
+  if (file_bytes < sizeof(Header))
     return "size " + std::to_string(file_bytes) + " bytes, not " + std::to_string(want_bytes);
   Header h;
   std::memcpy(&h, p, sizeof h);
   if (std::memcmp(h.magic, kMagic, sizeof kMagic) != 0) return "no ledger magic";
   if (h.version.get() != kVersion) return "version " + std::to_string(h.version.get());
-  if (h.queue_size.get() != size)
-    return "queue size " + std::to_string(h.queue_size.get()) + ", not " + std::to_string(size);
+  const std::uint32_t had = h.queue_size.get();
+  if (had == 0 || had > kMaxQueueSize) return "queue size " + std::to_string(had);
+  const std::size_t had_bytes = InflightLedger::file_bytes(static_cast<std::uint16_t>(had));
+  if (file_bytes != had_bytes) {
+    return "size " + std::to_string(file_bytes) + " bytes, not " + std::to_string(had_bytes) +
+           (had == size ? "" : " (for queue size " + std::to_string(had) + ")");
+  }
   if (h.queue_index.get() != queue)
     return "queue index " + std::to_string(h.queue_index.get()) + ", not " + std::to_string(queue);
-  const std::size_t words = (size + 63u) / 64u;
+  const std::size_t words = (had + 63u) / 64u;
   for (std::size_t w = 0; w < words; ++w) {
     le64 word;
     std::memcpy(&word, p + sizeof(Header) + 8 * w, 8);
@@ -52,13 +64,14 @@ std::string check(const std::uint8_t* p, std::size_t file_bytes, std::size_t wan
     for (unsigned b = 0; b < 64; ++b) {
       if ((bits >> b & 1u) == 0) continue;
       const std::size_t id = 64 * w + b;
-      if (id >= size) {
+      if (id >= had) {
         ids.clear();
-        return "bit " + std::to_string(id) + " is beyond the queue size " + std::to_string(size);
+        return "bit " + std::to_string(id) + " is beyond the queue size " + std::to_string(had);
       }
-      ids.push_back(static_cast<std::uint16_t>(id));
+      if (id < size) ids.push_back(static_cast<std::uint16_t>(id));
     }
   }
+  was = static_cast<std::uint16_t>(had);
   return {};
 }
 
@@ -91,16 +104,20 @@ Result<InflightLedger> InflightLedger::open(const std::string& dir, const std::s
     return Error(Errc::invalid_argument, device, op, l.path_ + " is not a regular file");
   const std::size_t bytes = file_bytes(size);
   const auto had = static_cast<std::size_t>(st.st_size);
+  std::uint16_t was = size;
   if (had != 0) {
     // What an earlier owner left, read through pread so a short or long file
-    // is judged by its real size, not by the mapping.
-    std::vector<std::uint8_t> old(std::min(had, bytes));
+    // is judged by its real size, not by the mapping. At most the largest
+    // ledger's bytes are read; a longer file fails the size check.
+    std::vector<std::uint8_t> old(std::min(had, file_bytes(kMaxQueueSize) + 1));
     const ssize_t n = ::pread(fd, old.data(), old.size(), 0);
     if (n < 0) return Error::from_errno(errno, device, op, "read " + l.path_);
     const std::size_t seen = static_cast<std::size_t>(n) < old.size() ? static_cast<std::size_t>(n) : had;
-    l.discarded_ = check(old.data(), seen, bytes, size, queue, l.left_over_);
+    l.discarded_ = check(old.data(), seen, size, queue, l.left_over_, was);
+    if (l.discarded_.empty() && was != size) l.resized_from_ = was;
   }
-  const bool fresh = had == 0 || !l.discarded_.empty();
+  // A file for another queue size is rewritten for this one, its ids kept.
+  const bool fresh = had == 0 || !l.discarded_.empty() || was != size;
   if (fresh && ::ftruncate(fd, 0) != 0) return Error::from_errno(errno, device, op, "truncate " + l.path_);
   if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0)
     return Error::from_errno(errno, device, op, "size " + l.path_);
@@ -114,6 +131,7 @@ Result<InflightLedger> InflightLedger::open(const std::string& dir, const std::s
     h.queue_size.set(size);
     h.queue_index.set(queue);
     std::memcpy(m, &h, sizeof h);
+    for (const std::uint16_t id : l.left_over_) l.mark(id);  // carried over a resize
   }
   return l;
 }

@@ -115,7 +115,8 @@ TEST_F(Ledger, AFileThatFailsACheckIsDiscardedAndRewritten) {
   };
   cases.push_back({"no ledger magic", with(0, 'x')});
   cases.push_back({"version 2", with(8, 2)});
-  cases.push_back({"queue size 129, not 128", with(12, static_cast<char>(129))});
+  cases.push_back({"size 80 bytes, not 88 (for queue size 129)", with(12, static_cast<char>(129))});
+  cases.push_back({"queue size 0", with(12, 0)});
   cases.push_back({"queue index 1, not 0", with(14, 1)});
   cases.push_back({"size 72 bytes, not 80", std::vector<char>(good.begin(), good.begin() + 72)});
   auto longer = good;
@@ -150,6 +151,39 @@ TEST_F(Ledger, AFileThatFailsACheckIsDiscardedAndRewritten) {
   ASSERT_TRUE(l);
   EXPECT_EQ(l->discarded(), "bit 100 is beyond the queue size 100");
   EXPECT_TRUE(l->left_over().empty());
+}
+
+// An owner that asks for another queue size (a program of the user's with
+// its own wanted size) still inherits the ids the device may complete: those
+// below its size are kept and stay marked for the owner after it; ids past
+// its size cannot name one of its chains.
+TEST_F(Ledger, AFileForAnotherQueueSizeKeepsTheIdsThatStillFit) {
+  {
+    auto l = open(128);
+    ASSERT_TRUE(l);
+    l->mark(3);
+    l->mark(100);
+  }
+  {
+    auto l = open(64);
+    ASSERT_TRUE(l) << l.error().message();
+    EXPECT_TRUE(l->discarded().empty()) << l->discarded();
+    EXPECT_EQ(l->resized_from(), 128);
+    EXPECT_EQ(l->left_over(), (std::vector<std::uint16_t>{3}));
+    EXPECT_TRUE(l->marked(3));
+  }
+  EXPECT_EQ(fs::file_size(path()), InflightLedger::file_bytes(64));
+  {
+    auto l = open(256);
+    ASSERT_TRUE(l);
+    EXPECT_EQ(l->resized_from(), 64);
+    EXPECT_EQ(l->left_over(), (std::vector<std::uint16_t>{3}));
+    l->mark(200);
+  }
+  auto l = open(256);
+  ASSERT_TRUE(l);
+  EXPECT_EQ(l->resized_from(), 0);
+  EXPECT_EQ(l->left_over(), (std::vector<std::uint16_t>{3, 200}));
 }
 
 TEST_F(Ledger, ErrorsNameTheDeviceAndThePath) {

@@ -22,7 +22,9 @@
 // in little-endian 64-bit words. It is locked (flock) while open, so two
 // owners of one queue cannot both use it. A file that fails any check (size,
 // magic, version, queue size or index, a bit beyond the size) is not trusted:
-// it is rewritten empty and discarded() says why.
+// it is rewritten empty and discarded() says why. A valid file written for
+// another queue size (an earlier owner asked for another size) is rewritten
+// for this one with its ids below the new size kept (resized_from()).
 //
 // Threading: the owner of the Virtqueue (one thread or its lock).
 #pragma once
@@ -53,6 +55,9 @@ class InflightLedger {
   // Why the file's earlier content was not used; empty when it was (or the
   // file is new).
   const std::string& discarded() const noexcept { return discarded_; }
+  // The queue size the earlier owner's file was written for, when it differs
+  // from this one's (the file was rewritten, left_over() kept); else 0.
+  std::uint16_t resized_from() const noexcept { return resized_from_; }
   const std::string& path() const noexcept { return path_; }
 
   void mark(std::uint16_t id) noexcept;
@@ -77,6 +82,7 @@ class InflightLedger {
   std::string path_;
   std::vector<std::uint16_t> left_over_;
   std::string discarded_;
+  std::uint16_t resized_from_ = 0;
 };
 
 }  // namespace uvirtio::driver
