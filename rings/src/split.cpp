@@ -425,9 +425,9 @@ Result<void> SplitQueue::set_in_order(bool enabled) {
   in_order_ = enabled;
   used_cache_ = last_used_;  // poll_in_order() keeps no cache
   // Everything is free: restart allocation at offset 0 (2.7.5) with a fresh
-  // free list, which the in-order allocator does not maintain.
-  for (std::uint16_t i = 0; i < size_; ++i) extra_[i].next = static_cast<std::uint16_t>(i + 1);
-  free_head_ = 0;
+  // free list, which the in-order allocator does not maintain. Ids still
+  // marked stale (reset_ring, adopt_stale) stay last, as a relink keeps them.
+  free_head_ = detail::link_free_ids_last(extra_, size_, 0, &Extra::next, stale_);
   batch_left_ = 0;
   return ok();
 }

@@ -861,6 +861,26 @@ TEST(SplitOutstanding, StaleCompletionAfterResetIsNotTakenForANewRequest) {
   EXPECT_EQ(*q->add({}, in, 6), 0);
 }
 
+// set_in_order() rebuilds the free list; turned off (or set again off), it
+// must keep the ids still marked stale last, as relinking does, or a new
+// request takes an id whose late completion is still to come.
+TEST(SplitOutstanding, SetInOrderOffKeepsStaleIdsLast) {
+  Arena a(8);
+  auto q = a.driver();
+  ASSERT_TRUE(q.ok());
+  const std::uint16_t stale[] = {0, 1};
+  ASSERT_TRUE(q->adopt_stale(0, stale).ok());
+  ASSERT_TRUE(q->set_in_order(false).ok());
+  const Buffer in[] = {{kBus + a.lay.data, 4}};
+  std::vector<std::uint16_t> order;
+  for (std::uint64_t t = 0; t < 8; ++t) {
+    auto id = q->add({}, in, t);
+    ASSERT_TRUE(id.ok()) << id.error().message();
+    order.push_back(*id);
+  }
+  EXPECT_EQ(order, (std::vector<std::uint16_t>{2, 3, 4, 5, 6, 7, 0, 1}));
+}
+
 // Ids an earlier owner of the queue left in flight (Virtqueue reads them from
 // its in-flight ledger): a fresh queue hands them out after every other id,
 // and drops one late completion of each, like reset_ring(). Completions
