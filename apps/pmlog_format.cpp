@@ -47,7 +47,9 @@ std::uint32_t record_crc(std::uint64_t seq, std::uint32_t len, const std::uint8_
   std::memcpy(meta + 8, &l, 4);
   uLong c = crc32(0L, Z_NULL, 0);
   c = crc32(c, meta, sizeof meta);
-  c = crc32(c, payload, len);
+  // Not for an empty payload: zlib answers 0 for a null buffer (an empty
+  // span's data()), not the CRC so far.
+  if (len > 0) c = crc32(c, payload, len);
   return static_cast<std::uint32_t>(c);
 }
 
@@ -61,6 +63,9 @@ Result<void> Log::init() {
     return Error(Errc::invalid_argument, device_, "init log",
                  "the range is " + std::to_string(range_.size()) +
                      " bytes; a log needs at least 4096 and a multiple of 8");
+  if (reinterpret_cast<std::uintptr_t>(range_.data()) % 8 != 0)
+    return Error(Errc::invalid_argument, device_, "init log",
+                 "the range does not start 8-byte aligned (the commit store must be atomic)");
   open_ = false;
   std::memset(range_.data(), 0, kDataStart);
   Header h{};
@@ -82,6 +87,9 @@ Result<std::uint64_t> Log::read_header(const char* op) const {
   if (range_.size() < kDataStart)
     return Error(Errc::invalid_argument, device_, op,
                  "the range is " + std::to_string(range_.size()) + " bytes, smaller than a log's header");
+  if (reinterpret_cast<std::uintptr_t>(range_.data()) % 8 != 0)
+    return Error(Errc::invalid_argument, device_, op,
+                 "the range does not start 8-byte aligned (the commit store must be atomic)");
   Header h;
   std::memcpy(&h, range_.data(), sizeof h);  // one copy: the device may change it
   if (std::memcmp(h.magic, kMagic, sizeof kMagic) != 0)
@@ -115,7 +123,11 @@ Result<std::vector<Record>> Log::records() {
     if (rh.magic.get() != kRecordMagic)
       return Error(Errc::bad_device_data, device_, op, where + ": bad magic (torn)");
     const std::uint32_t len = rh.len.get();
-    if (len > kMaxPayload || len > end - off - sizeof rh)
+    if (len > kMaxPayload)
+      return Error(Errc::bad_device_data, device_, op,
+                   where + ": length " + std::to_string(len) + ", more than a record holds (" +
+                       std::to_string(kMaxPayload) + ")");
+    if (len > end - off - sizeof rh)
       return Error(Errc::bad_device_data, device_, op, where + ": length runs past the commit point");
     const std::uint64_t want = out.size() + 1;
     if (rh.seq.get() != want)
@@ -216,18 +228,24 @@ bool is_utf8(std::string_view s) {
 
 std::string printable(std::string_view s) {
   const bool utf8 = is_utf8(s);
+  // In UTF-8 the C1 controls U+0080..U+009F are 0xc2 0x80..0x9f (0xc2 is
+  // only ever a lead byte); terminals obey them too (U+009B is CSI).
+  const auto c1_at = [&](std::size_t i) {
+    return utf8 && i + 1 < s.size() && static_cast<unsigned char>(s[i]) == 0xc2 &&
+           static_cast<unsigned char>(s[i + 1]) <= 0x9f;
+  };
   std::string out;
   out.reserve(s.size());
-  for (const char ch : s) {
-    const auto b = static_cast<unsigned char>(ch);
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    const auto b = static_cast<unsigned char>(s[i]);
     if (b == '\\') {
       out += "\\\\";
-    } else if (b < 0x20 || b == 0x7f || (b >= 0x80 && !utf8)) {
+    } else if (b < 0x20 || b == 0x7f || (b >= 0x80 && !utf8) || c1_at(i) || (i > 0 && c1_at(i - 1))) {
       out += "\\x";
       out += kHex[b >> 4];
       out += kHex[b & 15];
     } else {
-      out += ch;
+      out += s[i];
     }
   }
   return out;

@@ -50,7 +50,8 @@ using PersistFn = std::function<Result<void>(const void* addr, std::size_t len)>
 
 class Log {
  public:
-  // `range`: the whole pmem range; `device` names it in errors.
+  // `range`: the whole pmem range, 8-byte aligned (the commit store is an
+  // atomic 8-byte store); `device` names it in errors.
   Log(std::span<std::uint8_t> range, std::string device, PersistFn persist);
 
   // Formats an empty log (the magic is written and persisted last).
@@ -79,7 +80,8 @@ class Log {
 // Payloads are bytes (the host or any writer may have put anything there).
 // For printing: whether they are valid UTF-8 (RFC 3629: no overlong forms,
 // no surrogates, nothing above U+10FFFF); the text with control characters
-// and backslashes escaped as \xNN and \\ (and, when it is not valid UTF-8,
+// (C0, DEL and the C1 controls U+0080..U+009F, byte by byte) and backslashes
+// escaped as \xNN and \\ (and, when it is not valid UTF-8,
 // every byte from 0x80 too), so a terminal shows it without obeying it; and
 // lowercase hex, which loses nothing.
 bool is_utf8(std::string_view s);

@@ -245,6 +245,60 @@ TEST(PmlogFormat, FailedPersistIsReported) {
   EXPECT_EQ(payloads_of(*rs), std::vector<std::string>{"kept"});
 }
 
+// An empty payload handed over as an empty span has no buffer (data() is
+// null), and zlib's crc32() answers 0 for a null buffer instead of the CRC so
+// far: the acknowledged record failed its checksum on every later read,
+// which made the whole log unreadable and refused further appends.
+TEST(PmlogFormat, EmptyPayloadWithoutABufferReadsBack) {
+  Media m(16 * 1024);
+  Log log(m.span(), "test pmem", m.persist());
+  ASSERT_TRUE(log.init());
+  ASSERT_TRUE(log.append(bytes("one")));
+  auto seq = log.append(std::span<const std::uint8_t>{});
+  ASSERT_TRUE(seq) << seq.error().message();
+  EXPECT_EQ(*seq, 2u);
+  Log again(m.span(), "test pmem", m.persist());
+  auto rs = again.records();
+  ASSERT_TRUE(rs) << rs.error().message();
+  EXPECT_EQ(payloads_of(*rs), (std::vector<std::string>{"one", ""}));
+  ASSERT_TRUE(again.append(bytes("three")));
+}
+
+// The commit is one 8-byte store that is atomic only when aligned: a range
+// that does not start 8-byte aligned is refused (it was used, with a
+// misaligned atomic store, which is undefined and can tear across a crash).
+TEST(PmlogFormat, MisalignedRangeIsRefused) {
+  std::vector<std::uint64_t> words(16 * 1024 / 8 + 1, 0);
+  const std::span<std::uint8_t> range(reinterpret_cast<std::uint8_t*>(words.data()) + 4, 16 * 1024);
+  Log log(range, "test pmem", [](const void*, std::size_t) { return Result<void>(ok()); });
+  auto r = log.init();
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code(), Errc::invalid_argument);
+  EXPECT_NE(r.error().message().find("test pmem"), std::string::npos) << r.error().message();
+  EXPECT_NE(r.error().message().find("8-byte aligned"), std::string::npos) << r.error().message();
+  EXPECT_FALSE(log.records());
+  EXPECT_FALSE(log.append(bytes("x")));
+}
+
+// A record longer than any append writes, inside the commit point of a big
+// log, is called what it is (it used to be "runs past the commit point").
+TEST(PmlogFormat, OversizedRecordIsReportedAsSuch) {
+  Media m(4 * 1024 * 1024);
+  Log log(m.span(), "0000:01:00.0", m.persist());
+  ASSERT_TRUE(log.init());
+  ASSERT_TRUE(log.append(bytes(std::string(kMaxPayload, 'p'))));
+  const std::uint32_t big = kMaxPayload + 8;
+  std::memcpy(m.live.data() + kDataStart + 4, &big, 4);  // le32 len (the host is little-endian)
+  const std::uint64_t end = kDataStart + kRecordHeaderBytes + big;
+  std::memcpy(m.live.data() + 24, &end, 8);
+  Log bad(m.span(), "0000:01:00.0", m.persist());
+  auto rs = bad.records();
+  ASSERT_FALSE(rs);
+  const std::string msg = rs.error().message();
+  EXPECT_NE(msg.find("offset 4096: length 1048584, more than a record holds (1048576)"), std::string::npos)
+      << msg;
+}
+
 TEST(PmlogFormat, Utf8Validation) {
   EXPECT_TRUE(is_utf8(""));
   EXPECT_TRUE(is_utf8("plain ascii\n"));
@@ -269,6 +323,12 @@ TEST(PmlogFormat, PrintableEscapesWhatATerminalWouldObey) {
   EXPECT_EQ(printable("caf\xc3\xa9"), "caf\xc3\xa9");             // valid UTF-8 stays text
   EXPECT_EQ(printable("caf\xc3\xa9\xff"), "caf\\xc3\\xa9\\xff");  // otherwise every high byte is escaped
   EXPECT_EQ(to_hex(std::string("x\xff\x1b\0", 4)), "78ff1b00");
+  // C1 controls (U+0080..U+009F) are controls too: U+009B is CSI, which the
+  // Linux console and xterm obey in UTF-8, so "\xc2\x9b2J" clears the screen.
+  EXPECT_EQ(printable("a\xc2\x9b"
+                      "2Jb"),
+            "a\\xc2\\x9b2Jb");
+  EXPECT_EQ(printable("\xc2\x85\xc2\x80\xc2\x9f\xc2\xa0"), "\\xc2\\x85\\xc2\\x80\\xc2\\x9f\xc2\xa0");
 }
 
 }  // namespace

@@ -8,7 +8,7 @@
 // moved by the "host", a full log) leaves every byte of the range as it was;
 // the printing helpers hold on every payload and on the raw input (is_utf8
 // agrees with nlohmann::json's own check; printable() leaves no byte a
-// terminal would obey; to_hex loses nothing).
+// terminal would obey, C1 controls included; to_hex loses nothing).
 //
 // Input: byte 0: bit 0 force a valid header (magic, version, capacity),
 // bit 1 set committed_end from the next two bytes, bits 2-4 the range size
@@ -53,9 +53,12 @@ void check_printing(const std::string& p) {
   }
   const bool utf8 = is_utf8(p);
   CHECK(utf8 == strict_ok);
-  for (const char ch : printable(p)) {
-    const auto b = static_cast<unsigned char>(ch);
+  const std::string shown = printable(p);
+  for (std::size_t i = 0; i < shown.size(); ++i) {
+    const auto b = static_cast<unsigned char>(shown[i]);
     CHECK(b >= 0x20 && b != 0x7f && (utf8 || b < 0x80));
+    // nor a C1 control (U+0080..U+009F, which is 0xc2 0x80..0x9f)
+    CHECK(!(b == 0xc2 && i + 1 < shown.size() && static_cast<unsigned char>(shown[i + 1]) <= 0x9f));
   }
   CHECK(to_hex(p).size() == 2 * p.size());
 }
