@@ -1093,7 +1093,9 @@ TEST_P(VhostPciChain, FeatureSubsetMakesTheFrontendRenegotiate) {
 // end it again, forever. It is a driver protocol violation: the driver is
 // set DEVICE_NEEDS_RESET, named in the log, and the front-end keeps its session.
 TEST_P(VhostPciChain, FeatureBitsAckBeyondTheOfferFailsTheDriverNotTheFrontend) {
-  if (ackq) GTEST_SKIP() << "acks through the device config only";
+  if (ackq)
+    GTEST_SKIP() << "writes its hostile ack to the device config, which the model ignores once the ack queue "
+                    "(ACKQ) is negotiated";
   auto fn = model->function();
   auto bar = fn->bar(SoftVirtioDevice::kBar);
   ASSERT_TRUE(bar.ok());
