@@ -19,12 +19,18 @@ namespace {
 // Why an access of `width` bytes at `off` of a BAR of `size` bytes is
 // refused, or an empty string. Accesses are naturally aligned: on a mapped
 // BAR a misaligned one would be a misaligned volatile load or store.
+// Checked without building a string: BAR accesses are on the notify and
+// config paths, and only a refused one needs its message.
 std::string bad_access(std::uint64_t off, unsigned width, std::uint64_t size) {
+  const bool width_ok = width == 1 || width == 2 || width == 4 || width == 8;
+  const bool aligned = width_ok && off % width == 0;
+  const bool inside = off < size && width <= size - off;
+  if (width_ok && aligned && inside) [[likely]]
+    return {};
   const std::string what = "access of " + std::to_string(width) + " bytes at " + std::to_string(off);
-  if (width != 1 && width != 2 && width != 4 && width != 8) return what + ": width is not 1, 2, 4 or 8";
-  if (off % width != 0) return what + " not aligned to its width";
-  if (off >= size || width > size - off) return what + " outside a BAR of " + std::to_string(size) + " bytes";
-  return {};
+  if (!width_ok) return what + ": width is not 1, 2, 4 or 8";
+  if (!aligned) return what + " not aligned to its width";
+  return what + " outside a BAR of " + std::to_string(size) + " bytes";
 }
 
 // A BAR mapped into our address space: single-width volatile accesses.
