@@ -217,13 +217,14 @@ Result<rings::Completion> Virtqueue::wait_until(std::chrono::steady_clock::time_
 }
 
 Result<bool> Virtqueue::take_interrupt(int timeout_ms, bool strict) {
-  const std::string op = "wait for queue " + std::to_string(index_) + " interrupt";
+  // Built only for an error: this runs after every completion (the drain).
+  const auto op = [this] { return "wait for queue " + std::to_string(index_) + " interrupt"; };
   // A transport reset takes the queue's eventfd away until restart() sets
   // the queue up again.
   const std::optional<int> qfd = t_.queue_eventfd(index_);
   if (!qfd && !strict) return false;
   if (!qfd)
-    return Error(Errc::invalid_argument, t_.name(), op,
+    return Error(Errc::invalid_argument, t_.name(), op(),
                  "the queue has no interrupt eventfd (not set up again since the transport reset?)");
   const int fd = *qfd;
   // With MSI-X, DEVICE_NEEDS_RESET arrives as a config interrupt on its own
@@ -232,7 +233,7 @@ Result<bool> Virtqueue::take_interrupt(int timeout_ms, bool strict) {
   pollfd p[2] = {{fd, POLLIN, 0}, {cfg.value_or(-1), POLLIN, 0}};
   const nfds_t n = cfg && *cfg != fd ? 2 : 1;
   int rc = ::poll(p, n, timeout_ms);
-  if (rc < 0 && errno != EINTR) return Error::from_errno(errno, t_.name(), op, "poll eventfd");
+  if (rc < 0 && errno != EINTR) return Error::from_errno(errno, t_.name(), op(), "poll eventfd");
   if (rc <= 0) return false;
   // A closed or broken eventfd never becomes readable: fail now rather
   // than spin on it until the deadline.
@@ -240,7 +241,7 @@ Result<bool> Virtqueue::take_interrupt(int timeout_ms, bool strict) {
     const int bad = p[i].revents & (POLLERR | POLLHUP | POLLNVAL);
     if (bad && !strict) return false;
     if (bad)
-      return Error(Errc::io, t_.name(), op,
+      return Error(Errc::io, t_.name(), op(),
                    std::string(i == 0 ? "queue" : "config") + " eventfd " + std::to_string(p[i].fd) +
                        (bad & POLLNVAL  ? " is not open (POLLNVAL)"
                         : bad & POLLERR ? " reports an error (POLLERR)"
