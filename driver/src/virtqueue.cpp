@@ -171,7 +171,9 @@ Result<rings::Completion> Virtqueue::wait(std::chrono::milliseconds timeout) {
 
 Result<rings::Completion> Virtqueue::wait_until(std::chrono::steady_clock::time_point until,
                                                 std::chrono::milliseconds timeout) {
-  const std::string op = "wait for queue " + std::to_string(index_);
+  // Built only when it is needed (a health check or an error), not on every
+  // wait: a pmem flush or an rng read waits once per request.
+  const auto op = [this] { return "wait for queue " + std::to_string(index_); };
   const auto spin_until = deadline_after(spin_budget_);
   // Hybrid: while we spin the device need not interrupt (under TCG an MSI-X
   // injection through the vIOMMU costs the vCPU ~70 us per completion), so
@@ -191,8 +193,8 @@ Result<rings::Completion> Virtqueue::wait_until(std::chrono::steady_clock::time_
     }
     const auto now = std::chrono::steady_clock::now();
     if (now >= until) {
-      UV_TRY_VOID(t_.check_healthy(op));
-      return Error(Errc::timeout, t_.name(), op,
+      UV_TRY_VOID(t_.check_healthy(op()));
+      return Error(Errc::timeout, t_.name(), op(),
                    "no completion within " + std::to_string(timeout.count()) + " ms (" +
                        std::to_string(ring_.in_flight()) + " requests in flight)");
     }
@@ -201,7 +203,7 @@ Result<rings::Completion> Virtqueue::wait_until(std::chrono::steady_clock::time_
       // Busy-poll, but look at the device status now and then so a device
       // that went NEEDS_RESET is reported promptly.
       for (int spin = 0; spin < 4096 && !ring_.has_used(); ++spin) cpu_relax();
-      if (!ring_.has_used()) UV_TRY_VOID(t_.check_healthy(op));
+      if (!ring_.has_used()) UV_TRY_VOID(t_.check_healthy(op()));
       continue;
     }
     if (!armed) {
@@ -212,7 +214,7 @@ Result<rings::Completion> Virtqueue::wait_until(std::chrono::steady_clock::time_
     }
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - now).count();
     UV_TRY(bool fired, take_interrupt(static_cast<int>(std::min<long long>(left + 1, 1000))));
-    if (!fired) UV_TRY_VOID(t_.check_healthy(op));
+    if (!fired) UV_TRY_VOID(t_.check_healthy(op()));
   }
 }
 
