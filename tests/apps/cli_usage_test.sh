@@ -77,6 +77,8 @@ check 2 "rings: --seconds: -1.000000 is not a duration" "$bin/uvirtio-bench" rin
 check 2 "channel: --ring-bytes must be 0 or a power of two" "$bin/uvirtio-bench" channel --ring-bytes 1000
 check 2 "channel: --size must be at most a quarter of --small-ring-bytes" "$bin/uvirtio-bench" channel --small-ring-bytes 4096 --size 2048
 check 2 "--dev-opt wants KEY=VALUE" "$vm" --dev-opt nokey
+check 2 "--blk-opt wants KEY=VALUE" "$vm" --blk-opt nokey
+check 2 "--blk-opt logical_block_size=4096 without a --blk device" "$vm" --rng --blk-opt logical_block_size=4096
 check 2 "usage: uvirtio blk info" "$u" blk
 check 2 "blk read: --sector is required" "$u" blk read 00:03.0
 check 2 "blk read: --count must be 1..8192" "$u" blk read 00:03.0 --sector 0 --count 0
