@@ -72,14 +72,15 @@ int cmd_blk(const std::vector<std::string>& args) {
               {"capacity_sectors", (*blk)->capacity_sectors()},
               {"block_size", (*blk)->block_size()},
               {"read_only", (*blk)->read_only()},
-              {"features", (*blk)->features().describe()}};
+              {"features", (*blk)->features().describe(driver::blk_feature::name)}};
     if (p.vm.count("json"))
       print_json(j);
     else
       std::printf("%s: virtio-blk, %llu sectors (%llu MiB), %zu-byte blocks%s\n  features %s\n",
                   (*blk)->name().c_str(), static_cast<unsigned long long>((*blk)->capacity_sectors()),
                   static_cast<unsigned long long>((*blk)->capacity_sectors() / 2048), (*blk)->block_size(),
-                  (*blk)->read_only() ? ", read-only" : "", (*blk)->features().describe().c_str());
+                  (*blk)->read_only() ? ", read-only" : "",
+                  (*blk)->features().describe(driver::blk_feature::name).c_str());
     return 0;
   }
   if (sub == "read") {

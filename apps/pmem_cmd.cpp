@@ -99,7 +99,7 @@ int pmem_info(const std::vector<std::string>& args) {
   auto& p = **pm;
   const bool shm = p.features().has(driver::kPmemFeatureShmemRegion);
   json j = {{"bdf", p.name()},
-            {"features", p.features().describe()},
+            {"features", p.features().describe(driver::pmem_feature_name)},
             {"feature_bits", p.features().bits()},
             {"start", p.start()},
             {"size", p.size()},
@@ -134,8 +134,9 @@ int pmem_info(const std::vector<std::string>& args) {
   std::printf(
       "%s: virtio-pmem\n  features  %s\n  start     0x%llx\n  size      %llu bytes (%llu MiB)\n"
       "  mapping   %s\n  cache     %s\n  ledger    %s\n",
-      p.name().c_str(), p.features().describe().c_str(), static_cast<unsigned long long>(p.start()),
-      static_cast<unsigned long long>(p.size()), static_cast<unsigned long long>(p.size() >> 20),
+      p.name().c_str(), p.features().describe(driver::pmem_feature_name).c_str(),
+      static_cast<unsigned long long>(p.start()), static_cast<unsigned long long>(p.size()),
+      static_cast<unsigned long long>(p.size() >> 20),
       shm ? "shared memory region 0 (BAR)" : "/dev/mem (device does not offer SHMEM_REGION)",
       driver::cache::name(driver::cache::instruction()), ledger_line.c_str());
   return 0;

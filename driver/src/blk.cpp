@@ -6,6 +6,39 @@
 #include "uvirtio/base/le.hpp"
 
 namespace uvirtio::driver {
+
+const char* blk_feature::name(unsigned bit) {
+  switch (bit) {
+    case 1:
+      return "SIZE_MAX";
+    case 2:
+      return "SEG_MAX";
+    case 4:
+      return "GEOMETRY";
+    case 5:
+      return "RO";
+    case 6:
+      return "BLK_SIZE";
+    case 9:
+      return "FLUSH";
+    case 10:
+      return "TOPOLOGY";
+    case 11:
+      return "CONFIG_WCE";
+    case 12:
+      return "MQ";
+    case 13:
+      return "DISCARD";
+    case 14:
+      return "WRITE_ZEROES";
+    case 15:
+      return "LIFETIME";
+    case 16:
+      return "SECURE_ERASE";
+    default:
+      return nullptr;
+  }
+}
 namespace {
 
 constexpr std::uint32_t kTypeIn = 0;     // VIRTIO_BLK_T_IN

@@ -35,12 +35,15 @@ const char* transport_bit_name(unsigned bit) {
 
 }  // namespace
 
-std::string FeatureSet::describe() const {
+std::string FeatureSet::describe(BitName device_bit_name) const {
   std::string out;
   for (unsigned b = 0; b < 64; ++b) {
     if (!has(b)) continue;
     if (!out.empty()) out += ' ';
-    const char* n = transport_bit_name(b);
+    // Device-specific bits are 0..23 and 50..127 (spec 6); the rest are
+    // the transport's, whatever the device's table says.
+    const bool device_bit = b < 24 || b >= 50;
+    const char* n = device_bit && device_bit_name != nullptr ? device_bit_name(b) : transport_bit_name(b);
     out += n != nullptr ? std::string(n) : "bit" + std::to_string(b);
   }
   return out.empty() ? "none" : out;

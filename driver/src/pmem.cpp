@@ -14,6 +14,10 @@
 #include "uvirtio/driver/cache.hpp"
 
 namespace uvirtio::driver {
+
+const char* pmem_feature_name(unsigned bit) {
+  return bit == kPmemFeatureShmemRegion ? "SHMEM_REGION" : nullptr;
+}
 namespace {
 
 constexpr std::uint32_t kReqFlush = 0;  // VIRTIO_PMEM_REQ_TYPE_FLUSH

@@ -5,6 +5,9 @@
 
 #include <gtest/gtest.h>
 
+#include "uvirtio/driver/blk.hpp"
+#include "uvirtio/driver/pmem.hpp"
+
 namespace uvirtio::driver {
 namespace {
 
@@ -87,6 +90,16 @@ TEST(FeatureSet, Describe) {
             "bit0 bit5 INDIRECT_DESC EVENT_IDX VERSION_1 ACCESS_PLATFORM RING_PACKED IN_ORDER ORDER_PLATFORM "
             "SR_IOV "
             "NOTIFICATION_DATA NOTIF_CONFIG_DATA RING_RESET bit41 bit63");
+}
+
+TEST(FeatureSet, DescribeNamesDeviceBitsOnlyInTheDeviceRanges) {
+  // A table that knows every bit: only 0..23 and 50..63 may take its names.
+  const FeatureSet::BitName all = [](unsigned) -> const char* { return "DEV"; };
+  EXPECT_EQ(FeatureSet::of({0, 23, 24, kVersion1, 49, 50, 63}).describe(all),
+            "DEV DEV bit24 VERSION_1 bit49 DEV DEV");
+  EXPECT_EQ(FeatureSet::of({1, 3, 6, 9, kVersion1}).describe(uvirtio::driver::blk_feature::name),
+            "SIZE_MAX bit3 BLK_SIZE FLUSH VERSION_1");
+  EXPECT_EQ(FeatureSet::of({0, 1}).describe(uvirtio::driver::pmem_feature_name), "SHMEM_REGION bit1");
 }
 
 TEST(FeatureSet, SetOperations) {

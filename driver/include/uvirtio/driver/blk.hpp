@@ -29,6 +29,9 @@ inline constexpr unsigned kSegMax = 2;
 inline constexpr unsigned kRo = 5;
 inline constexpr unsigned kBlkSize = 6;
 inline constexpr unsigned kFlush = 9;
+// The virtio 1.2 name of a virtio-blk feature bit (5.2.3), or nullptr: for
+// FeatureSet::describe().
+const char* name(unsigned bit);
 }  // namespace blk_feature
 
 struct BlkOptions {

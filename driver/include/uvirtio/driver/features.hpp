@@ -44,8 +44,11 @@ class FeatureSet {
   constexpr FeatureSet operator|(FeatureSet o) const { return FeatureSet(bits_ | o.bits_); }
   constexpr bool contains(FeatureSet o) const { return (bits_ & o.bits_) == o.bits_; }
   friend constexpr bool operator==(FeatureSet, FeatureSet) = default;
-  // "VERSION_1 ACCESS_PLATFORM bit3 ..." (device-specific bits as bitN).
-  std::string describe() const;
+  // "VERSION_1 ACCESS_PLATFORM bit3 ..." (device-specific bits as bitN, or
+  // by the name `device_bit_name` gives them; it returns nullptr for a bit
+  // it does not know).
+  using BitName = const char* (*)(unsigned bit);
+  std::string describe(BitName device_bit_name = nullptr) const;
 
  private:
   std::uint64_t bits_ = 0;

@@ -34,6 +34,8 @@ namespace uvirtio::driver {
 
 inline constexpr std::uint16_t kVirtioPmemType = 27;
 inline constexpr unsigned kPmemFeatureShmemRegion = 0;  // VIRTIO_PMEM_F_SHMEM_REGION
+// "SHMEM_REGION" for bit 0, else nullptr: for FeatureSet::describe().
+const char* pmem_feature_name(unsigned bit);
 inline constexpr std::uint8_t kPmemShmemRegionId = 0;
 
 enum class PmemMapping { shared_memory_region, devmem, custom };
