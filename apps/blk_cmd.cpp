@@ -12,8 +12,8 @@ namespace {
 const char* kBlkUsage =
     "usage: uvirtio blk info BDF [--json]\n"
     "       uvirtio blk read BDF --sector S --count N [--hex]\n"
-    "       uvirtio blk write BDF --sector S (--data TEXT | --file F) [--flush]   (padded with zeros to "
-    "whole blocks)\n"
+    "       uvirtio blk write BDF --sector S (--data TEXT | --file F) [--flush]   (a last, partial block "
+    "keeps the rest of what the disk holds)\n"
     "       uvirtio blk flush BDF\n"
     "options for all: --poll, --timeout MS\n";
 
@@ -132,14 +132,36 @@ int cmd_blk(const std::vector<std::string>& args) {
     if (bytes.empty()) throw UsageError{"blk write: nothing to write"};
     auto blk = driver::Blk::open(p.bdf, p.opt);
     if (!blk) return fail(blk.error());
-    const std::size_t block = (*blk)->block_size();  // the device refuses partial blocks
-    bytes.resize((bytes.size() + block - 1) / block * block, 0);
+    // The device writes whole logical blocks. A last, partial block is read
+    // first and only the user's bytes replaced, as a write through the
+    // kernel's block layer would do: padding it with zeros would wipe up
+    // to a whole block (4 KiB on some disks) the user never wrote. A
+    // misaligned start is left to write(), which refuses it.
+    const std::size_t block = (*blk)->block_size();
+    const std::size_t whole = bytes.size() / block * block;
+    std::size_t kept = 0;
+    if (whole != bytes.size() && sector % (block / driver::kSectorSize) == 0) {
+      std::vector<std::uint8_t> last(block);
+      const std::uint64_t last_sector = sector + whole / driver::kSectorSize;
+      if (last_sector < sector)
+        return fail(Error(Errc::invalid_argument, (*blk)->name(), "write", "--sector overflows"));
+      if (auto r = (*blk)->read(last_sector, last); !r)
+        return fail(r.error().within("write: read the last, partial block to keep the rest of it"));
+      kept = block - (bytes.size() - whole);
+      std::copy(bytes.begin() + static_cast<std::ptrdiff_t>(whole), bytes.end(), last.begin());
+      bytes.resize(whole);
+      bytes.insert(bytes.end(), last.begin(), last.end());
+    } else {
+      bytes.resize((bytes.size() + block - 1) / block * block, 0);
+    }
     if (auto r = (*blk)->write(sector, bytes); !r) return fail(r.error());
     if (p.vm.count("flush"))
       if (auto r = (*blk)->flush(); !r) return fail(r.error());
-    std::printf("%s: wrote %zu sectors at %llu%s\n", (*blk)->name().c_str(),
-                bytes.size() / driver::kSectorSize, static_cast<unsigned long long>(sector),
-                p.vm.count("flush") ? " (flushed)" : "");
+    std::printf(
+        "%s: wrote %zu sectors at %llu%s%s\n", (*blk)->name().c_str(), bytes.size() / driver::kSectorSize,
+        static_cast<unsigned long long>(sector),
+        kept != 0 ? (", the last block's other " + std::to_string(kept) + " bytes as they were").c_str() : "",
+        p.vm.count("flush") ? " (flushed)" : "");
     return 0;
   }
   throw UsageError{"blk: unknown subcommand '" + sub + "' (info, read, write, flush)"};
