@@ -159,6 +159,33 @@ fi
 reject "--timeout wants seconds" --pmem "$d/new.img:16M" --timeout 0
 reject "--out: folder '/nonexistent/d'" --ivshmem-plain "$d/new-iv:4M" --pmem "$d/new.img:16M" --out /nonexistent/d/out
 reject "--mem 8G: guest RAM must be below maxmem" --pmem "$d/new.img:16M" --mem 8G
+# --add's guest path is joined to the initramfs folder on the host: no way
+# out of it (here onto $d/victim), not the harness's own /init or /cmd, and
+# not one path twice.
+echo precious >"$d/victim"
+reject "--add: guest path '/../../../files/victim' must not have '.', '..' or empty parts" --add "$d/small.img:/../../../files/victim"
+check "--add left '$d/victim' alone" [ "$(cat "$d/victim")" = precious ]
+reject "--add: guest path '/usr/local/bin/' must not have" --add "$d/small.img:/usr/local/bin/"
+reject "--add: guest path '/init' is the harness's own" --add "$d/small.img:/init"
+reject "--add: guest path '/cmd' is the harness's own" --add "$d/victim:/cmd"
+mkdir "$d/sub" && cp "$d/small.img" "$d/sub/small.img"
+reject "--add: guest path '/usr/bin/small.img' is given twice" --add "$d/small.img" --add "$d/sub/small.img"
+reject "--add: guest path '/opt/x' is given twice" --add "$d/small.img:/opt/x" --add "$d/victim:/opt/x"
+# One file, one use: --out would empty a device's image, and two devices on
+# one file would write over each other's data.
+truncate -s 1M "$d/disk.img" && echo "user data" | dd of="$d/disk.img" conv=notrunc status=none
+ln -s disk.img "$d/disk-link"
+reject "--out '$d/disk.img' is the file of --blk '$d/disk.img'" --blk "$d/disk.img" --out "$d/disk.img"
+reject "--out '$d/disk-link' is the file of --pmem '$d/disk.img'" --pmem "$d/disk.img:1M" --out "$d/disk-link"
+reject "--out '$d/fresh.img' is the file of --pmem '$d/fresh.img'" --out "$d/fresh.img" --pmem "$d/fresh.img:16M"
+reject "--out '$d/./fresh-iv' is the file of --ivshmem-plain '$d/fresh-iv'" --ivshmem-plain "$d/fresh-iv:4M" --out "$d/./fresh-iv"
+reject "--pmem '$d/disk.img' and --blk '$d/disk-link' are one file" --pmem "$d/disk.img:1M" --blk "$d/disk-link"
+reject "--pmem '$d/fresh.img' and --kernel-pmem '$d/fresh.img' are one file" --pmem "$d/fresh.img:16M" --kernel-pmem "$d/fresh.img:16M"
+check "--out and --blk left '$d/disk.img' alone" [ "$(head -c 10 "$d/disk.img")" = "user data" ]
+# Two ivshmem-plain devices on one file share its memory: allowed.
+run --ivshmem-plain "$d/shared-iv:4M" --ivshmem-plain "$d/shared-iv:4M" -- true
+check "two --ivshmem-plain on one file start the guest (status $status: $(cat "$t/stderr"))" [ "$status" = 0 ]
+rm -f "$d/shared-iv"
 # A host that cannot run the guest: status 7, told apart from bad arguments.
 want_status=7
 extra_env=(UVIRTIO_QEMU=/nonexistent/qemu-system-x86_64)
