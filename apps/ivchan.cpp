@@ -349,6 +349,12 @@ int cmd_ping(const std::vector<std::string>& args, bool send_only) {
   const std::uint64_t seed = vm.count("seed") ? parse_u64(vm["seed"].as<std::string>(), "--seed") : 1;
   if (!send_only && count == 0 && !vm.count("bytes"))
     throw UsageError{"ping: --count 0 without --bytes does nothing"};
+  // Options of a part that does not run would be ignored.
+  if (!send_only && count == 0 && vm.count("size"))
+    throw UsageError{"ping: --size goes with round trips, and --count 0 makes none"};
+  if (!vm.count("bytes") && (vm.count("chunk") || vm.count("seed")))
+    throw UsageError{std::string(name) + ": --" + (vm.count("chunk") ? "chunk" : "seed") +
+                     " goes with --bytes (the bulk transfer)"};
   if (size < 16)
     throw UsageError{std::string(name) + ": --size must be at least 16 (tag and sequence number)"};
   auto ep = open_endpoint(c);
@@ -415,7 +421,7 @@ int cmd_ping(const std::vector<std::string>& args, bool send_only) {
           static_cast<unsigned long long>(bulk->receiver_crc), bulk->match ? "match" : "MISMATCH",
           static_cast<double>(bytes) / bulk->seconds / 1e6, mode_name(e));
   }
-  if (e.bell)
+  if (e.bell && !c.json)  // --json: the count is "interrupts", and stdout stays one JSON value
     std::printf("ivchan: %llu doorbell interrupts woke us\n", static_cast<unsigned long long>(interrupts(e)));
   if (bulk && !bulk->match) {
     std::cerr << g_program << ": " << e.name << ": the receiver's data differs from what was sent\n";

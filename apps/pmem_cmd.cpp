@@ -57,6 +57,11 @@ driver::PmemOptions options_from(const po::variables_map& vm) {
   const long long timeout = vm["timeout"].as<long long>();
   if (timeout < 1 || timeout > 3600000) throw UsageError{"pmem: --timeout must be 1..3600000 ms"};
   opt.timeout = std::chrono::milliseconds(timeout);
+  // --poll is --completion poll: with another explicit --completion one of
+  // the two would be ignored.
+  if (vm.count("poll") && !vm["completion"].defaulted() && vm["completion"].as<std::string>() != "poll")
+    throw UsageError{"pmem: --poll and --completion " + vm["completion"].as<std::string>() +
+                     " contradict each other (give one)"};
   const std::string mode = vm.count("poll") ? "poll" : vm["completion"].as<std::string>();
   if (mode == "poll")
     opt.completion = driver::CompletionMode::polling;
@@ -348,15 +353,17 @@ Result<Sample> run_threads(unsigned threads, double seconds, Op op) {
 int pmem_bench(const std::vector<std::string>& args) {
   po::options_description desc("uvirtio pmem bench BDF");
   add_common(desc);
-  desc.add_options()("threads", po::value<std::vector<unsigned>>()->multitoken(),
+  // Counts are strings for parse_u64: a value<unsigned> takes "-4294967295"
+  // as 1 (lexical_cast wraps a negative number).
+  desc.add_options()("threads", po::value<std::vector<std::string>>()->multitoken(),
                      "thread counts (default 1 2 4 8)")("seconds", po::value<double>()->default_value(2.0),
                                                         "duration of each measurement")("json", "print JSON")(
       "rng", po::value<std::string>(), "virtio-rng function for the null round trip of the floor")(
       "kernel-file", po::value<std::string>(),
       "a file on an ext4 -o dax mount over the kernel's virtio_pmem: measure 4 KiB pwrite + fsync there")(
       "host-fsync-us", po::value<double>(), "host fsync latency of the backing file (measured on the host)")(
-      "rounds", po::value<unsigned>()->default_value(5), "interleaved slices per point")(
-      "gather-us", po::value<unsigned>(), "group-commit wait limit in microseconds (0: off; default 500)");
+      "rounds", po::value<std::string>()->default_value("5"), "interleaved slices per point")(
+      "gather-us", po::value<std::string>(), "group-commit wait limit in microseconds (0: off; default 500)");
   po::positional_options_description pos;
   pos.add("bdf", 1);
   auto vm = parse(args, desc, pos);
@@ -365,14 +372,20 @@ int pmem_bench(const std::vector<std::string>& args) {
     return 0;
   }
   std::vector<unsigned> threads = {1, 2, 4, 8};
-  if (vm.count("threads")) threads = vm["threads"].as<std::vector<unsigned>>();
-  for (unsigned t : threads)
-    if (t < 1 || t > 64) throw UsageError{"pmem bench: --threads values must be 1..64"};
+  if (vm.count("threads")) {
+    threads.clear();
+    for (const auto& text : vm["threads"].as<std::vector<std::string>>()) {
+      const std::uint64_t t = parse_u64(text, "pmem bench: --threads");
+      if (t < 1 || t > 64) throw UsageError{"pmem bench: --threads values must be 1..64"};
+      threads.push_back(static_cast<unsigned>(t));
+    }
+  }
   if (threads.empty()) throw UsageError{"pmem bench: --threads needs at least one value"};
   const double seconds = parse_seconds(vm["seconds"].as<double>(), "pmem bench: --seconds");
   // Every usage error before the device is opened: the warm-up writes to it.
-  const unsigned rounds = vm["rounds"].as<unsigned>();
-  if (rounds < 1 || rounds > 100) throw UsageError{"pmem bench: --rounds must be 1..100"};
+  const std::uint64_t rounds64 = parse_u64(vm["rounds"].as<std::string>(), "pmem bench: --rounds");
+  if (rounds64 < 1 || rounds64 > 100) throw UsageError{"pmem bench: --rounds must be 1..100"};
+  const auto rounds = static_cast<unsigned>(rounds64);
   std::optional<pci::Bdf> rng_bdf;
   if (vm.count("rng")) rng_bdf = parse_bdf_or_throw(vm["rng"].as<std::string>());
   if (vm.count("host-fsync-us")) {
@@ -385,9 +398,38 @@ int pmem_bench(const std::vector<std::string>& args) {
   // at a device fault and reports it.
   opt.recover_on_reset = false;
   if (vm.count("gather-us")) {
-    const unsigned g = vm["gather-us"].as<unsigned>();
+    const std::uint64_t g = parse_u64(vm["gather-us"].as<std::string>(), "pmem bench: --gather-us");
     if (g > 1000000) throw UsageError{"pmem bench: --gather-us must be 0..1000000"};
-    opt.gather_limit = std::chrono::microseconds(g);
+    opt.gather_limit = std::chrono::microseconds(static_cast<std::int64_t>(g));
+  }
+  // The kernel path writes pages of 0x5a over the first 256 KiB of PATH.0
+  // .. PATH.3: never over a file that holds anything else there (checked
+  // before the device is opened; a missing file is created later).
+  if (vm.count("kernel-file")) {
+    const std::string path = vm["kernel-file"].as<std::string>();
+    for (unsigned i = 0; i < 4; ++i) {
+      const std::string f = path + "." + std::to_string(i);
+      const int fd = ::open(f.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);  // a FIFO: no hang
+      if (fd < 0 && errno == ENOENT) continue;
+      std::vector<std::uint8_t> head(64 * 4096);
+      ssize_t got = -1;
+      if (fd >= 0) {
+        got = ::pread(fd, head.data(), head.size(), 0);
+        const int e = errno;
+        ::close(fd);
+        errno = e;
+      }
+      if (got < 0) {
+        std::cerr << "uvirtio: pmem bench: --kernel-file: " << f << ": " << std::strerror(errno) << "\n";
+        return kFail;
+      }
+      if (std::any_of(head.begin(), head.begin() + got, [](std::uint8_t b) { return b != 0 && b != 0x5a; })) {
+        std::cerr << "uvirtio: pmem bench: --kernel-file: " << f
+                  << ": the file holds data in its first 256 KiB, which the benchmark overwrites (give a new "
+                     "name)\n";
+        return kFail;
+      }
+    }
   }
   auto pm = driver::Pmem::open(bdf_of(vm, "bench"), opt);
   if (!pm) return fail(pm.error());

@@ -84,6 +84,8 @@ int run(int argc, char** argv) {
   if (cmd == "append" && vm.count("text") && (!vm["size"].defaulted() || !vm["tag"].defaulted()))
     throw UsageError{"append: --size and --tag go with --count"};
   const std::uint64_t count = vm.count("count") ? parse_u64(vm["count"].as<std::string>(), "--count") : 0;
+  // Zero records would open the device, append nothing and exit 0.
+  if (vm.count("count") && count == 0) throw UsageError{"append: --count must be at least 1"};
   const std::uint64_t size = parse_u64(vm["size"].as<std::string>(), "--size");
   if (size > kMaxPayload) throw UsageError{"--size must be at most 1048576"};
   const std::uint64_t want = vm.count("expect-at-least")

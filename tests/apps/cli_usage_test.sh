@@ -162,6 +162,32 @@ check 2 "list: --json and --quiet are alternatives" "$u" list --json --quiet
 check 1 "0000:7f:1f.7: describe function" "$u" rng read 0000:7f:1f.7 -n 0x10
 check 2 "unrecognised option '--json'" "$u" blk flush 0000:7f:1f.7 --json
 check 2 "serve: --json does not apply" "$bin/uvirtio-ivchan" serve --shm "$scratch/z" --side 0 --json
+# --poll is --completion poll: with another --completion one would be ignored.
+check 2 "--poll and --completion interrupt contradict each other" "$u" pmem flush 0000:7f:1f.7 --poll --completion interrupt
+check 1 "0000:7f:1f.7: describe function" "$u" pmem flush 0000:7f:1f.7 --poll --completion poll
+# Counts are non-negative: a negative one is not wrapped around 2^32 (as a
+# value<unsigned> would take "-4294967295" for 1).
+check 2 "--threads: '-4294967295' is not a non-negative integer" "$u" pmem bench 0000:7f:1f.7 --threads -4294967295
+check 2 "--rounds: '-4294967291' is not a non-negative integer" "$u" pmem bench 0000:7f:1f.7 --rounds -4294967291
+check 2 "--gather-us: '-4294967295' is not a non-negative integer" "$u" pmem bench 0000:7f:1f.7 --gather-us -4294967295
+check 1 "0000:7f:1f.7: describe function" "$u" pmem bench 0000:7f:1f.7 --threads 0x2 4 --rounds 0x3 --gather-us 0x10
+# Nothing to do is a usage error, not a device opened for an exit 0.
+check 2 "append: --count must be at least 1" "$lg" 0000:7f:1f.7 append --count 0
+# ping options of a part that does not run are refused, not ignored (side 0
+# would otherwise format the file and wait for a peer).
+truncate -s 1M "$scratch/chan"
+check 2 "ping: --chunk goes with --bytes" "$bin/uvirtio-ivchan" ping --shm "$scratch/chan" --side 0 --chunk 100 --timeout-ms 100
+check 2 "ping: --seed goes with --bytes" "$bin/uvirtio-ivchan" ping --shm "$scratch/chan" --side 0 --seed 7 --timeout-ms 100
+check 2 "ping: --size goes with round trips" "$bin/uvirtio-ivchan" ping --shm "$scratch/chan" --side 0 --count 0 --size 32 --bytes 10 --timeout-ms 100
+# pmem bench --kernel-file PATH writes PATH.0..PATH.3: never over a user's
+# file, and that is known before the device is opened.
+seq 1 2000 >"$scratch/kf.1"
+ksum=$(md5sum <"$scratch/kf.1")
+check 1 "kf.1: the file holds data in its first 256 KiB" "$u" pmem bench 0000:7f:1f.7 --kernel-file "$scratch/kf"
+if [ "$(md5sum <"$scratch/kf.1")" = "$ksum" ] && [ ! -e "$scratch/kf.0" ]; then pass=$((pass + 1)); else
+  fail=$((fail + 1)); echo "FAIL: pmem bench --kernel-file changed kf.1 or created kf.0"; fi
+mkfifo "$scratch/kfifo.0"  # not seekable: refused at once, no hang in open()
+check 1 "kfifo.0: Illegal seek" timeout 10 "$u" pmem bench 0000:7f:1f.7 --kernel-file "$scratch/kfifo"
 check 0 "usage: uvirtio-pmem-c" "$c" --help
 check 0 "usage: uvirtio-vhost-net serve" "$bin/uvirtio-vhost-net" serve --help
 check 0 "usage: uvirtio-vhost-pci serve" "$bin/uvirtio-vhost-pci" serve --help
