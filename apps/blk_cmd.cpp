@@ -15,7 +15,7 @@ const char* kBlkUsage =
     "       uvirtio blk write BDF --sector S (--data TEXT | --file F) [--flush]   (a last, partial block "
     "keeps the rest of what the disk holds)\n"
     "       uvirtio blk flush BDF\n"
-    "options for all: --poll, --timeout MS\n";
+    "options for all: --poll; for read, write and flush: --timeout MS\n";
 
 struct Parsed {
   po::variables_map vm;
@@ -26,8 +26,10 @@ struct Parsed {
 Parsed parse_blk(const std::vector<std::string>& args, const char* sub, po::options_description extra) {
   po::options_description desc(std::string("uvirtio blk ") + sub);
   desc.add_options()("help,h", "show help")("bdf", po::value<std::string>(), "PCI address")(
-      "poll", "complete by polling")("timeout", po::value<long long>()->default_value(10000),
-                                     "deadline in ms");
+      "poll", "complete by polling");
+  // `info` sends no request: a deadline there would be silently ignored.
+  const bool requests = std::string(sub) != "info";
+  if (requests) desc.add_options()("timeout", po::value<long long>()->default_value(10000), "deadline in ms");
   desc.add(extra);
   po::positional_options_description pos;
   pos.add("bdf", 1);
@@ -40,9 +42,11 @@ Parsed parse_blk(const std::vector<std::string>& args, const char* sub, po::opti
   if (!p.vm.count("bdf"))
     throw UsageError{std::string("blk ") + sub + ": which device? (uvirtio blk " + sub + " BDF)"};
   p.bdf = parse_bdf_or_throw(p.vm["bdf"].as<std::string>());
-  const long long timeout = p.vm["timeout"].as<long long>();
-  if (timeout < 1 || timeout > 3600000) throw UsageError{"blk: --timeout must be 1..3600000 ms"};
-  p.opt.timeout = std::chrono::milliseconds(timeout);
+  if (requests) {
+    const long long timeout = p.vm["timeout"].as<long long>();
+    if (timeout < 1 || timeout > 3600000) throw UsageError{"blk: --timeout must be 1..3600000 ms"};
+    p.opt.timeout = std::chrono::milliseconds(timeout);
+  }
   if (p.vm.count("poll")) p.opt.completion = driver::CompletionMode::polling;
   return p;
 }

@@ -34,14 +34,18 @@ const char* kPmemUsage =
     "                          [--kernel-file PATH] [--host-fsync-us US] [--gather-us US]\n";
 
 enum class Recovery { offered, not_applicable };
+enum class Flushes { yes, no };
 
 // --no-recover only where it changes something: `bench` never recovers, and
-// `info` and `read` send no flush, so there it would be a silent no-op.
-void add_common(po::options_description& d, Recovery recovery = Recovery::not_applicable) {
+// `info` and `read` send no flush, so there it would be a silent no-op; so
+// would a flush deadline (--timeout) there.
+void add_common(po::options_description& d, Recovery recovery = Recovery::not_applicable,
+                Flushes flushes = Flushes::no) {
   d.add_options()("help,h", "show help")("bdf", po::value<std::string>(), "PCI address of the pmem function")(
-      "timeout", po::value<long long>()->default_value(10000), "per-flush deadline in ms")(
       "completion", po::value<std::string>()->default_value("hybrid"),
       "hybrid (spin, then sleep on the interrupt), interrupt, or poll")("poll", "same as --completion poll");
+  if (flushes == Flushes::yes || recovery == Recovery::offered)
+    d.add_options()("timeout", po::value<long long>()->default_value(10000), "per-flush deadline in ms");
   if (recovery == Recovery::offered)
     d.add_options()("no-recover",
                     "fail when the device needs a reset (or completes a request from before one) instead of "
@@ -54,9 +58,11 @@ driver::PmemOptions options_from(const po::variables_map& vm) {
   // deadline) can leave QEMU to complete it late into this command's ring
   // (doc/qemu-bugs.md): recover and send it again, and say so.
   opt.recover_on_reset = vm.count("no-recover") == 0;
-  const long long timeout = vm["timeout"].as<long long>();
-  if (timeout < 1 || timeout > 3600000) throw UsageError{"pmem: --timeout must be 1..3600000 ms"};
-  opt.timeout = std::chrono::milliseconds(timeout);
+  if (vm.count("timeout")) {
+    const long long timeout = vm["timeout"].as<long long>();
+    if (timeout < 1 || timeout > 3600000) throw UsageError{"pmem: --timeout must be 1..3600000 ms"};
+    opt.timeout = std::chrono::milliseconds(timeout);
+  }
   // --poll is --completion poll: with another explicit --completion one of
   // the two would be ignored.
   if (vm.count("poll") && !vm["completion"].defaulted() && vm["completion"].as<std::string>() != "poll")
@@ -163,6 +169,8 @@ int pmem_write(const std::vector<std::string>& args) {
   if (!vm.count("offset")) throw UsageError{"pmem write: --offset is required"};
   if (vm.count("no-recover") && !vm.count("persist"))
     throw UsageError{"pmem write: --no-recover needs --persist (without it no flush is sent)"};
+  if (!vm["timeout"].defaulted() && !vm.count("persist"))
+    throw UsageError{"pmem write: --timeout needs --persist (without it no flush is sent)"};
   if (vm.count("data") == vm.count("file"))
     throw UsageError{"pmem write: give exactly one of --data or --file"};
   const std::uint64_t offset = parse_u64(vm["offset"].as<std::string>(), "--offset");
@@ -352,7 +360,7 @@ Result<Sample> run_threads(unsigned threads, double seconds, Op op) {
 
 int pmem_bench(const std::vector<std::string>& args) {
   po::options_description desc("uvirtio pmem bench BDF");
-  add_common(desc);
+  add_common(desc, Recovery::not_applicable, Flushes::yes);
   // Counts are strings for parse_u64: a value<unsigned> takes "-4294967295"
   // as 1 (lexical_cast wraps a negative number).
   desc.add_options()("threads", po::value<std::vector<std::string>>()->multitoken(),

@@ -171,6 +171,14 @@ check 2 "--threads: '-4294967295' is not a non-negative integer" "$u" pmem bench
 check 2 "--rounds: '-4294967291' is not a non-negative integer" "$u" pmem bench 0000:7f:1f.7 --rounds -4294967291
 check 2 "--gather-us: '-4294967295' is not a non-negative integer" "$u" pmem bench 0000:7f:1f.7 --gather-us -4294967295
 check 1 "0000:7f:1f.7: describe function" "$u" pmem bench 0000:7f:1f.7 --threads 0x2 4 --rounds 0x3 --gather-us 0x10
+# A flush deadline where no flush (or request) is sent would do nothing.
+check 2 "unrecognised option '--timeout'" "$u" pmem read 0000:7f:1f.7 --offset 0 --length 1 --timeout 5
+check 2 "unrecognised option '--timeout'" "$u" pmem info 0000:7f:1f.7 --timeout 5
+check 2 "pmem write: --timeout needs --persist" "$u" pmem write 0000:7f:1f.7 --offset 0 --data x --timeout 5
+check 1 "0000:7f:1f.7: describe function" "$u" pmem write 0000:7f:1f.7 --offset 0 --data x --persist --timeout 5
+check 2 "--timeout must be 1..3600000 ms" "$u" pmem bench 0000:7f:1f.7 --timeout 0
+check 2 "unrecognised option '--timeout'" "$u" blk info 0000:7f:1f.7 --timeout 5
+check 2 "blk: --timeout must be 1..3600000 ms" "$u" blk flush 0000:7f:1f.7 --timeout 0
 # Nothing to do is a usage error, not a device opened for an exit 0.
 check 2 "append: --count must be at least 1" "$lg" 0000:7f:1f.7 append --count 0
 # ping options of a part that does not run are refused, not ignored (side 0
