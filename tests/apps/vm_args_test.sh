@@ -186,6 +186,12 @@ check "--out and --blk left '$d/disk.img' alone" [ "$(head -c 10 "$d/disk.img")"
 run --ivshmem-plain "$d/shared-iv:4M" --ivshmem-plain "$d/shared-iv:4M" -- true
 check "two --ivshmem-plain on one file start the guest (status $status: $(cat "$t/stderr"))" [ "$status" = 0 ]
 rm -f "$d/shared-iv"
+# One-value options given twice: the first would be silently replaced.
+reject "option --out is given twice" --out "$d/o1" --out "$d/o2"
+reject "option --timeout is given twice" --timeout 30 --rng --timeout 60
+reject "option --mem is given twice" --mem 512M --mem 1G
+reject "option --bin-dir is given twice" --bin-dir "$t/bin"
+reject "option --kernel-dir is given twice" --kernel-dir "$t/kernel" --kernel-dir "$t/kernel"
 # A host that cannot run the guest: status 7, told apart from bad arguments.
 want_status=7
 extra_env=(UVIRTIO_QEMU=/nonexistent/qemu-system-x86_64)
