@@ -57,6 +57,9 @@ int cmd_list(const std::vector<std::string>& args) {
     return 0;
   }
   if (vm.count("json") && vm.count("quiet")) throw UsageError{"list: --json and --quiet are alternatives"};
+  // --type keeps only virtio and ivshmem functions, which are listed anyway.
+  if (vm.count("all") && vm.count("type"))
+    throw UsageError{"list: --all and --type are alternatives (--type lists only functions of that type)"};
   if (vm.count("type")) {
     // A misspelt type would list nothing, which reads as "no such device".
     const std::string want = vm["type"].as<std::string>();

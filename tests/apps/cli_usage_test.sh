@@ -159,6 +159,7 @@ check 2 "--size must be at most 1048576" "$lg" 0000:7f:1f.7 append --count 1 --s
 check 0 "usage: uvirtio-pmlog" "$lg" 0000:7f:1f.7 init --help
 check 2 "list: --type: unknown type 'nonsense'" "$u" list --type nonsense
 check 2 "list: --json and --quiet are alternatives" "$u" list --json --quiet
+check 2 "list: --all and --type are alternatives" "$u" list --all --type block
 check 1 "0000:7f:1f.7: describe function" "$u" rng read 0000:7f:1f.7 -n 0x10
 check 2 "unrecognised option '--json'" "$u" blk flush 0000:7f:1f.7 --json
 check 2 "serve: --json does not apply" "$bin/uvirtio-ivchan" serve --shm "$scratch/z" --side 0 --json
