@@ -1,6 +1,7 @@
 // ivshmem driver: see ivshmem.hpp.
 #include "uvirtio/driver/ivshmem.hpp"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <unistd.h>
 
@@ -100,6 +101,14 @@ Result<void> Ivshmem::init(const IvshmemOptions& options) {
       if (!fds) return fds.error().within("open ivshmem: route MSI-X vectors");
       eventfds_ = std::move(*fds);
       interrupts_.assign(eventfds_.size(), 0);
+      // A send and a receive may sleep on one vector at once: one interrupt
+      // wakes both pollers and only one gets the count, so the other's read
+      // must fail with EAGAIN rather than block until some later interrupt.
+      for (int fd : eventfds_) {
+        const int fl = ::fcntl(fd, F_GETFL);
+        if (fl < 0 || ::fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+          return Error::from_errno(errno, name, "open ivshmem", "make the MSI-X eventfds non-blocking");
+      }
     }
   }
   return ok();

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <thread>
 
 #include "support/fake_function.hpp"
@@ -102,6 +103,42 @@ TEST(Ivshmem, ChannelDoorbellRingsAndWaits) {
   t.join();
   ASSERT_TRUE(w);
   EXPECT_TRUE(*w);
+}
+
+// A channel sends on one thread and receives on another, and both sleep on
+// the same vector. One interrupt wakes both pollers; the one that does not get
+// the count must go back to its timeout, not block in read() on the emptied
+// eventfd until some later interrupt (which may never come: a hang).
+TEST(Ivshmem, TwoWaitersOnOneVectorBothReturnWithinTheirTimeout) {
+  auto fn = make_ivshmem(1);
+  FakeFunction* raw = fn.get();
+  auto dev = Ivshmem::attach(std::move(fn));
+  ASSERT_TRUE(dev) << dev.error().message();
+  int stuck = 0;
+  for (int round = 0; round < 40 && stuck == 0; ++round) {
+    std::atomic<int> done{0};
+    auto waiter = [&] {
+      (void)(*dev)->wait(0, std::chrono::milliseconds(50));
+      done.fetch_add(1);
+    };
+    std::thread a(waiter), b(waiter);
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));  // both in poll()
+    ASSERT_TRUE(raw->raise(0));
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+    while (done.load() < 2 && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    if (done.load() < 2) {
+      ++stuck;
+      while (done.load() < 2) {  // free the stuck reader
+        raw->raise(0);
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+    }
+    a.join();
+    b.join();
+    (void)(*dev)->wait(0, std::chrono::milliseconds(0));  // drain
+  }
+  EXPECT_EQ(stuck, 0) << "a waiter blocked past its 50 ms timeout";
 }
 
 TEST(Ivshmem, PlainDeviceHasNoDoorbell) {
