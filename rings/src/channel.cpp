@@ -383,13 +383,21 @@ Result<bool> Channel::refresh_consumer(const char* op) {
   return behind < known;
 }
 
-Result<void> Channel::ring_if_armed(const le32& ticket, std::uint32_t& last_rung, const char* op) {
+Result<void> Channel::ring_if_armed(const le32& ticket, std::uint32_t& last_rung,
+                                    std::uint64_t& last_rung_session, const char* op) {
   // Our index store must be visible before we read the sleeper's ticket; it
   // stores the ticket before re-reading our index (full fence on both sides).
   barrier_store_load();
-  const std::uint32_t t = load32(ticket);
-  if (t == 0 || t == last_rung) return ok();
+  // Acquire: the sleeper stored its ticket (release) after its session, so
+  // a ticket of a rejoined peer comes with that peer's session.
+  const std::uint32_t t = load32(ticket, std::memory_order_acquire);
+  if (t == 0) return ok();
+  // A rejoined peer counts its tickets from 1 again: the same ticket in a
+  // new session is a new sleep (same cache line as the ticket).
+  const std::uint64_t s = load64(peer_->session);
+  if (t == last_rung && s == last_rung_session) return ok();
   last_rung = t;
+  last_rung_session = s;
   auto r = doorbell_->ring(load32(peer_->doorbell_id));
   if (!r) return std::move(r).error().within(op);
   return ok();
@@ -407,7 +415,7 @@ Result<void> Channel::publish_producer() {
   store64(*tx_.producer, tx_.prod, std::memory_order_release);
   tx_.published = tx_.prod;
   if (doorbell_ == nullptr) return ok();
-  return ring_if_armed(peer_->recv_ticket, tx_.last_rung, "send: ring the peer");
+  return ring_if_armed(peer_->recv_ticket, tx_.last_rung, tx_.last_rung_session, "send: ring the peer");
 }
 
 Result<std::optional<std::span<std::byte>>> Channel::reserve_slow(std::size_t len) {
@@ -481,7 +489,7 @@ Result<void> Channel::publish_consumer() {
   store64(*rx_.consumer, rx_.cons, std::memory_order_release);
   rx_.published = rx_.cons;
   if (doorbell_ == nullptr) return ok();
-  return ring_if_armed(peer_->send_ticket, rx_.last_rung, "receive: ring the peer");
+  return ring_if_armed(peer_->send_ticket, rx_.last_rung, rx_.last_rung_session, "receive: ring the peer");
 }
 
 Result<std::optional<std::span<const std::byte>>> Channel::peek_slow() {
@@ -619,7 +627,7 @@ Result<void> Channel::block(const char* op, Wait what, std::chrono::nanoseconds 
       le32& word = what == Wait::data ? self_->recv_ticket : self_->send_ticket;
       std::uint32_t& counter = what == Wait::data ? rx_.ticket : tx_.ticket;
       if (++counter == 0) counter = 1;
-      store32(word, counter);
+      store32(word, counter, std::memory_order_release);  // after our session (ring_if_armed)
       // The ticket must be visible before we look at the ring one last time
       // (the peer publishes, fences, then reads the ticket).
       barrier_store_load();

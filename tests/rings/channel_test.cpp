@@ -653,6 +653,51 @@ TEST(Channel, BlockingWithEventfdDoorbellAcrossFork) {
   EXPECT_TRUE(w.guards_intact());
 }
 
+// A doorbell that counts rings and runs `on_wait` (the peer acting while we
+// sleep) instead of sleeping.
+class ScriptedDoorbell final : public Doorbell {
+ public:
+  Result<void> ring(std::uint32_t) override {
+    ++rings;
+    return ok();
+  }
+  Result<bool> wait(std::chrono::nanoseconds) override {
+    if (on_wait) on_wait();
+    return true;
+  }
+  int rings = 0;
+  std::function<void()> on_wait;
+};
+
+// The producer rings a sleeping consumer once per ticket it sees. A consumer
+// that restarts counts its tickets from 1 again, so its first sleep can
+// carry the very ticket the producer last rang the previous incarnation for:
+// that wake-up must not be skipped (the sleeper would lie there a whole slice).
+TEST(Channel, RejoinedPeersFirstSleepIsRung) {
+  Window w(8192);
+  ScriptedDoorbell abell, bbell;
+  auto a = must_attach(w, opts(0, &abell));
+  ASSERT_TRUE(a);
+  Options ob = opts(1, &bbell);
+  ob.spin = 0ns;
+  std::vector<std::byte> in(64);
+  int rings_seen_while_asleep = 0;
+  bbell.on_wait = [&] {
+    // b stored its ticket and looked at the ring: it sleeps. a sends now.
+    const int before = abell.rings;
+    ASSERT_TRUE(a->try_send(pattern(8, 1)).value());
+    rings_seen_while_asleep += abell.rings - before;
+  };
+  for (int incarnation = 0; incarnation < 2; ++incarnation) {
+    auto b = must_attach(w, ob);
+    ASSERT_TRUE(b);
+    auto n = b->recv(in, 1s);
+    ASSERT_TRUE(n.ok()) << n.error().message();
+    EXPECT_EQ(rings_seen_while_asleep, incarnation + 1)
+        << "incarnation " << incarnation << " slept and was not rung";
+  }
+}
+
 // ---------------------------------------------------------------- liveness
 
 TEST(Channel, PeerGoneWhenItsHeartbeatStops) {

@@ -298,7 +298,11 @@ class Channel {
     if ((last >> 6) != (off >> 6)) cache_line_demote(tx_.data + last);
   }
   Result<void> publish_consumer();
-  Result<void> ring_if_armed(const le32& ticket, std::uint32_t& last_rung, const char* op);
+  // Rings the peer if `ticket` shows it asleep in a sleep we did not ring for
+  // yet: a ticket of the peer's session we last rang (tickets count from 1
+  // again in a peer that rejoined, so the ticket alone does not tell).
+  Result<void> ring_if_armed(const le32& ticket, std::uint32_t& last_rung, std::uint64_t& last_rung_session,
+                             const char* op);
   template <class Ready>
   Result<void> block(const char* op, Wait what, std::chrono::nanoseconds timeout, Ready&& ready);
   // Liveness: empty when present, else why not.
@@ -336,16 +340,18 @@ class Channel {
     bool batch_open = false;
     std::uint64_t head_off = 0;
     std::uint64_t head_word = 0;
-    std::uint32_t last_rung = 0;  // the peer's recv ticket we last rang for
-    std::uint32_t ticket = 0;     // our send ticket counter
+    std::uint32_t last_rung = 0;          // the peer's recv ticket we last rang for
+    std::uint64_t last_rung_session = 0;  // ... and the peer's session then
+    std::uint32_t ticket = 0;             // our send ticket counter
   } tx_;
   struct alignas(64) Rx : Ring {
     std::uint64_t cons = 0;        // next record position (released or not)
     std::uint64_t published = 0;   // consumer index in the window
     std::uint64_t peek_bytes = 0;  // record bytes of the peeked message (0: none)
     std::span<const std::byte> peeked;
-    std::uint32_t last_rung = 0;  // the peer's send ticket we last rang for
-    std::uint32_t ticket = 0;     // our recv ticket counter
+    std::uint32_t last_rung = 0;          // the peer's send ticket we last rang for
+    std::uint64_t last_rung_session = 0;  // ... and the peer's session then
+    std::uint32_t ticket = 0;             // our recv ticket counter
   } rx_;
 
   // Liveness tracker: the peer's session and heartbeat as last seen, and
