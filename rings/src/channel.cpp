@@ -335,12 +335,13 @@ Channel::~Channel() {
     hb_thread_.join();
   }
   if (session_ == 0) return;  // join() failed: we never published anything
+  // Clear the session only if it is still ours: another process may have
+  // taken this side over, and then the side line (its tickets included:
+  // clearing them while it sleeps would lose its wake-up) is its own.
+  std::uint64_t expected = le64::to_raw(session_);
+  if (!std::atomic_ref<std::uint64_t>(self_->session.raw()).compare_exchange_strong(expected, 0)) return;
   store32(self_->recv_ticket, 0);
   store32(self_->send_ticket, 0);
-  // Clear the session only if it is still ours (another process may have
-  // taken this side over).
-  std::uint64_t expected = le64::to_raw(session_);
-  std::atomic_ref<std::uint64_t>(self_->session.raw()).compare_exchange_strong(expected, 0);
   // A peer asleep waiting for us learns at once that we are gone.
   if (doorbell_ != nullptr && !broken()) {
     barrier_store_load();

@@ -698,6 +698,36 @@ TEST(Channel, RejoinedPeersFirstSleepIsRung) {
   }
 }
 
+// A channel whose side was taken over by another attach is detached later
+// (it may not even have noticed yet). Its destructor must leave the new
+// owner's side line alone: clearing its tickets while it sleeps makes the
+// peer skip the ring it is waiting for.
+TEST(Channel, DetachAfterATakeoverLeavesTheNewOwnersTicketsAlone) {
+  Window w(8192);
+  ScriptedDoorbell abell, bbell;
+  auto a = must_attach(w, opts(0, &abell));
+  Options ob = opts(1, &bbell);
+  ob.spin = 0ns;
+  auto b1 = must_attach(w, ob);
+  auto b2 = must_attach(w, ob);  // takes side 1 over
+  ASSERT_TRUE(a && b1 && b2);
+  const std::uint64_t b2_session = w.ctl()->side[1].session.get();
+  int rung = -1;
+  bbell.on_wait = [&] {
+    if (rung >= 0) return;
+    // b2 sleeps with its ticket armed; the old b1 goes away, then a sends.
+    b1.reset();
+    const int before = abell.rings;
+    ASSERT_TRUE(a->try_send(pattern(8, 1)).value());
+    rung = abell.rings - before;
+  };
+  std::vector<std::byte> in(64);
+  auto n = b2->recv(in, 1s);
+  ASSERT_TRUE(n.ok()) << n.error().message();
+  EXPECT_EQ(rung, 1) << "the sleeping new owner of side 1 was not rung";
+  EXPECT_EQ(w.ctl()->side[1].session.get(), b2_session);
+}
+
 // ---------------------------------------------------------------- liveness
 
 TEST(Channel, PeerGoneWhenItsHeartbeatStops) {
