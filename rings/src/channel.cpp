@@ -440,8 +440,13 @@ Result<std::optional<std::span<std::byte>>> Channel::reserve_slow(std::size_t le
   }
   std::uint64_t at = off;
   if (rec > to_end) {
-    // Offset 0 of the next lap holds a header of this lap (every lap starts
-    // a record there), so it needs no zeroing.
+    // Offset 0 of the next lap is where the consumer goes after the padding.
+    // It usually holds a header of this lap, but after a rejoin over an
+    // unflushed batch (its first header held back, the rest stored) it can
+    // hold a record of the next lap written by our previous incarnation:
+    // zero it first, like every other record's successor (it is free: `need`
+    // covers it).
+    store64(record_at(tx_.data, 0), 0);
     store64(
         record_at(tx_.data, off),
         record_word(static_cast<std::uint32_t>(to_end - kRecordHeader), kKindPadding, tx_.prod, tx_.shift),

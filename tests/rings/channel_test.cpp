@@ -868,6 +868,64 @@ TEST(Channel, RejoinContinuesAfterRecordsVisibleBeyondTheIndex) {
   EXPECT_TRUE(w.guards_intact());
 }
 
+// A producer detaches (or dies) with a batch open: its first header is held
+// back, so the consumer never saw the batch, but the records after it were
+// stored with their lap tags, some of them past the ring's end in the next
+// lap. The next incarnation starts at the held-back head and, at its first
+// wrap through a padding record, lands on offset 0 of that next lap, where
+// such a stale record of the right lap still sits. The consumer must find
+// "nothing yet" there, not the dead batch's record (which it would hand out
+// while the producer writes over it, then run past the producer's index).
+TEST(Channel, RejoinAfterAnOpenBatchDoesNotExposeItsRecordsAtTheWrap) {
+  Window w(8192);  // 2048-byte rings, max message 512
+  auto a = must_attach(w, opts(0));
+  auto b = must_attach(w, opts(1));
+  ASSERT_TRUE(a && b);
+  ASSERT_EQ(a->ring_bytes(), 2048u);
+  std::vector<std::byte> in(512);
+  for (std::uint64_t i = 0; i < 2; ++i) {  // [0, 1024), received and released
+    ASSERT_TRUE(a->try_send(pattern(504, i)).value());
+    ASSERT_TRUE(b->recv(in, 0ns).ok());
+  }
+  for (std::uint64_t i = 0; i < 3; ++i) {  // a batch at 1024, 1536 and 2048 (lap 1, offset 0)
+    auto r = a->try_reserve(504);
+    ASSERT_TRUE(r.ok() && r->has_value());
+    std::memcpy((**r).data(), pattern(504, 10 + i).data(), 504);
+    ASSERT_TRUE(a->commit(504, Flush::later).ok());
+  }
+  EXPECT_FALSE(b->try_peek()->has_value()) << "the batch's head is held back";
+  a.reset();  // never flushed
+  a = must_attach(w, opts(0));
+  ASSERT_TRUE(a);
+  ASSERT_TRUE(a->try_send(pattern(504, 20)).value());  // at 1024
+  ASSERT_TRUE(a->try_send(pattern(400, 21)).value());  // at 1536, up to 1944
+  // 504 bytes do not fit the 104 left before the end: padding at 1944, then
+  // the reservation at offset 0 of lap 1, not committed yet.
+  auto r = a->try_reserve(504);
+  ASSERT_TRUE(r.ok() && r->has_value());
+  for (std::uint64_t i = 20; i < 22; ++i) {
+    auto n = b->recv(in, 0ns);
+    ASSERT_TRUE(n.ok()) << n.error().message();
+    EXPECT_EQ(std::vector<std::byte>(in.begin(), in.begin() + static_cast<std::ptrdiff_t>(*n)),
+              pattern(i == 20 ? 504 : 400, i));
+  }
+  auto stale = b->try_peek();
+  ASSERT_TRUE(stale.ok()) << stale.error().message();
+  EXPECT_FALSE(stale->has_value()) << "the dead batch's record at lap 1 offset 0 was delivered";
+  if (stale->has_value()) {
+    ASSERT_TRUE(b->release().ok());
+  }
+  std::memcpy((**r).data(), pattern(504, 22).data(), 504);
+  ASSERT_TRUE(a->commit(504).ok());
+  auto m = b->recv(in, 0ns);
+  ASSERT_TRUE(m.ok()) << m.error().message();
+  EXPECT_EQ(std::vector<std::byte>(in.begin(), in.begin() + static_cast<std::ptrdiff_t>(*m)),
+            pattern(504, 22));
+  ASSERT_TRUE(a->try_send(pattern(8, 23)).value());  // the producer still trusts the consumer's index
+  EXPECT_FALSE(a->broken() || b->broken());
+  EXPECT_TRUE(w.guards_intact());
+}
+
 // Review 3, bug A. A producer stores a padding record (in reserve, visible
 // by its lap tag) before it publishes its index; the consumer skips it and
 // publishes a consumer index past the producer's published one, and the
