@@ -421,6 +421,9 @@ Result<void> Channel::publish_producer() {
 
 Result<std::optional<std::span<std::byte>>> Channel::reserve_slow(std::size_t len) {
   const char* op = "reserve";
+  // A new reserve replaces an uncommitted reservation, whatever it returns:
+  // after "no room" or an error there is nothing to commit.
+  tx_.reserved = false;
   if (broken()) return broken_error(op);
   if (len > max_message_)
     return Error(Errc::invalid_argument, name_, op,

@@ -386,6 +386,24 @@ TEST(Channel, ZeroCopyReserveCommitPeekRelease) {
   EXPECT_TRUE(p.w.guards_intact());
 }
 
+// A new try_reserve replaces an uncommitted reservation, also when it finds
+// no room: a commit after that has nothing to commit (it used to publish
+// the earlier, abandoned reservation's bytes as a message).
+TEST(Channel, CommitAfterAFailedReserveIsRefused) {
+  Pair p;  // 2048-byte rings, max message 512
+  ASSERT_TRUE(p.a && p.b);
+  for (std::uint64_t i = 0; i < 3; ++i) ASSERT_TRUE(p.a->try_send(pattern(504, i)).value());  // 1536 used
+  auto small = p.a->try_reserve(8);
+  ASSERT_TRUE(small.ok() && small->has_value());
+  auto big = p.a->try_reserve(p.a->max_message());  // needs padding first: no room
+  ASSERT_TRUE(big.ok());
+  ASSERT_FALSE(big->has_value());
+  expect_error(p.a->commit(8), Errc::invalid_argument, "nothing reserved");
+  std::vector<std::byte> in(512);
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(p.b->recv(in, 0ns).ok());
+  EXPECT_FALSE(p.b->try_peek()->has_value()) << "the abandoned reservation was sent";
+}
+
 TEST(Channel, OversizeMessagesAndSmallBuffers) {
   Pair p;
   ASSERT_TRUE(p.a && p.b);

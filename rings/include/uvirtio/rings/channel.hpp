@@ -213,7 +213,8 @@ class Channel {
   // Zero-copy send: reserves room for a message of `len` bytes and returns
   // where to write it; nullopt when the ring has no room ("would block": no
   // error object is built on this path). A new try_reserve replaces an
-  // uncommitted reservation. len > max_message() is invalid_argument.
+  // uncommitted reservation, also when it returns nullopt or an error (a
+  // commit then fails). len > max_message() is invalid_argument.
   Result<std::optional<std::span<std::byte>>> try_reserve(std::size_t len);
   // Makes the reserved message `len` (<= reserved) bytes long and commits
   // it. Flush::now publishes everything committed and rings the peer if it
