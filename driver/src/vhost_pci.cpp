@@ -43,6 +43,10 @@ constexpr std::uint64_t kPage = 4096;
 constexpr std::size_t kControlBuffers = 4;
 constexpr std::size_t kControlBufferBytes = 1024;
 constexpr std::size_t kAckBuffers = 8;
+// Messages one wait_control() handles at most: a device that fills every
+// buffer as soon as it is posted again must not hold the caller (and the
+// timeout it gave) forever; the rest stays signalled on control_fd().
+constexpr std::size_t kMaxMessagesPerWait = 64;
 static_assert(kMaxMessage <= kControlBufferBytes);
 
 }  // namespace
@@ -370,6 +374,7 @@ Result<std::vector<Driver::Event>> Driver::wait_control(std::chrono::millisecond
     UV_TRY(Event e, handle_control());
     if (e != Event::none) {
       events.push_back(e);
+      if (events.size() >= kMaxMessagesPerWait) return events;
       continue;
     }
     if (!events.empty()) return events;
@@ -591,6 +596,7 @@ Result<std::optional<std::span<std::byte>>> NetChannel::try_reserve(std::size_t 
                  std::to_string(len) + "-byte frame does not fit the remote's " +
                      std::to_string(tx_req_.writable_bytes) + "-byte receive buffer");
   }
+  tx_len_ = len;  // commit() takes at most this much (the bounce buffer's size)
   if (!tx_req_.writable.empty() && tx_req_.writable[0].size() >= hl + len) {
     tx_bounced_ = false;
     return std::optional<std::span<std::byte>>(
@@ -607,8 +613,9 @@ Result<void> NetChannel::commit(std::size_t len, Flush flush) {
   if (!reserved_) return Error(Errc::invalid_argument, drv_.name(), op, "nothing reserved");
   UV_TRY(auto* q, queue(kRemoteRx, op));
   const std::size_t hl = hdr_len();
-  if (hl + len > tx_req_.writable_bytes)
-    return Error(Errc::invalid_argument, drv_.name(), op, "longer than reserved");
+  if (len > tx_len_ || hl + len > tx_req_.writable_bytes)
+    return Error(Errc::invalid_argument, drv_.name(), op,
+                 std::to_string(len) + " bytes committed, " + std::to_string(tx_len_) + " reserved");
   // No offloads: flags 0, gso none; num_buffers 1 (5.1.6.4).
   std::array<std::byte, 12> hdr{};
   hdr[10] = std::byte{1};

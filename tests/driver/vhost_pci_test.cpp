@@ -668,6 +668,65 @@ TEST_P(VhostPciDriverTest, FeatureBitsAreRefusedWhileADeviceIsServed) {
   EXPECT_EQ(drv->remote_features(), std::uint64_t{1} << feature::kEventIdx);
 }
 
+// A frame reserved in a receive buffer of two descriptors (header apart from
+// the frame) goes through the bounce buffer, sized for the reserved length.
+// commit() of more than was reserved is bad API input (channel.hpp: len <=
+// reserved): it must be refused, not copy past the bounce buffer's end into
+// the remote's memory (ASan: heap-buffer-overflow), and the reservation stays
+// committable.
+TEST_P(VhostPciDriverTest, NetChannelCommitLongerThanReservedIsRefused) {
+  announce_memory();
+  serve({vq(0, 0x40000000), vq(1, 0x40004000)});
+  auto* desc = reinterpret_cast<rings::VirtqDesc*>(bar());
+  desc[0].addr.set(0x40018000);
+  desc[0].len.set(12);
+  desc[0].flags.set(rings::VIRTQ_DESC_F_WRITE | rings::VIRTQ_DESC_F_NEXT);
+  desc[0].next.set(1);
+  desc[1].addr.set(0x40019000);
+  desc[1].len.set(2048);
+  desc[1].flags.set(rings::VIRTQ_DESC_F_WRITE);
+  std::uint8_t* avail = bar() + 0x1000;
+  store_le16(avail + 4, 0);
+  store_le16(avail + 2, 1);
+  std::memset(bar() + 0x19000, 0xee, 2048);
+  NetChannel ch(*drv);
+  auto slot = ch.try_reserve(60);
+  ASSERT_TRUE(slot.ok() && slot->has_value()) << (slot.ok() ? "no buffer" : slot.error().message());
+  std::memset((*slot)->data(), 0x11, 60);
+  auto r = ch.commit(1000);
+  ASSERT_FALSE(r.ok()) << "committed 1000 bytes of a 60-byte reservation";
+  EXPECT_EQ(r.error().code(), Errc::invalid_argument) << r.error().message();
+  EXPECT_NE(r.error().message().find("0000:00:10.0"), std::string::npos) << r.error().message();
+  EXPECT_NE(r.error().message().find("reserved"), std::string::npos) << r.error().message();
+  EXPECT_EQ(used_idx(0x0000), 0);
+  EXPECT_EQ(bar()[0x19000], 0xee);  // nothing written
+  ASSERT_TRUE(ch.commit(60).ok());
+  EXPECT_EQ(used_idx(0x0000), 1);
+  EXPECT_EQ(reinterpret_cast<const rings::VirtqUsedElem*>(bar() + 0x2000 + 4)[0].len.get(), 72u);
+  EXPECT_EQ(bar()[0x19000], 0x11);
+  EXPECT_EQ(bar()[0x19000 + 60], 0xee);
+}
+
+// A device that answers every controlq buffer the driver posts with a new
+// message at once (here: from the notification of the repost) must not keep
+// wait_control() -- and the NetChannel waits and app loops calling it --
+// from returning: its timeout bounds the wait for the first message, and the
+// messages handled in one call are bounded too.
+TEST_P(VhostPciDriverTest, AControlqFloodDoesNotHoldWaitControl) {
+  int delivered = 0;
+  sd->dev->set_notify_hook([&](std::uint16_t q) {
+    if (q != kControlq || delivered >= 1000) return;
+    ++delivered;
+    sd->deliver({1, 2, 3});  // garbage: refused without an ack
+  });
+  sd->deliver({1, 2, 3});
+  auto ev = drv->wait_control(0ms);
+  ASSERT_TRUE(ev.ok()) << ev.error().message();
+  EXPECT_FALSE(ev->empty());
+  EXPECT_LE(ev->size(), 64u) << "one wait_control() handled a flood of " << ev->size() << " messages";
+  sd->dev->set_notify_hook([](std::uint16_t) {});
+}
+
 INSTANTIATE_TEST_SUITE_P(AckModes, VhostPciDriverTest, ::testing::Values(false, true),
                          [](const auto& p) { return p.param ? "Ackq" : "SpecConfigAcks"; });
 

@@ -304,8 +304,9 @@ class Driver {
   // Handles one waiting controlq message (non-blocking). An error means the
   // device broke the protocol so badly that the controlq is unusable.
   Result<Event> handle_control();
-  // handle_control() until it returns none, with up to `timeout` of waiting
-  // for the first message; returns the events seen.
+  // handle_control() until it returns none (at most 64 messages: a device
+  // flooding the controlq cannot hold the caller), with up to `timeout` of
+  // waiting for the first message; returns the events seen.
   Result<std::vector<Event>> wait_control(std::chrono::milliseconds timeout);
   const std::optional<Error>& last_refusal() const noexcept { return refusal_; }
 
@@ -443,6 +444,7 @@ class NetChannel {
   std::uint64_t generation_ = 0;  // the device generation reserved_ / peeked_ belong to
   std::vector<std::byte> tx_bounce_, rx_bounce_;
   bool tx_bounced_ = false;
+  std::size_t tx_len_ = 0;  // the length the reserved frame was handed out for
   std::uint64_t dropped_ = 0;
 };
 
