@@ -417,9 +417,11 @@ Result<Driver::Event> Driver::handle(const Message& m) {
       if (!served_.empty())
         return refuse(kFeatureBitsAck, m.feature_bits & remote_features_,
                       "FEATURE_BITS while a remote device is served");
-      // Spec 4.5.2: never accept bits the remote did not offer.
+      // Spec 4.5.2: never accept bits the remote did not offer; nor a ring
+      // layout the driver does not serve (split rings only: spec 2.2.1).
       offered_remote_ = m.feature_bits;
-      remote_features_ = m.feature_bits & opts_.accept_remote_features;
+      remote_features_ =
+          m.feature_bits & opts_.accept_remote_features & ~(std::uint64_t{1} << feature::kRingPacked);
       UV_TRY_VOID(ack(kFeatureBitsAck, m.device_type, m.device_id, remote_features_, m.request_id));
       return Event::features;
     }

@@ -668,6 +668,19 @@ TEST_P(VhostPciDriverTest, FeatureBitsAreRefusedWhileADeviceIsServed) {
   EXPECT_EQ(drv->remote_features(), std::uint64_t{1} << feature::kEventIdx);
 }
 
+// The driver serves the remote's rings as split rings only
+// (rings::SplitDeviceQueue): acking VIRTIO_F_RING_PACKED would have the remote
+// lay its rings out packed while the driver reads them as split. The ack
+// leaves it out although DriverOptions accept every bit by default.
+TEST_P(VhostPciDriverTest, FeatureBitsNeverAcceptAPackedRing) {
+  const std::uint64_t version1 = 1ull << feature::kVersion1;
+  send(kFeatureBits, feature_bits(version1 | (1ull << feature::kRingPacked), ackq));
+  EXPECT_EQ(next(), Driver::Event::features);
+  EXPECT_EQ(drv->remote_features(), version1);
+  EXPECT_FALSE(drv->remote_has(feature::kRingPacked));
+  EXPECT_EQ(last_ack(), std::make_pair(kFeatureBitsAck, version1));
+}
+
 // A frame reserved in a receive buffer of two descriptors (header apart from
 // the frame) goes through the bounce buffer, sized for the reserved length.
 // commit() of more than was reserved is bad API input (channel.hpp: len <=

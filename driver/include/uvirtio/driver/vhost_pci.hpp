@@ -274,7 +274,8 @@ class RemoteMemory {
 
 struct DriverOptions {
   // Remote (frontend) feature bits the driver accepts when FEATURE_BITS
-  // offers them; the ack carries offered & accept.
+  // offers them; the ack carries offered & accept, never VIRTIO_F_RING_PACKED
+  // (the remote rings are served as split rings).
   std::uint64_t accept_remote_features = ~std::uint64_t{0};
   bool use_ackq = true;  // accept VHOST_PCI_F_ACKQ when the device offers it
   std::uint16_t virtio_id = kDefaultVirtioId;
