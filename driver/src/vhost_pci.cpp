@@ -263,16 +263,21 @@ Result<std::unique_ptr<Driver>> Driver::open(std::unique_ptr<pci::Function> fn, 
     return d->err(Errc::unsupported, "open vhost-pci", "the memory BAR cannot be mapped");
   d->bar_ = const_cast<std::uint8_t*>(mem->mapping());
   d->bar_size_ = mem->size();
-  for (std::size_t i = 0; i < kControlBuffers; ++i) {
+  // No more buffers than the queues hold: the device chose their sizes (one
+  // descriptor a buffer, the control queues have no indirect tables), and
+  // ack() waits for a completion only once every ack buffer is in flight.
+  const std::size_t ncontrol = std::min<std::size_t>(kControlBuffers, d->controlq_->size());
+  const std::size_t nack = d->ackq_ ? std::min<std::size_t>(kAckBuffers, d->ackq_q_->size()) : 0;
+  for (std::size_t i = 0; i < ncontrol; ++i) {
     UV_TRY(auto buf, t.dma().alloc(kControlBufferBytes, 64));
     d->control_bufs_.push_back(buf);
   }
-  for (std::size_t i = 0; d->ackq_ && i < kAckBuffers; ++i) {
+  for (std::size_t i = 0; i < nack; ++i) {
     UV_TRY(auto buf, t.dma().alloc(sizeof(AckMessage), 64));
     d->ack_bufs_.push_back(buf);
     d->ack_busy_.push_back(false);
   }
-  for (std::size_t i = 0; i < kControlBuffers; ++i) UV_TRY_VOID(d->post_control_buffer(i));
+  for (std::size_t i = 0; i < ncontrol; ++i) UV_TRY_VOID(d->post_control_buffer(i));
   UV_TRY_VOID(d->dev_->driver_ok());
   d->control_fd_ = t.queue_eventfd(kControlq).value_or(-1);
   return d;

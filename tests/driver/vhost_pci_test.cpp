@@ -282,12 +282,13 @@ TEST(VhostPciMemory, RegionsAreCheckedAgainstTheBar) {
 // device role of the real ring the driver set up), to send it anything.
 class ScriptedDevice {
  public:
-  explicit ScriptedDevice(bool ackq) {
+  explicit ScriptedDevice(bool ackq, std::uint16_t queue_max_size = 256) {
     SoftVirtioOptions o;
     o.bdf = "0000:00:10.0";
     o.device_type = kDefaultVirtioId;
     o.features = (1ull << feature::kVersion1) | (ackq ? 1ull << kFeatureAckq : 0);
     o.num_queues = 2;
+    o.queue_max_size = queue_max_size;
     o.msix_vectors = kFirstKickVector + kMaxRemoteVirtqs;
     o.device_config.assign(sizeof(Config), 0);
     dev = std::make_unique<SoftVirtioDevice>(o);
@@ -666,6 +667,36 @@ TEST_P(VhostPciDriverTest, FeatureBitsAreRefusedWhileADeviceIsServed) {
   send(kFeatureBits, feature_bits(1ull << feature::kEventIdx, ackq));
   EXPECT_EQ(next(), Driver::Event::features);
   EXPECT_EQ(drv->remote_features(), std::uint64_t{1} << feature::kEventIdx);
+}
+
+// A device whose controlq and ackq hold only 2 descriptors (any power of two
+// is a valid queue size): the driver posts no more controlq buffers than fit
+// (open() failed posting its third), and with both ack descriptors in flight
+// the next ack waits for the device's completion instead of failing on a
+// full ring.
+TEST_P(VhostPciDriverTest, SmallControlQueuesAreUsedWithinTheirSize) {
+  drv.reset();
+  sd = std::make_unique<ScriptedDevice>(ackq, 2);
+  auto d = Driver::open(sd->dev->take_function());
+  ASSERT_TRUE(d.ok()) << d.error().message();
+  drv = std::move(*d);
+  const std::uint64_t version1 = 1ull << feature::kVersion1;
+  for (int i = 0; i < 2; ++i) {
+    send(kFeatureBits, feature_bits(version1, ackq));
+    EXPECT_EQ(next(), Driver::Event::features);
+  }
+  // Both ack descriptors are in flight now (ACKQ): the device completes
+  // them only while the third ack waits.
+  std::thread device;
+  if (ackq)
+    device = std::thread([&] {
+      std::this_thread::sleep_for(100ms);
+      last_ack();
+    });
+  send(kFeatureBits, feature_bits(version1, ackq));
+  EXPECT_EQ(next(), Driver::Event::features);
+  if (device.joinable()) device.join();
+  EXPECT_EQ(last_ack(), std::make_pair(kFeatureBitsAck, version1));
 }
 
 // The driver serves the remote's rings as split rings only
