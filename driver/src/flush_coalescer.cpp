@@ -178,7 +178,10 @@ void FlushCoalescer::worker_loop() {
 
 bool FlushCoalescer::contended() const {
   std::unique_lock lk(m_);
-  return next_ticket_ > covering_ || !pending_.empty();
+  // Tickets past those the running (or last) flush covers; every waiter,
+  // async or not, has one. An async request the running flush covers is
+  // still in pending_ but waits for nothing else.
+  return next_ticket_ > covering_;
 }
 
 std::uint64_t FlushCoalescer::requests() const {
