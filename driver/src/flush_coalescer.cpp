@@ -13,11 +13,17 @@ constexpr std::size_t kFailureMemory = 1024;  // failed rounds remembered for la
 // wait for a flush that only this thread could issue.
 thread_local bool t_in_callback = false;
 
+// Nests: a callback may shut down another coalescer, which runs that one's
+// callbacks on this thread; when they end, this thread is still inside its
+// own callback.
 struct InCallback {
-  InCallback() { t_in_callback = true; }
-  ~InCallback() { t_in_callback = false; }
+  InCallback() : outer_(t_in_callback) { t_in_callback = true; }
+  ~InCallback() { t_in_callback = outer_; }
   InCallback(const InCallback&) = delete;
   InCallback& operator=(const InCallback&) = delete;
+
+ private:
+  bool outer_;
 };
 
 }  // namespace

@@ -454,6 +454,47 @@ TEST(FlushCoalescer, FlushFromACallbackIsRefusedAndAsyncWorks) {
   EXPECT_EQ(c.requests(), asked);
 }
 
+// A callback may shut down another coalescer (another device's close),
+// which runs that one's unserved callbacks on this thread. Afterwards this
+// thread is still inside its own callback: flush() must still be refused.
+// (The inner callbacks' end cleared the mark, so the flush() waited for the
+// flush that only this thread, the helper leading it, could issue: a hang.)
+TEST(FlushCoalescer, FlushIsStillRefusedAfterACallbackShutDownAnotherCoalescer) {
+  Watchdog watchdog(10s, "flush() from a callback after a nested shutdown");
+  Gate gate;
+  std::atomic<bool> held{false};
+  FlushCoalescer other([&]() -> Result<void> {
+    held = true;
+    if (!gate.wait()) return flush_failed("gate never opened");
+    return ok();
+  });
+  std::thread other_leader([&] { EXPECT_TRUE(other.flush().ok()); });
+  Cleanup cleanup([&] {
+    gate.open();
+    if (other_leader.joinable()) other_leader.join();
+  });
+  ASSERT_TRUE(eventually([&] { return held.load(); }));
+  // Queued behind the held flush: other.shutdown() answers it.
+  std::atomic<bool> other_cb{false};
+  queue(other, [&](Result<void> r) {
+    EXPECT_FALSE(r.ok());
+    other_cb = true;
+  });
+  FakeFlush fake;
+  FlushCoalescer c(fake.fn(), "0000:00:04.0");
+  std::promise<Result<void>> inner;
+  queue(c, [&](Result<void>) {
+    other.shutdown();
+    inner.set_value(c.flush());
+  });
+  auto f = inner.get_future();
+  ASSERT_EQ(f.wait_for(5s), std::future_status::ready) << "flush() from a callback hung";
+  EXPECT_TRUE(other_cb.load());
+  const Result<void> r = f.get();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), Errc::invalid_argument) << r.error().message();
+}
+
 TEST(FlushCoalescer, AsyncOnlyIsServedByTheHelperThread) {
   FakeFlush fake;
   fake.work = 200us;
