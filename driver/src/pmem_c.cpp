@@ -88,6 +88,7 @@ int fail_open(char* err, size_t errlen, const std::string& msg, int code) {
 namespace uvirtio::driver {
 
 uvirtio_pmem* to_c_handle(std::unique_ptr<Pmem> pm) {
+  if (!pm) return nullptr;  // no device: no handle (every call refuses NULL)
   auto* h = new uvirtio_pmem;
   h->pm = std::move(pm);
   return h;

@@ -1387,6 +1387,18 @@ TEST(PmemCApi, PersistFromACallbackFailsInsteadOfHanging) {
   EXPECT_NE(ctx.message.find(kBdf), std::string::npos) << ctx.message;
 }
 
+// to_c_handle() of no Pmem (an attach that failed, moved in unchecked) is
+// no handle: NULL, which every call refuses. It was a handle around a null
+// Pmem, which the tests' own ASSERT_NE(c.h, nullptr) let through and the
+// first call dereferenced.
+TEST(PmemCApi, AHandleOfNoPmemIsNull) {
+  uvirtio_pmem* h = to_c_handle(nullptr);
+  EXPECT_EQ(h, nullptr);
+  EXPECT_EQ(uvirtio_pmem_flush(h), -EINVAL);
+  EXPECT_EQ(uvirtio_pmem_size(h), 0u);
+  uvirtio_pmem_close(h);
+}
+
 TEST(PmemCApi, NullHandleIsEinvalNotACrash) {
   std::uint8_t buf[8] = {};
   EXPECT_EQ(uvirtio_pmem_persist(nullptr, buf, 8), -EINVAL);

@@ -10,7 +10,8 @@
 
 namespace uvirtio::driver {
 
-// A C handle that owns `pm`; uvirtio_pmem_close() releases both.
+// A C handle that owns `pm`; uvirtio_pmem_close() releases both. NULL for a
+// null `pm`.
 uvirtio_pmem* to_c_handle(std::unique_ptr<Pmem> pm);
 
 // The PmemOptions `opts` asks for (nullptr: the defaults), or
