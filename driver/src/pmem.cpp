@@ -163,7 +163,13 @@ Result<std::unique_ptr<Pmem>> Pmem::attach(std::unique_ptr<Device> dev, const Pm
     }
   }
   std::unique_ptr<Pmem> pm(new Pmem(std::move(dev), std::move(vq), std::move(slots), options));
-  pm->coalescer_.set_gather_limit(options.gather_limit);
+  // The coalescer counts in nanoseconds: a longer limit (microseconds::max())
+  // is the longest it can hold, not an overflow.
+  constexpr auto kLongestGather =
+      std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::nanoseconds::max());
+  pm->coalescer_.set_gather_limit(options.gather_limit >= kLongestGather
+                                      ? std::chrono::nanoseconds::max()
+                                      : std::chrono::nanoseconds(options.gather_limit));
   // Hybrid completion spins only while no other caller waits for the next
   // flush: they need the CPU more than the leader needs a fast wake-up.
   Pmem* self = pm.get();

@@ -871,6 +871,29 @@ TEST(Pmem, ATimeoutOfForeverWaitsForTheAnswer) {
   EXPECT_EQ(device.seen().size(), 1u);
 }
 
+// A gather limit of microseconds::max() ("only half a flush bounds the
+// wait") is the longest wait the coalescer can hold. Its conversion to the
+// coalescer's nanoseconds overflowed (UB; in a release build a negative
+// limit, which turned group commit off).
+TEST(Pmem, AGatherLimitOfForeverDoesNotOverflow) {
+  FakeVirtioDevice dev(pmem_device());
+  FlushDevice device;
+  dev.set_handler(device.handler());
+  FeaturePolicy policy;
+  policy.supported = FeatureSet::of({kPmemFeatureShmemRegion});
+  auto d = bring_up(dev.take_function(), kVirtioPmemType, policy);
+  ASSERT_TRUE(d.ok()) << d.error().message();
+  Backing backing;
+  PmemOptions opt;
+  opt.completion = CompletionMode::polling;
+  opt.gather_limit = std::chrono::microseconds::max();
+  opt.map_range = backing.hook();
+  auto pm = Pmem::attach(std::move(d).value(), opt);
+  ASSERT_TRUE(pm.ok()) << pm.error().message();
+  ASSERT_TRUE((*pm)->persist((*pm)->data(), 8).ok());
+  EXPECT_EQ(device.seen().size(), 1u);
+}
+
 TEST(Pmem, AllSlotsAbandonedIsBusy) {
   FakeVirtioDevice dev(pmem_device());
   dev.faults.swallow = true;
