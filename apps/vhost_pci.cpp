@@ -43,6 +43,10 @@ namespace {
 
 namespace vp = driver::vhost_pci;
 
+// Control messages handled per pass of the serving loop (wait_control() in
+// the driver takes the same bound).
+constexpr int kControlBatch = 64;
+
 const char* kUsageText =
     "usage: uvirtio-vhost-pci serve --socket PATH --ip A.B.C.D [--mac MAC] [--peer-mac MAC]\n"
     "                               [--no-ackq] [--reflect] [--poll] [--once] [-v]\n"
@@ -130,6 +134,7 @@ int cmd_serve(const std::vector<std::string>& args) {
   int status = 0;
   bool done = false;
   std::uint64_t withdrawn = 0;  // DEVICE_INFO DEL seen by the driver
+  bool more_control = false;    // the last pass stopped at kControlBatch messages
   while (!done) {
     std::vector<pollfd> pfds{{sigfd.get(), POLLIN, 0}, {drv.control_fd(), POLLIN, 0}};
     std::vector<std::uint32_t> kick_ring;
@@ -141,14 +146,23 @@ int cmd_serve(const std::vector<std::string>& args) {
     // Kicks are eventfds swapped in under the poll set when a device is
     // added; a bounded wait picks the new ones up.
     const bool spinning = busy_poll && drv.remote_ready();
-    const int n = ::poll(pfds.data(), pfds.size(), spinning ? 0 : 200);
+    const int n = ::poll(pfds.data(), pfds.size(), spinning || more_control ? 0 : 200);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
       status = fail(Error::from_errno(errno, "vhost-pci", "poll"));
       break;
     }
     if (pfds[0].revents != 0) break;
-    for (;;) {
+    // A bounded batch of control messages per pass, as in wait_control():
+    // a device refilling the controlq as fast as we repost its buffers must
+    // not starve the data path or the signal pipe; the rest waits for the
+    // next pass, which does not sleep.
+    more_control = false;
+    for (int handled = 0;; ++handled) {
+      if (handled == kControlBatch) {
+        more_control = true;
+        break;
+      }
       auto ev = drv.handle_control();
       if (!ev) {
         std::cerr << g_program << ": " << ev.error().message() << "\n";
