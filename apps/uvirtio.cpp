@@ -30,7 +30,8 @@ const char* kUsageText =
     "usage: uvirtio COMMAND [options]\n"
     "commands:\n"
     "  list [--json] [--type T] [--driver D] [-q]   virtio PCI functions: BDF, ids, type, driver, group\n"
-    "  bind (BDF... | --all)          bind functions to vfio-pci (--all: every virtio and ivshmem function)\n"
+    "  bind (BDF... | --all)          bind functions to vfio-pci (--all: every virtio and ivshmem function\n"
+    "                                 no other driver holds)\n"
     "  unbind (BDF... | --all)        give functions back to the driver they had before bind\n"
     "  caps BDF [--json]              PCI and virtio capabilities of a function\n"
     "  rng read BDF -n N [--poll]     read N bytes of entropy from a virtio-rng device (hex)\n"
@@ -158,7 +159,9 @@ std::vector<pci::Bdf> targets(const po::variables_map& vm, const char* cmd) {
 int cmd_bind(const std::vector<std::string>& args, bool bind) {
   const char* name = bind ? "bind" : "unbind";
   po::options_description desc(std::string("uvirtio ") + name + " (BDF... | --all)");
-  desc.add_options()("help,h", "show help")("all", "every virtio and ivshmem function")(
+  desc.add_options()("help,h", "show help")(
+      "all",
+      bind ? "every virtio and ivshmem function no other driver holds" : "every function bound to vfio-pci")(
       "bdf", po::value<std::vector<std::string>>(), "PCI address");
   po::positional_options_description pos;
   pos.add("bdf", -1);
@@ -175,8 +178,21 @@ int cmd_bind(const std::vector<std::string>& args, bool bind) {
   }
   int rc = 0;
   unsigned done = 0;
+  unsigned left = 0;
   for (const auto& bdf : list) {
     if (bind) {
+      // --all takes only functions no other driver holds: one a kernel
+      // driver owns may be in use (the guest's own disk or NIC). Naming
+      // its address takes it anyway.
+      if (vm.count("all")) {
+        const std::string held = pci::sysfs_driver(bdf, pci::Os::system());
+        if (!held.empty() && held != "vfio-pci") {
+          std::printf("%s: left with %s (give its address to take it from that driver)\n", bdf.str().c_str(),
+                      held.c_str());
+          ++left;
+          continue;
+        }
+      }
       auto r = pci::bind_vfio(bdf);
       if (!r) {
         rc = fail(r.error());
@@ -201,6 +217,8 @@ int cmd_bind(const std::vector<std::string>& args, bool bind) {
   }
   if (list.empty() && vm.count("all"))
     std::printf("no virtio functions found\n");
+  else if (bind && left == list.size())
+    std::printf("every virtio and ivshmem function is held by another driver: nothing bound\n");
   else if (!bind && vm.count("all") && done == 0)
     std::printf("no virtio or ivshmem function is bound to vfio-pci: nothing to unbind\n");
   return rc;

@@ -41,8 +41,11 @@ esac
 vm_args=()
 once=(--once)
 guests=1
+pre=  # run in the guest first
 case "$mode" in
-  ping) ;;
+  # The guest's NIC belongs to its kernel's virtio-pci: `uvirtio bind --all`
+  # must leave it there (the ping then still works).
+  ping) pre='uvirtio bind --all && ' ;;
   no_event_idx) vm_args=(--dev-opt event_idx=off) ;;
   reconnect) once=(); guests=2 ;;
   killed) once=(); guests=2 ;;
@@ -97,12 +100,16 @@ fi
 for ((g = first; g <= guests; g++)); do
   rc=0
   "$bin/uvirtio-vm" --timeout 240 --vhost-user-net "$sock" "${vm_args[@]}" -- \
-    sh -c 'ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ping -c 5 -W 5 10.0.2.1' \
+    sh -c "$pre"'ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ping -c 5 -W 5 10.0.2.1' \
     >"$work/guest$g.out" 2>&1 || rc=$?
   echo "---- guest $g"
   cat "$work/guest$g.out"
   check "guest $g: command exited 0 (rc $rc)" [ "$rc" = 0 ]
   check "guest $g: 5 packets transmitted, 5 received" grep -q "5 packets transmitted, 5 packets received" "$work/guest$g.out"
+  if [ -n "$pre" ]; then
+    check "guest $g: bind --all left the NIC with its kernel driver" \
+      grep -q "0000:01:00.0: left with virtio-pci" "$work/guest$g.out"
+  fi
 done
 
 if [ ${#once[@]} -eq 0 ]; then
