@@ -31,7 +31,7 @@ const char* kPmemUsage =
     "       uvirtio pmem flush BDF [--no-recover]\n"
     "       uvirtio pmem repersist BDF --offset O --length L [--no-recover]   (after a failed flush)\n"
     "       uvirtio pmem bench BDF [--threads T]... [--seconds S] [--json] [--rng BDF]\n"
-    "                          [--kernel-file PATH] [--host-fsync-us US] [--gather-us US]\n";
+    "                          [--kernel-file PATH] [--host-fsync-us US] [--gather-us US] [--overwrite]\n";
 
 enum class Recovery { offered, not_applicable };
 enum class Flushes { yes, no };
@@ -371,7 +371,8 @@ int pmem_bench(const std::vector<std::string>& args) {
       "a file on an ext4 -o dax mount over the kernel's virtio_pmem: measure 4 KiB pwrite + fsync there")(
       "host-fsync-us", po::value<double>(), "host fsync latency of the backing file (measured on the host)")(
       "rounds", po::value<std::string>()->default_value("5"), "interleaved slices per point")(
-      "gather-us", po::value<std::string>(), "group-commit wait limit in microseconds (0: off; default 500)");
+      "gather-us", po::value<std::string>(), "group-commit wait limit in microseconds (0: off; default 500)")(
+      "overwrite", "run even if the first 256 KiB of the range hold data the benchmark did not write");
   po::positional_options_description pos;
   pos.add("bdf", 1);
   auto vm = parse(args, desc, pos);
@@ -445,6 +446,20 @@ int pmem_bench(const std::vector<std::string>& args) {
   if (p.size() < 64u * 4096) {
     std::cerr << "uvirtio: " << p.name() << ": pmem bench: the range is smaller than 256 KiB\n";
     return kFail;
+  }
+  // The benchmark writes over the first 256 KiB of the range (0x5a pages,
+  // then 0xa5 stores): never over anything else there, a pmlog log say,
+  // unless asked to.
+  if (!vm.count("overwrite")) {
+    const std::uint8_t* head = p.data();
+    const auto* other =
+        std::find_if(head, head + 64 * 4096, [](std::uint8_t b) { return b != 0 && b != 0x5a && b != 0xa5; });
+    if (other != head + 64 * 4096) {
+      std::cerr
+          << "uvirtio: " << p.name() << ": pmem bench: the range holds data at offset " << (other - head)
+          << ", which the benchmark would overwrite with its first 256 KiB (give --overwrite to allow it)\n";
+      return kFail;
+    }
   }
   json out;
   out["bdf"] = p.name();

@@ -33,7 +33,11 @@ UVIRTIO_QEMU="strace -f -y -qq --seccomp-bpf -e trace=fsync,fdatasync -o $work/s
     uvirtio pmem flush \$P
     uvirtio-pmem-c \$P $c_offset '$c_text'
     if uvirtio-pmem-c \$P $((16 * 1024 * 1024 - 4)) 0123456789; then echo 'C demo accepted a write past the end'; fi
-    uvirtio pmem bench \$P --threads 8 --seconds 2 --json
+    uvirtio pmem write \$P --offset 8 --data keepme --persist
+    if uvirtio pmem bench \$P --threads 1 --seconds 0.1 2>/tmp/e; then echo 'bench ran over data it did not write'; fi
+    grep -q 'holds data at offset 8, which the benchmark would overwrite' /tmp/e && echo 'bench refused to overwrite data'
+    echo \"kept: \$(uvirtio pmem read \$P --offset 8 --length 6)\"
+    uvirtio pmem bench \$P --threads 8 --seconds 2 --json --overwrite
   " >"$work/guest.out"
 
 # 1. The pattern is in the backing file.
@@ -49,6 +53,11 @@ absent() { ! grep -q "$1" "$2"; }
 check "the C program refused a write past the end" absent "accepted a write past the end" "$work/guest.out"
 check "and wrote nothing there" cmp -s <(tail -c 8 "$img") <(head -c 8 /dev/zero)
 
+# 1c. The benchmark refuses to run over data it did not write.
+check "pmem bench refused a range holding data" grep -q "bench refused to overwrite data" "$work/guest.out"
+check "and did not run" absent "bench ran over data it did not write" "$work/guest.out"
+check "the data was still there after the refusal" grep -q "kept: keepme" "$work/guest.out"
+
 # 2. fsyncs of the image vs device flushes the guest made.
 fsyncs=$(grep -c "fsync(.*<$img>) = 0" "$work/strace.log" || true)
 failed=$(grep "$img" "$work/strace.log" | grep -vc ') = 0' || true)
@@ -56,8 +65,8 @@ num() { sed -n "s/.*\"$1\": \([0-9.]*\).*/\1/p" "$work/guest.out" | head -n "$2"
 calls=$(num persist_calls 1)
 bench_flushes=$(num device_flushes 1)
 bench_total=$(num device_requests_total 1)
-expected=$((1 + 2 + ${c_flushes:-0} + bench_total))
-echo "host fsyncs of the image: $fsyncs; guest device flushes: $expected (1 write, 2 flush, ${c_flushes:-0} C program, $bench_total in the bench); persist calls from 8 threads: $calls, $bench_flushes device flushes"
+expected=$((1 + 2 + ${c_flushes:-0} + 1 + bench_total))
+echo "host fsyncs of the image: $fsyncs; guest device flushes: $expected (1 write, 2 flush, ${c_flushes:-0} C program, 1 write, $bench_total in the bench); persist calls from 8 threads: $calls, $bench_flushes device flushes"
 check "no fsync of the image failed" [ "$failed" = 0 ]
 check "one host fsync per device flush ($fsyncs = $expected)" [ "$fsyncs" = "$expected" ]
 check "8 threads coalesce: $bench_flushes device flushes for $calls persist calls (at most half)" \
