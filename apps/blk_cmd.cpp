@@ -11,7 +11,7 @@ namespace {
 
 const char* kBlkUsage =
     "usage: uvirtio blk info BDF [--json]\n"
-    "       uvirtio blk read BDF --sector S --count N [--hex]\n"
+    "       uvirtio blk read BDF --sector S [--count N] [--hex]   (N sectors, default one block)\n"
     "       uvirtio blk write BDF --sector S (--data TEXT | --file F) [--flush]   (a last, partial block "
     "keeps the rest of what the disk holds)\n"
     "       uvirtio blk flush BDF\n"
@@ -90,15 +90,20 @@ int cmd_blk(const std::vector<std::string>& args) {
   if (sub == "read") {
     po::options_description extra("options");
     extra.add_options()("sector", po::value<std::string>(), "first sector")(
-        "count", po::value<std::string>()->default_value("1"), "sectors (1..8192)")("hex", "print hex");
+        "count", po::value<std::string>(), "sectors (1..8192; default: one logical block)")("hex",
+                                                                                            "print hex");
     auto p = parse_blk(rest, "read", extra);
     if (p.vm.count("help")) return 0;
     if (!p.vm.count("sector")) throw UsageError{"blk read: --sector is required"};
     const std::uint64_t sector = parse_u64(p.vm["sector"].as<std::string>(), "--sector");
-    const std::uint64_t count = parse_u64(p.vm["count"].as<std::string>(), "--count");
-    if (count < 1 || count > 8192) throw UsageError{"blk read: --count must be 1..8192"};
+    std::uint64_t count = 0;  // 0: one logical block of the device (known once it is open)
+    if (p.vm.count("count")) {
+      count = parse_u64(p.vm["count"].as<std::string>(), "--count");
+      if (count < 1 || count > 8192) throw UsageError{"blk read: --count must be 1..8192"};
+    }
     auto blk = driver::Blk::open(p.bdf, p.opt);
     if (!blk) return fail(blk.error());
+    if (count == 0) count = (*blk)->block_size() / driver::kSectorSize;
     std::vector<std::uint8_t> buf(count * driver::kSectorSize);
     if (auto r = (*blk)->read(sector, buf); !r) return fail(r.error());
     if (p.vm.count("hex")) {

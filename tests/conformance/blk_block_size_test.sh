@@ -35,6 +35,8 @@ head -c 65536 /dev/urandom >"$work/pattern"
   cat /tmp/e2
   grep -q "$B: .*4096" /tmp/e2 && echo "partial-block read refused"
   uvirtio blk write $B --sector 104 --data XYZ --flush
+  uvirtio blk read $B --sector 1000 > /tmp/c && [ "$(wc -c < /tmp/c)" -eq 4096 ] && cmp -n 4096 /tmp/c /root/pattern &&
+    echo "default read: one 4 KiB block"
 ' | tee "$work/out"
 passed=0
 failed=0
@@ -50,7 +52,8 @@ check "XYZ then the pattern from byte 3 at sector 104 (a partial block is read, 
   cmp -s <(dd if="$work/disk.img" bs=512 skip=104 count=128 status=none) <(printf XYZ; tail -c +4 "$work/pattern")
 check "the refused write at sector 100 left sectors 96..103 zero" \
   cmp -s <(dd if="$work/disk.img" bs=512 skip=96 count=8 status=none) <(head -c 4096 /dev/zero)
-for line in "info: block size 4096" "guest read-back ok" "misaligned write refused" "partial-block read refused"; do
+for line in "info: block size 4096" "guest read-back ok" "misaligned write refused" "partial-block read refused" \
+  "default read: one 4 KiB block"; do
   check "guest: $line" grep -q "$line" "$work/out"
 done
 echo "$passed passed, $failed failed"
