@@ -3,10 +3,12 @@
 #pragma once
 
 #include <boost/program_options.hpp>
+#include <charconv>
 #include <cstdint>
 #include <cstdio>
 #include <functional>
 #include <iostream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
@@ -14,6 +16,26 @@
 
 #include "uvirtio/base/result.hpp"
 #include "uvirtio/pci/bdf.hpp"
+
+// Every `unsigned` option is read this way: boost's own reading (through
+// lexical_cast) wraps a negative number, so "--size -4294967040" was 256.
+// Found by argument-dependent lookup on boost::any from boost's typed_value
+// (and its vector<unsigned> reader), and preferred to boost's template for
+// its exact `int` last parameter.
+namespace boost {
+inline void validate(boost::any& v, const std::vector<std::string>& values, unsigned*, int) {
+  program_options::validators::check_first_occurrence(v);
+  const std::string& text = program_options::validators::get_single_string(values);
+  unsigned long long n = 0;
+  const bool hex = text.size() > 2 && text[0] == '0' && (text[1] == 'x' || text[1] == 'X');
+  const char* first = text.data() + (hex ? 2 : 0);
+  const char* last = text.data() + text.size();
+  const auto [end, ec] = std::from_chars(first, last, n, hex ? 16 : 10);
+  if (ec != std::errc{} || end != last || n > std::numeric_limits<unsigned>::max())
+    throw program_options::invalid_option_value(text);
+  v = boost::any(static_cast<unsigned>(n));
+}
+}  // namespace boost
 
 namespace uvirtio::apps {
 

@@ -72,6 +72,11 @@ check 2 "usage: uvirtio-bench" "$bin/uvirtio-bench"
 check 2 "unknown benchmark 'frob'" "$bin/uvirtio-bench" frob
 check 1 "/nonexistent/file: open: No such file or directory" "$bin/uvirtio-bench" fsync /nonexistent/file --seconds 0.1
 check 2 "rings: --size must be a power of two" "$bin/uvirtio-bench" rings --size 100
+# Negative numbers to unsigned options are refused, not wrapped (-4294967040 was 256).
+check 2 "the argument ('-4294967040') for option '--size' is invalid" "$bin/uvirtio-bench" rings --size -4294967040
+check 2 "the argument ('-4294967264') for option '--batch' is invalid" "$bin/uvirtio-bench" rings --batch -4294967264
+check 2 "the argument ('-4294967293') for option '--rounds' is invalid" "$bin/uvirtio-bench" channel --rounds -4294967293
+check 2 "the argument ('4294967296') for option '--size' is invalid" "$bin/uvirtio-bench" channel --size 4294967296
 check 2 "rings: --batch values must be 1..size" "$bin/uvirtio-bench" rings --batch 0
 check 2 "rings: --seconds: -1.000000 is not a duration" "$bin/uvirtio-bench" rings --seconds -1
 check 2 "channel: --ring-bytes must be 0 or a power of two" "$bin/uvirtio-bench" channel --ring-bytes 1000
