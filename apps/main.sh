@@ -11,7 +11,15 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 bash apps/setup-debian.sh
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# Whatever runs in the background (the ivshmem server, guest A, the vhost-pci
+# app) is stopped however the job ends, a failed step included.
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
 echo "== booting a guest (q35, Intel vIOMMU, virtio-rng + virtio-pmem bound to vfio-pci) =="
 build/bin/uvirtio-vm --rng --pmem "$work/pmem.img:16M" -- sh -c '
   set -e
@@ -37,22 +45,27 @@ dd if="$work/pmem.img" bs=1 skip=65536 count=20 status=none; echo
 dd if="$work/pmem.img" bs=1 skip=131072 count=12 status=none; echo
 echo "== two guests on one ivshmem server: ping-pong and a checksummed bulk transfer =="
 build/bin/uvirtio-ivshmem-server -S "$work/ivshmem.sock" -l 4M -n 2 -v &
-server=$!
-trap 'kill $server 2>/dev/null; rm -rf "$work"' EXIT
+pids+=($!)
 for _ in $(seq 50); do [ -S "$work/ivshmem.sock" ] && break; sleep 0.1; done
 build/bin/uvirtio-vm --ivshmem "$work/ivshmem.sock" --out "$work/guest-a.out" -- sh -c '
   uvirtio list --type ivshmem
   uvirtio-ivchan info 0000:01:00.0
   uvirtio-ivchan serve 0000:01:00.0 --side 0' >/dev/null &
 guest_a=$!
-for _ in $(seq 1200); do grep -q "serve: ready" "$work/guest-a.out" 2>/dev/null && break; sleep 0.1; done
+pids+=("$guest_a")
+for _ in $(seq 1200); do
+  grep -q "serve: ready" "$work/guest-a.out" 2>/dev/null && break
+  kill -0 "$guest_a" 2>/dev/null || { echo "guest A ended before serving:" >&2; cat "$work/guest-a.out" >&2; exit 1; }
+  sleep 0.1
+done
 build/bin/uvirtio-vm --ivshmem "$work/ivshmem.sock" -- \
   uvirtio-ivchan ping 0000:01:00.0 --side 1 --count 1000 --bytes 8388608 | sed 's/^/guest B: /'
 wait $guest_a
 sed 's/^/guest A: /' "$work/guest-a.out"
 echo "== vhost-pci: a guest's virtio-net pings an app behind the vhost-pci device model and driver =="
-build/bin/uvirtio-vhost-pci serve --socket "$work/vp.sock" --ip 10.0.2.1 --once | sed 's/^/host: /' &
-vhost_pci=$!
+build/bin/uvirtio-vhost-pci serve --socket "$work/vp.sock" --ip 10.0.2.1 --once > >(sed 's/^/host: /') &
+vhost_pci=$!  # the app itself, not a pipeline's last command
+pids+=("$vhost_pci")
 for _ in $(seq 50); do [ -S "$work/vp.sock" ] && break; sleep 0.1; done
 build/bin/uvirtio-vm --vhost-user-net "$work/vp.sock" -- \
   sh -c 'ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ping -c 3 10.0.2.1' | sed 's/^/guest: /'
