@@ -100,7 +100,7 @@ Result<void> Ivshmem::init(const IvshmemOptions& options) {
       auto fds = fn_->enable_irqs(pci::IrqKind::msix, nvec);
       if (!fds) return fds.error().within("open ivshmem: route MSI-X vectors");
       eventfds_ = std::move(*fds);
-      interrupts_.assign(eventfds_.size(), 0);
+      interrupts_ = std::vector<std::atomic<std::uint64_t>>(eventfds_.size());
       // A send and a receive may sleep on one vector at once: one interrupt
       // wakes both pollers and only one gets the count, so the other's read
       // must fail with EAGAIN rather than block until some later interrupt.
@@ -145,12 +145,12 @@ Result<bool> Ivshmem::wait(unsigned vector, std::chrono::nanoseconds timeout) {
     if (errno == EAGAIN) return false;
     return Error::from_errno(errno, bdf(), "wait for doorbell", "read eventfd");
   }
-  interrupts_[vector] += count;
+  interrupts_[vector].fetch_add(count, std::memory_order_relaxed);
   return true;
 }
 
 std::uint64_t Ivshmem::interrupts(unsigned vector) const {
-  return vector < interrupts_.size() ? interrupts_[vector] : 0;
+  return vector < interrupts_.size() ? interrupts_[vector].load(std::memory_order_relaxed) : 0;
 }
 
 Result<std::unique_ptr<channel::Doorbell>> Ivshmem::doorbell(unsigned vector) {

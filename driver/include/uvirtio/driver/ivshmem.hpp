@@ -18,6 +18,7 @@
 //   auto bell = (*dev)->doorbell(0);   // a channel::Doorbell on vector 0
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -92,7 +93,9 @@ class Ivshmem {
   std::size_t shm_size_ = 0;
   std::optional<std::uint16_t> position_;
   std::vector<int> eventfds_;  // owned by fn_
-  std::vector<std::uint64_t> interrupts_;
+  // Counted by every waiter; a send and a receive may wait on one vector
+  // from two threads.
+  std::vector<std::atomic<std::uint64_t>> interrupts_;
 };
 
 }  // namespace uvirtio::driver
