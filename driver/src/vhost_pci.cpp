@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -358,8 +360,16 @@ Result<Driver::Event> Driver::handle_control() {
   if (slot >= control_bufs_.size())
     return err(Errc::bad_device_data, "read controlq",
                "completion for unknown buffer " + std::to_string(slot));
-  const std::span<const std::uint8_t> bytes(static_cast<const std::uint8_t*>(control_bufs_[slot].va), c->len);
-  auto parsed = parse_message(bytes, ackq_, name_);
+  // Parsed from a private copy: the device can still write the DMA buffer,
+  // and a field checked must be the field used. Read in place, the checks
+  // and the uses are separate loads the compiler may even repeat; after one
+  // copy and a compiler fence, nothing reads the buffer again. (The ring
+  // has already held c->len to the buffer's size.)
+  std::array<std::uint8_t, kControlBufferBytes> copy;
+  const std::size_t len = std::min<std::size_t>(c->len, copy.size());
+  std::memcpy(copy.data(), control_bufs_[slot].va, len);
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  auto parsed = parse_message(std::span<const std::uint8_t>(copy.data(), len), ackq_, name_);
   Result<Event> ev = Event::refused;
   if (!parsed) {
     // Not even its type is trustworthy: nothing to ack; the buffer is reused.
