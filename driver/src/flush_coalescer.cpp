@@ -2,6 +2,8 @@
 #include "uvirtio/driver/flush_coalescer.hpp"
 
 #include <algorithm>
+#include <exception>
+#include <system_error>
 
 #include "uvirtio/base/deadline.hpp"
 
@@ -60,6 +62,22 @@ Result<void> FlushCoalescer::result_for(std::uint64_t ticket) const {
   return ok();
 }
 
+// The flush function reports failure as a Result; should it throw all the
+// same (an allocation), the round still ends: an exception leaving lead()
+// would leave leader_ set and every later caller waiting for ever.
+Result<void> FlushCoalescer::call_flush() {
+  try {
+    return fn_();
+  } catch (const std::exception& e) {
+    return Error(Errc::io, device_, "flush", std::string("the flush function threw: ") + e.what());
+  }
+}
+
+// Completion callbacks must not throw (flush_async()); one that does ends
+// the program here, whichever thread runs it, instead of unwinding through
+// lead() with the round half done.
+void FlushCoalescer::run_callback(Callback& done, Result<void> r) noexcept { done(std::move(r)); }
+
 void FlushCoalescer::lead(std::unique_lock<std::mutex>& lk, std::uint64_t want, bool serve_async) {
   leader_ = true;
   while (done_ < want) {
@@ -69,7 +87,7 @@ void FlushCoalescer::lead(std::unique_lock<std::mutex>& lk, std::uint64_t want, 
     covering_ = covered;
     lk.unlock();
     const auto t0 = std::chrono::steady_clock::now();
-    Result<void> r = fn_();
+    Result<void> r = call_flush();
     const auto took = std::chrono::steady_clock::now() - t0;
     lk.lock();
     ++flushes_;
@@ -94,7 +112,7 @@ void FlushCoalescer::lead(std::unique_lock<std::mutex>& lk, std::uint64_t want, 
       lk.unlock();
       {
         InCallback in;
-        for (auto& p : ready) p.done(r.ok() ? Result<void>() : Result<void>(r.error()));
+        for (auto& p : ready) run_callback(p.done, r.ok() ? Result<void>() : Result<void>(r.error()));
       }
       lk.lock();
     }
@@ -158,7 +176,18 @@ Result<void> FlushCoalescer::flush_async(Callback done) {
   const std::uint64_t ticket = ++next_ticket_;
   pending_.push_back(Pending{ticket, std::move(done)});
   wake_gatherer();
-  if (!worker_.joinable()) worker_ = std::thread([this] { worker_loop(); });
+  if (!worker_.joinable()) {
+    try {
+      worker_ = std::thread([this] { worker_loop(); });
+    } catch (const std::system_error& e) {
+      // No helper thread: take the request back (the lock is held, so no
+      // ticket was handed out after it) and say so, rather than throw
+      // through the C API or leave a request nobody will serve.
+      pending_.pop_back();
+      --next_ticket_;
+      return Error(Errc::io, device_, "flush", std::string("start the completion thread: ") + e.what());
+    }
+  }
   cv_.notify_all();
   return ok();
 }

@@ -22,6 +22,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -226,6 +227,29 @@ TEST(FlushCoalescer, SequentialFailureGoesToThatCallerOnly) {
   ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
   EXPECT_TRUE(f.get().ok());
   EXPECT_EQ(calls, 6);
+}
+
+// A flush function that throws (an allocation, say) fails its round with an
+// error naming the device; the leader role is given back, so the next flush
+// runs instead of waiting for ever behind a leader that unwound.
+TEST(FlushCoalescer, AFlushFunctionThatThrowsFailsTheRoundAndTheNextFlushRuns) {
+  int calls = 0;
+  FlushCoalescer c(
+      [&]() -> Result<void> {
+        if (++calls == 1) throw std::runtime_error("out of memory");
+        return ok();
+      },
+      "0000:01:00.0");
+  auto first = c.flush();
+  ASSERT_FALSE(first.ok());
+  EXPECT_EQ(first.error().code(), Errc::io);
+  EXPECT_NE(first.error().message().find("0000:01:00.0: flush: the flush function threw: out of memory"),
+            std::string::npos)
+      << first.error().message();
+  auto second = std::async(std::launch::async, [&] { return c.flush(); });
+  ASSERT_EQ(second.wait_for(5s), std::future_status::ready) << "the next flush hangs";
+  EXPECT_TRUE(second.get().ok());
+  EXPECT_EQ(calls, 2);
 }
 
 // ------------------------------------------------------------------ the covering rule

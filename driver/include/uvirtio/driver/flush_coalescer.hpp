@@ -58,7 +58,9 @@ class FlushCoalescer {
   // The same without blocking: `done` (not empty: invalid_argument) runs on
   // the thread that completed the covering flush: the helper thread, or the
   // thread of a flush() caller that issued it. Keep it short; it may call
-  // flush_async() but not flush().
+  // flush_async() but not flush(). It must not throw: one that does ends
+  // the program (std::terminate). Errc::io when the helper thread cannot
+  // be started (the request is then not queued).
   Result<void> flush_async(Callback done);
   // Stops: waits for a running flush, fails the async requests whose flush
   // had not started (their callbacks run before this returns). The owner
@@ -77,6 +79,8 @@ class FlushCoalescer {
   std::uint64_t device_flushes() const;  // calls of the flush function
 
  private:
+  Result<void> call_flush();
+  static void run_callback(Callback& done, Result<void> r) noexcept;
   struct Failure {
     std::uint64_t from, to;  // tickets (from, to] got this error
     Error error;
