@@ -317,6 +317,12 @@ Result<BulkResult> bulk_send(Endpoint& e, const Common& c, std::uint64_t bytes, 
 std::uint64_t pick_chunk(const po::variables_map& vm, const Endpoint& e, const char* cmd) {
   std::uint64_t chunk = vm.count("chunk") ? parse_u64(vm["chunk"].as<std::string>(), "--chunk") : 0;
   if (vm.count("chunk") && chunk == 0) throw UsageError{std::string(cmd) + ": --chunk must be at least 1"};
+  // max_message comes from the window's header, which the peer may have
+  // formatted: one with no room past the tag would make this wrap.
+  if (e.ch->max_message() <= kTag)
+    throw UsageError{std::string(cmd) + ": the channel's largest message is " +
+                     std::to_string(e.ch->max_message()) + " bytes, no room for data after the " +
+                     std::to_string(kTag) + "-byte tag"};
   const std::uint64_t max_chunk = e.ch->max_message() - kTag;
   if (chunk == 0) chunk = std::min<std::uint64_t>(4096, max_chunk);
   if (chunk > max_chunk)
@@ -360,7 +366,8 @@ int cmd_ping(const std::vector<std::string>& args, bool send_only) {
   auto ep = open_endpoint(c);
   if (!ep) return fail(ep.error());
   Endpoint& e = **ep;
-  if (size > e.ch->max_message())
+  // send makes no round trips, so its (default) size is not checked.
+  if (count > 0 && size > e.ch->max_message())
     throw UsageError{std::string(name) + ": --size " + std::to_string(size) +
                      " exceeds the channel's largest message (" + std::to_string(e.ch->max_message()) +
                      " bytes)"};
