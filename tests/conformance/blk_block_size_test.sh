@@ -38,13 +38,7 @@ head -c 65536 /dev/urandom >"$work/pattern"
   uvirtio blk read $B --sector 1000 > /tmp/c && [ "$(wc -c < /tmp/c)" -eq 4096 ] && cmp -n 4096 /tmp/c /root/pattern &&
     echo "default read: one 4 KiB block"
 ' | tee "$work/out"
-passed=0
-failed=0
-check() {  # name, command...
-  local name=$1
-  shift
-  if "$@"; then passed=$((passed + 1)); echo "ok - $name"; else failed=$((failed + 1)); echo "not ok - $name"; fi
-}
+source "$(dirname "$0")/../support/tap.sh"
 check "pattern at sector 1000 is in the image on the host" \
   cmp -s <(dd if="$work/disk.img" bs=512 skip=1000 count=128 status=none) "$work/pattern"
 # A 3-byte write replaced 3 bytes: the rest of its 4 KiB block kept the pattern.
@@ -56,5 +50,4 @@ for line in "info: block size 4096" "guest read-back ok" "misaligned write refus
   "default read: one 4 KiB block"; do
   check "guest: $line" grep -q "$line" "$work/out"
 done
-echo "$passed passed, $failed failed"
-[ "$failed" = 0 ]
+finish
