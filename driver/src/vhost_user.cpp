@@ -862,10 +862,25 @@ Result<bool> VhostUserBackend::dispatch(const Message& m, std::vector<pci::Fd>& 
   // blocking eventfd whose counter it holds at the maximum (or a full pipe)
   // would block our write to it for good, and a kick it drains between our
   // poll() and read() our read. The flag is on the file the front-end shares
-  // with us; QEMU and DPDK create theirs non-blocking anyway.
-  auto take_fd = [&](std::uint32_t i) -> Result<pci::Fd> {
+  // with us; QEMU and DPDK create theirs non-blocking anyway. The call and
+  // error fds are written to: a pipe or socket whose reader the front-end
+  // closed would raise SIGPIPE on that write (and kill a back-end that does
+  // not ignore it), so only other files (eventfds) are taken for them.
+  auto take_fd = [&](std::uint32_t i, bool written) -> Result<pci::Fd> {
     if (!m.has_fd) return pci::Fd();
     const int fd = fds.at(0).get();
+    if (written) {
+      struct stat st {};
+      if (::fstat(fd, &st) != 0) {
+        return Error::from_errno(errno, opts_.name, op, "fstat the eventfd of ring " + std::to_string(i));
+      }
+      if (S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode)) {
+        return err(Errc::bad_device_data, op,
+                   "ring " + std::to_string(i) + ": the fd is a " +
+                       (S_ISFIFO(st.st_mode) ? "pipe" : "socket") +
+                       ", not an eventfd (writing to it could raise SIGPIPE)");
+      }
+    }
     const int fl = ::fcntl(fd, F_GETFL);
     if (fl < 0 || ((fl & O_NONBLOCK) == 0 && ::fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0)) {
       return Error::from_errno(errno, opts_.name, op,
@@ -974,7 +989,7 @@ Result<bool> VhostUserBackend::dispatch(const Message& m, std::vector<pci::Fd>& 
     }
     case Request::set_vring_kick: {
       UV_TRY(auto i, ring_index(m.ring_index));
-      UV_TRY(auto kick, take_fd(i));
+      UV_TRY(auto kick, take_fd(i, false));
       Queue& q = queues_[i];
       q.kick = std::move(kick);
       q.kick_polled = !m.has_fd;
@@ -987,12 +1002,12 @@ Result<bool> VhostUserBackend::dispatch(const Message& m, std::vector<pci::Fd>& 
     }
     case Request::set_vring_call: {
       UV_TRY(auto i, ring_index(m.ring_index));
-      UV_TRY(queues_[i].call, take_fd(i));
+      UV_TRY(queues_[i].call, take_fd(i, true));
       return false;
     }
     case Request::set_vring_err: {
       UV_TRY(auto i, ring_index(m.ring_index));
-      UV_TRY(queues_[i].err, take_fd(i));
+      UV_TRY(queues_[i].err, take_fd(i, true));
       return false;
     }
     case Request::set_vring_enable: {

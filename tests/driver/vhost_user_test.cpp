@@ -7,8 +7,10 @@
 // REPLY_ACK, session teardown and the listening socket.
 #include "uvirtio/driver/vhost_user.hpp"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -652,6 +654,47 @@ TEST_F(VhostUserSession, SignallingABlockingEventfdAtItsMaximumDoesNotBlock) {
   }
   EXPECT_TRUE(signalled.get());
   for (int fd : fds) ::close(fd);
+}
+
+// A call or error "eventfd" that is really a pipe or a socket whose reader
+// the front-end closed would raise SIGPIPE on our write (and kill a back-end
+// that did not ignore it; the vhost-pci doorbells write the same fd from the
+// driver's thread). Only the front-end can see that: SET_VRING_CALL/ERR
+// refuse such an fd, and no signal is ever raised.
+TEST_F(VhostUserSession, CallOrErrorFdThatIsAPipeOrSocketIsRefused) {
+  negotiate();
+  sigset_t pipe_set, old;
+  sigemptyset(&pipe_set);
+  sigaddset(&pipe_set, SIGPIPE);
+  ASSERT_EQ(::pthread_sigmask(SIG_BLOCK, &pipe_set, &old), 0);  // a SIGPIPE stays pending for us to see
+  int p[2];
+  ASSERT_EQ(::pipe2(p, O_CLOEXEC), 0);
+  ::close(p[0]);  // nobody reads: a write raises SIGPIPE
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  ::close(sv[1]);
+  expect_refused(Request::set_vring_call, bytes_of(std::uint64_t{0}), "ring 0", {p[1]});
+  expect_refused(Request::set_vring_err, bytes_of(std::uint64_t{1}), "ring 1", {sv[0]});
+  EXPECT_TRUE(be->notify(0).ok());
+  EXPECT_TRUE(be->report_error(1).ok());
+  sigset_t pending;
+  sigemptyset(&pending);
+  ASSERT_EQ(::sigpending(&pending), 0);
+  const bool raised = sigismember(&pending, SIGPIPE) == 1;
+  EXPECT_FALSE(raised) << "signalling the front-end raised SIGPIPE";
+  if (raised) {
+    const timespec now{0, 0};
+    (void)::sigtimedwait(&pipe_set, nullptr, &now);
+  }
+  ASSERT_EQ(::pthread_sigmask(SIG_SETMASK, &old, nullptr), 0);
+  ::close(p[1]);
+  ::close(sv[0]);
+  // An eventfd is still taken.
+  fe->send(Request::set_vring_call, bytes_of(std::uint64_t{0}), {call[0]}, true);
+  step();
+  EXPECT_EQ(fe->recv_u64(Request::set_vring_call), 0u);
+  ASSERT_TRUE(be->notify(0).ok());
+  EXPECT_EQ(drain(call[0]), 1u);
 }
 
 TEST_F(VhostUserSession, WithoutProtocolFeaturesRingsStartEnabled) {
