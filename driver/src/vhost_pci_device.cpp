@@ -613,7 +613,10 @@ struct DeviceModel::Impl {
         }
         if (!want_up() || memory_replaced()) return teardown_memory();
         phase = Phase::feat;
-        return send_feature_bits(be->acked_features());
+        // The remote device's features: VHOST_USER_F_PROTOCOL_FEATURES is
+        // vhost-user's own bit, always offered; a driver that dropped it would
+        // make the front-end renegotiate the same features forever.
+        return send_feature_bits(be->acked_features() & ~(1ull << vu::kProtocolFeaturesBit));
       case Phase::feat: {
         const std::uint64_t offered = offered_features;
         if ((value & ~offered) != 0)  // would narrow nothing: the front-end would renegotiate in a loop

@@ -1190,6 +1190,25 @@ TEST_P(VhostPciChain, FeatureSubsetMakesTheFrontendRenegotiate) {
   exchange_packets();
 }
 
+// VHOST_USER_F_PROTOCOL_FEATURES (bit 30) is a vhost-user transport bit the
+// front-end acks, not a feature of its virtio device. A driver that accepts
+// only the device bits it knows drops it; had FEATURE_BITS carried it, the
+// model would end the session to narrow features it cannot narrow (the bit
+// is always offered), and the front-end would come back to the same, forever.
+TEST_P(VhostPciChain, FeatureBitsCarryOnlyTheRemoteDevicesBits) {
+  drv.reset();
+  DriverOptions d;
+  d.accept_remote_features = ~(1ull << vhost_user::kProtocolFeaturesBit);
+  auto r = Driver::open(model->function(), d);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  drv = std::move(*r);
+  start_frontend();
+  ASSERT_TRUE(wait_for(ackq ? Driver::Event::device_added : Driver::Event::device_ready));
+  EXPECT_EQ(model->stats().refusals, 0u) << "the front-end's session was ended";
+  EXPECT_FALSE(logged("must reconnect"));
+  exchange_packets();
+}
+
 // A hostile driver acks FEATURE_BITS with bits beyond the offer. Ending the
 // front-end's session would narrow nothing (offered & ~value is 0): the
 // front-end would come back with the same features and the same ack would
