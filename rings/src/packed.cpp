@@ -434,11 +434,10 @@ Result<void> PackedQueue::set_in_order(bool enabled) {
                  std::to_string(in_flight()) + " descriptors are in flight; set it before use");
   }
   in_order_ = enabled;
-  held_back_.assign(size_, false);  // ids follow ring positions in order mode
-  held_count_ = 0;
   // Everything is free: a fresh id free list, which in_order does not keep.
-  for (std::uint16_t i = 0; i < size_; ++i) extra_[i].next_free = static_cast<std::uint16_t>(i + 1);
-  free_id_ = 0;
+  // Ids still held back (reset_ring, adopt_stale) stay held back and last,
+  // as a relink keeps them: their late completion may still come.
+  free_id_ = detail::link_free_ids_last(extra_, size_, 0, &Extra::next_free, held_back_);
   batch_left_ = 0;
   return ok();
 }

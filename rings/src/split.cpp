@@ -267,43 +267,49 @@ Result<std::optional<Completion>> SplitQueue::poll() {
   if (broken_) [[unlikely]]
     return broken_error("poll used ring");
   if (in_order_) return poll_in_order();
-  if (last_used_ == used_cache_) {
-    // Everything seen is consumed: read the index again (once per batch, not
-    // per entry: the line it sits on is the one the device keeps writing).
-    const std::uint16_t used_idx = load_acquire(words(used_)[kIdx]);
-    if (used_idx == last_used_) return std::optional<Completion>{};
-    const auto ahead = static_cast<std::uint16_t>(used_idx - last_used_);
-    if (ahead > size_) [[unlikely]]
-      return used_index_error(used_idx);
-    used_cache_ = used_idx;
-    // The used entries must be read after the index that covers them (2.7.14).
-    barrier_consume();
-    // Their cache lines (8 entries each) on their way at once, not one miss
-    // after the other.
-    auto* entries = reinterpret_cast<VirtqUsedElem*>(used_ + 4);
-    for (std::uint16_t k = 8; k < ahead && k <= 64; k = static_cast<std::uint16_t>(k + 8))
-      __builtin_prefetch(&entries[(last_used_ + k) & (size_ - 1u)]);
-  }
-  auto* ring = reinterpret_cast<VirtqUsedElem*>(used_ + 4);
-  VirtqUsedElem& e = ring[last_used_ & (size_ - 1u)];
-  const std::uint32_t id = read_once(e.id);
-  const std::uint32_t len = read_once(e.len);
-  if (id >= size_ || extra_[id].chain_len == 0 || len > extra_[id].writable) [[unlikely]] {
-    if (id < size_ && extra_[id].chain_len == 0 && stale_count_ != 0 && stale_[id])
-      return drop_stale(static_cast<std::uint16_t>(id));
-    return used_entry_error(id, len);
-  }
-  Extra& x = extra_[id];
+  // Loops only past used entries of stale ids (one per id, drop_stale), not
+  // by recursion: a device may name every id of a 32768-entry ring that way.
+  for (;;) {
+    if (last_used_ == used_cache_) {
+      // Everything seen is consumed: read the index again (once per batch, not
+      // per entry: the line it sits on is the one the device keeps writing).
+      const std::uint16_t used_idx = load_acquire(words(used_)[kIdx]);
+      if (used_idx == last_used_) return std::optional<Completion>{};
+      const auto ahead = static_cast<std::uint16_t>(used_idx - last_used_);
+      if (ahead > size_) [[unlikely]]
+        return used_index_error(used_idx);
+      used_cache_ = used_idx;
+      // The used entries must be read after the index that covers them (2.7.14).
+      barrier_consume();
+      // Their cache lines (8 entries each) on their way at once, not one miss
+      // after the other.
+      auto* entries = reinterpret_cast<VirtqUsedElem*>(used_ + 4);
+      for (std::uint16_t k = 8; k < ahead && k <= 64; k = static_cast<std::uint16_t>(k + 8))
+        __builtin_prefetch(&entries[(last_used_ + k) & (size_ - 1u)]);
+    }
+    auto* ring = reinterpret_cast<VirtqUsedElem*>(used_ + 4);
+    VirtqUsedElem& e = ring[last_used_ & (size_ - 1u)];
+    const std::uint32_t id = read_once(e.id);
+    const std::uint32_t len = read_once(e.len);
+    if (id >= size_ || extra_[id].chain_len == 0 || len > extra_[id].writable) [[unlikely]] {
+      if (id < size_ && extra_[id].chain_len == 0 && stale_count_ != 0 && stale_[id]) {
+        drop_stale(static_cast<std::uint16_t>(id));
+        continue;
+      }
+      return used_entry_error(id, len);
+    }
+    Extra& x = extra_[id];
 
-  // Valid: return the chain to the free list through our own links.
-  std::uint16_t tail = static_cast<std::uint16_t>(id);
-  for (std::uint16_t s = 1; s < x.chain_len; ++s) tail = extra_[tail].next;
-  extra_[tail].next = free_head_;
-  free_head_ = static_cast<std::uint16_t>(id);
-  num_free_ = static_cast<std::uint16_t>(num_free_ + x.chain_len);
-  x.chain_len = 0;
-  step_past_used_entry();
-  return std::optional<Completion>{Completion{x.token, len, false, static_cast<std::uint16_t>(id)}};
+    // Valid: return the chain to the free list through our own links.
+    std::uint16_t tail = static_cast<std::uint16_t>(id);
+    for (std::uint16_t s = 1; s < x.chain_len; ++s) tail = extra_[tail].next;
+    extra_[tail].next = free_head_;
+    free_head_ = static_cast<std::uint16_t>(id);
+    num_free_ = static_cast<std::uint16_t>(num_free_ + x.chain_len);
+    x.chain_len = 0;
+    step_past_used_entry();
+    return std::optional<Completion>{Completion{x.token, len, false, static_cast<std::uint16_t>(id)}};
+  }
 }
 
 // VIRTIO_F_IN_ORDER (2.7.9): the entry at last_used_ stands for every chain
@@ -428,6 +434,8 @@ Result<void> SplitQueue::set_in_order(bool enabled) {
   // free list, which the in-order allocator does not maintain. Ids still
   // marked stale (reset_ring, adopt_stale) stay last, as a relink keeps them.
   free_head_ = detail::link_free_ids_last(extra_, size_, 0, &Extra::next, stale_);
+  // In-order allocation ignores the links and must begin at offset 0 (2.7.5).
+  if (enabled) free_head_ = 0;
   batch_left_ = 0;
   return ok();
 }
@@ -484,22 +492,23 @@ Result<void> SplitQueue::reset_ring() {
 
 void SplitQueue::unmark_stale(std::uint16_t head, std::uint16_t descs) noexcept {
   // Handed out again: a used entry naming one of them is this chain's now.
+  // The chain's descriptors: along our free-list links, or with in_order in
+  // ring order (add() does not follow the links there).
   std::uint16_t i = head;
   for (std::uint16_t k = 0; k < descs && stale_count_ != 0; ++k) {
     if (stale_[i]) {
       stale_[i] = false;
       --stale_count_;
     }
-    i = extra_[i].next;
+    i = in_order_ ? static_cast<std::uint16_t>((i + 1u) & (size_ - 1u)) : extra_[i].next;
   }
 }
 
-Result<std::optional<Completion>> SplitQueue::drop_stale(std::uint16_t id) {
+void SplitQueue::drop_stale(std::uint16_t id) noexcept {
   stale_[id] = false;
   --stale_count_;
   ++stale_dropped_;
   step_past_used_entry();
-  return poll();  // the entries after it, if any (bounded: one per stale head)
 }
 
 Result<void> SplitQueue::start_ids_at(std::uint16_t first) { return relink_ids("start ids", first, {}); }

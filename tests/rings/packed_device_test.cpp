@@ -327,6 +327,30 @@ TEST(PackedDevice, HeldBackIdsStayLastUntilHandedOutAgain) {
   EXPECT_EQ(*drv.add({}, in, 9), 0) << "the marks end when the ids are handed out again";
 }
 
+// set_in_order(false) rebuilds the id free list; it must keep the held-back
+// ids (adopt_stale, reset_ring) last and held back, as the split ring does,
+// or a new request takes an id whose late completion is still to come.
+TEST(PackedDevice, SetInOrderOffKeepsHeldBackIds) {
+  Mem m(4);
+  auto drv = m.driver().value();
+  const std::uint16_t stale[] = {0, 1};
+  ASSERT_TRUE(drv.adopt_stale(0, stale).ok());
+  ASSERT_TRUE(drv.set_in_order(false).ok());
+  const Buffer in[] = {{m.bus(0), 8}};
+  auto id = drv.add({}, in, 5);
+  ASSERT_TRUE(id.ok()) << id.error().message();
+  EXPECT_EQ(*id, 2) << "a held-back id was handed out first";
+  drv.publish();
+  // The earlier owner's late completion of id 0: refused, not taken for request 5.
+  m.ring()[0].id.set(0);
+  m.ring()[0].len.set(8);
+  m.ring()[0].flags.set(VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED);
+  auto late = drv.poll();
+  ASSERT_FALSE(late.ok()) << "the stale completion was taken for request "
+                          << (late->has_value() ? (**late).token : 0);
+  EXPECT_EQ(late.error().code(), Errc::stale_completion) << late.error().message();
+}
+
 TEST(PackedDevice, UsedDescriptorHasBothWrapBitsAndWriteOnlyWithWritableBuffers) {
   Mem m(2);
   auto drv = m.driver().value();

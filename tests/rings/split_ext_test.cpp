@@ -881,6 +881,51 @@ TEST(SplitOutstanding, SetInOrderOffKeepsStaleIdsLast) {
   EXPECT_EQ(order, (std::vector<std::uint16_t>{2, 3, 4, 5, 6, 7, 0, 1}));
 }
 
+// Turned on, in-order allocation starts at descriptor 0 (2.7.5) whatever ids
+// are still marked stale: an in-order device expects its first chain there.
+TEST(SplitOutstanding, SetInOrderOnStartsAtDescriptorZeroDespiteStaleIds) {
+  Arena a(8);
+  auto q = a.driver();
+  ASSERT_TRUE(q.ok());
+  const std::uint16_t stale[] = {0, 1};
+  ASSERT_TRUE(q->adopt_stale(0, stale).ok());
+  ASSERT_TRUE(q->set_in_order(true).ok());
+  auto dev = a.device();
+  ASSERT_TRUE(dev.ok());
+  ASSERT_TRUE(dev->set_in_order(true).ok());
+  const Buffer in[] = {{kBus + a.lay.data, 4}};
+  auto head = q->add({}, in, 1);
+  ASSERT_TRUE(head.ok()) << head.error().message();
+  EXPECT_EQ(*head, 0) << "in-order allocation did not start at offset 0";
+  q->publish();
+  auto r = dev->pop();
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  ASSERT_TRUE(r->has_value());
+  ASSERT_TRUE(dev->push((**r).head, 4).ok());
+  auto c = q->poll();
+  ASSERT_TRUE(c.ok() && c->has_value()) << (c.ok() ? "nothing" : c.error().message());
+  EXPECT_EQ((**c).token, 1u);
+}
+
+// In-order chains take descriptors in ring order, not along the free list:
+// ending the stale marks of a chain's descriptors must walk the ring too,
+// not the free-list links (whose end is the queue size, one past stale_).
+TEST(SplitOutstanding, InOrderChainsEndStaleMarksInRingOrder) {
+  Arena a(64);
+  auto q = a.driver();
+  ASSERT_TRUE(q.ok());
+  const std::uint16_t stale[] = {1, 3};
+  ASSERT_TRUE(q->adopt_stale(0, stale).ok());
+  ASSERT_TRUE(q->set_in_order(true).ok());
+  const Buffer one[] = {{kBus + a.lay.data, 4}};
+  const Buffer two[] = {{kBus + a.lay.data, 4}, {kBus + a.lay.data + 4, 4}};
+  EXPECT_EQ(*q->add({}, two, 1), 0);  // descriptors 0 and 1
+  EXPECT_EQ(*q->add({}, one, 2), 2);
+  EXPECT_EQ(*q->add({}, two, 3), 3);  // descriptors 3 and 4
+  EXPECT_FALSE(q->id_outstanding(1)) << "descriptor 1 is in use, its stale mark must end";
+  EXPECT_FALSE(q->id_outstanding(4));
+}
+
 // Ids an earlier owner of the queue left in flight (Virtqueue reads them from
 // its in-flight ledger): a fresh queue hands them out after every other id,
 // and drops one late completion of each, like reset_ring(). Completions
@@ -958,6 +1003,29 @@ TEST(SplitOutstanding, StaleMarkEndsWhenTheIdIsHandedOutAgain) {
   ASSERT_TRUE(c.ok() && c->has_value()) << (c.ok() ? "nothing" : c.error().message());
   EXPECT_EQ((**c).token, 3u) << "id 0 is request 3's now";
   EXPECT_EQ(q->stale_dropped(), 0u);
+}
+
+// A device that answers with a late completion for every stale id at once
+// (a whole 32768-entry ring of them, after adopt_stale() of an earlier
+// owner's ids): each is dropped, and dropping them must not nest one call
+// per entry (that overflows the stack of a Debug build).
+TEST(SplitOutstanding, ARingFullOfStaleCompletionsIsDroppedWithoutDeepRecursion) {
+  constexpr std::uint16_t kSize = 32768;
+  Arena a(kSize);
+  auto q = a.driver();
+  ASSERT_TRUE(q.ok());
+  std::vector<std::uint16_t> ids(kSize);
+  for (std::uint32_t i = 0; i < kSize; ++i) ids[i] = static_cast<std::uint16_t>(i);
+  ASSERT_TRUE(q->adopt_stale(0, ids).ok());
+  for (std::uint32_t i = 0; i < kSize; ++i) {
+    test::store32(a.used() + 4 + 8 * i, i);
+    test::store32(a.used() + 8 + 8 * i, 0);
+  }
+  store16(a.used() + 2, kSize);
+  auto c = q->poll();
+  ASSERT_TRUE(c.ok()) << c.error().message();
+  EXPECT_FALSE(c->has_value());
+  EXPECT_EQ(q->stale_dropped(), kSize);
 }
 
 // ---- device role: push and pop details ----

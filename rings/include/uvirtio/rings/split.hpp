@@ -346,7 +346,8 @@ class SplitQueue {
   // from `first` on, the stale ones last.
   Result<void> relink_ids(const char* op, std::uint16_t first, std::span<const std::uint16_t> ids);
   [[gnu::cold]] void unmark_stale(std::uint16_t head, std::uint16_t descs) noexcept;
-  [[gnu::cold]] Result<std::optional<Completion>> drop_stale(std::uint16_t id);
+  // Consumes the used entry of a stale id (poll() then reads the next one).
+  [[gnu::cold]] void drop_stale(std::uint16_t id) noexcept;
 };
 
 }  // namespace uvirtio::rings
