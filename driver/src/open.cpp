@@ -32,10 +32,15 @@ Result<void> Device::reinitialize(std::chrono::milliseconds reset_deadline) {
 
 Result<std::vector<std::uint64_t>> Device::recover(Virtqueue& vq, std::chrono::milliseconds reset_deadline) {
   UV_TRY_VOID(reinitialize(reset_deadline));
-  UV_TRY(std::vector<std::uint64_t> dropped, vq.restart());
+  auto dropped = vq.restart();
+  if (!dropped) {
+    // Spec 3.1.1: a driver that gives up sets FAILED (as reinitialize does).
+    (void)transport_->add_status(status::kFailed);
+    return std::move(dropped).error();
+  }
   UV_TRY_VOID(driver_ok());
   UV_TRY_VOID(transport_->check_healthy("recover after reset"));
-  return dropped;
+  return std::move(dropped).value();
 }
 
 Result<std::unique_ptr<Device>> bring_up(std::unique_ptr<pci::Function> fn, std::uint16_t expected_type,

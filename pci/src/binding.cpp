@@ -61,6 +61,10 @@ Result<BindOutcome> bind_vfio(const Bdf& bdf, Os& os) {
   // stale override: clear it and give the function back to its driver.
   auto rollback = [&](Error e) -> Error {
     (void)os.write_file(dir + "/driver_override", "\n");
+    // vfio-pci may hold the function although it is unusable (no IOMMU
+    // group): take it off again so the previous driver can have it back.
+    if (sysfs_driver(bdf, os) == kVfio)
+      (void)os.write_file(std::string("/sys/bus/pci/drivers/") + kVfio + "/unbind", bdf.str());
     if (sysfs_driver(bdf, os).empty()) {
       if (!out.previous_driver.empty())
         (void)os.write_file("/sys/bus/pci/drivers/" + out.previous_driver + "/bind", bdf.str());

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -21,6 +22,9 @@ Result<pci::DmaRegion> SoftDma::alloc(std::size_t size, std::size_t align) {
   if (size == 0 || align == 0 || (align & (align - 1)) != 0 || align > 4096)
     return Error(Errc::invalid_argument, "fake-dma", "allocate DMA memory", "bad size or alignment");
   align = std::max<std::size_t>(align, alignof(std::max_align_t));
+  if (size > SIZE_MAX - align)  // rounding up to the alignment would wrap
+    return Error(Errc::invalid_argument, "fake-dma", "allocate DMA memory",
+                 "size " + std::to_string(size) + " too large");
   const std::size_t rounded = (size + align - 1) / align * align;
   void* p = std::aligned_alloc(align, rounded);
   if (p == nullptr) return Error::from_errno(ENOMEM, "fake-dma", "allocate DMA memory");

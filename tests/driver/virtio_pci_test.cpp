@@ -866,6 +866,22 @@ TEST(BringUp, ReinitializeSetsFailedWhenFeaturesOkIsRefused) {
   EXPECT_EQ(dev.status() & status::kFeaturesOk, 0);
 }
 
+// Spec 3.1.1: a recovery that gives up after FEATURES_OK (the queue cannot
+// be set up again: its notify offset now lies outside the notify structure)
+// sets FAILED too, as reinitialize() does.
+TEST(BringUp, RecoverSetsFailedWhenTheQueueCannotBeSetUpAgain) {
+  FakeVirtioDevice dev;
+  auto d = bring_up(dev.take_function(), 4, {});
+  ASSERT_TRUE(d.ok()) << d.error().message();
+  auto vq = Virtqueue::create((*d)->transport(), 0, 8, CompletionMode::polling);
+  ASSERT_TRUE(vq.ok()) << vq.error().message();
+  ASSERT_TRUE((*d)->driver_ok().ok());
+  dev.set_queue_notify_off(0, 0x7fff);
+  expect_error((*d)->recover(**vq, 100ms), Errc::bad_device_data, "queue_notify_off");
+  EXPECT_NE(dev.status() & status::kFailed, 0) << "spec 3.1.1: a driver that gives up sets FAILED";
+  EXPECT_EQ(dev.status() & status::kDriverOk, 0);
+}
+
 TEST(BringUp, ResetTimeout) {
   FakeVirtioDevice dev;
   {

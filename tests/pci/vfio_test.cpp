@@ -27,6 +27,7 @@
 #include "uvirtio/pci/binding.hpp"
 #include "uvirtio/pci/discovery.hpp"
 #include "uvirtio/pci/dma.hpp"
+#include "uvirtio/pci/soft_function.hpp"
 
 namespace uvirtio::pci {
 namespace {
@@ -1319,6 +1320,17 @@ TEST_F(DmaPoolTest, MapDmaFailure) {
   EXPECT_TRUE(unmaps.empty()) << "a chunk that was never mapped is not unmapped";
 }
 
+// SoftDma (the identity-mapped allocator of SoftFunction) must refuse a size
+// that rounding up to the alignment would wrap, not hand out a region
+// claiming SIZE_MAX bytes over a tiny allocation.
+TEST(SoftDmaTest, HugeSizeIsRefusedNotWrapped) {
+  SoftDma d;
+  auto r = d.alloc(std::numeric_limits<std::size_t>::max() - 2, 64);
+  ASSERT_FALSE(r.ok()) << "a region of " << r->size << " bytes";
+  EXPECT_EQ(r.error().code(), Errc::invalid_argument);
+  EXPECT_EQ(d.allocations(), 0u);
+}
+
 TEST_F(DmaPoolTest, IovaSpaceExhausted) {
   auto p = pool({{0x1000, 0x1fff}});
   auto r = p->alloc(64, 64);
@@ -1518,6 +1530,20 @@ TEST_F(Binding, NoIommuModeButNoGroupAppears) {
   EXPECT_EQ(r.error().code(), Errc::unsupported);
   EXPECT_EQ(r.error().message(),
             "0000:00:03.0: bind to vfio-pci: bound to vfio-pci but the function still has no IOMMU group");
+}
+
+// A function vfio-pci took but that has no IOMMU group is unusable: the
+// rollback must take it off vfio-pci again and give it back to its previous
+// driver, not leave it on vfio-pci with the override cleared.
+TEST_F(Binding, NoIommuModeButNoGroupAppearsRestoresThePreviousDriver) {
+  os.remove(kDevDir + "/iommu_group");
+  os.device(kBdf).iommu_group.reset();
+  os.set_noiommu_param(true);
+  os.noiommu_probe_creates_group = false;
+  auto r = bind_vfio(kAddr, os);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(os.driver_of(kBdf), "virtio-pci");
+  EXPECT_EQ(os.file(kDevDir + "/driver_override"), std::optional<std::string>("(null)\n"));
 }
 
 TEST_F(Binding, PermissionDeniedSaysRunAsRoot) {
