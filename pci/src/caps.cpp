@@ -85,6 +85,7 @@ void Parser::virtio_cap(std::uint8_t at, RawCap& raw) {
     case VirtioCfgType::notify:  // 4.1.4.4: cap carries le32 notify_off_multiplier
       slot = &caps_.notify;
       min_cap_len = 20;
+      min_length = 2;  // room for one 16-bit notification write
       align = 2;
       break;
     case VirtioCfgType::isr:  // 4.1.4.5

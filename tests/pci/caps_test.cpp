@@ -388,6 +388,19 @@ TEST(Caps, NotifyMultiplierMustBeAPowerOfTwo) {
   }
 }
 
+// 4.1.4.4: a notification is a 16-bit write, so a notify structure shorter
+// than 2 bytes cannot be used; the driver takes the next one it can use.
+TEST(Caps, NotifyTooShortForANotificationSkippedForTheNextOne) {
+  Cfg c;
+  c.first(0x40);
+  c.notify(0x40, 0x54, 4, 0x3000, 1, 0);
+  c.notify(0x54, 0, 4, 0x3100, 0x100, 4);
+  Capabilities caps = ok_parse(c);
+  expect_region(caps.notify, 0x54, 4, 0x3100, 0x100);
+  EXPECT_EQ(caps.notify_off_multiplier, 4u);
+  EXPECT_TRUE(has_warning(caps, "length 0x1 < 0x2"));
+}
+
 TEST(Caps, CapLenTooSmallSkipped) {
   Capabilities caps = one_common(4, 0, 0x1000, 15);
   EXPECT_FALSE(caps.common.has_value());
