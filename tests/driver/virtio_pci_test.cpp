@@ -679,6 +679,29 @@ TEST(Virtqueue, ACompletionBeforeNeedsResetIsReturnedThenTheResetIsReported) {
   expect_error(t->check_healthy("next request"), Errc::needs_reset, "DEVICE_NEEDS_RESET");
 }
 
+// With a single MSI-X vector the config interrupt shares the queue's
+// eventfd: a DEVICE_NEEDS_RESET it announces must reach the waiter at once,
+// as it does with a vector of its own (and with INTx, through the ISR), not
+// after the next one-second poll slice runs out.
+TEST(Virtqueue, NeedsResetOnASharedMsixVectorEndsTheWaitAtOnce) {
+  FakeVirtioDevice dev(with_msix(1));
+  dev.faults.swallow = true;
+  auto t = open(dev);
+  auto vq = Virtqueue::create(*t, 0, 8, CompletionMode::interrupt);
+  ASSERT_TRUE(vq.ok()) << vq.error().message();
+  ASSERT_TRUE(t->using_msix());
+  ASSERT_EQ(t->config_eventfd(), t->queue_eventfd(0));
+  ASSERT_TRUE(t->add_status(status::kDriverOk).ok());
+  auto buf = dev.function().dma().alloc(4096, 4096);
+  ASSERT_TRUE(buf.ok());
+  const rings::Buffer in{buf->iova, 16};
+  ASSERT_TRUE((*vq)->submit({}, std::span(&in, 1), 42).ok());
+  dev.set_needs_reset();
+  const auto start = std::chrono::steady_clock::now();
+  expect_error((*vq)->wait(5000ms), Errc::needs_reset, "DEVICE_NEEDS_RESET");
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 500ms);
+}
+
 // An owner of queue 0 with its ledger in `dir` submits n requests the device
 // takes and never completes, then goes away; returns their ids, ascending.
 std::vector<std::uint16_t> abandon_requests(const std::string& dir, unsigned n) {
