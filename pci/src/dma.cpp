@@ -108,6 +108,7 @@ Result<DmaPool::Chunk*> DmaPool::new_chunk(std::size_t min_size) {
   }
   Chunk c{static_cast<std::uint8_t*>(va), 0, size, 0, false};
   if (mode_ == Mode::iommu) {
+    IovaAllocator before = iova_;  // a chunk that cannot be mapped gives its range back
     auto iova = iova_.allocate(size, huge_ ? kHuge : kPage);
     if (!iova) {
       os_.munmap(va, size);
@@ -115,6 +116,7 @@ Result<DmaPool::Chunk*> DmaPool::new_chunk(std::size_t min_size) {
     }
     c.iova = *iova;
     if (auto r = mapper_.map(va, c.iova, size); !r) {
+      iova_ = std::move(before);
       os_.munmap(va, size);
       return std::move(r).error().within(op);
     }

@@ -1331,6 +1331,18 @@ TEST(SoftDmaTest, HugeSizeIsRefusedNotWrapped) {
   EXPECT_EQ(d.allocations(), 0u);
 }
 
+// A chunk whose VFIO_IOMMU_MAP_DMA failed gives its IOVA range back: a
+// transient failure must not use up the IOVA space for good.
+TEST_F(DmaPoolTest, FailedMapDmaGivesTheIovaRangeBack) {
+  auto p = pool({{0x1000, 0x1000 + kSmallChunk - 1}});  // room for exactly one chunk
+  map_errno = ENOMEM;
+  ASSERT_FALSE(p->alloc(64, 64).ok());
+  map_errno = 0;
+  auto r = p->alloc(64, 64);
+  ASSERT_TRUE(r.ok()) << msg(r);
+  EXPECT_EQ(r->iova, 0x1000u);
+}
+
 TEST_F(DmaPoolTest, IovaSpaceExhausted) {
   auto p = pool({{0x1000, 0x1fff}});
   auto r = p->alloc(64, 64);
