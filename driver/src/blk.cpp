@@ -147,8 +147,8 @@ Result<void> Blk::check_idle(const char* op) {
     if (!c) return std::move(c).error().within(op);
     if (!*c)
       return Error(Errc::busy, name(), op,
-                   "a request abandoned at its deadline is still in flight and owns the request buffers; "
-                   "recover() the device");
+                   "an earlier request (abandoned at its deadline, or whose notification failed) is still "
+                   "in flight and owns the request buffers; recover() the device");
   }
   return ok();
 }

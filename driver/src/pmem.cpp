@@ -246,8 +246,13 @@ Result<void> Pmem::device_flush_locked() {
   const rings::Buffer in{slots_[slot].iova + offsetof(PmemRequest, ret), sizeof(le32)};
   const std::uint64_t token = (next_seq_++ << 8) | slot;
   // Queue errors carry the queue's own operation; ours goes in front.
-  if (auto sub = vq_->submit(std::span(&out, 1), std::span(&in, 1), token); !sub)
+  if (auto sub = vq_->submit(std::span(&out, 1), std::span(&in, 1), token); !sub) {
+    // Published before its notification failed, the request is in flight
+    // all the same: the device may answer it into this buffer later, so the
+    // next flush must not share it (a reset drops and retires it).
+    if (vq_->holds(token)) busy_[slot] = true;
     return std::move(sub).error().within(op);
+  }
   busy_[slot] = true;
   const auto until = deadline_after(opt_.timeout);
   for (;;) {

@@ -64,7 +64,12 @@ Result<void> Rng::read(std::span<std::uint8_t> out) {
     const rings::Buffer in{bufs_[slot].iova, want};
     const std::uint64_t token = (next_seq_++ << 8) | slot;
     auto submitted = vq_->submit({}, std::span(&in, 1), token);
-    if (!submitted) return std::move(submitted).error().within(op);
+    if (!submitted) {
+      // Published before its notification failed: the device may still
+      // fill this buffer, so the next request must not share it.
+      if (vq_->holds(token)) busy_[slot] = true;
+      return std::move(submitted).error().within(op);
+    }
     busy_[slot] = true;
     const auto until = deadline_after(opt_.timeout);
     for (;;) {

@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <random>
 
@@ -156,6 +157,11 @@ Result<std::uint16_t> Virtqueue::submit(std::span<const rings::Buffer> out, std:
     ++notifications_;
   }
   return head;
+}
+
+bool Virtqueue::holds(std::uint64_t token) const {
+  const std::vector<std::uint64_t> tokens = ring_.outstanding_tokens();
+  return std::find(tokens.begin(), tokens.end(), token) != tokens.end();
 }
 
 Result<std::optional<rings::Completion>> Virtqueue::poll() {

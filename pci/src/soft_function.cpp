@@ -85,6 +85,11 @@ Result<void> SoftBar::write(std::uint64_t off, unsigned width, std::uint64_t val
   UV_TRY_VOID(check("write BAR", off, width));
   {
     std::lock_guard lock(log_mu_);
+    for (auto& f : failing_) {
+      if (f.count == 0 || off < f.begin || off - f.begin >= f.length) continue;
+      --f.count;
+      return Error::from_errno(f.err, device_, "write BAR", "pwrite at offset " + std::to_string(off));
+    }
     write_log_.push_back(off);
   }
   if (const Range* r = find(off); r != nullptr && r->on_write) {
@@ -93,6 +98,11 @@ Result<void> SoftBar::write(std::uint64_t off, unsigned width, std::uint64_t val
   }
   poke(off, width, value);
   return ok();
+}
+
+void SoftBar::fail_writes_in(std::uint64_t begin, std::uint64_t length, unsigned count, int err) {
+  std::lock_guard lock(log_mu_);
+  failing_.push_back(FailingRange{begin, length, count, err});
 }
 
 void SoftBar::hook(std::uint64_t begin, std::uint64_t length, ReadHook on_read, WriteHook on_write) {

@@ -852,6 +852,36 @@ TEST(Pmem, AStaleAnswerAfterAResetCannotAnswerTheNextFlush) {
   EXPECT_EQ(dev.violations(), kNone);
 }
 
+// A flush whose notification failed (the BAR write refused, as a VFIO region
+// write can be) was published all the same: the device takes it at the next
+// notification and answers into its buffer. The next flush must use another
+// buffer, or that answer would land in the one it reads its own from.
+TEST(Pmem, AFlushWhoseNotifyFailedKeepsItsBufferFromTheNextFlush) {
+  FakeVirtioDevice dev(pmem_device());
+  FlushDevice device;
+  std::vector<const std::uint8_t*> answers;  // each served chain's response buffer
+  auto serve = device.handler();
+  dev.set_handler([&](std::uint16_t q, std::span<const Segment> chain) {
+    if (chain.size() == 2) answers.push_back(chain[1].data);
+    return serve(q, chain);
+  });
+  Backing backing;
+  PmemSetup s;
+  s.completion = CompletionMode::polling;
+  auto pm = attach(dev, backing, s);
+  ASSERT_TRUE(pm);
+  dev.function()
+      .soft_bar(FakeVirtioDevice::kBar)
+      ->fail_writes_in(FakeVirtioDevice::kNotify, FakeVirtioDevice::kRegionSize, 1);
+  expect_error(pm->flush(), Errc::io, "write BAR");
+  EXPECT_TRUE(answers.empty()) << "the device never heard of the first flush";
+  auto r = pm->flush();
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  ASSERT_EQ(answers.size(), 2u) << "the second notification serves both chains";
+  EXPECT_NE(answers[0], answers[1]) << "the failed flush's buffer went to the next flush as well";
+  EXPECT_EQ(dev.violations(), kNone);
+}
+
 // A deadline of milliseconds::max() means "as long as it takes": now + max
 // overflowed the clock (UB; in a release build a deadline in the past, so a
 // flush the device answers a little later timed out at once).

@@ -110,6 +110,33 @@ TEST(Rng, PollingReadsExactBytes) {
   EXPECT_EQ(dev.violations(), kNone);
 }
 
+// A request whose notification failed was published all the same: the device
+// takes it at the next notification and fills its buffer, so the next
+// request gets another one (as in pmem's AFlushWhoseNotifyFailed... test).
+TEST(Rng, ARequestWhoseNotifyFailedKeepsItsBufferFromTheNextOne) {
+  FakeVirtioDevice dev(entropy());
+  Counter counter;
+  std::vector<const std::uint8_t*> filled;
+  auto serve = counter.handler();
+  dev.set_handler([&](std::uint16_t q, std::span<const Segment> chain) {
+    filled.push_back(chain[0].data);
+    return serve(q, chain);
+  });
+  auto rng = attach(dev, CompletionMode::polling);
+  ASSERT_TRUE(rng);
+  dev.function()
+      .soft_bar(FakeVirtioDevice::kBar)
+      ->fail_writes_in(FakeVirtioDevice::kNotify, FakeVirtioDevice::kRegionSize, 1);
+  std::vector<std::uint8_t> a(16);
+  auto failed = rng->read(a);
+  ASSERT_FALSE(failed.ok());
+  EXPECT_NE(failed.error().message().find("write BAR"), std::string::npos) << failed.error().message();
+  ASSERT_TRUE(rng->read(a).ok());
+  ASSERT_EQ(filled.size(), 2u) << "the second notification serves both requests";
+  EXPECT_NE(filled[0], filled[1]) << "the failed request's buffer went to the next request as well";
+  EXPECT_EQ(dev.violations(), kNone);
+}
+
 // A timeout of milliseconds::max() means "wait as long as it takes": the
 // deadline saturates instead of overflowing steady_clock (UB, and in a
 // release build a deadline in the past: an immediate timeout).

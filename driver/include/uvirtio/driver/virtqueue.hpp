@@ -51,9 +51,15 @@ class Virtqueue {
   // Descriptors per indirect table when VIRTIO_F_INDIRECT_DESC is in use.
   static constexpr std::size_t kIndirectMax = 16;
 
-  // add() then publish and notify when the device wants it.
+  // add() then publish and notify when the device wants it. A failed
+  // notification fails the call although the chain is already published:
+  // the device may still take it, so its buffers are the device's until it
+  // completes or a reset drops it (holds() tells).
   Result<std::uint16_t> submit(std::span<const rings::Buffer> out, std::span<const rings::Buffer> in,
                                std::uint64_t token);
+  // The request `token` is in the ring: added, not yet completed or dropped.
+  // For a submit() that failed (a scan of what is in flight).
+  bool holds(std::uint64_t token) const;
   Result<std::optional<rings::Completion>> poll();
   // Waits for the next completion until `timeout` passes (deadline_after).
   Result<rings::Completion> wait(std::chrono::milliseconds timeout);

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <array>
+#include <cerrno>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -76,6 +77,9 @@ class SoftBar final : public pci::BarIo {
   void poke(std::uint64_t off, unsigned width, std::uint64_t value);
   // Writes that landed in [begin, begin + length), hooked or not.
   std::size_t writes_in(std::uint64_t begin, std::uint64_t length) const;
+  // The next `count` writes in [begin, begin + length) fail with `err`
+  // before reaching a hook or the memory, as a VFIO region write can.
+  void fail_writes_in(std::uint64_t begin, std::uint64_t length, unsigned count, int err = EIO);
 
  private:
   struct Range {
@@ -92,6 +96,12 @@ class SoftBar final : public pci::BarIo {
   std::vector<Range> ranges_;
   mutable std::mutex log_mu_;
   std::vector<std::uint64_t> write_log_;  // offsets of all writes
+  struct FailingRange {
+    std::uint64_t begin, length;
+    unsigned count;
+    int err;
+  };
+  std::vector<FailingRange> failing_;  // under log_mu_
 };
 
 class SoftFunction final : public pci::Function {
