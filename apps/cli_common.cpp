@@ -13,18 +13,26 @@
 
 namespace uvirtio::apps {
 
-std::uint64_t parse_u64(const std::string& text, const std::string& what) {
-  // Decimal, or hex after 0x (from_chars: no octal for a leading 0, as
-  // strtoull's base 0 would read "010", and no blanks or sign).
+std::optional<std::uint64_t> read_u64(const std::string& text, bool* too_large) {
+  // from_chars: no octal for a leading 0, as strtoull's base 0 would read
+  // "010", and no blanks or sign.
   const bool hex = text.size() > 2 && text[0] == '0' && (text[1] == 'x' || text[1] == 'X');
   const char* first = text.data() + (hex ? 2 : 0);
   const char* last = text.data() + text.size();
   std::uint64_t v = 0;
   const auto [end, ec] = std::from_chars(first, last, v, hex ? 16 : 10);
-  if (ec != std::errc{} || end != last)
-    throw UsageError{what + ": '" + text + "' is not a non-negative integer (decimal or 0x hex)" +
-                     (ec == std::errc::result_out_of_range ? " below 2^64" : "")};
+  if (too_large != nullptr) *too_large = ec == std::errc::result_out_of_range;
+  if (ec != std::errc{} || end != last) return std::nullopt;
   return v;
+}
+
+std::uint64_t parse_u64(const std::string& text, const std::string& what) {
+  bool too_large = false;
+  const auto v = read_u64(text, &too_large);
+  if (!v)
+    throw UsageError{what + ": '" + text + "' is not a non-negative integer (decimal or 0x hex)" +
+                     (too_large ? " below 2^64" : "")};
+  return *v;
 }
 
 double parse_seconds(double value, const std::string& what) {

@@ -3,19 +3,26 @@
 #pragma once
 
 #include <boost/program_options.hpp>
-#include <charconv>
 #include <cstdint>
 #include <cstdio>
 #include <functional>
 #include <iostream>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "uvirtio/base/result.hpp"
 #include "uvirtio/pci/bdf.hpp"
+
+namespace uvirtio::apps {
+// A non-negative integer: decimal, or hex after 0x; a leading 0 is not
+// octal; no sign or blanks. nullopt otherwise; `too_large` says whether it
+// was only out of range. parse_u64() and the unsigned options use it.
+std::optional<std::uint64_t> read_u64(const std::string& text, bool* too_large = nullptr);
+}  // namespace uvirtio::apps
 
 // Every `unsigned` option is read this way: boost's own reading (through
 // lexical_cast) wraps a negative number, so "--size -4294967040" was 256.
@@ -26,14 +33,9 @@ namespace boost {
 inline void validate(boost::any& v, const std::vector<std::string>& values, unsigned*, int) {
   program_options::validators::check_first_occurrence(v);
   const std::string& text = program_options::validators::get_single_string(values);
-  unsigned long long n = 0;
-  const bool hex = text.size() > 2 && text[0] == '0' && (text[1] == 'x' || text[1] == 'X');
-  const char* first = text.data() + (hex ? 2 : 0);
-  const char* last = text.data() + text.size();
-  const auto [end, ec] = std::from_chars(first, last, n, hex ? 16 : 10);
-  if (ec != std::errc{} || end != last || n > std::numeric_limits<unsigned>::max())
-    throw program_options::invalid_option_value(text);
-  v = boost::any(static_cast<unsigned>(n));
+  const auto n = uvirtio::apps::read_u64(text);
+  if (!n || *n > std::numeric_limits<unsigned>::max()) throw program_options::invalid_option_value(text);
+  v = boost::any(static_cast<unsigned>(*n));
 }
 }  // namespace boost
 

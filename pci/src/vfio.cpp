@@ -25,7 +25,7 @@ std::string bad_access(std::uint64_t off, unsigned width, std::uint64_t size) {
   const bool width_ok = width == 1 || width == 2 || width == 4 || width == 8;
   const bool aligned = width_ok && off % width == 0;
   const bool inside = off < size && width <= size - off;
-  if (width_ok && aligned && inside) [[likely]]
+  if (aligned && inside) [[likely]]
     return {};
   const std::string what = "access of " + std::to_string(width) + " bytes at " + std::to_string(off);
   if (!width_ok) return what + ": width is not 1, 2, 4 or 8";
